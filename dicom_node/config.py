@@ -1,0 +1,455 @@
+"""Typed, validated node configuration: TOML file, then environment, then command line.
+
+Precedence (last wins): built-in defaults < TOML file < environment < CLI overrides.
+
+* TOML: top-level keys are the node's own (`ae_title`, `port`, ...); sections `[timeouts]`,
+  `[tls]`, `[retry]`, `[spool]`, `[worker]`, `[selection]`, `[results]`, `[inference]`, `[log]`;
+  arrays of tables `[[destinations]]` and `[[peers]]`.
+* Environment: `DICOM_NODE_<KEY>` for top-level keys (`DICOM_NODE_PORT=11112`) and
+  `DICOM_NODE_<SECTION>_<KEY>` for section keys (`DICOM_NODE_RETRY_MAX_ATTEMPTS=5`).
+  Lists are comma-separated; destinations/peers as `AE@HOST:PORT[,AE@HOST:PORT]`.
+* CLI: `load_config(path, overrides={"port": 0, "retry.max_attempts": 3})`.
+
+Every key is declared once below with its default and its meaning (field metadata `doc`);
+`default_config_toml()` and `configuration_markdown()` are generated from those declarations, so
+the documentation cannot drift from the code. Validation runs in `load_config`; a bad value
+raises `ConfigError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = [
+    "Config", "ConfigError", "Destination", "TimeoutConfig", "TlsConfig", "RetryConfig",
+    "SpoolConfig", "WorkerConfig", "SelectionConfig", "ResultsConfig", "InferenceConfig",
+    "LogConfig", "load_config", "parse_destination", "default_config_toml",
+    "configuration_markdown", "ENV_PREFIX",
+]
+
+ENV_PREFIX = "DICOM_NODE_"
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed; the message names key, value and what is allowed."""
+
+
+def _doc(text: str, **kw) -> dict:
+    return {"doc": text, **kw}
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM peer results are sent to (`AE@HOST:PORT`)."""
+
+    ae_title: str = field(metadata=_doc("Called AE title of the peer"))
+    host: str = field(metadata=_doc("Host name or IP address of the peer"))
+    port: int = field(metadata=_doc("TCP port of the peer"))
+    tls: bool = field(default=False, metadata=_doc("Use DICOM TLS (the [tls] cert/key/ca) for this peer"))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def parse_destination(text: str, key: str = "destination") -> Destination:
+    """Parse `AE@HOST:PORT` (append `+tls` for TLS) into a `Destination`."""
+    tls = text.endswith("+tls")
+    core = text[:-4] if tls else text
+    m = re.fullmatch(r"([^@]{1,16})@(.+):(\d{1,5})", core.strip())
+    if not m:
+        raise ConfigError(f"{key}: {text!r} is not AE@HOST:PORT (e.g. ORTHANC@127.0.0.1:4242)")
+    d = Destination(m.group(1), m.group(2), int(m.group(3)), tls)
+    _check_destination(d, key)
+    return d
+
+
+def _check_destination(d: Destination, key: str) -> None:
+    if not _AE_RE.match(d.ae_title) or not d.ae_title.strip():
+        raise ConfigError(f"{key}.ae_title: {d.ae_title!r} is not an AE title (1-16 printable ASCII characters, no backslash)")
+    if not d.host:
+        raise ConfigError(f"{key}.host: empty; give a host name or IP address")
+    if not 1 <= d.port <= 65535:
+        raise ConfigError(f"{key}.port: {d.port} is outside 1-65535")
+
+
+@dataclass(frozen=True)
+class TimeoutConfig:
+    acse_s: float = field(default=30.0, metadata=_doc("Seconds to wait for association negotiation/release messages"))
+    dimse_s: float = field(default=60.0, metadata=_doc("Seconds to wait for a DIMSE message (e.g. a C-STORE response)"))
+    network_s: float = field(default=60.0, metadata=_doc("Seconds an idle association is kept open before it is aborted"))
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    enabled: bool = field(default=False, metadata=_doc("Accept DICOM TLS instead of plain TCP on `port` (needs cert and key)"))
+    cert: str = field(default="", metadata=_doc("PEM certificate of this node (server side and as client for TLS destinations)"))
+    key: str = field(default="", metadata=_doc("PEM private key for `cert`"))
+    ca: str = field(default="", metadata=_doc("PEM CA bundle used to verify peers (clients when verify_client, servers when sending)"))
+    verify_client: bool = field(default=False, metadata=_doc("Require and verify a client certificate signed by `ca`"))
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    max_attempts: int = field(default=8, metadata=_doc("Delivery attempts per destination before the delivery is kept as failed"))
+    base_delay_s: float = field(default=2.0, metadata=_doc("First retry delay; doubles each attempt (with +-25 % jitter)"))
+    max_delay_s: float = field(default=300.0, metadata=_doc("Cap on the retry delay"))
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    keep_days: float = field(default=7.0, metadata=_doc("Delete spooled instances of delivered series older than this many days (0 = keep forever)"))
+    delete_after_delivery: bool = field(default=False, metadata=_doc("Delete a series' spooled instances as soon as its results are delivered"))
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    concurrency: int = field(default=1, metadata=_doc("Jobs run at the same time (each job may use several cores)"))
+    poll_s: float = field(default=0.2, metadata=_doc("How often the completion scheduler and the queues are polled"))
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    modality: str = field(default="CT", metadata=_doc("Required Modality"))
+    image_type: tuple[str, ...] = field(default=("ORIGINAL", "PRIMARY", "AXIAL"), metadata=_doc("Values that must all appear in ImageType (empty = any)"))
+    min_slice_thickness_mm: float = field(default=0.0, metadata=_doc("Smallest accepted SliceThickness"))
+    max_slice_thickness_mm: float = field(default=3.0, metadata=_doc("Largest accepted SliceThickness (thin CTPA reconstructions)"))
+    min_slices: int = field(default=20, metadata=_doc("Fewest instances a series needs"))
+    description_include: tuple[str, ...] = field(default=(), metadata=_doc("Regexes; when not empty SeriesDescription must match one (case-insensitive)"))
+    description_exclude: tuple[str, ...] = field(default=("localizer", "scout", "topogram", "dose"), metadata=_doc("Regexes; a SeriesDescription matching one is skipped (case-insensitive)"))
+    require_contrast: bool = field(default=False, metadata=_doc("Skip series without ContrastBolusAgent"))
+
+
+@dataclass(frozen=True)
+class ResultsConfig:
+    series_number: int = field(default=9901, metadata=_doc("SeriesNumber of result series"))
+    series_description: str = field(default="PE detection (research use only)", metadata=_doc("SeriesDescription of result series"))
+    send_kos: bool = field(default=False, metadata=_doc("Also send a Key Object Selection pointing at the key slices"))
+    top_k_heatmaps: int = field(default=3, metadata=_doc("Number of Grad-CAM Secondary Capture images sent"))
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    bundle: str = field(default="", metadata=_doc("Model bundle directory (empty = the bundled demo model)"))
+    providers: tuple[str, ...] = field(default=("CUDAExecutionProvider", "CPUExecutionProvider"), metadata=_doc("onnxruntime execution providers in order of preference"))
+    require_gpu: bool = field(default=False, metadata=_doc("Refuse to start when the CUDA provider is not available"))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    json: bool = field(default=True, metadata=_doc("JSON log lines (false = human-readable console)"))
+    level: str = field(default="INFO", metadata=_doc("DEBUG, INFO, WARNING or ERROR"))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole node configuration (see module docstring for sources and precedence)."""
+
+    ae_title: str = field(default="PENODE", metadata=_doc("AE title of this node"))
+    host: str = field(default="0.0.0.0", metadata=_doc("Address the SCP listens on"))
+    port: int = field(default=11112, metadata=_doc("DICOM port (0 = any free port, for tests)"))
+    data_dir: str = field(default="./dicom-node-data", metadata=_doc("Folder holding spool/, outbox/ and state.sqlite"))
+    quiet_period_s: float = field(default=30.0, metadata=_doc("A series is complete after this many seconds without a new instance"))
+    metrics_port: int = field(default=0, metadata=_doc("HTTP port for /metrics and /healthz (0 = off)"))
+    metrics_host: str = field(default="127.0.0.1", metadata=_doc("Address of the metrics HTTP server"))
+    allowed_calling_aets: tuple[str, ...] = field(default=(), metadata=_doc("Calling AE titles allowed to associate, optionally `AET@host` (empty = anyone)"))
+    require_called_aet: bool = field(default=True, metadata=_doc("Reject associations whose called AE title is not `ae_title`"))
+    accept_other_storage: str = field(default="ignore", metadata=_doc("Other storage SOP classes: `ignore` (accept, answer success, discard) or `reject` (no presentation context)"))
+    max_associations: int = field(default=10, metadata=_doc("Simultaneous associations accepted"))
+    max_pdu: int = field(default=262144, metadata=_doc("Maximum PDU size received (0 = unlimited)"))
+    min_free_disk_mb: int = field(default=1024, metadata=_doc("Answer Out of Resources (0xA700) when the spool disk has less free space"))
+    send_back_to_sender: bool = field(default=False, metadata=_doc("Also send results to the calling AE when it is listed in [[peers]]"))
+    destinations: tuple[Destination, ...] = field(default=(), metadata=_doc("[[destinations]] results are sent to: ae_title, host, port, tls"))
+    peers: tuple[Destination, ...] = field(default=(), metadata=_doc("[[peers]] addresses of known calling AEs, used by send_back_to_sender"))
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    def replace(self, **overrides) -> "Config":
+        """Return a validated copy with dotted-key overrides (`{"retry.max_attempts": 2}`)."""
+        raw = _to_raw(self)
+        for k, v in overrides.items():
+            _set_dotted(raw, k, v)
+        return _build(raw)
+
+
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _section_classes() -> dict[str, type]:
+    hints = _hints(Config)
+    return {name: t for name, t in hints.items() if dataclasses.is_dataclass(t)}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert a TOML/env/CLI value into `typ` or raise ConfigError naming the key."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{key}: {value!r} is not a boolean (true/false)")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not an integer")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: {value!r} is not an integer") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: {value!r} is not a number") from None
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not a string")
+        return str(value)
+    if origin is tuple:
+        (item,) = [a for a in typing.get_args(typ) if a is not Ellipsis]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: {value!r} is not a list")
+        if item is Destination:
+            out = []
+            for i, v in enumerate(value):
+                k = f"{key}[{i}]"
+                if isinstance(v, Destination):
+                    out.append(v)
+                elif isinstance(v, str):
+                    out.append(parse_destination(v, k))
+                elif isinstance(v, Mapping):
+                    unknown = set(v) - {"ae_title", "host", "port", "tls"}
+                    if unknown:
+                        raise ConfigError(f"{k}: unknown key(s) {sorted(unknown)}; allowed: ae_title, host, port, tls")
+                    try:
+                        d = Destination(str(v["ae_title"]), str(v["host"]), _coerce(f"{k}.port", v["port"], int),
+                                        _coerce(f"{k}.tls", v.get("tls", False), bool))
+                    except KeyError as e:
+                        raise ConfigError(f"{k}: missing {e.args[0]!r}; a destination needs ae_title, host and port") from None
+                    _check_destination(d, k)
+                    out.append(d)
+                else:
+                    raise ConfigError(f"{k}: {v!r} is neither AE@HOST:PORT nor a table")
+            return tuple(out)
+        return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
+    raise ConfigError(f"{key}: unsupported type {typ}")  # pragma: no cover
+
+
+def _to_raw(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    target = raw
+    for p in parts[:-1]:
+        if p not in raw or not isinstance(target.get(p), dict):
+            raise ConfigError(f"{key}: unknown section {p!r}; sections: {sorted(_section_classes())}")
+        target = target[p]
+    target[parts[-1]] = value
+
+
+def _build_section(cls, raw: Mapping, prefix: str):
+    hints = _hints(cls)
+    unknown = set(raw) - set(hints)
+    if unknown:
+        where = f"[{prefix[:-1]}]" if prefix else "top level"
+        raise ConfigError(f"{prefix}{sorted(unknown)[0]}: unknown key at {where}; allowed: {', '.join(sorted(hints))}")
+    kwargs = {}
+    for name, typ in hints.items():
+        if name in raw:
+            if dataclasses.is_dataclass(typ):
+                if not isinstance(raw[name], Mapping):
+                    raise ConfigError(f"{name}: expected a [{name}] table, got {raw[name]!r}")
+                kwargs[name] = _build_section(typ, raw[name], f"{name}.")
+            else:
+                kwargs[name] = _coerce(prefix + name, raw[name], typ)
+    return cls(**kwargs)
+
+
+def _build(raw: Mapping) -> Config:
+    cfg = _build_section(Config, raw, "")
+    _validate(cfg)
+    return cfg
+
+
+def _validate(c: Config) -> None:
+    def need(ok: bool, key: str, value: Any, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
+
+    need(bool(_AE_RE.match(c.ae_title)) and bool(c.ae_title.strip()), "ae_title", c.ae_title, "1-16 printable ASCII characters, no backslash")
+    need(0 <= c.port <= 65535, "port", c.port, "0-65535 (0 = any free port)")
+    need(c.metrics_port == 0 or 1 <= c.metrics_port <= 65535, "metrics_port", c.metrics_port, "0 (off) or 1-65535")
+    need(bool(c.data_dir), "data_dir", c.data_dir, "a folder path")
+    need(c.quiet_period_s > 0, "quiet_period_s", c.quiet_period_s, "a number of seconds > 0")
+    need(c.accept_other_storage in ("ignore", "reject"), "accept_other_storage", c.accept_other_storage, "'ignore' or 'reject'")
+    need(1 <= c.max_associations <= 1000, "max_associations", c.max_associations, "1-1000")
+    need(c.max_pdu == 0 or 4096 <= c.max_pdu <= 2**32 - 1, "max_pdu", c.max_pdu, "0 (unlimited) or 4096-4294967295 bytes")
+    need(c.min_free_disk_mb >= 0, "min_free_disk_mb", c.min_free_disk_mb, "a number of MiB >= 0")
+    for i, a in enumerate(c.allowed_calling_aets):
+        ae = a.split("@", 1)[0]
+        need(bool(_AE_RE.match(ae)) and ("@" not in a or bool(a.split("@", 1)[1])), f"allowed_calling_aets[{i}]", a, "AET or AET@host")
+    for k in ("acse_s", "dimse_s", "network_s"):
+        v = getattr(c.timeouts, k)
+        need(v > 0, f"timeouts.{k}", v, "a number of seconds > 0")
+    if c.tls.enabled or any(d.tls for d in c.destinations):
+        for k in ("cert", "key"):
+            v = getattr(c.tls, k)
+            need(bool(v) and Path(v).is_file(), f"tls.{k}", v, "an existing PEM file (TLS is enabled)")
+    if c.tls.verify_client:
+        need(bool(c.tls.ca) and Path(c.tls.ca).is_file(), "tls.ca", c.tls.ca, "an existing PEM CA file (verify_client is true)")
+    need(c.retry.max_attempts >= 1, "retry.max_attempts", c.retry.max_attempts, "an integer >= 1")
+    need(c.retry.base_delay_s >= 0, "retry.base_delay_s", c.retry.base_delay_s, "a number of seconds >= 0")
+    need(c.retry.max_delay_s >= c.retry.base_delay_s, "retry.max_delay_s", c.retry.max_delay_s, f">= retry.base_delay_s ({c.retry.base_delay_s})")
+    need(c.spool.keep_days >= 0, "spool.keep_days", c.spool.keep_days, "a number of days >= 0 (0 = keep forever)")
+    need(1 <= c.worker.concurrency <= 64, "worker.concurrency", c.worker.concurrency, "1-64")
+    need(0 < c.worker.poll_s <= 10, "worker.poll_s", c.worker.poll_s, "0-10 seconds")
+    s = c.selection
+    need(0 <= s.min_slice_thickness_mm <= s.max_slice_thickness_mm, "selection.max_slice_thickness_mm", s.max_slice_thickness_mm,
+         f">= selection.min_slice_thickness_mm ({s.min_slice_thickness_mm}) >= 0")
+    need(s.min_slices >= 1, "selection.min_slices", s.min_slices, "an integer >= 1")
+    for name in ("description_include", "description_exclude"):
+        for i, pattern in enumerate(getattr(s, name)):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"selection.{name}[{i}]: {pattern!r} is not a regular expression ({e})") from None
+    need(1 <= c.results.series_number <= 2**31 - 1, "results.series_number", c.results.series_number, "1-2147483647")
+    need(len(c.results.series_description) <= 64, "results.series_description", c.results.series_description, "at most 64 characters")
+    need(0 <= c.results.top_k_heatmaps <= 50, "results.top_k_heatmaps", c.results.top_k_heatmaps, "0-50")
+    known = {"CUDAExecutionProvider", "CPUExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
+             "CoreMLExecutionProvider", "DmlExecutionProvider", "OpenVINOExecutionProvider"}
+    for i, p in enumerate(c.inference.providers):
+        need(p in known, f"inference.providers[{i}]", p, f"one of {sorted(known)}")
+    need(bool(c.inference.providers), "inference.providers", c.inference.providers, "at least one provider")
+    if c.inference.bundle:
+        need(Path(c.inference.bundle).is_dir(), "inference.bundle", c.inference.bundle, "an existing bundle directory or empty for the demo model")
+    need(c.log.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log.level", c.log.level, "DEBUG, INFO, WARNING or ERROR")
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
+    """Map DICOM_NODE_* variables to dotted keys; unknown names raise ConfigError."""
+    sections = _section_classes()
+    top = {n for n, t in _hints(Config).items() if n not in sections}
+    out: dict[str, str] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        if rest in top:
+            out[rest] = value
+            continue
+        for sec, cls in sections.items():
+            if rest.startswith(sec + "_") and rest[len(sec) + 1:] in _hints(cls):
+                out[f"{sec}.{rest[len(sec) + 1:]}"] = value
+                break
+        else:
+            raise ConfigError(f"{name}: unknown setting; use DICOM_NODE_<KEY> or DICOM_NODE_<SECTION>_<KEY> (see docs/configuration.md)")
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, *, overrides: Mapping[str, Any] | None = None,
+                environ: Mapping[str, str] | None = None) -> Config:
+    """Load defaults < TOML file < environment < `overrides` (dotted keys), then validate."""
+    raw: dict = _to_raw(Config())
+    if path:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p}: not found; pass an existing TOML file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p}: not valid TOML ({e})") from None
+        _build_section(Config, data, "")  # type/unknown-key check with file-relative key names
+        for k, v in data.items():
+            if isinstance(v, dict) and k in raw and isinstance(raw[k], dict):
+                raw[k].update(v)
+            else:
+                raw[k] = v
+    env = os.environ if environ is None else environ
+    for k, v in _env_overrides(env).items():
+        _set_dotted(raw, k, v)
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            _set_dotted(raw, k, v)
+    return _build(raw)
+
+
+# ---- documentation generated from the declarations ---------------------------------------------
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(v)  # pragma: no cover
+
+
+def _rows():
+    """(section, key, default, doc) for every key, in declaration order."""
+    sections = _section_classes()
+    for f in dataclasses.fields(Config):
+        if f.name not in sections:
+            yield "", f.name, f.default if f.default is not dataclasses.MISSING else (), f.metadata["doc"]
+    for name, cls in sections.items():
+        for f in dataclasses.fields(cls):
+            yield name, f.name, f.default, f.metadata["doc"]
+
+
+def default_config_toml() -> str:
+    """A complete TOML file with every key at its default and a comment saying what it means."""
+    lines = ["# dicom-node configuration (every key, at its default). Environment: DICOM_NODE_<KEY>,",
+             "# DICOM_NODE_<SECTION>_<KEY>; command-line flags override both.", ""]
+    current = ""
+    for sec, key, default, doc in _rows():
+        if sec != current:
+            lines += ["", f"[{sec}]"]
+            current = sec
+        if key in ("destinations", "peers"):
+            lines += [f"# {doc}", f"# [[{key}]]", '# ae_title = "ORTHANC"', '# host = "127.0.0.1"', "# port = 4242", "# tls = false"]
+            continue
+        lines += [f"# {doc}", f"{key} = {_toml_value(default)}"]
+    return "\n".join(lines) + "\n"
+
+
+def configuration_markdown() -> str:
+    """Markdown table of every key (used to write docs/configuration.md)."""
+    out = ["| key | default | environment | meaning |", "|---|---|---|---|"]
+    for sec, key, default, doc in _rows():
+        dotted = f"{sec}.{key}" if sec else key
+        env = ENV_PREFIX + (f"{sec}_{key}" if sec else key).upper()
+        out.append(f"| `{dotted}` | `{_toml_value(default) if key not in ('destinations', 'peers') else '[]'}` | `{env}` | {doc} |")
+    return "\n".join(out) + "\n"
+
+
+DEFAULT_CONFIG_TOML = default_config_toml()
