@@ -1,0 +1,250 @@
+"""Training configuration: typed frozen dataclasses, the ``paper`` and ``tiny`` presets, overrides.
+
+``paper`` holds the settings of Ma et al. 2022 (Implementation details): phase 1 Adam 4e-4,
+batch 16, 20 epochs, random crop 192 of 224 and +-15 degree rotation on 10-slice windows;
+phase 2 sequences of 40, TCN 2 levels kernel 3, 128 channels, dropout 0.2, Adam 5e-4 decayed by
+0.9 every 20 steps, batch 64, 200 epochs. ``tiny`` is a narrow network on small input for CPU.
+
+The phase-1 input geometry (resize, crop, window slices, HU windows) lives in ``preprocess``
+(:class:`dicom_node.preprocess.PreprocessConfig`), the single source shared with the node.
+
+Overrides: ``load_config("tiny", "run.toml")`` where the file (TOML or JSON) has sections named
+like the fields, e.g.::
+
+    seed = 7
+    [phase1]
+    epochs = 2
+    [phase2]
+    kind = "gru"
+    [preprocess]
+    resize = 96
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from dicom_node.preprocess import PreprocessConfig
+
+__all__ = [
+    "Phase1Config",
+    "Phase2Config",
+    "TrainConfig",
+    "ConfigError",
+    "PRESETS",
+    "PAPER_SPLIT",
+    "load_config",
+    "config_to_dict",
+    "config_from_dict",
+]
+
+#: Study counts of the paper's split (train/validation/test). They sum to 7292 although the
+#: paper reports 7279 studies; we keep the proportions.
+PAPER_SPLIT: tuple[int, int, int] = (5292, 1000, 1000)
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid; the message names the key, the value and the fix."""
+
+
+@dataclass(frozen=True)
+class Phase1Config:
+    """3D ResNet-18 window classifier."""
+
+    width: int = 64  # r3d_18 planes of layer1 (64 -> 512-d features)
+    pretrained: str | None = None  # local torchvision r3d_18 Kinetics-400 state_dict; never downloaded
+    lr: float = 4e-4  # Adam
+    batch_size: int = 16
+    epochs: int = 20
+    rotation_deg: float = 15.0  # training augmentation: random rotation in +-rotation_deg
+    random_crop: bool = True  # training: random crop preprocess.crop of preprocess.resize; eval: resize to crop
+
+    @property
+    def feature_dim(self) -> int:
+        return 8 * self.width
+
+
+@dataclass(frozen=True)
+class Phase2Config:
+    """Sequence model over window features."""
+
+    kind: Literal["tcn", "gru"] = "tcn"
+    seq_len: int = 40
+    levels: int = 2
+    kernel_size: int = 3
+    hidden: int = 128
+    dropout: float = 0.2
+    causal: bool = False  # TCN padding: False = symmetric 'same' padding, True = the paper's causal chomp
+    lr: float = 5e-4  # Adam
+    lr_decay: float = 0.9  # multiplicative factor ...
+    lr_decay_every: int = 20  # ... every this many optimiser steps
+    batch_size: int = 64
+    epochs: int = 200
+    loss_normalization: Literal["paper", "competition"] = "paper"  # see training.loss
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    phase1: Phase1Config = field(default_factory=Phase1Config)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    seed: int = 0
+    #: study-level split proportions (train, validation, test); normalised to sum 1
+    split: tuple[float, float, float] = tuple(n / sum(PAPER_SPLIT) for n in PAPER_SPLIT)  # type: ignore[assignment]
+    num_workers: int = 4
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    amp: bool = True  # mixed precision on CUDA only; ignored on CPU
+
+
+PRESETS: dict[str, TrainConfig] = {
+    "paper": TrainConfig(),
+    "tiny": TrainConfig(
+        phase1=Phase1Config(width=16, batch_size=8, epochs=6),
+        phase2=Phase2Config(hidden=64, batch_size=16, epochs=60),
+        preprocess=replace(PreprocessConfig(), resize=64, crop=56),
+        num_workers=0,
+        device="cpu",
+        amp=False,
+    ),
+}
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """Plain JSON-able dict (for checkpoints and reports)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _coerce(owner: str, name: str, tp: Any, value: Any) -> Any:
+    where = f"{owner}.{name}"
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config {where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(owner, name, inner[0], value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config {where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(owner, name, args[0], v) for v in value)
+        if len(args) != len(value):
+            raise ConfigError(f"config {where}: expected {len(args)} values, got {len(value)} ({value!r})")
+        return tuple(_coerce(owner, name, a, v) for a, v in zip(args, value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config {where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config {where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config {where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config {where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _merge(obj: Any, overrides: dict[str, Any], owner: str) -> Any:
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"config {owner}: expected a table of settings, got {overrides!r}")
+    hints = typing.get_type_hints(type(obj))
+    known = {f.name for f in fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key not in known:
+            where = f"config {owner}" if owner else "config"
+            raise ConfigError(f"{where}: unknown setting {key!r}; valid settings: {', '.join(sorted(known))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = _merge(current, value, f"{owner}.{key}" if owner else key)
+        else:
+            changes[key] = _coerce(owner or "config", key, hints[key], value)
+    return replace(obj, **changes)
+
+
+def _positive(where: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"config {where}: must be > 0, got {value!r}")
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Check ranges and cross-field rules; return ``config`` (normalised split) or raise :class:`ConfigError`."""
+    p1, p2, pp = config.phase1, config.phase2, config.preprocess
+    for where, v in (("phase1.width", p1.width), ("phase1.lr", p1.lr), ("phase1.batch_size", p1.batch_size),
+                     ("phase1.epochs", p1.epochs), ("phase2.seq_len", p2.seq_len), ("phase2.levels", p2.levels),
+                     ("phase2.kernel_size", p2.kernel_size), ("phase2.hidden", p2.hidden), ("phase2.lr", p2.lr),
+                     ("phase2.lr_decay", p2.lr_decay), ("phase2.lr_decay_every", p2.lr_decay_every),
+                     ("phase2.batch_size", p2.batch_size), ("phase2.epochs", p2.epochs),
+                     ("preprocess.resize", pp.resize), ("preprocess.crop", pp.crop),
+                     ("preprocess.window_slices", pp.window_slices)):
+        _positive(where, v)
+    if not 0.0 <= p1.rotation_deg <= 180.0:
+        raise ConfigError(f"config phase1.rotation_deg: must be in [0, 180], got {p1.rotation_deg}")
+    for where, v in (("phase2.dropout", p2.dropout),):
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"config {where}: must be in [0, 1), got {v}")
+    if not p2.causal and p2.kind == "tcn" and p2.kernel_size % 2 == 0:
+        raise ConfigError(f"config phase2.kernel_size: non-causal TCN needs an odd kernel, got {p2.kernel_size}; use 3 or set causal = true")
+    if p2.kind == "gru" and p2.hidden % 2:
+        raise ConfigError(f"config phase2.hidden: the bidirectional GRU needs an even hidden size, got {p2.hidden}")
+    if pp.crop > pp.resize:
+        raise ConfigError(f"config preprocess.crop: crop {pp.crop} is larger than resize {pp.resize}; crop must be <= resize")
+    if len(config.split) != 3 or any(s < 0 for s in config.split) or config.split[0] <= 0 or sum(config.split) <= 0:
+        raise ConfigError(f"config split: expected three non-negative proportions (train, validation, test) with train > 0, got {config.split!r}")
+    if config.num_workers < 0:
+        raise ConfigError(f"config num_workers: must be >= 0, got {config.num_workers}")
+    if not (config.device in ("auto", "cpu", "cuda") or config.device.startswith("cuda:")):
+        raise ConfigError(f"config device: {config.device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    total = float(sum(config.split))
+    return replace(config, split=tuple(s / total for s in config.split))  # type: ignore[arg-type]
+
+
+def config_from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """Apply a (possibly partial) nested dict to ``base`` (default: the paper preset) and validate."""
+    return validate(_merge(base or PRESETS["paper"], data, ""))
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        elif path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        else:
+            raise ConfigError(f"config file {path}: unknown format {path.suffix!r}; use .toml or .json")
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path}: cannot parse ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a table at top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(preset: str = "paper", file: Path | str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The named preset, then the settings in ``file`` (TOML/JSON), then ``overrides``; validated."""
+    if preset not in PRESETS:
+        raise ConfigError(f"config preset {preset!r}: unknown; choose one of {', '.join(PRESETS)}")
+    config = PRESETS[preset]
+    if file is not None:
+        config = _merge(config, _read_file(Path(file)), "")
+    if overrides:
+        config = _merge(config, overrides, "")
+    return validate(config)
