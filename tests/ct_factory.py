@@ -78,3 +78,55 @@ def make_series(
         ds.PixelData = stored[z].tobytes()
         out.append(ds)
     return out
+
+
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+def make_enhanced(datasets: list[Dataset], *, frame_order=None, per_frame_orientation: bool = False) -> Dataset:
+    """One Enhanced CT multi-frame instance holding the given single-frame slices (in `frame_order`).
+
+    Orientation, pixel measures and rescale go in the shared functional groups (or per frame when
+    `per_frame_orientation`), plane positions per frame.
+    """
+    order = list(range(len(datasets))) if frame_order is None else list(frame_order)
+    first = datasets[0]
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ENHANCED_CT_IMAGE_STORAGE
+    sop_uid = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.SOPClassUID = ENHANCED_CT_IMAGE_STORAGE
+    ds.SOPInstanceUID = sop_uid
+    for kw in ("Modality", "PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
+               "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored",
+               "HighBit", "PixelRepresentation"):
+        setattr(ds, kw, getattr(first, kw))
+    ds.NumberOfFrames = len(order)
+
+    def item(**kw) -> Dataset:
+        it = Dataset()
+        for k, v in kw.items():
+            setattr(it, k, v)
+        return it
+
+    orientation = item(ImageOrientationPatient=first.ImageOrientationPatient)
+    shared = Dataset()
+    shared.PixelMeasuresSequence = [item(PixelSpacing=first.PixelSpacing, SliceThickness=first.SliceThickness)]
+    shared.PixelValueTransformationSequence = [
+        item(RescaleSlope=first.RescaleSlope, RescaleIntercept=first.RescaleIntercept, RescaleType="HU")
+    ]
+    if not per_frame_orientation:
+        shared.PlaneOrientationSequence = [orientation]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for i in order:
+        fg = Dataset()
+        fg.PlanePositionSequence = [item(ImagePositionPatient=datasets[i].ImagePositionPatient)]
+        if per_frame_orientation:
+            fg.PlaneOrientationSequence = [item(ImageOrientationPatient=datasets[i].ImageOrientationPatient)]
+        frames.append(fg)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.PixelData = b"".join(datasets[i].PixelData for i in order)
+    return ds
