@@ -150,8 +150,12 @@ def _noise_bank(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray:
     return bank / bank.std()
 
 
-def generate_study(seed: int, config: PhantomConfig = PhantomConfig()) -> PhantomStudy:
-    """Generate one CTPA study; the same `seed` and `config` always give the same study."""
+def generate_study(seed: int, config: PhantomConfig = PhantomConfig(), *, kind: str | None = None) -> PhantomStudy:
+    """Generate one CTPA study; the same `seed` and `config` always give the same study.
+
+    `kind` (positive | negative | indeterminate) overrides the draw from `config.prevalence`;
+    `generate_dataset` uses it to hit the configured case mix exactly.
+    """
     from scipy.ndimage import gaussian_filter1d
 
     seed = int(seed)
@@ -162,7 +166,11 @@ def generate_study(seed: int, config: PhantomConfig = PhantomConfig()) -> Phanto
     cv = Canvas(shape, (dz, ps, ps))
 
     r = rng.random()
-    kind = "positive" if r < config.prevalence else ("indeterminate" if r < config.prevalence + config.indeterminate_share else "negative")
+    drawn = "positive" if r < config.prevalence else ("indeterminate" if r < config.prevalence + config.indeterminate_share else "negative")
+    if kind is None:
+        kind = drawn
+    elif kind not in ("positive", "negative", "indeterminate"):
+        raise ValueError(f"generate_study: kind={kind!r}; expected positive, negative or indeterminate")
     qa = {k: 0 for k in QA_COLUMNS}
     if kind == "indeterminate":
         reason = "contrast" if rng.random() < 0.6 else "motion"
@@ -393,8 +401,8 @@ def csv_rows(study: PhantomStudy) -> list[dict]:
 
 
 def _write_one(args) -> tuple[list[dict], int, int]:
-    seed, config, out = args
-    study = generate_study(seed, config)
+    seed, config, out, kind = args
+    study = generate_study(seed, config, kind=kind)
     paths = write_study(study, out / "train")
     np.savez_compressed(out / "masks" / f"{study.study_uid}.npz", mask=study.embolus_mask,
                         sop_uids=np.array(study.sop_uids), slice_labels=study.slice_labels)
@@ -403,14 +411,23 @@ def _write_one(args) -> tuple[list[dict], int, int]:
 
 def generate_dataset(out: Path, n_studies: int, seed: int, config: PhantomConfig = PhantomConfig(),
                      *, workers: int | None = None, progress: bool = True) -> Path:
-    """Write `out/train/...`, `out/train.csv` and `out/masks/<StudyUID>.npz` for `n_studies` studies."""
+    """Write `out/train/...`, `out/train.csv` and `out/masks/<StudyUID>.npz` for `n_studies` studies.
+
+    The case mix is exact: round(n * prevalence) positives and round(n * indeterminate_share)
+    indeterminate studies, in a seeded order. Each mask file holds `mask` (Z, Y, X) bool,
+    `sop_uids` (Z,) in slice order (z increasing along the normal) and `slice_labels` (Z,).
+    """
     from tqdm import tqdm
 
     out = Path(out)
     (out / "train").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
-    jobs = [(study_seed(seed, i), config, out) for i in range(n_studies)]
+    n_pos = int(round(n_studies * config.prevalence))
+    n_ind = min(int(round(n_studies * config.indeterminate_share)), n_studies - n_pos)
+    kinds = ["positive"] * n_pos + ["indeterminate"] * n_ind + ["negative"] * (n_studies - n_pos - n_ind)
+    np.random.default_rng(np.random.SeedSequence([seed, 7919])).shuffle(kinds)
+    jobs = [(study_seed(seed, i), config, out, kinds[i]) for i in range(n_studies)]
     t0 = time.perf_counter()
     results = []
     bar = tqdm(total=n_studies, desc="phantom studies", unit="study", disable=not progress)
