@@ -1,0 +1,413 @@
+"""RSNA-layout data for training: labels, the study split, the preprocessed cache, torch datasets.
+
+Layout read (the RSNA-STR Pulmonary Embolism challenge's, also written by `training.phantom`)::
+
+    DATA/train.csv                                   one row per slice (CSV_COLUMNS)
+    DATA/train/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+
+Everything the run derives lives under RUN::
+
+    RUN/split.json                 study-level train/validation/test split (seeded)
+    RUN/cache/<study>.npy          windows at resize size, uint8 (N, 3, 10, R, R) = round(255 * x)
+    RUN/cache/<study>.json         window labels, study labels, shape, preprocessing config
+
+The cache is built once (process pool, tqdm bar) with the node's own preprocessing
+(`dicom_node.series.load_series` + `dicom_node.preprocess.prepare`), so the model trains on
+exactly what the node will feed it, and no epoch decodes DICOM again. uint8 keeps 1/255 of each
+HU window (5.9 HU of the lung window, 2.7 HU of the PE window, 1.6 HU of the mediastinal one).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL
+from dicom_node.log import get_logger
+from dicom_node.sequence import SEQUENCE_LENGTH, to_fixed_length
+
+__all__ = [
+    "PAPER_SPLIT",
+    "StudyRecord",
+    "Split",
+    "CacheEntry",
+    "read_rsna_labels",
+    "make_split",
+    "save_split",
+    "load_split",
+    "build_cache",
+    "load_cache_index",
+    "WindowDataset",
+    "SequenceDataset",
+    "seed_worker",
+]
+
+log = get_logger("training.data")
+
+#: Train / validation / test studies of Ma et al. 2022 (proportions used for any dataset size).
+PAPER_SPLIT: tuple[int, int, int] = (5292, 1000, 1000)
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+
+
+# --------------------------------------------------------------------------------------- labels
+@dataclass(frozen=True)
+class StudyRecord:
+    """One study of train.csv: its series, the slice labels and the nine study labels."""
+
+    study_uid: str
+    series_uid: str
+    slice_labels: tuple[tuple[str, int], ...]  # (SOPInstanceUID, pe_present_on_image)
+    study_labels: tuple[int, ...]  # in STUDY_LABELS order
+
+    @property
+    def positive(self) -> bool:
+        return any(v for _, v in self.slice_labels)
+
+    def slice_label_map(self) -> dict[str, int]:
+        return dict(self.slice_labels)
+
+
+def read_rsna_labels(data_dir: str | os.PathLike) -> dict[str, StudyRecord]:
+    """Read DATA/train.csv into one `StudyRecord` per study (sorted by study UID)."""
+    path = Path(data_dir) / "train.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no train.csv; expected the RSNA layout DATA/train.csv + DATA/train/<study>/<series>/<sop>.dcm")
+    rows: dict[str, dict[str, list]] = {}
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "pe_present_on_image", *STUDY_LABELS} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: missing columns {sorted(missing)}; expected the RSNA-STR train.csv columns")
+        for r in reader:
+            study = rows.setdefault(r["StudyInstanceUID"], {"series": [], "slices": [], "labels": None})
+            study["series"].append(r["SeriesInstanceUID"])
+            study["slices"].append((r["SOPInstanceUID"], int(float(r["pe_present_on_image"]))))
+            if study["labels"] is None:
+                study["labels"] = tuple(int(float(r[k])) for k in STUDY_LABELS)
+    out: dict[str, StudyRecord] = {}
+    for uid in sorted(rows):
+        s = rows[uid]
+        series = max(set(s["series"]), key=s["series"].count)  # RSNA: one series per study
+        slices = tuple(sl for sl, se in zip(s["slices"], s["series"]) if se == series)
+        out[uid] = StudyRecord(uid, series, slices, s["labels"])
+    if not out:
+        raise ValueError(f"{path}: no rows; expected one row per slice")
+    return out
+
+
+# ---------------------------------------------------------------------------------------- split
+@dataclass(frozen=True)
+class Split:
+    """Study UIDs per split; no study is in two splits."""
+
+    train: tuple[str, ...]
+    validation: tuple[str, ...]
+    test: tuple[str, ...]
+    seed: int
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        if name not in SPLITS:
+            raise KeyError(f"split {name!r}: expected one of {SPLITS}")
+        return getattr(self, name)
+
+
+def make_split(records: dict[str, StudyRecord], seed: int, proportions: tuple[int, int, int] = PAPER_SPLIT) -> Split:
+    """Seeded study-level split in `proportions`, stratified by PE-positive / negative.
+
+    Each class is split on its own, so validation and test hold both classes whenever a class
+    has at least three studies (then each split gets at least one of it).
+    """
+    rng = np.random.default_rng(seed)
+    total = float(sum(proportions))
+    parts: dict[str, list[str]] = {k: [] for k in SPLITS}
+    for positive in (False, True):
+        uids = sorted(u for u, r in records.items() if r.positive == positive)
+        uids = [uids[i] for i in rng.permutation(len(uids))]
+        n = len(uids)
+        n_val = int(round(n * proportions[1] / total))
+        n_test = int(round(n * proportions[2] / total))
+        if n >= 3:
+            n_val, n_test = max(n_val, 1), max(n_test, 1)
+        elif n == 2:
+            n_val, n_test = 1, 0
+        else:
+            n_val, n_test = 0, 0
+        n_train = n - n_val - n_test
+        parts["train"] += uids[:n_train]
+        parts["validation"] += uids[n_train:n_train + n_val]
+        parts["test"] += uids[n_train + n_val:]
+    return Split(*(tuple(sorted(parts[k])) for k in SPLITS), seed=seed)
+
+
+def save_split(split: Split, path: str | os.PathLike) -> None:
+    data = {k: list(split[k]) for k in SPLITS} | {"seed": split.seed}
+    _write_json_atomic(Path(path), data)
+
+
+def load_split(path: str | os.PathLike) -> Split:
+    data = json.loads(Path(path).read_text())
+    return Split(*(tuple(data[k]) for k in SPLITS), seed=int(data["seed"]))
+
+
+# ---------------------------------------------------------------------------------------- cache
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached study: where its windows are and their labels."""
+
+    study_uid: str
+    series_uid: str
+    array_path: Path
+    n_windows: int
+    window_labels: np.ndarray  # (N,) int
+    study_labels: np.ndarray  # (9,) float32 in STUDY_LABELS order
+    resize: int
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _cache_one(data_dir: str, cache_dir: str, record: StudyRecord, pp_config) -> tuple[str, str | None, int, float]:
+    """Worker: DICOM -> windows -> RUN/cache/<study>.npy + .json. Returns (uid, error, bytes, seconds)."""
+    from dicom_node.preprocess import prepare
+    from dicom_node.series import load_series
+
+    t0 = time.perf_counter()
+    uid = record.study_uid
+    try:
+        series = load_series(Path(data_dir) / "train" / uid / record.series_uid)
+        windows = prepare(series, pp_config, slice_labels=record.slice_label_map())
+    except Exception as exc:  # one bad study must not stop the cache; it is reported and skipped
+        return uid, f"{type(exc).__name__}: {exc}", 0, time.perf_counter() - t0
+    arr = np.clip(np.rint(np.asarray(windows.array, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+    labels = np.zeros(arr.shape[0], dtype=np.int64) if windows.labels is None else np.asarray(windows.labels, dtype=np.int64)
+    out = Path(cache_dir)
+    tmp = out / f"{uid}.tmp.npy"
+    np.save(tmp, arr)
+    os.replace(tmp, out / f"{uid}.npy")
+    meta = {
+        "study_uid": uid,
+        "series_uid": record.series_uid,
+        "shape": list(arr.shape),
+        "window_labels": labels.tolist(),
+        "study_labels": list(record.study_labels),
+        "preprocess": _config_dict(pp_config),
+    }
+    _write_json_atomic(out / f"{uid}.json", meta)  # written last: its presence marks the study done
+    return uid, None, int(arr.nbytes), time.perf_counter() - t0
+
+
+def _config_dict(pp_config) -> dict:
+    d = asdict(pp_config)
+    return json.loads(json.dumps(d))  # tuples -> lists, as read back from JSON
+
+
+def build_cache(data_dir, run_dir, records: dict[str, StudyRecord], pp_config, *, workers: int = 0, progress: bool = True) -> dict:
+    """Preprocess every study once into RUN/cache (skipping studies already cached).
+
+    Returns a summary dict (studies done/failed, bytes per study); failures are logged with the
+    study UID and the reason, written to RUN/cache/failed.json, and left out of training.
+    """
+    from tqdm import tqdm
+
+    cache = Path(run_dir) / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    want = _config_dict(pp_config)
+    todo = []
+    for uid, rec in records.items():
+        meta_path = cache / f"{uid}.json"
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            if meta["preprocess"] != want:
+                raise ValueError(
+                    f"{meta_path}: cached with preprocessing {meta['preprocess']}, the run asks for {want}; "
+                    f"delete {cache} (or use a new --out) to rebuild the cache")
+            continue
+        todo.append(rec)
+    failed: dict[str, str] = {}
+    sizes: list[int] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="cache", unit="study", disable=not progress)
+    if workers and workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(_cache_one, str(data_dir), str(cache), rec, pp_config) for rec in todo]
+            for fut in as_completed(futures):
+                _record_result(fut.result(), failed, sizes)
+                bar.update(1)
+    else:
+        for rec in todo:
+            _record_result(_cache_one(str(data_dir), str(cache), rec, pp_config), failed, sizes)
+            bar.update(1)
+    bar.close()
+    old_failed = json.loads((cache / "failed.json").read_text()) if (cache / "failed.json").is_file() else {}
+    old_failed.update(failed)
+    _write_json_atomic(cache / "failed.json", old_failed)
+    summary = {
+        "studies_cached": len(todo) - len(failed),
+        "studies_failed": len(failed),
+        "studies_already_cached": len(records) - len(todo),
+        "mean_bytes_per_study": float(np.mean(sizes)) if sizes else 0.0,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    log.info("cache_built", **summary)
+    return summary
+
+
+def _record_result(result, failed: dict, sizes: list) -> None:
+    uid, error, nbytes, seconds = result
+    if error:
+        failed[uid] = error
+        log.warning("study_not_cached", study_uid=uid, error=error)
+    else:
+        sizes.append(nbytes)
+        log.debug("study_cached", study_uid=uid, bytes=nbytes, seconds=round(seconds, 2))
+
+
+def load_cache_index(run_dir, study_uids=None) -> dict[str, CacheEntry]:
+    """Cached studies (optionally only `study_uids`; those not cached are skipped with a warning)."""
+    cache = Path(run_dir) / "cache"
+    metas = sorted(cache.glob("*.json"))
+    out: dict[str, CacheEntry] = {}
+    for p in metas:
+        if p.name == "failed.json":
+            continue
+        m = json.loads(p.read_text())
+        out[m["study_uid"]] = CacheEntry(
+            study_uid=m["study_uid"], series_uid=m["series_uid"], array_path=cache / f"{m['study_uid']}.npy",
+            n_windows=int(m["shape"][0]), window_labels=np.asarray(m["window_labels"], dtype=np.int64),
+            study_labels=np.asarray(m["study_labels"], dtype=np.float32), resize=int(m["shape"][-1]))
+    if study_uids is None:
+        return out
+    missing = [u for u in study_uids if u not in out]
+    if missing:
+        log.warning("studies_not_in_cache", count=len(missing), first=missing[:3])
+    return {u: out[u] for u in study_uids if u in out}
+
+
+# -------------------------------------------------------------------------------------- phase 1
+def rotate_and_crop(x: torch.Tensor, crop: int, angle_deg: float, offset: tuple[int, int]) -> torch.Tensor:
+    """(C, D, R, R) -> (C, D, crop, crop): in-plane rotation about the image centre, then a crop."""
+    c, d, h, w = x.shape
+    if angle_deg:
+        a = math.radians(angle_deg)
+        theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=x.dtype)
+        planes = x.reshape(1, c * d, h, w)
+        grid = F.affine_grid(theta[None], list(planes.shape), align_corners=False)
+        x = F.grid_sample(planes, grid, mode="bilinear", padding_mode="zeros", align_corners=False).reshape(c, d, h, w)
+    r, q = offset
+    return x[:, :, r:r + crop, q:q + crop]
+
+
+class WindowDataset(Dataset):
+    """Phase 1: one item = one 10-slice window (3, 10, crop, crop) float32 and its label.
+
+    Training (`augment=True`): random in-plane rotation within +-`max_rotation_deg` and a random
+    `crop` x `crop` crop of the resize x resize window. Evaluation: the centre crop, as the node's
+    `preprocess` does. Randomness comes from (seed, epoch, index) only, so it does not depend on
+    the number of workers or processes; call `set_epoch` before each epoch.
+    """
+
+    def __init__(self, entries: dict[str, CacheEntry], crop: int, *, augment: bool, seed: int = 0,
+                 max_rotation_deg: float = 15.0, random_crop: bool = True):
+        self.entries = entries
+        self.crop = int(crop)
+        self.augment = augment
+        self.random_crop = random_crop
+        self.seed = int(seed)
+        self.max_rotation_deg = float(max_rotation_deg)
+        self.epoch = 0
+        self.index = [(u, w) for u in sorted(entries) for w in range(entries[u].n_windows)]
+        self.labels = np.array([entries[u].window_labels[w] for u, w in self.index], dtype=np.float32)
+        self._arrays: dict[str, np.ndarray] = {}
+        for e in entries.values():
+            if e.resize < self.crop:
+                raise ValueError(f"study {e.study_uid}: cached windows are {e.resize} px, smaller than crop {self.crop}; rebuild the cache with resize >= crop")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _array(self, uid: str) -> np.ndarray:
+        arr = self._arrays.get(uid)
+        if arr is None:
+            arr = self._arrays[uid] = np.load(self.entries[uid].array_path, mmap_mode="r")
+        return arr
+
+    def __getitem__(self, i: int):
+        uid, w = self.index[i]
+        x = torch.from_numpy(np.asarray(self._array(uid)[w], dtype=np.float32) / 255.0)
+        size = x.shape[-1]
+        if self.augment:
+            rng = np.random.default_rng((self.seed, self.epoch, i))
+            angle = float(rng.uniform(-self.max_rotation_deg, self.max_rotation_deg)) if self.max_rotation_deg else 0.0
+            offset = (int(rng.integers(0, size - self.crop + 1)), int(rng.integers(0, size - self.crop + 1)))
+        if not self.augment:
+            angle = 0.0
+        if not (self.augment and self.random_crop):
+            o = (size - self.crop) // 2
+            offset = (o, o)
+        x = rotate_and_crop(x, self.crop, angle, offset).contiguous()
+        return x, torch.tensor(self.labels[i])
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: numpy/random seeds from torch's per-worker seed."""
+    import random
+
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+# -------------------------------------------------------------------------------------- phase 2
+class SequenceDataset(Dataset):
+    """Phase 2: one item = one study's feature sequence at the fixed length 40.
+
+    Reads RUN/features/<study>.npy (N, F). Returns a dict of tensors: `features` (L, F), `mask`
+    (L,), `window_labels` (L,) (resized the same way as the features: soft targets when N > L),
+    `study_labels` (9,), `n_windows` (), `q` () = the study's share of positive windows.
+    """
+
+    def __init__(self, features_dir, entries: dict[str, CacheEntry], length: int = SEQUENCE_LENGTH):
+        self.features_dir = Path(features_dir)
+        self.entries = entries
+        self.uids = sorted(entries)
+        self.length = int(length)
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    def __getitem__(self, i: int) -> dict:
+        uid = self.uids[i]
+        e = self.entries[uid]
+        feats = np.load(self.features_dir / f"{uid}.npy")
+        if feats.shape[0] != e.n_windows:
+            raise ValueError(f"study {uid}: {feats.shape[0]} feature rows but {e.n_windows} cached windows; rerun `features`")
+        fx = to_fixed_length(feats, self.length)
+        lab = to_fixed_length(e.window_labels.astype(np.float32), self.length)
+        return {
+            "features": torch.from_numpy(fx.x),
+            "mask": torch.from_numpy(fx.mask),
+            "window_labels": torch.from_numpy(lab.x),
+            "study_labels": torch.from_numpy(e.study_labels),
+            "n_windows": torch.tensor(e.n_windows),
+            "q": torch.tensor(float(e.window_labels.mean()), dtype=torch.float32),
+        }
+
+
+LABEL_NAMES = (WINDOW_LABEL, *STUDY_LABELS)

@@ -1,0 +1,243 @@
+"""Phase 1: train the 3D ResNet-18 window classifier, then extract per-window features.
+
+Read top to bottom: `train_phase1` (one loop over epochs: train with BCE, validate, AUROC, keep
+the best model) and `extract_features` (best model -> RUN/features/<study>.npy (N, F) float32
+and RUN/features/<study>.probs.npy (N,) phase-1 window probabilities, every split).
+
+Paper settings (Ma et al. 2022): Adam lr 4e-4, batch 16, 20 epochs, training windows randomly
+cropped 192 of 224 and rotated within +-15 degrees, the model with the best validation AUROC
+kept. The model is selected by validation AUROC when the validation windows hold both classes,
+otherwise (tiny data) by validation loss.
+
+Outputs: RUN/phase1/last.pt (resume point, every epoch), RUN/phase1/best.pt, RUN/phase1/history.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from dicom_node.log import get_logger
+from training.checkpoint import git_revision, load_checkpoint, save_checkpoint
+from training.config import TrainConfig, config_to_dict
+from training.data import WindowDataset, load_cache_index, load_split, seed_worker
+from training.distributed import DistContext, gather, setup, shard
+from training.models import r3d_18
+
+__all__ = ["train_phase1", "extract_features", "predict_windows", "make_deterministic", "auroc", "autocast_for"]
+
+log = get_logger("training.phase1")
+
+
+def make_deterministic(seed: int, device: torch.device) -> None:
+    """Seed torch/numpy and ask for deterministic kernels (exact on CPU; best effort on CUDA)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+
+
+def autocast_for(device: torch.device, amp: bool):
+    """Mixed precision (float16) on CUDA when `amp`; a no-op context elsewhere."""
+    return torch.autocast("cuda", dtype=torch.float16, enabled=bool(amp and device.type == "cuda"))
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve; NaN when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels)
+    if labels.size == 0 or np.unique(labels).size < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, scores))
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _loader(ds, batch_size: int, workers: int, *, sampler=None, seed: int = 0) -> DataLoader:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+                      worker_init_fn=seed_worker, generator=g, pin_memory=False, drop_last=False)
+
+
+@torch.no_grad()
+def predict_windows(model, ds, ctx: DistContext, *, batch_size: int, workers: int, amp: bool, progress: bool = False,
+                    want_features: bool = False, desc: str = "validate"):
+    """Sharded inference over `ds` (eval mode); returns (probs, losses, features|None) in dataset order."""
+    from tqdm import tqdm
+
+    model.eval()
+    idx = shard(list(range(len(ds))), ctx)
+    loader = _loader(Subset(ds, idx), batch_size, workers)
+    probs, losses, feats = [], [], []
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not (progress and ctx.is_main)):
+        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device)
+        with autocast_for(ctx.device, amp):
+            out = model(x)
+        logit = out.logit.float()
+        probs.append(torch.sigmoid(logit).cpu().numpy())
+        losses.append(F.binary_cross_entropy_with_logits(logit, y.float(), reduction="none").cpu().numpy())
+        if want_features:
+            feats.append(out.features.float().cpu().numpy())
+    local = (idx, np.concatenate(probs) if probs else np.zeros(0), np.concatenate(losses) if losses else np.zeros(0),
+             np.concatenate(feats) if feats else None)
+    parts = gather(local, ctx)
+    n = len(ds)
+    p_all, l_all = np.zeros(n, np.float64), np.zeros(n, np.float64)
+    f_all = None
+    for i, p, l, f in parts:
+        p_all[i], l_all[i] = p, l
+        if f is not None and len(i):
+            if f_all is None:
+                f_all = np.zeros((n, f.shape[1]), np.float32)
+            f_all[i] = f
+    return p_all, l_all, f_all
+
+
+def _selection(criterion: str, metrics: dict) -> float:
+    return metrics["val_auroc"] if criterion == "val_auroc" else -metrics["val_loss"]
+
+
+def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *, resume: bool = True,
+                 progress: bool = True, max_steps: int | None = None) -> dict:
+    """Train phase 1 (resuming from RUN/phase1/last.pt when `resume`); return the best epoch's metrics."""
+    ctx = ctx or setup(config.device)
+    run = Path(run_dir)
+    out_dir = run / "phase1"
+    p1, pp = config.phase1, config.preprocess
+    make_deterministic(config.seed, ctx.device)
+    if p1.batch_size % ctx.world_size:
+        raise ValueError(f"phase1.batch_size {p1.batch_size} is not divisible by {ctx.world_size} processes; "
+                         f"the global batch is split evenly, choose a multiple of {ctx.world_size}")
+    per_rank = p1.batch_size // ctx.world_size
+    split = load_split(run / "split.json")
+    train_ds = WindowDataset(load_cache_index(run, split.train), pp.crop, augment=True, seed=config.seed,
+                             max_rotation_deg=p1.rotation_deg, random_crop=p1.random_crop)
+    val_ds = WindowDataset(load_cache_index(run, split.validation), pp.crop, augment=False)
+    if len(train_ds) == 0:
+        raise ValueError(f"{run}: no training windows in the cache; run `dicom-node-train cache` first")
+    criterion = "val_auroc" if np.unique(val_ds.labels).size == 2 else "val_loss"
+
+    model = r3d_18(num_outputs=1, width=p1.width, pretrained=p1.pretrained).to(ctx.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=p1.lr)
+    use_amp = bool(config.amp and ctx.device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start_epoch, step, history, best = 0, 0, [], {"epoch": None, "value": -math.inf, "criterion": criterion}
+    last_path = out_dir / "last.pt"
+    if resume and last_path.is_file():
+        ck = load_checkpoint(last_path)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        start_epoch, step, history, best = ck["epoch"] + 1, ck["step"], ck["history"], ck["best"]
+        if ctx.is_main:
+            log.info("phase1_resumed", from_epoch=start_epoch, step=step)
+    if ctx.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed)
+
+    from tqdm import tqdm
+
+    for epoch in range(start_epoch, p1.epochs):
+        t0 = time.perf_counter()
+        torch.manual_seed(config.seed + 1000 * epoch)  # resume-stable
+        sampler.set_epoch(epoch)
+        train_ds.set_epoch(epoch)
+        loader = _loader(train_ds, per_rank, config.num_workers, sampler=sampler, seed=config.seed + epoch)
+        model.train()
+        loss_sum, seen = 0.0, 0
+        bar = tqdm(loader, desc=f"phase1 epoch {epoch + 1}/{p1.epochs}", disable=not (progress and ctx.is_main))
+        for x, y in bar:
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device)
+            with autocast_for(ctx.device, config.amp):
+                logit = model(x).logit
+            loss = F.binary_cross_entropy_with_logits(logit.float(), y.float())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            loss_sum += loss.detach().item() * len(y)
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}")
+            if max_steps is not None and step >= max_steps:
+                break
+        train_loss = sum(gather(loss_sum, ctx)) / max(sum(gather(seen, ctx)), 1)
+        probs, losses, _ = predict_windows(model, val_ds, ctx, batch_size=per_rank * 2, workers=config.num_workers,
+                                           amp=config.amp, progress=progress)
+        metrics = {"epoch": epoch, "step": step, "train_loss": train_loss,
+                   "val_loss": float(losses.mean()) if len(losses) else float("nan"),
+                   "val_auroc": auroc(val_ds.labels, probs), "seconds": round(time.perf_counter() - t0, 2),
+                   "train_windows": len(train_ds), "val_windows": len(val_ds)}
+        history.append(metrics)
+        improved = _selection(criterion, metrics) > best["value"] or best["epoch"] is None
+        if improved:
+            best = {"epoch": epoch, "value": _selection(criterion, metrics), "criterion": criterion}
+        if ctx.is_main:
+            payload = {"phase": 1, "epoch": epoch, "step": step, "model": _unwrap(model).state_dict(),
+                       "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                       "config": config_to_dict(config), "metrics": metrics, "history": history, "best": best,
+                       "git_revision": git_revision(), "world_size": ctx.world_size}
+            if improved:
+                save_checkpoint(out_dir / "best.pt", payload)
+            save_checkpoint(last_path, payload)
+            (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+            log.info("epoch_finished", phase=1, epoch=epoch, loss=round(train_loss, 5), val_loss=round(metrics["val_loss"], 5),
+                     auroc=metrics["val_auroc"], seconds=metrics["seconds"], best_epoch=best["epoch"])
+        if max_steps is not None and step >= max_steps:
+            break
+    if ctx.is_main:
+        (out_dir / "done.json").write_text(json.dumps({"best": best, "epochs": p1.epochs, "step": step}, indent=1))
+    return {"best": best, "history": history}
+
+
+def extract_features(config: TrainConfig, run_dir, ctx: DistContext | None = None, *, progress: bool = True) -> dict:
+    """Best phase-1 model -> RUN/features/<study>.npy (N, F) and <study>.probs.npy (N,) for every split."""
+    from tqdm import tqdm
+
+    ctx = ctx or setup(config.device)
+    run = Path(run_dir)
+    feat_dir = run / "features"
+    feat_dir.mkdir(parents=True, exist_ok=True)
+    ck = load_checkpoint(run / "phase1" / "best.pt")
+    model = r3d_18(num_outputs=1, width=config.phase1.width).to(ctx.device)
+    model.load_state_dict(ck["model"])
+    model.eval()
+    split = load_split(run / "split.json")
+    uids = sorted({*split.train, *split.validation, *split.test})
+    entries = load_cache_index(run, uids)
+    todo = [u for u in entries if not ((feat_dir / f"{u}.npy").is_file() and (feat_dir / f"{u}.probs.npy").is_file())]
+    mine = shard(todo, ctx)
+    t0 = time.perf_counter()
+    n_windows = 0
+    batch = max(1, config.phase1.batch_size // ctx.world_size) * 2
+    local = replace(ctx, rank=0, world_size=1)  # each process handles whole studies of its own
+    for uid in tqdm(mine, desc="features", unit="study", disable=not (progress and ctx.is_main)):
+        ds = WindowDataset({uid: entries[uid]}, config.preprocess.crop, augment=False)
+        probs, _, feats = predict_windows(model, ds, local, batch_size=batch, workers=0, amp=config.amp, want_features=True)
+        np.save(feat_dir / f"{uid}.npy", feats.astype(np.float32))
+        np.save(feat_dir / f"{uid}.probs.npy", probs.astype(np.float32))
+        n_windows += len(ds)
+    counts = gather(n_windows, ctx)
+    summary = {"studies": len(entries), "extracted": len(todo), "windows": int(sum(counts)),
+               "feature_dim": config.phase1.feature_dim, "phase1_epoch": ck["epoch"],
+               "seconds": round(time.perf_counter() - t0, 2)}
+    if ctx.is_main:
+        (feat_dir / "done.json").write_text(json.dumps(summary, indent=1))
+        log.info("features_extracted", **summary)
+    return summary
