@@ -1,0 +1,324 @@
+"""Trained checkpoints -> a verified model bundle directory for the node.
+
+`write_bundle` exports both graphs (`export.onnx_export`), checks them (onnx.checker, onnxruntime
+vs torch at batch sizes 1 and 8), optionally adds float16 variants, writes `MODEL_CARD.md` and
+`manifest.json` (sha256 of every file, a fresh model UID), then re-loads the result with the
+node's own `dicom_node.bundle.verify_bundle` so nothing is written that the node would refuse.
+The bundle is built in a temporary sibling directory and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from dicom_node.bundle import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    BundleManifest,
+    GraphSpec,
+    VerifyReport,
+    sha256_file,
+    verify_bundle,
+)
+from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL
+from dicom_node.log import get_logger
+from dicom_node.preprocess import PreprocessConfig
+
+__all__ = ["ExportResult", "write_bundle", "load_checkpoint_models", "read_report", "bundle_from_checkpoints",
+           "bundle_from_run", "MODEL_CARD_NAME"]
+
+log = get_logger("export.bundle")
+MODEL_CARD_NAME = "MODEL_CARD.md"
+STAGE1_FILE, STAGE2_FILE = "stage1.onnx", "stage2.onnx"
+STAGE1_FP16_FILE, STAGE2_FP16_FILE = "stage1.fp16.onnx", "stage2.fp16.onnx"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    manifest: BundleManifest
+    verify: VerifyReport
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    import dicom_node
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(), "dicom_node": getattr(dicom_node, "__version__", "0.1.0")}
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "n/a"
+
+
+def _sci(v: Any) -> str:
+    return f"{v:.2e}" if isinstance(v, (int, float)) else "n/a"
+
+
+def _fp16_line(checks: dict) -> str:
+    f = checks.get("fp16")
+    if not f:
+        return ""
+    return (f" Float16 graphs (for GPUs): max abs difference on probabilities stage 1 "
+            f"{_sci(f['stage1']['worst_logit_diff'])}, stage 2 {_sci(f['stage2']['worst_logit_diff'])} "
+            f"(tolerance {_sci(f['stage1']['tolerance'])}).")
+
+
+def _model_card(*, name: str, version: str, model_uid: str, created: str, metrics: dict, thresholds: dict,
+                preprocess: PreprocessConfig, sequence_length: int, feature_dim: int, checks: dict,
+                commands: list[str], source: dict) -> str:
+    auroc = metrics.get("test_auroc") or {}
+    rows = "\n".join(f"| {k} | {_fmt(auroc.get(k))} | {thresholds[k]:.3f} |" for k in (WINDOW_LABEL, *STUDY_LABELS))
+    p1, p2 = checks.get("stage1", {}), checks.get("stage2", {})
+    cmd = "\n".join(commands) if commands else "(not recorded)"
+    return f"""# Model card: {name} {version}
+
+Model UID `{model_uid}`, exported {created}.
+
+## Intended use
+Research and software testing of the PE-detection DICOM node only. **Not a medical device; not
+for diagnosis, triage or any decision about a patient.**{" This model was trained on synthetic phantom data and must never be used on patients." if "synthetic" in str(metrics.get("data", "")).lower() else ""}
+
+## Model
+Two stages after Ma et al. 2022: a 3D ResNet-18 window encoder (`stage1.onnx`, {feature_dim}-d
+features, window logit, CAM heatmap of the last conv block, which equals Grad-CAM for its
+GAP -> linear head) and a sequence model with nine attention heads over {sequence_length} windows
+(`stage2.onnx`). Input: {preprocess.window_slices}-slice windows, {preprocess.crop} x {preprocess.crop} crop of
+{preprocess.resize} x {preprocess.resize}, {preprocess.spacing_mm} mm spacing, HU windows
+{[list(w) for w in preprocess.hu_windows]} (preprocessing version {preprocess.version}).
+
+## Data
+{metrics.get("data") or "Not recorded in the training run."}
+
+## Metrics (test split) and decision thresholds (chosen on validation data)
+| label | test AUROC | threshold |
+|---|---|---|
+{rows}
+
+## Limits
+- Metrics hold only for data like the data above; they say nothing about real patients unless that data was real CTPA.
+- Thresholds were chosen on the run's validation split; labels follow the RSNA-STR consistency rules.
+- Heatmaps are coarse ({preprocess.window_slices}-slice windows, last-block resolution): they show where the
+  window logit comes from, not a segmentation of the clot.
+
+## How it was made
+Source: {json.dumps(source)}
+
+Export checks: onnx.checker passed; onnxruntime (CPU) vs torch, max abs difference on logits at
+batch sizes 1 and 8: stage 1 {_sci(p1.get("worst_logit_diff"))}, stage 2 {_sci(p2.get("worst_logit_diff"))}
+(tolerance {_sci(p1.get("tolerance"))}).{_fp16_line(checks)}
+
+Commands:
+
+```
+{cmd}
+```
+"""
+
+
+def write_bundle(
+    stage1_model,
+    stage2_model,
+    out: str | Path,
+    *,
+    name: str,
+    version: str,
+    preprocess: PreprocessConfig,
+    sequence_length: int,
+    thresholds: dict[str, float] | None = None,
+    metrics: dict[str, Any] | None = None,
+    opset: int = 17,
+    fp16: bool = False,
+    commands: list[str] | None = None,
+    source: dict[str, Any] | None = None,
+    parity_batches: tuple[int, ...] = (1, 8),
+    force: bool = False,
+) -> ExportResult:
+    """Export, check and write a bundle directory at `out` (which must not exist, be empty, or `force`)."""
+    import torch
+    from pydicom.uid import generate_uid
+
+    from export.onnx_export import (
+        FP16_PROB_TOLERANCE,
+        check_parity_stage1,
+        check_parity_stage2,
+        convert_fp16,
+        export_stage1,
+        export_stage2,
+        stage1_specs,
+        stage2_specs,
+    )
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"bundle output {out} exists and is not empty; choose a new --out or pass --force")
+    notes: list[str] = []
+    thresholds = dict(thresholds or {})
+    missing = [k for k in (WINDOW_LABEL, *STUDY_LABELS) if k not in thresholds]
+    if missing:
+        msg = f"no threshold for {', '.join(missing)} in the report; using 0.5 for those"
+        warnings.warn(msg, stacklevel=2)
+        notes.append(msg)
+        thresholds.update({k: 0.5 for k in missing})
+    stage1_model = stage1_model.eval()
+    stage2_model = stage2_model.eval()
+    ws, crop = preprocess.window_slices, preprocess.crop
+    in1, out1 = stage1_specs(stage1_model, ws, crop)
+    feature_dim = int(out1[0].shape[1])
+    in2, out2 = stage2_specs(sequence_length, feature_dim)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be read by the node's user
+    try:
+        with torch.no_grad():
+            g1 = export_stage1(stage1_model, tmp / STAGE1_FILE, window_slices=ws, crop=crop, opset=opset)
+            g2 = export_stage2(stage2_model, tmp / STAGE2_FILE, sequence_length=sequence_length,
+                               feature_dim=feature_dim, opset=opset)
+        checks: dict[str, Any] = {
+            "stage1": check_parity_stage1(g1, tmp / STAGE1_FILE, window_slices=ws, crop=crop,
+                                          batch_sizes=parity_batches).to_json(),
+            "stage2": check_parity_stage2(g2, tmp / STAGE2_FILE, sequence_length=sequence_length,
+                                          feature_dim=feature_dim, batch_sizes=parity_batches).to_json(),
+            "onnx_checker": "passed",
+            "provider": "CPUExecutionProvider",
+        }
+        log.info("export_parity", stage1_max_logit_diff=checks["stage1"]["worst_logit_diff"],
+                 stage2_max_logit_diff=checks["stage2"]["worst_logit_diff"])
+        fp16_specs: dict[str, GraphSpec] = {}
+        if fp16:
+            convert_fp16(tmp / STAGE1_FILE, tmp / STAGE1_FP16_FILE)
+            convert_fp16(tmp / STAGE2_FILE, tmp / STAGE2_FP16_FILE)
+            checks["fp16"] = {
+                "stage1": check_parity_stage1(g1, tmp / STAGE1_FP16_FILE, window_slices=ws, crop=crop,
+                                              batch_sizes=parity_batches, tolerance=FP16_PROB_TOLERANCE,
+                                              probabilities=True).to_json(),
+                "stage2": check_parity_stage2(g2, tmp / STAGE2_FP16_FILE, sequence_length=sequence_length,
+                                              feature_dim=feature_dim, batch_sizes=parity_batches,
+                                              tolerance=FP16_PROB_TOLERANCE, probabilities=True).to_json(),
+                "compared": "probabilities (sigmoid of logits), float16 graph on onnxruntime CPU vs torch fp32",
+            }
+            fp16_specs = {"stage1": GraphSpec(STAGE1_FP16_FILE, in1, out1),
+                          "stage2": GraphSpec(STAGE2_FP16_FILE, in2, out2)}
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        model_uid = generate_uid()
+        metrics = dict(metrics or {})
+        (tmp / MODEL_CARD_NAME).write_text(_model_card(
+            name=name, version=version, model_uid=model_uid, created=created, metrics=metrics,
+            thresholds=thresholds, preprocess=preprocess, sequence_length=sequence_length,
+            feature_dim=feature_dim, checks=checks, commands=list(commands or []), source=source or {}),
+            encoding="utf-8")
+        files = {f: sha256_file(tmp / f) for f in
+                 (STAGE1_FILE, STAGE2_FILE, *(STAGE1_FP16_FILE, STAGE2_FP16_FILE)[: 2 if fp16 else 0], MODEL_CARD_NAME)}
+        manifest = BundleManifest(
+            name=name, version=version, model_uid=model_uid, created=created,
+            window_label=WINDOW_LABEL, study_labels=STUDY_LABELS,
+            thresholds={k: float(thresholds[k]) for k in (WINDOW_LABEL, *STUDY_LABELS)},
+            preprocessing=preprocess, preprocessing_version=preprocess.version,
+            sequence_length=sequence_length, feature_dim=feature_dim, opset=opset,
+            stage1=GraphSpec(STAGE1_FILE, in1, out1), stage2=GraphSpec(STAGE2_FILE, in2, out2),
+            files=files, versions=_versions(), metrics=metrics, fp16=fp16_specs,
+            export_checks={**checks, "warnings": notes, "source": source or {}}, schema_version=SCHEMA_VERSION,
+        )
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
+        verify_bundle(tmp, run_graphs=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report = verify_bundle(out, run_graphs=False)
+    log.info("bundle_written", path=str(out), model_name=name, model_version=version, model_uid=model_uid)
+    return ExportResult(path=out, manifest=report.bundle.manifest, verify=report, warnings=tuple(notes))
+
+
+# --------------------------------------------------------------------------------------------
+# from a training run
+
+
+def load_checkpoint_models(stage1_ckpt: str | Path, stage2_ckpt: str | Path):
+    """Rebuild the phase-1 and phase-2 models from their checkpoints -> (r3d, sequence, TrainConfig, ck1, ck2)."""
+    from training.checkpoint import load_checkpoint
+    from training.config import config_from_dict
+    from training.models import r3d_18, sequence_model
+
+    ck1, ck2 = load_checkpoint(stage1_ckpt), load_checkpoint(stage2_ckpt)
+    for path, ck in ((stage1_ckpt, ck1), (stage2_ckpt, ck2)):
+        if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
+            raise ValueError(f"checkpoint {path}: expected a training checkpoint dict with 'model' and 'config' "
+                             f"(training.checkpoint); got keys {sorted(ck) if isinstance(ck, dict) else type(ck).__name__}")
+    cfg1 = config_from_dict(ck1["config"])
+    cfg2 = config_from_dict(ck2["config"])
+    if cfg1.phase1.width != cfg2.phase1.width or cfg1.preprocess != cfg2.preprocess:
+        raise ValueError(f"checkpoints {stage1_ckpt} and {stage2_ckpt} come from different configurations "
+                         f"(phase1.width {cfg1.phase1.width} vs {cfg2.phase1.width}, preprocess differs: "
+                         f"{cfg1.preprocess != cfg2.preprocess}); export a phase-2 model trained on these features")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no pretrained weights": they come from the checkpoint
+        m1 = r3d_18(num_outputs=1, width=cfg1.phase1.width)
+    m1.load_state_dict(ck1["model"])
+    p2 = cfg2.phase2
+    m2 = sequence_model(kind=p2.kind, in_features=cfg1.phase1.feature_dim, hidden=p2.hidden, levels=p2.levels,
+                        kernel_size=p2.kernel_size, dropout=p2.dropout, causal=p2.causal)
+    m2.load_state_dict(ck2["model"])
+    return m1.eval(), m2.eval(), cfg2, ck1, ck2
+
+
+def read_report(path: str | Path | None) -> tuple[dict[str, float], dict[str, Any], list[str]]:
+    """report.json -> (thresholds, metrics, warnings). No report: 0.5 thresholds and a warning."""
+    if path is None or not Path(path).is_file():
+        msg = (f"no evaluation report at {path}; thresholds default to 0.5 and the bundle has no metrics"
+               if path else "no evaluation report given; thresholds default to 0.5 and the bundle has no metrics")
+        warnings.warn(msg, stacklevel=2)
+        return {}, {}, [msg]
+    report = json.loads(Path(path).read_text(encoding="utf-8"))
+    thresholds = {k: float(v) for k, v in (report.get("thresholds") or {}).items()}
+    test = report.get("test") or {}
+    metrics: dict[str, Any] = {"test_auroc": {k: float(v) for k, v in (test.get("auroc") or {}).items()
+                                              if isinstance(v, (int, float))}}
+    for key in ("data", "dataset", "data_description"):
+        if report.get(key):
+            metrics["data"] = report[key] if isinstance(report[key], str) else json.dumps(report[key])
+            break
+    n = test.get("n_studies") or test.get("studies")
+    if n is not None:
+        metrics["test_studies"] = n
+    metrics["report"] = str(Path(path).name)
+    return thresholds, metrics, []
+
+
+def bundle_from_checkpoints(stage1: str | Path, stage2: str | Path, report: str | Path | None, out: str | Path, *,
+                            name: str, version: str, fp16: bool = False, opset: int = 17, force: bool = False,
+                            commands: list[str] | None = None) -> ExportResult:
+    from training.checkpoint import git_revision
+
+    m1, m2, cfg, ck1, ck2 = load_checkpoint_models(stage1, stage2)
+    thresholds, metrics, _ = read_report(report)
+    source = {"stage1": str(stage1), "stage2": str(stage2), "report": str(report) if report else None,
+              "git_revision": ck2.get("git_revision") or git_revision(),
+              "stage1_best": ck1.get("best"), "stage2_best": ck2.get("best")}
+    return write_bundle(m1, m2, out, name=name, version=version, preprocess=cfg.preprocess,
+                        sequence_length=cfg.phase2.seq_len, thresholds=thresholds, metrics=metrics, opset=opset,
+                        fp16=fp16, commands=commands or [" ".join(sys.argv)], source=source, force=force)
+
+
+def bundle_from_run(run: str | Path, out: str | Path, *, name: str, version: str, **kw) -> ExportResult:
+    run = Path(run)
+    report = run / "report.json"
+    return bundle_from_checkpoints(run / "phase1" / "best.pt", run / "phase2" / "best.pt",
+                                   report if report.is_file() else None, out, name=name, version=version, **kw)
