@@ -13,8 +13,37 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dicom-node",
         description="PE-detection DICOM node (research use only, not a medical device).",
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_render(subparsers)
     return parser
+
+
+def _add_render(subparsers) -> None:
+    p = subparsers.add_parser(
+        "render",
+        help="write PNGs of result images and text renderings of SR/KOS documents",
+        description="Render result objects for a quick look without a viewer: Secondary Capture and other "
+                    "images become <SOPInstanceUID>.png, SR and KOS documents become <SOPInstanceUID>.txt "
+                    "(indented content tree with codes, values and units).",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="DICOM files written by the node (SR, SC, KOS)")
+    p.add_argument("--out", default="rendered", metavar="DIR", help="output folder (default: ./rendered)")
+    p.set_defaults(func=_cmd_render)
+
+
+def _cmd_render(args) -> int:
+    from pathlib import Path
+
+    from dicom_node.render import render_file
+
+    status = 0
+    for f in args.files:
+        try:
+            print(render_file(Path(f), Path(args.out)))
+        except (OSError, ValueError) as exc:
+            print(f"render: {f}: {exc}", file=sys.stderr)
+            status = 1
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
