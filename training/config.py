@@ -175,7 +175,10 @@ def _merge(obj: Any, overrides: dict[str, Any], owner: str) -> Any:
             changes[key] = _merge(current, value, f"{owner}.{key}" if owner else key)
         else:
             changes[key] = _coerce(owner or "config", key, hints[key], value)
-    return replace(obj, **changes)
+    try:
+        return replace(obj, **changes)
+    except (TypeError, ValueError) as exc:  # the dataclass's own validation (e.g. PreprocessConfig)
+        raise ConfigError(f"config {owner or 'settings'}: {exc}") from exc
 
 
 def _positive(where: str, value: float) -> None:
@@ -191,7 +194,7 @@ def validate(config: TrainConfig) -> TrainConfig:
                      ("phase2.kernel_size", p2.kernel_size), ("phase2.hidden", p2.hidden), ("phase2.lr", p2.lr),
                      ("phase2.lr_decay", p2.lr_decay), ("phase2.lr_decay_every", p2.lr_decay_every),
                      ("phase2.batch_size", p2.batch_size), ("phase2.epochs", p2.epochs),
-                     ("preprocess.resize", pp.resize), ("preprocess.crop", pp.crop),
+                     ("preprocess.resize", pp.resize), ("preprocess.crop", pp.crop if pp.crop is not None else 1),
                      ("preprocess.window_slices", pp.window_slices)):
         _positive(where, v)
     if not 0.0 <= p1.rotation_deg <= 180.0:
@@ -203,7 +206,7 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"config phase2.kernel_size: non-causal TCN needs an odd kernel, got {p2.kernel_size}; use 3 or set causal = true")
     if p2.kind == "gru" and p2.hidden % 2:
         raise ConfigError(f"config phase2.hidden: the bidirectional GRU needs an even hidden size, got {p2.hidden}")
-    if pp.crop > pp.resize:
+    if pp.crop is not None and pp.crop > pp.resize:
         raise ConfigError(f"config preprocess.crop: crop {pp.crop} is larger than resize {pp.resize}; crop must be <= resize")
     if len(config.split) != 3 or any(s < 0 for s in config.split) or config.split[0] <= 0 or sum(config.split) <= 0:
         raise ConfigError(f"config split: expected three non-negative proportions (train, validation, test) with train > 0, got {config.split!r}")

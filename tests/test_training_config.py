@@ -1,0 +1,69 @@
+"""Training presets and config files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from training.config import PRESETS, ConfigError, config_from_dict, config_to_dict, load_config
+
+
+def test_paper_preset_holds_the_published_settings():
+    c = load_config("paper")
+    assert (c.phase1.width, c.phase1.lr, c.phase1.batch_size, c.phase1.epochs, c.phase1.rotation_deg) == (64, 4e-4, 16, 20, 15.0)
+    assert c.phase1.feature_dim == 512
+    assert (c.preprocess.resize, c.preprocess.crop, c.preprocess.window_slices) == (224, 192, 10)
+    p2 = c.phase2
+    assert (p2.kind, p2.seq_len, p2.levels, p2.kernel_size, p2.hidden, p2.dropout) == ("tcn", 40, 2, 3, 128, 0.2)
+    assert (p2.lr, p2.lr_decay, p2.lr_decay_every, p2.batch_size, p2.epochs) == (5e-4, 0.9, 20, 64, 200)
+    assert c.split == pytest.approx((5292 / 7292, 1000 / 7292, 1000 / 7292))
+
+
+def test_tiny_preset_is_small():
+    c = load_config("tiny")
+    assert c.phase1.width == 16 and c.phase1.feature_dim == 128
+    assert (c.preprocess.resize, c.preprocess.crop) == (64, 56)
+    assert c.phase1.epochs < 20 and c.phase2.epochs < 200 and c.device == "cpu"
+
+
+def test_toml_and_json_overrides(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('seed = 7\nsplit = [8, 1, 1]\n[phase1]\nepochs = 2\n[phase2]\nkind = "gru"\n'
+                    '[preprocess]\nhu_windows = [[-600, 1500], [100, 700]]\n')
+    c = load_config("tiny", toml)
+    assert (c.seed, c.phase1.epochs, c.phase2.kind, c.phase1.width) == (7, 2, "gru", 16)
+    assert c.split == pytest.approx((0.8, 0.1, 0.1))
+    assert c.preprocess.hu_windows == ((-600.0, 1500.0), (100.0, 700.0))
+    js = tmp_path / "run.json"
+    js.write_text(json.dumps({"phase2": {"hidden": 32}}))
+    assert load_config("paper", js).phase2.hidden == 32
+    # round trip through the checkpoint dict
+    assert config_from_dict(config_to_dict(c)) == c
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"phase1": {"lr": "fast"}}, r"config phase1\.lr: expected a number, got 'fast'"),
+    ({"phase2": {"kind": "lstm"}}, r"config phase2\.kind: 'lstm' is not one of 'tcn', 'gru'"),
+    ({"phase1": {"epoch": 3}}, r"config phase1: unknown setting 'epoch'; valid settings: .*epochs"),
+    ({"preprocess": {"crop": 300}}, r"config preprocess.*crop.?300.*resize.{1,2}64"),
+    ({"phase2": {"dropout": 1.5}}, r"config phase2\.dropout: must be in \[0, 1\), got 1\.5"),
+    ({"phase1": {"batch_size": 0}}, r"config phase1\.batch_size: must be > 0, got 0"),
+    ({"device": "tpu"}, r"config device: 'tpu' is not 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+])
+def test_invalid_settings_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides=overrides)
+
+
+def test_unknown_preset_and_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="preset 'huge': unknown; choose one of paper, tiny"):
+        load_config("huge")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[phase1\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: cannot parse"):
+        load_config("paper", bad)
+    with pytest.raises(ConfigError, match="unknown format '.yaml'"):
+        (tmp_path / "x.yaml").write_text("a: 1")
+        load_config("paper", tmp_path / "x.yaml")
+    assert set(PRESETS) == {"paper", "tiny"}
