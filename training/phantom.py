@@ -21,12 +21,13 @@ from __future__ import annotations
 import csv
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicom_node.labels import CSV_COLUMNS, QA_COLUMNS, STUDY_LABELS
 from training.phantom_anatomy import Canvas, Tissue, build_anatomy, paint_emboli, paint_mimic, place_emboli
@@ -126,7 +127,12 @@ class PhantomStudy:
 
 
 def _uid(seed: int, *parts) -> str:
-    return generate_uid(prefix=None, entropy_srcs=[_UID_TAG, str(seed), *map(str, parts)])
+    """Deterministic UID under the 2.25 root: a name-based (SHA-1, version 5) UUID of the seed and parts.
+
+    (pydicom's `generate_uid(prefix=None)` ignores `entropy_srcs` and would be random.)
+    """
+    name = "/".join([_UID_TAG, str(seed), *map(str, parts)])
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
 
 
 def study_seed(dataset_seed: int, index: int) -> int:
