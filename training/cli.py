@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_phantom(subparsers)
+    _add_fit(subparsers)
+    _add_steps(subparsers)
     return parser
 
 
@@ -71,6 +73,112 @@ def _run_phantom(args) -> int:
     info = dict(item.split("=", 1) for item in summary)
     print(f"phantom: {info['studies']} studies, {info['positives']} positive, {info['files']} files "
           f"in {time.perf_counter() - t0:.1f} s -> {out}")
+    return 0
+
+
+_FLOW = (
+    "The flow: cache (DICOM -> preprocessed uint8 windows, once) -> phase1 (3D ResNet-18 on 10-slice "
+    "windows, best validation AUROC kept) -> features (best phase-1 model -> per-window features) -> "
+    "phase2 (TCN/GRU + attention on sequences of 40, best validation loss kept) -> evaluate "
+    "(RUN/report.json, report.md, ROC plots). `fit` runs them all and skips finished steps; each step "
+    "is also its own subcommand on the same --out. Multi-GPU / multi-node: "
+    "torchrun --nproc_per_node=G -m training.cli fit|phase1|... (DDP; rank 0 writes)."
+)
+
+
+def _add_run_args(p, *, data_required: bool) -> None:
+    p.add_argument("--data", required=data_required, default=None,
+                   help="RSNA-layout data directory: DATA/train.csv + DATA/train/<study>/<series>/<sop>.dcm")
+    p.add_argument("--out", required=True, help="run directory RUN (config.json, split.json, cache/, phase1/, features/, phase2/, report.json)")
+    p.add_argument("--preset", choices=("paper", "tiny"), default=None,
+                   help="settings: 'paper' = Ma et al. 2022 (224/192 px, batch 16, 20 + 200 epochs); 'tiny' = narrow "
+                        "network on 64/56 px for CPU. Default: the run's stored config.json, else 'paper'")
+    p.add_argument("--config", default=None, help="TOML/JSON file overriding preset settings, e.g. [phase1] epochs = 2")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the config's)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers and cache processes (default: the config's)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars (log events only)")
+    p.add_argument("--log-json", action="store_true", help="log events as JSON lines")
+
+
+def _add_fit(subparsers) -> None:
+    p = subparsers.add_parser(
+        "fit", help="run the whole training: cache -> phase1 -> features -> phase2 -> evaluate",
+        description="Train the two-phase PE model end to end on RSNA-layout data. " + _FLOW,
+        epilog=("examples:\n"
+                "  dicom-node-train phantom --out P --studies 40 --rows 128 --cols 128 --slices 140 --slice-thickness 2.5\n"
+                "  dicom-node-train fit --data P --out R --preset tiny\n"
+                "  dicom-node-train fit --data P --out R --resume      # after an interruption\n"
+                "  torchrun --nproc_per_node=4 -m training.cli fit --data D --out R --preset paper --device cuda"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_args(p, data_required=True)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out: skip finished steps, continue a phase from its last.pt "
+                        "(without it, an --out that already holds a run is refused)")
+    p.set_defaults(func=_run_fit)
+
+
+_STEP_HELP = {
+    "cache": "split the studies (RUN/split.json) and preprocess every study once into RUN/cache",
+    "phase1": "train the 3D ResNet-18 window classifier (resumes from RUN/phase1/last.pt)",
+    "features": "best phase-1 model -> RUN/features/<study>.npy (N, F) + <study>.probs.npy",
+    "phase2": "train the sequence model on the features (resumes from RUN/phase2/last.pt)",
+    "evaluate": "best phase-2 model on validation + test -> RUN/report.json, report.md, ROC plots",
+}
+
+
+def _add_steps(subparsers) -> None:
+    for step, help_text in _STEP_HELP.items():
+        p = subparsers.add_parser(step, help=help_text, description=help_text + ". " + _FLOW)
+        _add_run_args(p, data_required=step == "cache")
+        p.set_defaults(func=_run_step, step=step)
+
+
+def _start(args, *, new_run: bool):
+    from dicom_node.log import configure_logging
+    from training.distributed import setup
+    from training.fit import resolve_config
+
+    configure_logging(json=args.log_json)
+    config = resolve_config(args.out, args.preset, args.config, device=args.device, workers=args.workers, new_run=new_run)
+    return config, setup(config.device)
+
+
+def _run_fit(args) -> int:
+    from training.config import ConfigError
+    from training.distributed import teardown
+    from training.fit import RunError, fit
+
+    try:
+        config, ctx = _start(args, new_run=not args.resume)
+    except (ConfigError, RunError) as exc:
+        print(f"dicom-node-train fit: {exc}", file=sys.stderr)
+        return 2
+    try:
+        fit(args.data, args.out, config, progress=not args.no_progress, ctx=ctx)
+    finally:
+        teardown(ctx)
+    if ctx.is_main:
+        print(f"fit: done -> {args.out}/report.json")
+    return 0
+
+
+def _run_step(args) -> int:
+    from training.config import ConfigError
+    from training.distributed import teardown
+    from training.fit import RunError, run_step
+
+    try:
+        config, ctx = _start(args, new_run=False)
+    except (ConfigError, RunError) as exc:
+        print(f"dicom-node-train {args.step}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run_step(args.step, config, args.data, args.out, ctx, progress=not args.no_progress)
+    except (FileNotFoundError, RunError, ValueError) as exc:
+        print(f"dicom-node-train {args.step}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        teardown(ctx)
     return 0
 
 

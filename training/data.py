@@ -282,7 +282,7 @@ def load_cache_index(run_dir, study_uids=None) -> dict[str, CacheEntry]:
     metas = sorted(cache.glob("*.json"))
     out: dict[str, CacheEntry] = {}
     for p in metas:
-        if p.name == "failed.json":
+        if p.name in ("failed.json", "done.json"):
             continue
         m = json.loads(p.read_text())
         out[m["study_uid"]] = CacheEntry(
