@@ -15,7 +15,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_render(subparsers)
+    _add_node(subparsers)
     return parser
+
+
+def _add_node(subparsers) -> None:
+    """serve, echo, send, status, resend, complete, config (dicom_node.node_commands)."""
+    from dicom_node.node_commands import add_node_commands
+
+    add_node_commands(subparsers)
 
 
 def _add_render(subparsers) -> None:

@@ -419,20 +419,22 @@ class State:
 
         Returns the finished job and the id of the re-run job (or None)."""
         job = self.transition(job_id, to, error=error, stage="finished")
-        rerun_id = None
+        return job, self.start_rerun_if_requested(job)
+
+    def start_rerun_if_requested(self, job: JobRow) -> int | None:
+        """For a finished job: queue its one requested re-run (revision+1), else mark the series done."""
         with self._tx() as c:
-            if c.execute("UPDATE jobs SET rerun_requested=0 WHERE id=? AND rerun_requested=1", (job_id,)).rowcount:
+            if c.execute("UPDATE jobs SET rerun_requested=0 WHERE id=? AND rerun_requested=1", (job.id,)).rowcount:
                 r = c.execute("SELECT * FROM series WHERE series_uid=?", (job.series_uid,)).fetchone()
                 cur = c.execute("INSERT INTO jobs(series_uid, study_uid, state, priority, revision, predecessor_result_uids, times)"
                                 " VALUES (?,?,?,?,?,?,?)", (job.series_uid, job.study_uid, JobState.QUEUED.value, job.priority,
                                                             job.revision + 1, json.dumps(list(job.result_uids)),
                                                             json.dumps({"queued": time.time(), "received": r["last_instance_at"],
                                                                         "complete": r["completed_at"]})))
-                rerun_id = int(cur.lastrowid)
-            else:
-                c.execute("UPDATE series SET state=? WHERE series_uid=? AND state=?",
-                          (SeriesState.DONE.value, job.series_uid, SeriesState.SELECTED.value))
-        return job, rerun_id
+                return int(cur.lastrowid)
+            c.execute("UPDATE series SET state=? WHERE series_uid=? AND state=?",
+                      (SeriesState.DONE.value, job.series_uid, SeriesState.SELECTED.value))
+            return None
 
     def delete_instances(self, series_uid: str) -> int:
         with self._tx() as c:
