@@ -21,6 +21,7 @@ from typing import Callable
 
 from pydicom import uid as U
 from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification as VerificationSOPClass
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from .config import Config
@@ -105,7 +106,7 @@ class Receiver:
         ae.dimse_timeout = c.timeouts.dimse_s
         ae.network_timeout = c.timeouts.network_s
         ae.require_called_aet = c.require_called_aet
-        ae.add_supported_context(U.Verification)
+        ae.add_supported_context(VerificationSOPClass)
         for sop in CT_STORAGE_CLASSES:
             ae.add_supported_context(sop, list(ACCEPTED_TRANSFER_SYNTAXES))
         if c.accept_other_storage == "ignore":

@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 import pydicom
 from pydicom import uid as U
 from pynetdicom import AE
+from pynetdicom.sop_class import Verification as VerificationSOPClass
 
 from .config import Config, Destination, parse_destination
 from .log import get_logger
@@ -112,7 +113,7 @@ def send_files(paths: Iterable[Path], dest: Destination, *, calling_aet: str = "
 def echo(dest: Destination, *, calling_aet: str = "ECHOSCU", config: Config | None = None) -> int:
     """C-ECHO `dest`; return the status (raises SendError when no association)."""
     ae = _client_ae(config, calling_aet)
-    ae.add_requested_context(U.Verification)
+    ae.add_requested_context(VerificationSOPClass)
     tls_args = (client_ssl_context(config), "") if dest.tls and config else None
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     if not assoc.is_established:

@@ -161,8 +161,7 @@ class State:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._tx() as c:
-            c.executescript(_SCHEMA)
+        self._conn().executescript(_SCHEMA)
 
     # --- connection -------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
