@@ -1,0 +1,99 @@
+"""One job: load -> preprocess -> infer -> explain/report -> results to deliver.
+
+`run_job(ctx)` is the product's job body for `dicom_node.worker.Worker`: it loads the spooled
+series into a `CtSeries`, preprocesses it with the bundle's own preprocessing parameters, runs the
+two ONNX stages through a `Predictor` (cached per bundle and provider settings, so the graphs are
+loaded and warmed up once per process), and builds the SR, heatmap Secondary Captures, summary SC
+and optional KOS with deterministic UIDs. Delivery, retries and durability are the worker's and
+the sender's business.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from .bundle import default_bundle_path, load_bundle
+from .inference import Predictor
+from .log import get_logger
+from .preprocess import preprocess
+from .report import previous_sr_reference, result_uid
+from .results import ResultOptions, ResultSet, build_results
+from .series import load_series
+from .worker import JobContext, JobResult
+
+__all__ = ["run_job", "analyse_series", "get_predictor", "bundle_dir"]
+
+log = get_logger("dicom_node.pipeline")
+_predictors: dict[tuple, Predictor] = {}
+_lock = threading.Lock()
+
+
+def bundle_dir(configured: str) -> Path:
+    """The configured bundle directory, or the bundled demo model when none is configured."""
+    return Path(configured).expanduser() if configured else default_bundle_path()
+
+
+def get_predictor(bundle: str = "", providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
+                  require_gpu: bool = False) -> Predictor:
+    """One verified, warmed-up Predictor per (bundle, providers, require_gpu) in this process."""
+    path = bundle_dir(bundle).resolve()
+    key = (str(path), tuple(providers), bool(require_gpu))
+    with _lock:
+        if key not in _predictors:
+            _predictors[key] = Predictor(load_bundle(path), providers=providers, require_gpu=require_gpu)
+        return _predictors[key]
+
+
+def _options(ctx: JobContext) -> ResultOptions:
+    r = ctx.config.results
+    return ResultOptions(
+        key_slices=r.top_k_heatmaps,
+        revision=ctx.revision,
+        sr_series_number=r.series_number,
+        sr_series_description=r.series_description,
+        sc_series_number=r.series_number + 1,
+        sc_series_description=f"{r.series_description} - heatmaps",
+        kos=r.send_kos,
+        kos_series_number=r.series_number + 2,
+        kos_series_description=f"{r.series_description} - key images",
+    )
+
+
+def analyse_series(paths, predictor: Predictor, options: ResultOptions = ResultOptions(),
+                   *, predecessor_sr_uid: str | None = None, mark=lambda stage: None) -> ResultSet:
+    """Library entry point: spooled files of one series -> `ResultSet` (SR first)."""
+    series = load_series(list(paths))
+    m = predictor.manifest
+    windows = preprocess(series, m.preprocessing)
+    mark("preprocessed")
+    prediction = predictor.predict(windows)
+    mark("inferred")
+    predecessor = None
+    if predecessor_sr_uid and options.revision > 0:
+        prev_series = result_uid("sr-series", series.series_instance_uid, m.model_uid, options.revision - 1)
+        predecessor = previous_sr_reference(series.study_instance_uid, prev_series, predecessor_sr_uid)
+    return build_results(series, windows, prediction, m, options, predecessor=predecessor)
+
+
+def run_job(ctx: JobContext) -> JobResult:
+    """The worker's job body (see module docstring)."""
+    t0 = time.perf_counter()
+    inf = ctx.config.inference
+    predictor = get_predictor(ctx.bundle or inf.bundle, inf.providers, inf.require_gpu)
+    timings: dict[str, float] = {}
+
+    def mark(stage: str) -> None:
+        timings[stage] = time.perf_counter() - t0
+        ctx.mark(stage)
+
+    predecessor = ctx.predecessor_result_uids[0] if ctx.revision > 1 and ctx.predecessor_result_uids else None
+    results = analyse_series(ctx.instance_paths, predictor, _options(ctx), predecessor_sr_uid=predecessor, mark=mark)
+    inference_s = timings.get("inferred", 0.0) - timings.get("preprocessed", 0.0)
+    log.info("results_built", job_id=ctx.job_id, series_uid=ctx.series_uid, revision=ctx.revision,
+             objects=len(results.datasets()), provider=predictor.execution_provider,
+             preprocess_s=round(timings.get("preprocessed", 0.0), 3), inference_s=round(inference_s, 3),
+             total_s=round(time.perf_counter() - t0, 3))
+    return JobResult(datasets=tuple(results.datasets()), result_uids=results.sop_instance_uids,
+                     inference_s=inference_s)
