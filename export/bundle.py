@@ -35,7 +35,7 @@ from dicom_node.log import get_logger
 from dicom_node.preprocess import PreprocessConfig
 
 __all__ = ["ExportResult", "write_bundle", "load_checkpoint_models", "read_report", "bundle_from_checkpoints",
-           "bundle_from_run", "MODEL_CARD_NAME"]
+           "bundle_from_run", "describe_data", "MODEL_CARD_NAME"]
 
 log = get_logger("export.bundle")
 MODEL_CARD_NAME = "MODEL_CARD.md"
@@ -91,8 +91,8 @@ def _model_card(*, name: str, version: str, model_uid: str, created: str, metric
 Model UID `{model_uid}`, exported {created}.
 
 ## Intended use
-Research and software testing of the PE-detection DICOM node only. **Not a medical device; not
-for diagnosis, triage or any decision about a patient.**{" This model was trained on synthetic phantom data and must never be used on patients." if "synthetic" in str(metrics.get("data", "")).lower() else ""}
+Research and software testing of the PE-detection DICOM node only.
+**Not a medical device; not for diagnosis, triage or any decision about a patient.**{" This model was trained on synthetic phantom data and must never be used on patients." if "synthetic" in str(metrics.get("data", "")).lower() else ""}
 
 ## Model
 Two stages after Ma et al. 2022: a 3D ResNet-18 window encoder (`stage1.onnx`, {feature_dim}-d
@@ -302,23 +302,48 @@ def read_report(path: str | Path | None) -> tuple[dict[str, float], dict[str, An
     return thresholds, metrics, []
 
 
+def describe_data(run: str | Path | None, metrics: dict[str, Any], description: str | None) -> str:
+    """What the metrics come from: the given description, else the report's, else the run's split sizes."""
+    parts = []
+    if description:
+        parts.append(description)
+    elif metrics.get("data"):
+        parts.append(str(metrics["data"]))
+    else:
+        parts.append("data source not recorded in the run (pass --data-description)")
+    split = Path(run) / "split.json" if run else None
+    if split is not None and split.is_file():
+        s = json.loads(split.read_text(encoding="utf-8"))
+        n = {k: len(s.get(k, [])) for k in ("train", "validation", "test")}
+        parts.append(f"{sum(n.values())} studies: {n['train']} train / {n['validation']} validation / {n['test']} test")
+    elif metrics.get("test_studies"):
+        parts.append(f"{metrics['test_studies']} test studies")
+    return "; ".join(parts)
+
+
 def bundle_from_checkpoints(stage1: str | Path, stage2: str | Path, report: str | Path | None, out: str | Path, *,
                             name: str, version: str, fp16: bool = False, opset: int = 17, force: bool = False,
-                            commands: list[str] | None = None) -> ExportResult:
+                            commands: list[str] | None = None, data_description: str | None = None,
+                            run: str | Path | None = None) -> ExportResult:
     from training.checkpoint import git_revision
 
     m1, m2, cfg, ck1, ck2 = load_checkpoint_models(stage1, stage2)
     thresholds, metrics, _ = read_report(report)
-    source = {"stage1": str(stage1), "stage2": str(stage2), "report": str(report) if report else None,
+    metrics["data"] = describe_data(run, metrics, data_description)
+    source = {"run": str(run) if run else None, "stage1": str(stage1), "stage2": str(stage2),
+              "report": str(report) if report else None,
               "git_revision": ck2.get("git_revision") or git_revision(),
               "stage1_best": ck1.get("best"), "stage2_best": ck2.get("best")}
     return write_bundle(m1, m2, out, name=name, version=version, preprocess=cfg.preprocess,
                         sequence_length=cfg.phase2.seq_len, thresholds=thresholds, metrics=metrics, opset=opset,
-                        fp16=fp16, commands=commands or [" ".join(sys.argv)], source=source, force=force)
+                        fp16=fp16, commands=commands or ["dicom-node-export " + " ".join(sys.argv[1:])],
+                        source=source, force=force)
 
 
 def bundle_from_run(run: str | Path, out: str | Path, *, name: str, version: str, **kw) -> ExportResult:
+    """`RUN/phase1/best.pt`, `RUN/phase2/best.pt` and `RUN/report.json` (if present) -> bundle at `out`."""
     run = Path(run)
     report = run / "report.json"
     return bundle_from_checkpoints(run / "phase1" / "best.pt", run / "phase2" / "best.pt",
-                                   report if report.is_file() else None, out, name=name, version=version, **kw)
+                                   report if report.is_file() else None, out, name=name, version=version,
+                                   run=run, **kw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -13,13 +14,108 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dicom-node-export",
         description="Export trained weights to a verified ONNX model bundle for the node, and verify bundles.",
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_bundle(sub)
+    _add_verify(sub)
     return parser
+
+
+def _add_bundle(sub) -> None:
+    p = sub.add_parser(
+        "bundle",
+        help="export a trained run (or two checkpoints) to a verified ONNX model bundle",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""Export the phase-1 and phase-2 models of a training run to a model bundle the node loads:
+stage1.onnx (windows -> features, window logit, CAM/Grad-CAM heatmap), stage2.onnx (feature
+sequence + mask -> window logits, nine study logits, attention), manifest.json (labels,
+thresholds from the evaluation report, preprocessing, shapes, versions, sha256 of every file,
+a new model UID) and MODEL_CARD.md. Checks: onnx.checker, onnxruntime vs torch at batch sizes
+1 and 8 (max abs difference on logits <= 1e-4), then the node's own verification.
+
+examples:
+  dicom-node-export bundle --run runs/tiny --out bundles/tiny --name pe-tiny --version 1.0.0
+  dicom-node-export bundle --stage1 RUN/phase1/best.pt --stage2 RUN/phase2/best.pt \\
+      --report RUN/report.json --out bundles/x --name pe --version 2.0.0 --fp16""",
+    )
+    src = p.add_argument_group("source (either --run, or --stage1 and --stage2)")
+    src.add_argument("--run", type=Path, help="training run directory (RUN/phase1/best.pt, RUN/phase2/best.pt, RUN/report.json)")
+    src.add_argument("--stage1", type=Path, help="phase-1 checkpoint (.pt) when not using --run")
+    src.add_argument("--stage2", type=Path, help="phase-2 checkpoint (.pt) when not using --run")
+    src.add_argument("--report", type=Path, help="evaluation report.json with thresholds.<label> and test.auroc.<label> "
+                                                 "(without one, thresholds are 0.5 and a warning is printed)")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to create (must not exist or be empty)")
+    p.add_argument("--name", required=True, help="bundle name shown in results and logs, e.g. pe-r3d18-tcn")
+    p.add_argument("--version", required=True, help="bundle version, e.g. 1.0.0")
+    p.add_argument("--data-description", help="what the metrics come from, e.g. 'synthetic phantoms (training.phantom)'")
+    p.add_argument("--fp16", action="store_true", help="also write float16 graphs (stage1.fp16.onnx, stage2.fp16.onnx) "
+                                                       "for GPUs; checked at 1e-2 on probabilities")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+    p.set_defaults(func=_cmd_bundle)
+
+
+def _cmd_bundle(args) -> int:
+    from export.bundle import bundle_from_checkpoints, bundle_from_run
+
+    if args.run is None and (args.stage1 is None or args.stage2 is None):
+        print("dicom-node-export bundle: give --run RUN, or both --stage1 CKPT and --stage2 CKPT", file=sys.stderr)
+        return 2
+    if args.run is not None and (args.stage1 or args.stage2):
+        print("dicom-node-export bundle: give either --run or --stage1/--stage2, not both", file=sys.stderr)
+        return 2
+    command = "dicom-node-export " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    kw = dict(name=args.name, version=args.version, fp16=args.fp16, opset=args.opset, force=args.force,
+              commands=[command], data_description=args.data_description)
+    try:
+        if args.run is not None:
+            result = bundle_from_run(args.run, args.out, **kw)
+        else:
+            result = bundle_from_checkpoints(args.stage1, args.stage2, args.report, args.out, **kw)
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
+        print(f"dicom-node-export bundle: {exc}", file=sys.stderr)
+        return 1
+    checks = result.manifest.export_checks
+    print(f"wrote {result.path}: {result.manifest.name} {result.manifest.version}, model UID {result.manifest.model_uid}")
+    print(f"  parity onnxruntime vs torch (max abs diff on logits, batch 1 and 8): "
+          f"stage1 {checks['stage1']['worst_logit_diff']:.2e}, stage2 {checks['stage2']['worst_logit_diff']:.2e}")
+    if "fp16" in checks:
+        print(f"  float16 (max abs diff on probabilities): stage1 {checks['fp16']['stage1']['worst_logit_diff']:.2e}, "
+              f"stage2 {checks['fp16']['stage2']['worst_logit_diff']:.2e}")
+    for w in result.warnings:
+        print(f"  warning: {w}")
+    return 0
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="check a bundle as the node does, and run both graphs on random input",
+        description="Re-check the sha256 of every file listed in manifest.json, the manifest schema, the opset and "
+                    "the preprocessing version against this node, then run stage1/stage2 (and float16 variants) "
+                    "with onnxruntime on random input of the declared shapes and check the output shapes. "
+                    "Exit code 0 when the bundle is good, 1 with the file/key and reason otherwise.",
+    )
+    p.add_argument("bundle", type=Path, metavar="DIR", help="bundle directory (with manifest.json)")
+    p.add_argument("--no-run", action="store_true", help="skip running the graphs (hashes, schema, opset only)")
+    p.set_defaults(func=_cmd_verify)
+
+
+def _cmd_verify(args) -> int:
+    from export.verify import BundleError, verify
+
+    try:
+        report = verify(args.bundle, run_graphs=not args.no_run)
+    except BundleError as exc:
+        print(f"verify failed: {exc}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
