@@ -134,10 +134,11 @@ class Canvas:
             np.maximum(occ[local], o, out=occ[local])
         return box, occ
 
-    def blend(self, box, occ: np.ndarray, value, code: int) -> None:
+    def blend(self, box, occ: np.ndarray, value, code: int, core: float = 0.5) -> None:
+        """Mix `value` in by occupancy; voxels at least `core` occupied get the tissue `code`."""
         h = self.hu[box]
         h += (np.asarray(value, dtype=np.float32) - h) * occ
-        self.tissue[box][occ >= 0.5] = code
+        self.tissue[box][occ >= core] = code
 
     def tube(self, points, radii, value, code: int):
         box, occ = self.tube_occupancy(points, radii)
@@ -444,13 +445,14 @@ def paint_emboli(cv: Canvas, vessels: list[Vessel], emboli: list[Embolus], rng) 
         m = occ >= 0.5
         if not m.any():
             continue
-        cv.blend(box, occ, e.hu, Tissue.EMBOLUS)
+        # tissue EMBOLUS marks the core (>= 95 % occupied); the label mask is every voxel >= 50 %
+        cv.blend(box, occ, e.hu, Tissue.EMBOLUS, core=0.95)
         if e.calcified:
             k = int(rng.integers(len(e.points)))
             c = e.points[k]
             cb, cocc = cv.tube_occupancy(np.stack([c, c + 0.5]), np.full(2, max(0.8, 0.35 * float(e.radii[k]))), box=box)
             cocc = np.minimum(cocc, occ)
-            cv.blend(cb, cocc, rng.uniform(400, 700), Tissue.CALCIFICATION)
+            cv.blend(cb, cocc, rng.uniform(400, 700), Tissue.CALCIFICATION, core=0.8)
         mask[box] |= m
         shown.append(e)
     return mask, shown

@@ -88,7 +88,7 @@ def _compress_with_tool(ds: Dataset, syntax: UID, path: Path) -> Path:
 def _write_compressed_ds(ds: Dataset, syntax: UID, path: Path) -> Path:
     if syntax != JPEGLosslessSV1:
         try:
-            ds.compress(syntax)
+            ds.compress(syntax, generate_instance_uid=False)
             return _save(ds, path)
         except (RuntimeError, NotImplementedError, ValueError):
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
