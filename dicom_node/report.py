@@ -53,13 +53,13 @@ a Predecessor Documents Sequence pointing at the previous SR.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
 
 from dicom_node import RESEARCH_USE_STATEMENT, __version__
 from dicom_node.labels import ALL_LABELS, WINDOW_LABEL, consistency_violations
@@ -151,11 +151,14 @@ class BundleInfo:
 
 
 def result_uid(kind: str, source_series_uid: str, model_uid: str, revision: int = 0, *parts: object) -> str:
-    """Deterministic UID (2.25 root) for one result object: same inputs -> same UID."""
-    return generate_uid(prefix=None, entropy_srcs=[
-        "dicom-node-pe-results", str(kind), str(source_series_uid), str(model_uid), str(int(revision)),
-        *(str(p) for p in parts),
-    ])
+    """Deterministic UID (2.25 root) for one result object: same inputs -> same UID.
+
+    The UUID-derived 2.25 form holds the first 128 bits of SHA-256 over the parts (pydicom's
+    `generate_uid(prefix=None)` ignores `entropy_srcs` and would be random).
+    """
+    text = "\x1f".join(["dicom-node-pe-results", str(kind), str(source_series_uid), str(model_uid),
+                        str(int(revision)), *(str(p) for p in parts)])
+    return "2.25." + str(int.from_bytes(hashlib.sha256(text.encode()).digest()[:16], "big"))
 
 
 def previous_sr_reference(study_uid: str, series_uid: str, sop_uid: str,
