@@ -66,6 +66,8 @@ class PreprocessConfig:
     segmentation_spacing_mm: float = 4.0
     #: less lung than this (mL) means "no lungs": not a chest CT
     min_lung_volume_ml: float = 50.0
+    #: gaps up to about this size (mm) in the body wall are closed before the outside air is removed
+    body_closing_mm: float = 12.0
     #: margin added around the lung box on every side (mm)
     box_margin_mm: float = 5.0
     #: slices whose lung area is below this fraction of the largest one (trachea, tips) do not extend the box in z
@@ -229,13 +231,18 @@ def find_lung_box(series, config: PreprocessConfig = PreprocessConfig()) -> tupl
     air = low < config.lung_threshold_hu
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[1] = ndimage.generate_binary_structure(2, 1)
-    labels, n = ndimage.label(air, structure=in_plane)
-    border = np.unique(np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
-    outside = np.zeros(n + 1, dtype=bool)
-    outside[border] = True
-    outside[0] = True
-    inside = ~outside[labels]
-    del labels
+    # Lung candidates are air enclosed by tissue in all four in-plane directions (left, right,
+    # up, down along the row and column through the voxel). Unlike "air not connected to the
+    # border", this does not leak the whole lung out through a break in a thin or noisy body
+    # wall; it only loses the rows and columns through the break. Thin breaks are closed first.
+    low_px = min(strides[1] * spacing[1], strides[2] * spacing[2])
+    iterations = max(1, int(math.ceil(config.body_closing_mm / low_px / 2)))
+    tissue = ndimage.binary_closing(~air, structure=in_plane, iterations=iterations, border_value=0)
+    inside = air.copy()
+    for axis in (1, 2):
+        inside &= np.logical_or.accumulate(tissue, axis=axis)
+        inside &= np.flip(np.logical_or.accumulate(np.flip(tissue, axis=axis), axis=axis), axis=axis)
+    del tissue
     comps, n_comps = ndimage.label(inside)
     voxel_ml = float(np.prod([st * sp for st, sp in zip(strides, spacing)])) / 1000.0
     sizes = np.bincount(comps.ravel(), minlength=n_comps + 1)[1:]

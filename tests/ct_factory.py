@@ -1,7 +1,9 @@
-"""Small hand-made CT series for the loader's edge cases (the realistic studies come from
-`training.phantom`). A simple chest: air, an elliptic body, two ellipsoid lungs, a bright vessel."""
+"""Test data: small `training.phantom` studies, and DICOM datasets built from any HU array with any
+geometry (slope, orientation, spacing) for the loader's edge cases. No anatomy of its own."""
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -10,22 +12,23 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
-def chest_volume(n_slices: int = 30, rows: int = 64, cols: int = 64, lungs: bool = True) -> np.ndarray:
-    """(Z, Y, X) int16 HU: body ellipse at 40 HU, lungs at -850 HU (if `lungs`), air -1000."""
-    z, y, x = np.meshgrid(
-        np.linspace(-1, 1, n_slices), np.linspace(-1, 1, rows), np.linspace(-1, 1, cols), indexing="ij"
-    )
-    hu = np.full((n_slices, rows, cols), -1000, dtype=np.int16)
-    hu[(y / 0.75) ** 2 + (x / 0.9) ** 2 < 1] = 40
-    if lungs:
-        for cx in (-0.4, 0.4):
-            hu[((x - cx) / 0.3) ** 2 + (y / 0.5) ** 2 + (z / 0.8) ** 2 < 1] = -850
-    hu[(x / 0.08) ** 2 + ((y + 0.1) / 0.08) ** 2 < 1] = 300  # a contrast-filled vessel
-    return hu
+@functools.lru_cache(maxsize=8)
+def small_study(seed: int = 3, size: int = 64, n_slices: int = 24, thickness_mm: float = 2.5):
+    """A small `training.phantom` study (cached: treat it as read-only)."""
+    from training.phantom import PhantomConfig, generate_study
+
+    return generate_study(seed, PhantomConfig(rows=size, cols=size, n_slices=n_slices, slice_thickness_mm=thickness_mm))
+
+
+def phantom_datasets(**kw) -> list[Dataset]:
+    """Fresh (mutable) CT Image datasets of `small_study(**kw)`, in slice order."""
+    from training.phantom import study_datasets
+
+    return study_datasets(small_study(**kw))
 
 
 def make_series(
-    hu: np.ndarray | None = None,
+    hu: np.ndarray,
     *,
     pixel_spacing: float = 5.0,
     slice_spacing: float = 5.0,
@@ -38,7 +41,6 @@ def make_series(
     frame_uid: str | None = None,
 ) -> list[Dataset]:
     """One single-frame CT Image Storage dataset per slice, positions along the orientation's normal."""
-    hu = chest_volume() if hu is None else hu
     series_uid = series_uid or generate_uid()
     study_uid = study_uid or generate_uid()
     frame_uid = frame_uid or generate_uid()

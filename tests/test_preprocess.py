@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from ct_factory import chest_volume, make_series
+from ct_factory import make_series, phantom_datasets, small_study
 from dicom_node.preprocess import (
     PREPROCESSING_VERSION,
     PreprocessConfig,
@@ -20,14 +21,21 @@ from dicom_node.preprocess import (
     preprocess,
 )
 from dicom_node.series import load_series
+from training.phantom import Tissue
+from training.phantom_variants import write_variant
 
 TINY = PreprocessConfig(resize=64, crop=56)
 
 
+def _window(hu, level, width):
+    return np.clip((hu - (level - width / 2)) / width, 0, 1)
+
+
 @pytest.fixture(scope="module")
 def chest():
-    hu = chest_volume(40, 64, 64)
-    return hu, load_series(make_series(hu, pixel_spacing=5.0, slice_spacing=2.5))
+    """A 40-slice 64 x 64 phantom (2.5 mm slices, ~5.5 mm pixels) and its loaded series."""
+    study = small_study(seed=4, n_slices=40)
+    return study, load_series(phantom_datasets(seed=4, n_slices=40))
 
 
 def test_shapes_dtype_range_and_window_count(chest):
@@ -41,7 +49,8 @@ def test_shapes_dtype_range_and_window_count(chest):
     assert windows.array.flags.c_contiguous
     assert g.n_windows == n and (g.crop, g.resize, g.crop_offset) == (56, 64, (4, 4))
     assert windows.config.version == PREPROCESSING_VERSION == "1"
-    assert g.resampled_shape == (98, 316, 316)
+    expected = tuple(int(np.floor((n - 1) * sp + 1e-6)) + 1 for n, sp in zip(series.shape, series.spacing_mm))
+    assert g.resampled_shape == expected
     assert windows.labels is None
 
 
@@ -53,12 +62,13 @@ def test_default_sizes_are_224_then_192(chest):
 
 
 def test_lung_box_holds_the_lungs_and_little_else(chest):
-    hu, series = chest
+    study, series = chest
     box, volume_ml = find_lung_box(series, TINY)
-    lungs = np.argwhere(hu == -850)
+    lung_mask = study.tissue == Tissue.LUNG
+    lungs = np.argwhere(lung_mask)
     spacing = series.spacing_mm
-    true_ml = (hu == -850).sum() * np.prod(spacing) / 1000
-    assert volume_ml == pytest.approx(true_ml, rel=0.35)
+    true_ml = lung_mask.sum() * np.prod(spacing) / 1000
+    assert volume_ml == pytest.approx(true_ml, rel=0.2)
     for axis in range(3):
         lo_mm, hi_mm = box[2 * axis], box[2 * axis + 1] - 1  # resampled voxels are 1 mm
         lung_lo, lung_hi = lungs[:, axis].min() * spacing[axis], lungs[:, axis].max() * spacing[axis]
@@ -66,19 +76,25 @@ def test_lung_box_holds_the_lungs_and_little_else(chest):
         assert lung_lo - lo_mm < 5 + 2 * 4 + spacing[axis] and hi_mm - lung_hi < 5 + 2 * 4 + spacing[axis]
 
 
-def test_hu_windows_scale_known_tissues(chest):
-    hu, series = chest
+def test_every_voxel_is_the_windowed_trilinear_sample_of_the_original(chest):
+    """Model voxel (w, s, r, c) = HU windows of the original volume sampled trilinearly at
+    Geometry.model_to_original(w, s, r, c): checks values and geometry together."""
+    study, series = chest
     windows = preprocess(series, TINY)
     g = windows.geometry
-    # centre of the contrast-filled vessel (300 HU), mid-series
-    z, y, x = 20, (0.9 / 2) * 63, 31.5
-    w, s, r, c = g.original_to_model(z, y, x)
-    voxel = windows.array[int(w), :, int(round(s)), int(round(r)), int(round(c))]
-    np.testing.assert_allclose(voxel, [1.0, (300 + 250) / 700, 1.0], atol=0.02)
-    # soft tissue (40 HU) between the lungs, below the vessel
-    w, s, r, c = g.original_to_model(20, 0.65 * 63, 31.5)
-    voxel = windows.array[int(w), :, int(round(s)), int(round(r)), int(round(c))]
-    np.testing.assert_allclose(voxel, [(40 + 1350) / 1500, (40 + 250) / 700, (40 + 160) / 400], atol=0.02)
+    rng = np.random.default_rng(0)
+    n = 2000
+    w = rng.integers(0, g.n_windows - 1, n)  # the last window may hold padding
+    s, r, c = rng.integers(0, 10, n), rng.integers(0, 56, n), rng.integers(0, 56, n)
+    z, y, x = g.model_to_original(w, s, r, c)
+    hu = ndimage.map_coordinates(study.hu.astype(np.float64), [z, y, x], order=1, mode="nearest")
+    actual = windows.array[w, :, s, r, c]  # (n, 3)
+    for ch, (level, width) in enumerate(TINY.hu_windows):
+        np.testing.assert_allclose(actual[:, ch], _window(hu, level, width), atol=1e-4)
+    # and the known tissues have their textbook window values (lung dark in the PE window, etc.)
+    tissue = ndimage.map_coordinates(study.tissue, [z, y, x], order=0)
+    lung = actual[tissue == Tissue.LUNG]
+    assert lung[:, 1].mean() < 0.1 and 0.2 < lung[:, 0].mean() < 0.5
 
 
 def test_window_to_slice_map_is_an_ordered_partition_of_the_box(chest):
@@ -139,7 +155,9 @@ def test_preprocess_is_prepare_then_centre_crop(chest):
 
 
 def test_no_lungs_is_refused():
-    series = load_series(make_series(chest_volume(30, 64, 64, lungs=False)))
+    study = small_study()
+    soft = np.where(study.tissue == Tissue.AIR, -1000, 40).astype(np.int16)  # the body, all soft tissue
+    series = load_series(make_series(soft, pixel_spacing=study.pixel_spacing_mm[0], slice_spacing=2.5))
     with pytest.raises(PreprocessError, match=rf"Series {series.series_instance_uid}: lung volume 0.0 mL .*expected at least 50 mL"):
         preprocess(series, TINY)
 
@@ -202,8 +220,19 @@ def test_coarse_heatmap_is_upsampled_and_zero_outside_the_crop(chest):
         heatmap_to_slices(g, 99, coarse)
 
 
-def test_oblique_series_preprocesses():
-    c, s = np.cos(np.deg2rad(15)), np.sin(np.deg2rad(15))
-    series = load_series(make_series(chest_volume(40, 64, 64), orientation=(1, 0, 0, 0, c, s), slice_spacing=2.5))
-    windows = preprocess(series, TINY)
+def test_oblique_phantom_preprocesses(tmp_path):
+    write_variant(small_study(seed=4, n_slices=40), tmp_path, "oblique")
+    windows = preprocess(load_series(tmp_path), TINY)
     assert windows.array.shape[1:] == (3, 10, 56, 56) and windows.geometry.n_windows >= 5
+
+
+def test_phantom_emboli_inside_the_box_and_labelled():
+    study = small_study(seed=0, size=128, n_slices=80)
+    assert study.slice_labels.any(), "seed 0 is a positive phantom"
+    series = load_series(phantom_datasets(seed=0, size=128, n_slices=80))
+    windows = preprocess(series, TINY, slice_labels=study.slice_labels)
+    covered = {i for idx in windows.slice_indices for i in idx}
+    assert set(np.flatnonzero(study.slice_labels)) <= covered
+    for w, idx in enumerate(windows.slice_indices):
+        assert windows.labels[w] == int(study.slice_labels[list(idx)].any())
+    assert 0 < windows.labels.sum() < len(windows.labels)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import subprocess
 import sys
@@ -11,8 +12,11 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless, generate_uid
 
-from ct_factory import chest_volume, make_enhanced, make_series
+from ct_factory import make_enhanced, make_series, phantom_datasets, small_study
 from dicom_node.series import CtSeries, SeriesError, group_series, load_series
+from training.phantom_variants import COMPRESSED, VARIANTS, write_variant
+
+HU = small_study().hu  # (24, 64, 64) int16 phantom, 2.5 mm slices
 
 
 def _write(datasets, root, names=None):
@@ -26,8 +30,8 @@ def _write(datasets, root, names=None):
 
 
 def test_sorted_by_normal_not_file_name_or_instance_number(tmp_path):
-    hu = chest_volume(24, 32, 32)
-    datasets = make_series(hu)
+    study = small_study()
+    datasets = phantom_datasets()
     rng = random.Random(3)
     shuffled = datasets[:]
     rng.shuffle(shuffled)
@@ -38,18 +42,18 @@ def test_sorted_by_normal_not_file_name_or_instance_number(tmp_path):
     (tmp_path / "s" / "README.txt").write_text("not dicom")
     series = load_series(tmp_path / "s")
     assert isinstance(series, CtSeries)
-    assert series.sop_instance_uids == tuple(ds.SOPInstanceUID for ds in datasets)
+    assert series.sop_instance_uids == study.sop_uids
     assert np.all(np.diff(series.positions_mm) > 0)
-    np.testing.assert_array_equal(series.hu, hu.astype(np.float32))
+    np.testing.assert_array_equal(series.hu, study.hu.astype(np.float32))
     assert series.hu.dtype == np.float32
-    assert series.slice_spacing_mm == pytest.approx(5.0)
-    assert series.pixel_spacing_mm == (5.0, 5.0)
+    assert series.slice_spacing_mm == pytest.approx(2.5)
+    assert series.pixel_spacing_mm == pytest.approx(study.pixel_spacing_mm)
     assert "PixelData" not in series.ref_dataset
-    assert series.ref_dataset.PatientID == "FACTORY"
+    assert series.ref_dataset.PatientID == study.patient_id
 
 
 def test_reversed_positions_sort_ascending():
-    hu = chest_volume(24, 32, 32)
+    hu = HU
     datasets = make_series(hu, slice_spacing=-2.5)  # scanner moving feet-first: positions decrease
     series = load_series(datasets)
     np.testing.assert_array_equal(series.hu, hu[::-1].astype(np.float32))
@@ -57,17 +61,18 @@ def test_reversed_positions_sort_ascending():
 
 
 def test_hu_from_slope_and_intercept_per_slice():
-    hu = chest_volume(22, 16, 16)
+    hu = (HU // 2) * 2
     datasets = make_series(hu, slope=2.0, intercept=-2048.0)
+    datasets[3].RescaleSlope, datasets[3].RescaleIntercept = 1.0, -1024.0  # one slice stored differently
+    datasets[3].PixelData = (hu[3].astype(np.int32) + 1024).astype(np.uint16).tobytes()
     series = load_series(datasets)
     np.testing.assert_array_equal(series.hu, hu.astype(np.float32))
-    assert series.hu.min() == -1000 and series.hu.max() == 300
 
 
 def test_oblique_series_positions_along_true_normal():
     c, s = np.cos(np.deg2rad(20)), np.sin(np.deg2rad(20))
     orientation = (1.0, 0.0, 0.0, 0.0, c, s)  # gantry tilt of 20 degrees about the x axis
-    datasets = make_series(chest_volume(22, 16, 16), orientation=orientation, slice_spacing=1.5)
+    datasets = make_series(HU, orientation=orientation, slice_spacing=1.5)
     random.Random(1).shuffle(datasets)
     series = load_series(datasets)
     assert series.slice_spacing_mm == pytest.approx(1.5)
@@ -75,127 +80,126 @@ def test_oblique_series_positions_along_true_normal():
     np.testing.assert_allclose(series.normal, [0.0, -s, c], atol=1e-9)
 
 
-def test_duplicate_instance_is_deduplicated():
-    datasets = make_series(chest_volume(22, 16, 16))
-    series = load_series(datasets + [datasets[5]])
-    assert series.shape[0] == 22
-    assert series.duplicates_removed == 1
-
-
 def test_two_instances_at_one_position_refused():
-    datasets = make_series(chest_volume(22, 16, 16))
-    other = make_series(chest_volume(22, 16, 16), series_uid=datasets[0].SeriesInstanceUID,
-                        frame_uid=datasets[0].FrameOfReferenceUID)[5]
+    datasets = phantom_datasets()
+    other = copy.deepcopy(datasets[5])
+    other.SOPInstanceUID = generate_uid()
     with pytest.raises(SeriesError, match=r"two different instances at position .* expected one slice per position"):
         load_series(datasets + [other])
 
 
-def test_missing_slice_is_a_gap():
-    datasets = make_series(chest_volume(24, 16, 16), slice_spacing=2.0)
-    del datasets[10]
-    with pytest.raises(SeriesError, match=r"slice spacing varies \(2.00-4.00 mm.*gap of 4.00 mm.*expected regular spacing") as err:
-        load_series(datasets)
-    assert datasets[0].SeriesInstanceUID in str(err.value)
-
-
 def test_too_few_slices():
-    datasets = make_series(chest_volume(5, 16, 16))
+    datasets = phantom_datasets()[:5]
     with pytest.raises(SeriesError, match=r"5 slices; expected at least 20"):
         load_series(datasets)
-    assert load_series(datasets, min_slices=5).shape == (5, 16, 16)
+    assert load_series(datasets, min_slices=5).shape == (5, 64, 64)
 
 
 def test_non_ct_modality_refused():
-    datasets = make_series(chest_volume(22, 16, 16))
+    datasets = phantom_datasets()
     datasets[3].Modality = "MR"
     with pytest.raises(SeriesError, match=r"Modality 'MR'; expected 'CT'"):
         load_series(datasets)
 
 
 def test_non_ct_sop_class_refused():
-    datasets = make_series(chest_volume(22, 16, 16))
+    datasets = phantom_datasets()
     datasets[0].SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
     with pytest.raises(SeriesError, match=r"SOP Class 1.2.840.10008.5.1.4.1.1.7; expected CT Image Storage"):
         load_series(datasets)
 
 
 def test_missing_pixel_data_refused():
-    datasets = make_series(chest_volume(22, 16, 16))
+    datasets = phantom_datasets()
     del datasets[7].PixelData
     with pytest.raises(SeriesError, match=rf"{datasets[7].SOPInstanceUID} has no PixelData"):
         load_series(datasets)
 
 
 def test_two_frames_of_reference_refused():
-    datasets = make_series(chest_volume(22, 16, 16))
+    datasets = phantom_datasets()
     datasets[4].FrameOfReferenceUID = generate_uid()
     with pytest.raises(SeriesError, match=r"2 frames of reference .* expected exactly one FrameOfReferenceUID"):
         load_series(datasets)
 
 
 def test_mixed_orientation_refused():
-    datasets = make_series(chest_volume(22, 16, 16))
+    datasets = phantom_datasets()
     datasets[6].ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
     with pytest.raises(SeriesError, match=r"mixed orientation.*expected one orientation"):
         load_series(datasets)
 
 
 def test_mixed_pixel_spacing_and_size_refused():
-    datasets = make_series(chest_volume(22, 16, 16))
+    datasets = phantom_datasets()
     datasets[2].PixelSpacing = [0.7, 0.7]
     with pytest.raises(SeriesError, match=r"mixed pixel spacing.*\[0.7, 0.7\] mm.*expected one PixelSpacing"):
         load_series(datasets)
-    datasets = make_series(chest_volume(22, 16, 16))
+    datasets = phantom_datasets()
     datasets[2].Rows = 8
-    with pytest.raises(SeriesError, match=r"mixed image size.*8x16.*expected one Rows x Columns"):
+    with pytest.raises(SeriesError, match=r"mixed image size.*8x64.*expected one Rows x Columns"):
         load_series(datasets)
 
 
-def test_several_series_listed_unless_one_is_chosen(tmp_path):
-    study = generate_uid()
-    axial = make_series(chest_volume(22, 16, 16), study_uid=study)
-    localizer = make_series(chest_volume(1, 16, 16), study_uid=study, orientation=(1, 0, 0, 0, 0, -1))
-    localizer[0].SeriesDescription = "Topogram"
-    _write(axial + localizer, tmp_path)
-    with pytest.raises(SeriesError, match=r"2 series found .*Topogram.*pass series_uid= to choose") as err:
-        load_series(tmp_path)
-    assert axial[0].SeriesInstanceUID in str(err.value) and localizer[0].SeriesInstanceUID in str(err.value)
-    series = load_series(tmp_path, series_uid=axial[0].SeriesInstanceUID)
-    assert series.shape == (22, 16, 16)
-    with pytest.raises(SeriesError, match=r"Series 9.9.9: not among the series found"):
-        load_series(tmp_path, series_uid="9.9.9")
-    groups = group_series(tmp_path)
-    assert sorted(len(v) for v in groups.values()) == [1, 22]
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_phantom_variant_loads_or_is_refused(tmp_path, variant):
+    study = small_study()
+    write_variant(study, tmp_path, variant)
+    if variant == "missing-slice":
+        with pytest.raises(SeriesError, match=rf"Series {study.series_uid}: slice spacing varies \(2.50-5.00 mm.*"
+                                              r"gap of 5.00 mm between .*expected regular spacing"):
+            load_series(tmp_path)
+        return
+    if variant == "localizer-and-second-series":
+        with pytest.raises(SeriesError, match=r"3 series found .*TOPOGRAM.*pass series_uid= to choose") as err:
+            load_series(tmp_path)
+        assert study.series_uid in str(err.value)
+        groups = group_series(tmp_path)
+        assert sorted(len(v) for v in groups.values()) == [1, 12, 24]
+        with pytest.raises(SeriesError, match=r"Series 9.9.9: not among the series found"):
+            load_series(tmp_path, series_uid="9.9.9")
+        series = load_series(tmp_path, series_uid=study.series_uid)
+    else:
+        series = load_series(tmp_path)
+    np.testing.assert_array_equal(series.hu, study.hu.astype(np.float32))  # lossless variants, same voxels
+    assert series.duplicates_removed == (1 if variant == "duplicate-instance" else 0)
+    np.testing.assert_allclose(np.diff(series.positions_mm), study.spacing_between_slices_mm, atol=1e-3)
+    if variant == "enhanced-multiframe":
+        assert sorted(series.frame_numbers) == list(range(1, 25))
+    elif variant not in COMPRESSED:  # pydicom's compress() gives the compressed copies new UIDs
+        assert series.series_instance_uid == study.series_uid
+        assert series.sop_instance_uids == study.sop_uids
+    if variant == "oblique":
+        assert abs(series.normal[2]) < 0.999  # tilted: the normal is not the patient z axis
 
 
 @pytest.mark.parametrize("per_frame_orientation", [False, True])
 def test_enhanced_ct_multiframe_loads(tmp_path, per_frame_orientation):
-    hu = chest_volume(22, 16, 16)
+    hu = HU
     datasets = make_series(hu, slice_spacing=1.25)
-    order = list(range(22))
+    order = list(range(24))
     random.Random(5).shuffle(order)
     enhanced = make_enhanced(datasets, frame_order=order, per_frame_orientation=per_frame_orientation)
     _write([enhanced], tmp_path)
     series = load_series(tmp_path)
     np.testing.assert_array_equal(series.hu, hu.astype(np.float32))
     assert set(series.sop_instance_uids) == {enhanced.SOPInstanceUID}
-    assert sorted(series.frame_numbers) == list(range(1, 23))
+    assert sorted(series.frame_numbers) == list(range(1, 25))
     assert series.frame_numbers[0] == order.index(0) + 1
     assert series.slice_spacing_mm == pytest.approx(1.25)
 
 
 def test_compressed_rle_decodes(tmp_path):
-    hu = chest_volume(22, 16, 16)
-    datasets = make_series(hu)
+    datasets = phantom_datasets()
     for ds in datasets:
-        ds.compress(RLELossless)
+        ds.compress(RLELossless)  # pydicom's own encoder (the phantom variant goes through dcmtk when needed)
     _write(datasets, tmp_path)
     series = load_series(tmp_path)
-    np.testing.assert_array_equal(series.hu, hu.astype(np.float32))
+    np.testing.assert_array_equal(series.hu, HU.astype(np.float32))
 
 
 def test_undecodable_pixel_data_names_transfer_syntax():
-    datasets = make_series(chest_volume(22, 16, 16))
+    datasets = phantom_datasets()
     bad = datasets[0]
     bad.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: no plugin decodes it
     bad.PixelData = encapsulate([b"\x00" * 64])
