@@ -318,3 +318,30 @@ def test_orthanc_stores_all_results(orthanc, positive, negative):
     assert len(tags) == 12
     modalities = sorted(t["Modality"] for t in tags)
     assert modalities == sorted(["SR"] * 2 + ["KO"] * 2 + ["OT"] * 8)
+
+
+def test_render_cli_writes_png_and_text(positive, tmp_path):
+    from PIL import Image
+
+    from dicom_node.cli import main
+
+    _, series, windows, pred, _ = positive
+    result = build_results(series, windows, pred, BUNDLE)
+    files = []
+    for i, ds in enumerate(result.datasets()):
+        files.append(tmp_path / f"obj{i}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    out = tmp_path / "rendered"
+    assert main(["render", *map(str, files), "--out", str(out)]) == 0
+    pngs, txts = sorted(out.glob("*.png")), sorted(out.glob("*.txt"))
+    assert len(pngs) == 4 and len(txts) == 2
+    sr_text = (out / f"{result.sr.SOPInstanceUID}.txt").read_text()
+    for needle in ("Verification UNVERIFIED", "Tracking Identifier (112039, DCM) = \"central_pe\"",
+                   "Probability (122157, DCM) = ", "[{probability}]", "Pulmonary embolism (59282003, SCT) = Present",
+                   "Algorithm Version (111003, DCM) = \"0.3.1\"", RESEARCH_USE_STATEMENT[:20]):
+        assert needle in sr_text, needle
+    kos_text = (out / f"{result.kos.SOPInstanceUID}.txt").read_text()
+    assert "Of Interest (113000, DCM)" in kos_text and result.key_slices[0].sop_instance_uid in kos_text
+    img = np.asarray(Image.open(out / f"{result.heatmap_scs[0].SOPInstanceUID}.png"))
+    assert np.array_equal(img, result.heatmap_scs[0].pixel_array)
+    assert main(["render", str(tmp_path / "missing.dcm"), "--out", str(out)]) == 1
