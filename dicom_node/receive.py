@@ -51,6 +51,25 @@ STATUS = {
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
+def _pixel_problem(ds, transfer_syntax) -> str | None:
+    """Why the pixel data is unusable (missing or shorter than Rows x Columns x ... says), or None.
+
+    Compressed pixel data is not decoded here; a truncated encapsulated element has no sequence
+    delimiter, which pydicom reports by leaving the element out (so: 'no pixel data')."""
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        return "no pixel data (missing or truncated before its end)"
+    if "PixelData" in ds and not transfer_syntax.is_compressed:
+        try:
+            expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+                        * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated)) // 8
+        except (AttributeError, TypeError, ValueError):
+            return "pixel data without Rows/Columns/BitsAllocated"
+        got = len(ds.PixelData)
+        if got < expected:
+            return f"pixel data truncated ({got} of {expected} bytes)"
+    return None
+
+
 def server_ssl_context(config: Config) -> ssl.SSLContext | None:
     """TLS context for the SCP from `[tls]` (None when TLS is off)."""
     t = config.tls
@@ -153,6 +172,7 @@ class Receiver:
             if self.counters.on_refused:
                 self.counters.on_refused("calling_aet_not_allowed")
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            event.assoc.kill()  # lets the DUL send the A-ASSOCIATE-RJ before the socket closes (as pynetdicom's ACSE does)
 
     def _on_accepted(self, event) -> None:
         rq = event.assoc.requestor
@@ -204,9 +224,10 @@ class Receiver:
         if ds_class != sop_class or sop_uid != sop_uid_rq:
             return self._refuse("dataset_mismatch", "SOP Class/Instance UID in the data set differ from the C-STORE request",
                                 sop_instance_uid=sop_uid, sop_class_uid=ds_class, calling_aet=calling)
-        if not any(k in ds for k in _PIXEL_KEYWORDS):
-            return self._refuse("dataset_mismatch", "no pixel data", sop_instance_uid=sop_uid, series_uid=series,
-                                calling_aet=calling)
+        problem = _pixel_problem(ds, event.context.transfer_syntax)
+        if problem:
+            return self._refuse("dataset_mismatch" if problem.startswith("no pixel") else "cannot_understand", problem,
+                                sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
         if self.state.has_instance(sop_uid):
             self.log.info("instance_duplicate", sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
             return STATUS["success"]

@@ -87,7 +87,7 @@ def send_files(paths: Iterable[Path], dest: Destination, *, calling_aet: str = "
     if dest.tls:
         if config is None:
             raise SendError(f"{dest}: TLS destination needs a Config with [tls] cert/key/ca")
-        tls_args = (client_ssl_context(config), "")
+        tls_args = (client_ssl_context(config), None)
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     except Exception as e:  # socket errors surface here on some platforms
@@ -114,7 +114,7 @@ def echo(dest: Destination, *, calling_aet: str = "ECHOSCU", config: Config | No
     """C-ECHO `dest`; return the status (raises SendError when no association)."""
     ae = _client_ae(config, calling_aet)
     ae.add_requested_context(VerificationSOPClass)
-    tls_args = (client_ssl_context(config), "") if dest.tls and config else None
+    tls_args = (client_ssl_context(config), None) if dest.tls and config else None
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         raise SendError(f"{dest}: association {'rejected' if assoc.is_rejected else 'failed'}")
