@@ -313,17 +313,20 @@ def build_anatomy(cv: Canvas, rng: np.random.Generator, *, contrast: tuple[float
                     r_ss = rng.uniform(1.2, 1.8)
                     vessels.append(Vessel(f"{side}_sub{li}{si}{ssi}", "subsegmental", side, sub, np.linspace(r_ss, r_ss * 0.6, len(sub))))
 
-    # lung vessels that are not contrast-filled arteries (veins, small vessels): texture and mimics
-    n_small = int(rng.integers(25, 45) * (S / 300.0))
-    for _ in range(max(n_small, 8)):
+    # lung vessels that are not contrast-filled arteries (veins, small vessels): texture and mimics,
+    # running away from the hilum like the real vascular tree
+    n_small = int(rng.integers(120, 200) * min(1.0, S / 300.0))
+    for _ in range(max(n_small, 30)):
         side = "left" if rng.random() < 0.5 else "right"
         cx, cy, a, b, u0, u1 = lungs[side]
-        p = np.array([rng.uniform(u0 + 0.08, u1 - 0.1) * S, cy + rng.uniform(-0.7, 0.7) * b, cx + rng.uniform(-0.7, 0.7) * a])
-        q = _pull_inside(lungs, side, p + rng.normal(0, 18, 3), S)
-        p = _pull_inside(lungs, side, p, S)
+        p = _pull_inside(lungs, side, np.array([rng.uniform(u0 + 0.05, u1 - 0.08) * S,
+                                                cy + rng.uniform(-0.8, 0.8) * b, cx + rng.uniform(-0.8, 0.8) * a]), S)
+        away = p - hila[side][0]
+        away = away / (np.linalg.norm(away) + 1e-9) + rng.normal(0, 0.4, 3)
+        q = _pull_inside(lungs, side, p + away / (np.linalg.norm(away) + 1e-9) * rng.uniform(12, 30), S)
         pts = polyline(rng, [p, q], 0.15, 2.5)
         r = rng.uniform(0.8, 2.2)
-        cv.tube(pts, np.linspace(r, r * 0.6, len(pts)), rng.uniform(40, 160), Tissue.LUNG_VESSEL)
+        cv.tube(pts, np.linspace(r, r * 0.6, len(pts)), rng.uniform(40, 200), Tissue.LUNG_VESSEL)
 
     for v in vessels:
         cv.tube(v.points, v.radii, pa_hu * rng.uniform(0.95, 1.03), Tissue.PULMONARY_ARTERY)
@@ -371,7 +374,7 @@ def _paint_bones(cv: Canvas, rng, A_z, B_z, fat, S) -> None:
         return
     theta_y = Y[iy, ix] / B0  # -1 front .. +1 back
     period = rng.uniform(24, 32)
-    drop = rng.uniform(25, 45)
+    drop = period * rng.uniform(2.0, 3.0)
     zr = cv.z[:, None] + drop * (1 - theta_y[None, :]) / 2 + rng.uniform(0, period)
     thick = rng.uniform(7, 10)
     on = (np.mod(zr, period) < thick) & (cv.z[:, None] > 0.15 * S) & (cv.z[:, None] < 0.95 * S)
