@@ -30,12 +30,13 @@ def _run_once(series_dir: Path) -> tuple[float, float, tuple]:
     from dicom_node.preprocess import preprocess
     from dicom_node.series import load_series
 
+    c0 = time.process_time()
     t0 = time.perf_counter()
     series = load_series(series_dir)
     t1 = time.perf_counter()
     windows = preprocess(series)
     t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, windows.array.shape
+    return t1 - t0, t2 - t1, windows.array.shape, time.process_time() - c0
 
 
 def _child(series_dir: Path) -> int:
@@ -47,8 +48,8 @@ def _child(series_dir: Path) -> int:
     import dicom_node.series  # noqa: F401
 
     rss_after_imports = _vm_hwm()
-    load_s, prep_s, shape = _run_once(series_dir)
-    print(json.dumps({"load_s": load_s, "prep_s": prep_s, "shape": list(shape),
+    load_s, prep_s, shape, cpu_s = _run_once(series_dir)
+    print(json.dumps({"load_s": load_s, "prep_s": prep_s, "shape": list(shape), "cpu_s": cpu_s,
                       "rss_after_imports": rss_after_imports, "vm_hwm": _vm_hwm()}))
     return 0
 
@@ -148,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
 
     gib = 1024**3
     print(f"output: {tuple(child['shape'])} float32")
-    print(f"first call (fresh process): load {child['load_s']:.2f} s + preprocess {child['prep_s']:.2f} s = {first_s:.2f} s")
-    print(f"best of {args.repeats}: load {best[0]:.2f} s + preprocess {best[1]:.2f} s = {best_s:.2f} s")
+    print(f"first call (fresh process): load {child['load_s']:.2f} s + preprocess {child['prep_s']:.2f} s = {first_s:.2f} s "
+          f"(CPU time {child['cpu_s']:.2f} s)")
+    print(f"best of {args.repeats}: load {best[0]:.2f} s + preprocess {best[1]:.2f} s = {best_s:.2f} s "
+          f"(CPU time {best[3]:.2f} s)")
+    print(f"machine load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"peak numpy/python allocations (tracemalloc): {traced_peak / gib:.2f} GiB")
     print(f"peak resident set of the child process: {rss_peak / gib:.2f} GiB (ru_maxrss; /proc VmHWM "
           f"{child['vm_hwm'] / gib:.2f} GiB, of which {child['rss_after_imports'] / gib:.2f} GiB after imports)")

@@ -185,15 +185,18 @@ class Windows:
 # ----------------------------------------------------------------------------- interpolation
 
 
-def _linear_taps(n_in: int, n_out: int, lo: float = 0.0, step: float | None = None, scale: float = 1.0):
+def _linear_taps(n_in: int, n_out: int, lo: float = 0.0, step: float | None = None, scale: float = 1.0,
+                 first: int = 0, count: int | None = None):
     """Indices and weights for linear sampling of an axis of length n_in at n_out positions.
 
-    Positions (in the axis' own voxel units) are `scale * (lo + (i + 0.5) * step - 0.5)`, clamped to
-    [0, n_in - 1]; `step` defaults to the half-pixel resize step n_in / n_out.
+    Positions (in the axis' own voxel units) are `scale * (lo + (i + 0.5) * step - 0.5)` for
+    i in [first, first + count), clamped to [0, n_in - 1]; `step` defaults to the half-pixel resize
+    step n_in / n_out.
     """
     if step is None:
         step = n_in / n_out
-    pos = scale * (lo + (np.arange(n_out) + 0.5) * step - 0.5)
+    count = n_out - first if count is None else count
+    pos = scale * (lo + (np.arange(first, first + count) + 0.5) * step - 0.5)
     pos = np.clip(pos, 0.0, n_in - 1)
     i0 = np.minimum(np.floor(pos).astype(np.intp), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
@@ -285,15 +288,19 @@ def _resampled_shape(shape, spacing, target: float) -> tuple[int, int, int]:
     return tuple(int(math.floor((n - 1) * s / target + 1e-6)) + 1 for n, s in zip(shape, spacing))  # type: ignore[return-value]
 
 
-def _box_volume(hu: np.ndarray, spacing, box, config: PreprocessConfig, n_total: int) -> np.ndarray:
-    """(n_total, R, R) float32 HU: the box resampled to spacing_mm in z and resized in-plane, padded."""
+def _box_volume(hu: np.ndarray, spacing, box, config: PreprocessConfig, n_total: int, offset: int = 0,
+                size: int | None = None) -> np.ndarray:
+    """(n_total, size, size) float32 HU: the box resampled to spacing_mm in z and resized in-plane to
+    resize x resize, of which only pixels [offset, offset + size) are computed (a crop), padded in z."""
     z0, z1, y0, y1, x0, x1 = box
     R = config.resize
+    size = R - offset if size is None else size
     sp = config.spacing_mm
     Z, Y, X = hu.shape
     # in-plane taps in original pixel units
-    yi0, yi1, wy = _linear_taps(Y, R, lo=y0, step=(y1 - y0) / R, scale=sp / spacing[1])
-    xi0, xi1, wx = _linear_taps(X, R, lo=x0, step=(x1 - x0) / R, scale=sp / spacing[2])
+    yi0, yi1, wy = _linear_taps(Y, R, lo=y0, step=(y1 - y0) / R, scale=sp / spacing[1], first=offset, count=size)
+    xi0, xi1, wx = _linear_taps(X, R, lo=x0, step=(x1 - x0) / R, scale=sp / spacing[2], first=offset, count=size)
+    R = size
     # z taps: resampled slice k at original index k * sp / sz
     zpos = np.clip(np.arange(z0, z1) * sp / spacing[0], 0, Z - 1)
     zi0 = np.floor(zpos).astype(np.intp)
@@ -387,7 +394,15 @@ def _window_labels(geometry: Geometry, indices, labels: np.ndarray) -> np.ndarra
 
 def prepare(series, config: PreprocessConfig = PreprocessConfig(), slice_labels=None) -> Windows:
     """Series -> windows at `resize` x `resize` (no crop): training crops/augments this, inference centre-crops it."""
+    return _prepare(series, config, slice_labels, crop=None)
+
+
+def _prepare(series, config: PreprocessConfig, slice_labels, crop: int | None) -> Windows:
+    """`prepare`, computing only the centre `crop` x `crop` pixels when `crop` is given
+    (identical to `center_crop(prepare(...), crop)`, without the full-size array and the copy)."""
     t0 = time.perf_counter()
+    size = config.resize if crop is None else crop
+    offset = (config.resize - size) // 2
     spacing = series.spacing_mm
     box, volume_ml = find_lung_box(series, config)
     nb = box[1] - box[0]
@@ -398,14 +413,14 @@ def prepare(series, config: PreprocessConfig = PreprocessConfig(), slice_labels=
         resampled_shape=_resampled_shape(series.hu.shape, spacing, config.spacing_mm),
         lung_box=box,
         resize=config.resize,
-        crop=config.resize,
-        crop_offset=(0, 0),
+        crop=size,
+        crop_offset=(offset, offset),
         window_slices=config.window_slices,
         spacing_mm=config.spacing_mm,
         n_windows=n_windows,
         lung_volume_ml=volume_ml,
     )
-    vol = _box_volume(series.hu, spacing, box, config, n_windows * config.window_slices)
+    vol = _box_volume(series.hu, spacing, box, config, n_windows * config.window_slices, offset, size)
     array = _windows_array(vol, config, n_windows)
     del vol
     indices = geometry.window_slice_indices()
@@ -447,10 +462,7 @@ def center_crop(windows: Windows, crop: int) -> Windows:
 
 def preprocess(series, config: PreprocessConfig = PreprocessConfig(), slice_labels=None) -> Windows:
     """Series -> inference input (N, 3, window_slices, crop, crop) float32 in [0, 1]: `prepare` + `center_crop`."""
-    windows = prepare(series, config, slice_labels)
-    if config.crop is None or config.crop == config.resize:
-        return windows
-    return center_crop(windows, config.crop)
+    return _prepare(series, config, slice_labels, crop=config.crop)
 
 
 # ----------------------------------------------------------------------------- heatmaps

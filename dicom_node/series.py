@@ -374,7 +374,37 @@ def _check_spacing(uid: str, slices: list[_Slice], min_slices: int) -> float:
 # ----------------------------------------------------------------------------- pixels
 
 
+_NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+
+
+def _decode_native(ds: Dataset) -> np.ndarray | None:
+    """Fast path for uncompressed little-endian 16-bit single-frame grayscale (most CT); else None."""
+    meta = getattr(ds, "file_meta", None)
+    ts = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
+    if ts not in _NATIVE_LITTLE_ENDIAN or ds.get("BitsAllocated") != 16 or ds.get("SamplesPerPixel", 1) != 1:
+        return None
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    data = ds.PixelData
+    if not isinstance(data, bytes) or len(data) < rows * cols * 2:
+        return None
+    signed = ds.get("PixelRepresentation", 0) == 1
+    arr = np.frombuffer(data, dtype="<i2" if signed else "<u2", count=rows * cols).reshape(rows, cols)
+    stored = int(ds.get("BitsStored", 16) or 16)
+    if stored < 16:
+        if signed:  # sign-extend from BitsStored
+            shift = 16 - stored
+            arr = (arr << shift) >> shift
+        else:
+            arr = arr & ((1 << stored) - 1)
+    return arr
+
+
 def _decode(uid: str, ds: Dataset) -> np.ndarray:
+    native = _decode_native(ds)
+    if native is not None:
+        return native
     try:
         return ds.pixel_array
     except Exception as exc:  # pydicom raises several types depending on the plugin state
@@ -404,11 +434,11 @@ def _fill_hu(uid: str, slices: list[_Slice], rows: int, cols: int) -> np.ndarray
                 f"expected ({rows}, {cols}) grayscale pixels"
             )
         out = hu[z]
-        np.copyto(out, frame, casting="unsafe")
         if s.slope != 1.0:
-            out *= np.float32(s.slope)
-        if s.intercept != 0.0:
+            np.multiply(frame, np.float32(s.slope), out=out, dtype=np.float32)
             out += np.float32(s.intercept)
+        else:
+            np.add(frame, np.float32(s.intercept), out=out, dtype=np.float32)
     return hu
 
 
