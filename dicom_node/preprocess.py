@@ -2,8 +2,9 @@
 
 Shared by the node and by training so the model sees the same input in both.
 
-Steps (`prepare`): lung segmentation without learned weights (HU threshold, removal of the air
-connected to each slice's border, largest 1-2 3D components) on a strided low-resolution view,
+Steps (`prepare`): lung segmentation without learned weights (HU threshold, keep the air enclosed
+by tissue along its row and column after closing breaks in the body wall, largest 1-2 3D
+components, at least `min_lung_volume_ml`) on a strided ~4 mm view,
 3D lung bounding box in the 1 mm resampled grid (+ margin), then the box is resampled to
 `spacing_mm` along z and resized to `resize` x `resize` in-plane, three HU windows become the
 channels, and the slices are split into windows of `window_slices` (the last window is padded by
