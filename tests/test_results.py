@@ -86,12 +86,18 @@ def _prediction(series, windows, *, positive: bool, heatmaps: np.ndarray, hot_wi
     )
 
 
+def _embolus_point(mask: np.ndarray) -> tuple[int, int, int]:
+    """An embolus voxel near the centroid of the slice with the largest embolus area."""
+    z = int(np.argmax(mask.sum(axis=(1, 2))))
+    ys, xs = np.nonzero(mask[z])
+    i = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+    return z, int(ys[i]), int(xs[i])
+
+
 @pytest.fixture(scope="module")
 def positive():
     study, series, windows = _case("positive", 11)
-    zs, ys, xs = np.nonzero(study.embolus_mask)
-    i = int(np.argmax(study.embolus_mask.reshape(len(zs) and study.embolus_mask.shape[0], -1).sum(1)[zs]))
-    point = (int(zs[i]), int(ys[i]), int(xs[i]))
+    point = _embolus_point(study.embolus_mask)
     win = int(windows.geometry.original_to_model(*point)[0])
     pred = _prediction(series, windows, positive=True, heatmaps=_heatmaps_at(windows, [point]), hot_windows=(win,))
     return study, series, windows, pred, point
@@ -283,12 +289,14 @@ def test_summary_sc_is_a_chart(positive):
 
 def test_heatmap_hits_embolus_hit_and_miss(positive):
     study, series, windows, pred, point = positive
-    keys = select_key_slices(series, windows, pred)
-    assert heatmap_hits_embolus(keys, study.embolus_mask)
+    g = windows.geometry
+    full = (g.window_slices, g.crop, g.crop)  # model-space resolution: the peak maps back onto the voxel
+    hit = replace(pred, heatmaps=_heatmaps_at(windows, [point], shape=full))
+    assert heatmap_hits_embolus(select_key_slices(series, windows, hit), study.embolus_mask)
     z, y, x = point
-    far = (z, series.hu.shape[1] - 1 - y, series.hu.shape[2] - 1 - x)  # mirrored through the centre
+    far = (z, y, x + 30 if x + 30 < series.hu.shape[2] - 10 else x - 30)  # 30 px (~8 cm) to the side
     assert not study.embolus_mask[far[0], max(far[1] - 8, 0):far[1] + 8, max(far[2] - 8, 0):far[2] + 8].any()
-    miss = replace(pred, heatmaps=_heatmaps_at(windows, [far]))
+    miss = replace(pred, heatmaps=_heatmaps_at(windows, [far], shape=full))
     assert not heatmap_hits_embolus(select_key_slices(series, windows, miss), study.embolus_mask)
 
 
