@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_render(subparsers)
     _add_node(subparsers)
+    _add_demo(subparsers)
     return parser
 
 
@@ -24,6 +25,38 @@ def _add_node(subparsers) -> None:
     from dicom_node.node_commands import add_node_commands
 
     add_node_commands(subparsers)
+
+
+def _add_demo(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="the whole product on two synthetic studies: C-STORE in, SR + heatmaps back into a PACS",
+        description="Generate a PE-positive and a PE-negative synthetic CTPA study, start a receiving PACS "
+                    "(a real Orthanc when installed, else a built-in storage SCP) and the node with the bundled "
+                    "demo model, send both studies by C-STORE, wait for the results, print the findings read back "
+                    "from the received SRs and write the heatmap images as PNG files. Exit status 0 when the "
+                    "positive study is flagged and the negative one is not. The demo model was trained on "
+                    "synthetic data only: research use, never on patients.",
+    )
+    p.add_argument("--out", default="demo-output", metavar="DIR",
+                   help="where results (DICOM) and PNG renderings are written (default: ./demo-output, replaced)")
+    p.add_argument("--bundle", default="", metavar="DIR", help="model bundle to use (default: the bundled demo model)")
+    p.add_argument("--no-orthanc", action="store_true", help="use the built-in storage SCP even if Orthanc is installed")
+    p.add_argument("--quiet-period", type=float, default=2.0, metavar="SECONDS",
+                   help="series completion quiet period for the demo node (default: 2)")
+    p.add_argument("--timeout", type=float, default=240.0, metavar="SECONDS",
+                   help="give up waiting for results after this long (default: 240)")
+    p.add_argument("--verbose", action="store_true", help="show the node's log events")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from pathlib import Path
+
+    from dicom_node.demo import run_demo
+
+    return run_demo(Path(args.out), bundle=args.bundle, prefer_orthanc=not args.no_orthanc,
+                    quiet_period_s=args.quiet_period, timeout_s=args.timeout, verbose=args.verbose)
 
 
 def _add_render(subparsers) -> None:
