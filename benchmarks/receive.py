@@ -1,0 +1,100 @@
+"""Receive throughput: dcmtk storescu -> the node (fsync + rename + SQLite row per instance) versus
+dcmtk storescp (plain write, no fsync), same 300-slice 512x512 phantom series, same run.
+
+    .venv/bin/python benchmarks/receive.py [--data DIR] [--repeats 3]
+
+Prints instances/s and MB/s for both and the ratio node/storescp (goal >= 1.0). The node runs as a
+real `dicom-node serve` process with a quiet period long enough that no job starts while measuring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from peers import StoreScpPeer, free_port, wait_for_port  # noqa: E402
+
+
+def phantom_files(data: Path, n_slices: int, size: int) -> list[Path]:
+    files = sorted(data.rglob("*.dcm"))
+    if len(files) == n_slices:
+        return files
+    from training import phantom
+
+    study = phantom.generate_study(1, phantom.PhantomConfig(rows=size, cols=size, n_slices=n_slices))
+    return sorted(phantom.write_study(study, data))
+
+
+def storescu(port: int, aet: str, files: list[Path]) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(["/usr/bin/storescu", "-aec", aet, "127.0.0.1", str(port), *map(str, files)],
+                       capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if r.returncode != 0 or "E:" in r.stderr:
+        raise RuntimeError(f"storescu to {aet} failed: {r.stderr[-500:]}")
+    return dt
+
+
+def start_node(workdir: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    cfg = workdir / "node.toml"
+    cfg.write_text(f'ae_title = "PENODE"\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{workdir / "data"}"\n'
+                   f'quiet_period_s = 3600.0\nmin_free_disk_mb = 0\n[log]\nlevel = "WARNING"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    wait_for_port(port, proc=proc, timeout=60)
+    return proc, port
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "receive_bench_series",
+                    help="folder for the phantom series (reused when it holds the right number of files)")
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs per receiver; the median is reported")
+    args = ap.parse_args(argv)
+    files = phantom_files(args.data, args.slices, args.size)
+    mb = sum(f.stat().st_size for f in files) / 1e6
+    node_t, scp_t = [], []
+    for rep in range(args.repeats):
+        work = Path(tempfile.mkdtemp(prefix="recv_bench_"))
+        proc, port = start_node(work)
+        try:
+            node_t.append(storescu(port, "PENODE", files))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        n_spooled = len(list((work / "data" / "spool").rglob("*.dcm")))
+        shutil.rmtree(work, ignore_errors=True)
+        if n_spooled != len(files):
+            raise RuntimeError(f"node spooled {n_spooled} of {len(files)} instances")
+        scp_dir = Path(tempfile.mkdtemp(prefix="scp_bench_"))
+        peer = StoreScpPeer(scp_dir).start()
+        try:
+            scp_t.append(storescu(peer.port, peer.aet, files))
+        finally:
+            peer.stop()
+            shutil.rmtree(scp_dir, ignore_errors=True)
+        print(f"run {rep + 1}: node {node_t[-1]:.2f} s, storescp {scp_t[-1]:.2f} s", flush=True)
+    tn, ts = statistics.median(node_t), statistics.median(scp_t)
+    print(f"series: {len(files)} instances, {mb:.0f} MB ({args.size}x{args.size}, uncompressed)")
+    print(f"node (fsync + rename + SQLite row, synchronous=FULL): {tn:.2f} s  {len(files) / tn:.0f} inst/s  {mb / tn:.0f} MB/s")
+    print(f"dcmtk storescp (default options, no fsync):           {ts:.2f} s  {len(files) / ts:.0f} inst/s  {mb / ts:.0f} MB/s")
+    print(f"ratio node/storescp throughput: {ts / tn:.2f} (goal >= 1.0)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
