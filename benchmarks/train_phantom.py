@@ -1,0 +1,111 @@
+"""Proof that the training learns: phantom studies -> `fit --preset tiny` -> test AUROCs vs targets.
+
+    .venv/bin/python benchmarks/train_phantom.py                       # 200 studies, the full check
+    .venv/bin/python benchmarks/train_phantom.py --studies 30 --phase1-epochs 1 --phase2-epochs 5   # a quick try
+
+Generates (once, reused when OUT/data holds the same number of studies) phantom CTPA studies of
+128 x 128 px and 140 slices of 2.5 mm, trains the tiny preset on CPU, and prints per label the
+test AUROC with its 95% DeLong and bootstrap confidence intervals, the target check of issue 4
+(pe_present_on_window and negative_exam_for_pe >= 0.95; central/left/right >= 0.90; RV/LV labels
+>= 0.85), the seconds of every step and the seconds per phase-1 epoch. Re-running with the same
+--out resumes (finished steps are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+TARGETS = {
+    "pe_present_on_window": 0.95, "negative_exam_for_pe": 0.95,
+    "central_pe": 0.90, "leftsided_pe": 0.90, "rightsided_pe": 0.90,
+    "rv_lv_ratio_gte_1": 0.85, "rv_lv_ratio_lt_1": 0.85,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="/tmp/train_phantom", help="working directory (OUT/data, OUT/run)")
+    ap.add_argument("--studies", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=2022)
+    ap.add_argument("--rows", type=int, default=128)
+    ap.add_argument("--slices", type=int, default=140)
+    ap.add_argument("--slice-thickness", type=float, default=2.5)
+    ap.add_argument("--phase1-epochs", type=int, default=None, help="default: the tiny preset's")
+    ap.add_argument("--phase2-epochs", type=int, default=None, help="default: the tiny preset's")
+    ap.add_argument("--workers", type=int, default=2, help="cache processes and DataLoader workers")
+    args = ap.parse_args(argv)
+
+    from dicom_node.labels import ALL_LABELS
+    from dicom_node.log import configure_logging
+    from training.fit import STEPS, resolve_config, run_step, step_done
+    from training.distributed import setup
+    from training.phantom import PhantomConfig, generate_dataset
+
+    configure_logging(level="WARNING")
+    out = Path(args.out)
+    data, run = out / "data", out / "run"
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    csv = data / "train.csv"
+    have = len({line.split(",", 1)[0] for line in csv.read_text().splitlines()[1:]}) if csv.is_file() else 0
+    if have != args.studies:
+        generate_dataset(data, args.studies, args.seed,
+                         PhantomConfig(rows=args.rows, cols=args.rows, n_slices=args.slices,
+                                       slice_thickness_mm=args.slice_thickness), workers=args.workers)
+    timings["phantom"] = time.perf_counter() - t0
+
+    overrides: dict = {"num_workers": args.workers}
+    if args.phase1_epochs:
+        overrides.setdefault("phase1", {})["epochs"] = args.phase1_epochs
+    if args.phase2_epochs:
+        overrides.setdefault("phase2", {})["epochs"] = args.phase2_epochs
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file = out / "bench_config.json"
+    cfg_file.write_text(json.dumps(overrides))
+    config = resolve_config(run, "tiny", cfg_file, device="cpu", workers=args.workers)
+    ctx = setup("cpu")
+    for step in STEPS:
+        t0 = time.perf_counter()
+        if not step_done(step, run):
+            run_step(step, config, data, run, ctx, progress=True)
+        timings[step] = time.perf_counter() - t0
+    wall = time.perf_counter() - t_all
+
+    report = json.loads((run / "report.json").read_text())
+    history = json.loads((run / "phase1" / "history.json").read_text())
+    test = report["test"]
+    print(f"\ntrain_phantom: {args.studies} studies {args.rows}x{args.rows} px, {args.slices} slices of "
+          f"{args.slice_thickness} mm; preset tiny, phase1 {config.phase1.epochs} epochs, phase2 {config.phase2.epochs} epochs")
+    print(f"{'label':24s} {'AUROC':>6s}  {'95% CI DeLong':>15s}  {'95% CI bootstrap':>16s}  target  pos/neg")
+    failed = []
+
+    def fmt(v):
+        return "  n/a " if v is None else f"{v:6.3f}"
+
+    def ci(v):
+        return "      n/a      " if not v or v[0] is None else f"[{v[0]:.3f}, {v[1]:.3f}]"
+
+    for label in ALL_LABELS:
+        a = test["auroc"].get(label)
+        target = TARGETS.get(label)
+        ok = "" if target is None else ("ok" if a is not None and a >= target else "MISS")
+        if ok == "MISS":
+            failed.append(label)
+        print(f"{label:24s} {fmt(a)}  {ci(test.get('auroc_ci_delong', {}).get(label)):>15s}  "
+              f"{ci(test.get('auroc_ci', {}).get(label)):>16s}  {'' if target is None else f'{target:.2f} {ok}':7s} "
+              f"{test.get('positives', {}).get(label)}/{test.get('negatives', {}).get(label)}")
+    print(f"phase-1 window AUROC on test (before phase 2): {report.get('phase1', {}).get('test_auroc_window')}")
+    print("seconds per step: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    print("seconds per phase-1 epoch: " + ", ".join(f"{h['seconds']:.0f}" for h in history)
+          + f" ({history[0]['train_windows']} training windows)")
+    print(f"wall time: {wall / 60:.1f} min; targets {'met' if not failed else 'missed: ' + ', '.join(failed)}")
+    return 0 if not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
