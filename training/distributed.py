@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -57,7 +58,9 @@ def setup(device: str = "auto") -> DistContext:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+        # long timeout: in `fit`, rank 0 builds the cache (hours on RSNA) while the others wait at a barrier
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=timedelta(hours=12))
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
