@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from dicom_node.bundle import Bundle, GraphSpec, load_bundle
-from dicom_node.labels import STUDY_LABELS, make_consistent
+from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL, make_consistent
 from dicom_node.log import get_logger
 from dicom_node.preprocess import PreprocessConfig, Windows
 from dicom_node.sequence import from_fixed_length, to_fixed_length
@@ -237,7 +237,7 @@ class Predictor:
             heatmaps=np.maximum(heatmaps, 0.0),
             thresholds=dict(m.thresholds),
             window_positive=np.asarray(consistent.window_positive, dtype=bool),
-            labels=dict(consistent.study),
+            labels={WINDOW_LABEL: bool(np.any(consistent.window_positive)), **consistent.study},
             model_name=m.name,
             model_version=m.version,
             model_uid=m.model_uid,

@@ -50,7 +50,7 @@ def _options(ctx: JobContext) -> ResultOptions:
     r = ctx.config.results
     return ResultOptions(
         key_slices=r.top_k_heatmaps,
-        revision=ctx.revision,
+        revision=max(0, ctx.revision - 1),  # the worker counts revisions from 1, the result builders from 0
         sr_series_number=r.series_number,
         sr_series_description=r.series_description,
         sc_series_number=r.series_number + 1,
