@@ -92,7 +92,7 @@ def _add_run_args(p, *, data_required: bool) -> None:
     p.add_argument("--out", required=True, help="run directory RUN (config.json, split.json, cache/, phase1/, features/, phase2/, report.json)")
     p.add_argument("--preset", choices=("paper", "tiny"), default=None,
                    help="settings: 'paper' = Ma et al. 2022 (224/192 px, batch 16, 20 + 200 epochs); 'tiny' = narrow "
-                        "network on 64/56 px for CPU. Default: the run's stored config.json, else 'paper'")
+                        "network on 96/80 px for CPU. Default: the run's stored config.json, else 'paper'")
     p.add_argument("--config", default=None, help="TOML/JSON file overriding preset settings, e.g. [phase1] epochs = 2")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the config's)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers and cache processes (default: the config's)")

@@ -105,9 +105,9 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(),
     "tiny": TrainConfig(
-        phase1=Phase1Config(width=16, batch_size=8, epochs=6),
-        phase2=Phase2Config(hidden=64, batch_size=16, epochs=60),
-        preprocess=replace(PreprocessConfig(), resize=64, crop=56),
+        phase1=Phase1Config(width=16, batch_size=8, epochs=10),
+        phase2=Phase2Config(hidden=64, batch_size=16, epochs=100),
+        preprocess=replace(PreprocessConfig(), resize=96, crop=80),
         num_workers=0,
         device="cpu",
         amp=False,
