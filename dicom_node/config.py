@@ -140,6 +140,10 @@ class InferenceConfig:
     bundle: str = field(default="", metadata=_doc("Model bundle directory (empty = the bundled demo model)"))
     providers: tuple[str, ...] = field(default=("CUDAExecutionProvider", "CPUExecutionProvider"), metadata=_doc("onnxruntime execution providers in order of preference"))
     require_gpu: bool = field(default=False, metadata=_doc("Refuse to start when the CUDA provider is not available"))
+    intra_op_threads: int = field(default=0, metadata=_doc("onnxruntime intra-op threads per session (0 = onnxruntime's default: all cores)"))
+    graph_optimization: str = field(default="all", metadata=_doc("onnxruntime graph optimisation level: disable, basic, extended or all"))
+    batch_size: int = field(default=8, metadata=_doc("Windows per stage-1 run (larger uses more memory, can be faster on a GPU)"))
+    precision: str = field(default="auto", metadata=_doc("auto (float16 graphs on CUDA when the bundle has them), fp32 or fp16"))
 
 
 @dataclass(frozen=True)
@@ -342,12 +346,18 @@ def _validate(c: Config) -> None:
                 raise ConfigError(f"selection.{name}[{i}]: {pattern!r} is not a regular expression ({e})") from None
     need(1 <= c.results.series_number <= 2**31 - 1, "results.series_number", c.results.series_number, "1-2147483647")
     need(len(c.results.series_description) <= 64, "results.series_description", c.results.series_description, "at most 64 characters")
-    need(0 <= c.results.top_k_heatmaps <= 50, "results.top_k_heatmaps", c.results.top_k_heatmaps, "0-50")
+    need(1 <= c.results.top_k_heatmaps <= 50, "results.top_k_heatmaps", c.results.top_k_heatmaps, "1-50")
     known = {"CUDAExecutionProvider", "CPUExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
              "CoreMLExecutionProvider", "DmlExecutionProvider", "OpenVINOExecutionProvider"}
     for i, p in enumerate(c.inference.providers):
         need(p in known, f"inference.providers[{i}]", p, f"one of {sorted(known)}")
     need(bool(c.inference.providers), "inference.providers", c.inference.providers, "at least one provider")
+    need(c.inference.intra_op_threads >= 0, "inference.intra_op_threads", c.inference.intra_op_threads, ">= 0 (0 = default)")
+    need(c.inference.graph_optimization in ("disable", "basic", "extended", "all"), "inference.graph_optimization",
+         c.inference.graph_optimization, "one of disable, basic, extended, all")
+    need(c.inference.batch_size >= 1, "inference.batch_size", c.inference.batch_size, ">= 1")
+    need(c.inference.precision in ("auto", "fp32", "fp16"), "inference.precision", c.inference.precision,
+         "one of auto, fp32, fp16")
     if c.inference.bundle:
         need(Path(c.inference.bundle).is_dir(), "inference.bundle", c.inference.bundle, "an existing bundle directory or empty for the demo model")
     need(c.log.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log.level", c.log.level, "DEBUG, INFO, WARNING or ERROR")

@@ -109,6 +109,15 @@ class Node:
                 "uptime_s": round(time.time() - (self.started_at or time.time()), 1)}
 
     def start(self, block: bool = False) -> "Node":
+        # The job body may need set-up that must fail at start, not at the first study: the product
+        # pipeline loads and verifies the model bundle, checks require_gpu and warms the graphs up.
+        prepare = getattr(self.run_job, "prepare", None)
+        if prepare is not None:
+            try:
+                prepare(self.config)
+            except Exception as e:
+                self.state.close()
+                raise NodeError(f"cannot start: {e}") from e
         counts = recover(self.config, self.state, self.spool)
         self.log.info("node_recovered", **counts)
         self.sender.start()

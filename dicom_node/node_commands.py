@@ -126,7 +126,11 @@ def _cmd_serve(args) -> int:
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: node._stopped.set())
-    node.start(block=True)
+    try:
+        node.start(block=True)
+    except NodeError as e:
+        print(f"dicom-node serve: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -23,7 +23,7 @@ from .results import ResultOptions, ResultSet, build_results
 from .series import load_series
 from .worker import JobContext, JobResult
 
-__all__ = ["run_job", "analyse_series", "get_predictor", "bundle_dir"]
+__all__ = ["run_job", "prepare", "analyse_series", "get_predictor", "bundle_dir"]
 
 log = get_logger("dicom_node.pipeline")
 _predictors: dict[tuple, Predictor] = {}
@@ -36,14 +36,31 @@ def bundle_dir(configured: str) -> Path:
 
 
 def get_predictor(bundle: str = "", providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
-                  require_gpu: bool = False) -> Predictor:
-    """One verified, warmed-up Predictor per (bundle, providers, require_gpu) in this process."""
+                  require_gpu: bool = False, **session) -> Predictor:
+    """One verified, warmed-up Predictor per (bundle, providers, require_gpu, session options) in this process.
+
+    `session` passes onnxruntime settings through to `Predictor` (intra_op_threads, graph_optimization,
+    batch_size, precision).
+    """
     path = bundle_dir(bundle).resolve()
-    key = (str(path), tuple(providers), bool(require_gpu))
+    key = (str(path), tuple(providers), bool(require_gpu), tuple(sorted(session.items())))
     with _lock:
         if key not in _predictors:
-            _predictors[key] = Predictor(load_bundle(path), providers=providers, require_gpu=require_gpu)
+            _predictors[key] = Predictor(load_bundle(path), providers=providers, require_gpu=require_gpu, **session)
         return _predictors[key]
+
+
+def _predictor_for(config, bundle: str = "") -> Predictor:
+    inf = config.inference
+    threads = inf.intra_op_threads or None
+    return get_predictor(bundle or inf.bundle, inf.providers, inf.require_gpu, intra_op_threads=threads,
+                         graph_optimization=inf.graph_optimization, batch_size=inf.batch_size,
+                         precision=inf.precision)
+
+
+def prepare(config) -> None:
+    """Node start-up: load and verify the bundle, honour require_gpu, warm up (raises on any failure)."""
+    _predictor_for(config)
 
 
 def _options(ctx: JobContext) -> ResultOptions:
@@ -80,8 +97,7 @@ def analyse_series(paths, predictor: Predictor, options: ResultOptions = ResultO
 def run_job(ctx: JobContext) -> JobResult:
     """The worker's job body (see module docstring)."""
     t0 = time.perf_counter()
-    inf = ctx.config.inference
-    predictor = get_predictor(ctx.bundle or inf.bundle, inf.providers, inf.require_gpu)
+    predictor = _predictor_for(ctx.config, ctx.bundle)
     timings: dict[str, float] = {}
 
     def mark(stage: str) -> None:
@@ -97,3 +113,6 @@ def run_job(ctx: JobContext) -> JobResult:
              total_s=round(time.perf_counter() - t0, 3))
     return JobResult(datasets=tuple(results.datasets()), result_uids=results.sop_instance_uids,
                      inference_s=inference_s)
+
+
+run_job.prepare = prepare  # type: ignore[attr-defined]  # called by Node.start before accepting studies

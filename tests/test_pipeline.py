@@ -79,3 +79,33 @@ def test_node_with_real_pipeline_delivers_sr_and_heatmaps_to_orthanc(tiny_bundle
         node.stop()
         configure_logging(json=True, level="INFO", stream=sys.__stderr__)
         log.close()
+
+
+def test_node_refuses_to_start_with_a_broken_bundle(tiny_bundle, tmp_path):
+    import shutil
+
+    from dicom_node.node import NodeError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bundle, broken)
+    data = bytearray((broken / "stage2.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (broken / "stage2.onnx").write_bytes(bytes(data))
+    config = load_config(None, environ={}, overrides={
+        "port": 0, "host": "127.0.0.1", "data_dir": str(tmp_path / "data"), "min_free_disk_mb": 0,
+        "inference.bundle": str(broken)})
+    with pytest.raises(NodeError, match=r"cannot start: .*stage2\.onnx"):
+        Node(config).start()
+
+
+def test_node_refuses_to_start_when_gpu_required_but_absent(tiny_bundle, tmp_path):
+    from dicom_node.inference import available_providers
+    from dicom_node.node import NodeError
+
+    if "CUDAExecutionProvider" in available_providers():
+        pytest.skip("this host has CUDA")
+    config = load_config(None, environ={}, overrides={
+        "port": 0, "host": "127.0.0.1", "data_dir": str(tmp_path / "data"), "min_free_disk_mb": 0,
+        "inference.bundle": str(tiny_bundle), "inference.require_gpu": True})
+    with pytest.raises(NodeError, match="require_gpu is set but CUDAExecutionProvider is not available"):
+        Node(config).start()
