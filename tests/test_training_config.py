@@ -23,7 +23,7 @@ def test_paper_preset_holds_the_published_settings():
 def test_tiny_preset_is_small():
     c = load_config("tiny")
     assert c.phase1.width == 16 and c.phase1.feature_dim == 128
-    assert (c.preprocess.resize, c.preprocess.crop) == (64, 56)
+    assert (c.preprocess.resize, c.preprocess.crop) == (96, 80)
     assert c.phase1.epochs < 20 and c.phase2.epochs < 200 and c.device == "cpu"
 
 
@@ -46,7 +46,7 @@ def test_toml_and_json_overrides(tmp_path):
     ({"phase1": {"lr": "fast"}}, r"config phase1\.lr: expected a number, got 'fast'"),
     ({"phase2": {"kind": "lstm"}}, r"config phase2\.kind: 'lstm' is not one of 'tcn', 'gru'"),
     ({"phase1": {"epoch": 3}}, r"config phase1: unknown setting 'epoch'; valid settings: .*epochs"),
-    ({"preprocess": {"crop": 300}}, r"config preprocess.*crop.?300.*resize.{1,2}64"),
+    ({"preprocess": {"crop": 300}}, r"config preprocess.*crop.?300.*resize.{1,2}96"),
     ({"phase2": {"dropout": 1.5}}, r"config phase2\.dropout: must be in \[0, 1\), got 1\.5"),
     ({"phase1": {"batch_size": 0}}, r"config phase1\.batch_size: must be > 0, got 0"),
     ({"device": "tpu"}, r"config device: 'tpu' is not 'auto', 'cpu', 'cuda' or 'cuda:N'"),
@@ -67,3 +67,20 @@ def test_unknown_preset_and_file_errors(tmp_path):
         (tmp_path / "x.yaml").write_text("a: 1")
         load_config("paper", tmp_path / "x.yaml")
     assert set(PRESETS) == {"paper", "tiny"}
+
+
+def test_pretrained_flag_sets_phase1_weights_and_refuses_missing_file(tmp_path):
+    import torch
+
+    from training.config import ConfigError
+    from training.fit import resolve_config
+    from training.models import r3d_18
+
+    weights = tmp_path / "r3d_18_k400.pth"
+    torch.save(r3d_18(width=16, pretrained=None).state_dict(), weights)
+    config = resolve_config(tmp_path / "run", "tiny", pretrained=str(weights))
+    assert config.phase1.pretrained == str(weights)
+    model = r3d_18(width=config.phase1.width, pretrained=config.phase1.pretrained)  # loads without error
+    assert torch.equal(model.stem[0].weight, torch.load(weights)["stem.0.weight"])
+    with pytest.raises(ConfigError, match=r"--pretrained .*missing\.pth: no such file"):
+        resolve_config(tmp_path / "run2", "tiny", pretrained=str(tmp_path / "missing.pth"))

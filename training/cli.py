@@ -96,6 +96,9 @@ def _add_run_args(p, *, data_required: bool) -> None:
     p.add_argument("--config", default=None, help="TOML/JSON file overriding preset settings, e.g. [phase1] epochs = 2")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the config's)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers and cache processes (default: the config's)")
+    p.add_argument("--pretrained", default=None, metavar="PATH",
+                   help="local Kinetics-400 r3d_18 state_dict to start phase 1 from (torchvision parameter names; "
+                        "never downloaded). Without it phase 1 starts from random weights, with a warning")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars (log events only)")
     p.add_argument("--log-json", action="store_true", help="log events as JSON lines")
 
@@ -139,7 +142,8 @@ def _start(args, *, new_run: bool):
     from training.fit import resolve_config
 
     configure_logging(json=args.log_json)
-    config = resolve_config(args.out, args.preset, args.config, device=args.device, workers=args.workers, new_run=new_run)
+    config = resolve_config(args.out, args.preset, args.config, device=args.device, workers=args.workers,
+                            new_run=new_run, pretrained=args.pretrained)
     return config, setup(config.device)
 
 

@@ -44,7 +44,7 @@ def _comparable(d: dict) -> dict:
 
 
 def resolve_config(run_dir, preset: str | None = None, config_file=None, *, device: str | None = None,
-                   workers: int | None = None, new_run: bool = False) -> TrainConfig:
+                   workers: int | None = None, new_run: bool = False, pretrained: str | None = None) -> TrainConfig:
     """The run's config: RUN/config.json when it exists (checked against --preset/--config), else the preset.
 
     `new_run=True` refuses a RUN that already holds a run (fit without --resume).
@@ -68,6 +68,11 @@ def resolve_config(run_dir, preset: str | None = None, config_file=None, *, devi
         config = asked
     if device:
         config = replace(config, device=device)
+    if pretrained:
+        if not Path(pretrained).is_file():
+            raise ConfigError(f"--pretrained {pretrained}: no such file; pass a local Kinetics-400 r3d_18 state_dict "
+                              "(.pth/.pt) or leave it out for random initialisation")
+        config = replace(config, phase1=replace(config.phase1, pretrained=str(pretrained)))
     if workers is not None:
         if workers < 0:
             raise ConfigError(f"--workers {workers}: must be >= 0")
