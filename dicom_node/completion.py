@@ -11,6 +11,7 @@ The same thread applies spool retention (`[spool] keep_days`).
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from .config import Config
 from .log import get_logger
 from .selection import read_header, select_series
 from .spool import Spool
-from .state import SeriesState, State
+from .state import JobState, SeriesState, State
 
 __all__ = ["CompletionScheduler"]
 
@@ -80,8 +81,13 @@ class CompletionScheduler:
         n = 0
         for s in self.state.done_series_older_than(now - days * 86400):
             n += self.spool.delete_series(s.study_uid, s.series_uid)
+            # delivered results too: they are in the PACS, and a re-run rebuilds them with the same UIDs
+            outboxes = [self.spool.job_outbox(j.id) for j in self.state.jobs(JobState.DONE, series_uid=s.series_uid)]
+            for box in outboxes:
+                shutil.rmtree(box, ignore_errors=True)
             self.state.mark_series_purged(s.series_uid)
-            self.log.info("spool_purged", series_uid=s.series_uid, reason=f"older than keep_days={days:g}")
+            self.log.info("spool_purged", series_uid=s.series_uid, outboxes=len(outboxes),
+                          reason=f"older than keep_days={days:g}")
         return n
 
     # --- thread -----------------------------------------------------------------------------------
