@@ -12,11 +12,11 @@ The same thread applies spool retention (`[spool] keep_days`).
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Callable
 
+from .background import BackgroundLoop
 from .config import Config
 from .log import get_logger
 from .selection import read_header, select_series
@@ -26,16 +26,19 @@ from .state import JobState, SeriesState, State
 __all__ = ["CompletionScheduler"]
 
 
-class CompletionScheduler:
+class CompletionScheduler(BackgroundLoop):
+    """Completes quiet series, selects them and queues jobs; applies spool retention."""
+
+    thread_name = "completion"
+    join_timeout_s = 10.0
+
     def __init__(self, config: Config, state: State, spool: Spool, *, on_queued: Callable[[int], None] | None = None) -> None:
         self.config = config
         self.state = state
         self.spool = spool
         self.on_queued = on_queued
         self.log = get_logger("dicom_node.completion")
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self._last_cleanup = 0.0
 
     def poll_once(self, now: float | None = None) -> list[str]:
@@ -91,9 +94,6 @@ class CompletionScheduler:
         return n
 
     # --- thread -----------------------------------------------------------------------------------
-    def wake(self) -> None:
-        self._wake.set()
-
     def _run(self) -> None:
         poll = min(self.config.worker.poll_s, self.config.quiet_period_s / 4)
         while not self._stop.is_set():
@@ -101,16 +101,6 @@ class CompletionScheduler:
                 self.poll_once()
             except Exception as e:  # keep serving; the next poll retries
                 self.log.error("completion_poll_failed", error=f"{type(e).__name__}: {e}")
-            self._wake.wait(poll)
-            self._wake.clear()
+            self._sleep(poll)
         self.state.close()
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="completion", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread:
-            self._thread.join(10)

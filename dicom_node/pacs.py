@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["free_port", "wait_for_port", "OrthancPeer", "StoreScpPeer", "LocalStorageScp", "ORTHANC_BIN", "DCMTK_BIN"]
+__all__ = ["free_port", "wait_for_port", "terminate", "OrthancPeer", "StoreScpPeer", "LocalStorageScp", "ORTHANC_BIN", "DCMTK_BIN"]
 
 ORTHANC_BIN = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
 DCMTK_BIN = Path("/usr/bin") if Path("/usr/bin/storescu").exists() else None
@@ -40,6 +40,18 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0, pro
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f} s")
+
+
+def terminate(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """End a peer process: SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @dataclass
@@ -84,13 +96,7 @@ class OrthancPeer:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     # --- REST helpers -------------------------------------------------------------------------
     def get(self, path: str):
@@ -152,13 +158,7 @@ class StoreScpPeer:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
 
 @dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import ssl
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pydicom import uid as U
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification as VerificationSOPClass
 
+from .background import BackgroundLoop
 from .config import Config, Destination, parse_destination
 from .log import get_logger
 from .spool import Spool
@@ -125,8 +125,11 @@ def echo(dest: Destination, *, calling_aet: str = "ECHOSCU", config: Config | No
         assoc.release()
 
 
-class Sender:
+class Sender(BackgroundLoop):
     """Background thread delivering due outbox entries and finishing jobs."""
+
+    thread_name = "sender"
+    join_timeout_s = 30.0
 
     def __init__(self, config: Config, state: State, spool: Spool, *,
                  on_failure: Callable[[str], None] | None = None,
@@ -139,22 +142,7 @@ class Sender:
         self.on_finished = on_finished
         self.on_rerun = on_rerun
         self.log = get_logger("dicom_node.send")
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def wake(self, _job_id: int | None = None) -> None:
-        self._wake.set()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread:
-            self._thread.join(30)
+        super().__init__()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -164,8 +152,7 @@ class Sender:
                 self.log.error("send_poll_failed", error=f"{type(e).__name__}: {e}")
             nxt = self.state.next_delivery_time()
             wait = self.config.worker.poll_s if nxt is None else max(0.0, min(nxt - time.time(), 1.0))
-            self._wake.wait(max(wait, 0.01))
-            self._wake.clear()
+            self._sleep(max(wait, 0.01))
         self.state.close()
 
     def poll_once(self) -> None:

@@ -23,6 +23,7 @@ from typing import Callable, Mapping
 import pydicom
 from pydicom.dataset import Dataset
 
+from .background import BackgroundLoop
 from .config import Config, Destination, ResultsConfig
 from .log import get_logger
 from .spool import Spool
@@ -80,8 +81,11 @@ def stage_durations(times: Mapping[str, float]) -> dict[str, float]:
     return {f"{a}_to_{b}_s": round(tb - ta, 3) for (a, ta), (b, tb) in zip(have, have[1:])}
 
 
-class Worker:
+class Worker(BackgroundLoop):
     """Runs queued jobs on a bounded thread pool (`[worker] concurrency`)."""
+
+    thread_name = "worker-dispatch"
+    join_timeout_s = 10.0
 
     def __init__(self, config: Config, state: State, spool: Spool, run_job: RunJob, *,
                  on_built: Callable[[int], None] | None = None,
@@ -97,25 +101,13 @@ class Worker:
         self.log = get_logger("dicom_node.worker")
         self._slots = threading.Semaphore(config.worker.concurrency)
         self._pool = ThreadPoolExecutor(max_workers=config.worker.concurrency, thread_name_prefix="job")
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def wake(self, _job_id: int | None = None) -> None:
-        self._wake.set()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._dispatch, name="worker-dispatch", daemon=True)
-        self._thread.start()
+        super().__init__()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread:
-            self._thread.join(10)
+        super().stop()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _dispatch(self) -> None:
+    def _run(self) -> None:  # dispatch loop
         while not self._stop.is_set():
             if not self._slots.acquire(timeout=self.config.worker.poll_s):
                 continue
@@ -126,8 +118,7 @@ class Worker:
                 self.log.error("job_claim_failed", error=f"{type(e).__name__}: {e}")
             if job is None:
                 self._slots.release()
-                self._wake.wait(self.config.worker.poll_s)
-                self._wake.clear()
+                self._sleep(self.config.worker.poll_s)
                 continue
             self._pool.submit(self._run_guarded, job)
         self.state.close()

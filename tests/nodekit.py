@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from dicom_node.worker import JobContext, JobResult
-from peers import free_port, wait_for_port
+from peers import free_port, terminate, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
 STORESCU = "/usr/bin/storescu"
@@ -147,13 +147,7 @@ class NodeProcess:
         self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 20)
 
     def events(self) -> list[dict]:
         out = []
