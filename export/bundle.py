@@ -148,8 +148,13 @@ def write_bundle(
     source: dict[str, Any] | None = None,
     parity_batches: tuple[int, ...] = (1, 8),
     force: bool = False,
+    stage1_conv_rewrite: str | None = "concat",
 ) -> ExportResult:
-    """Export, check and write a bundle directory at `out` (which must not exist, be empty, or `force`)."""
+    """Export, check and write a bundle directory at `out` (which must not exist, be empty, or `force`).
+
+    `stage1_conv_rewrite`: how stage 1's Conv3d are exported (`export.conv_rewrite`: "concat",
+    the default, as Conv2d with BatchNorm folded; None as plain Conv3d, for comparison).
+    """
     import torch
     from pydicom.uid import generate_uid
 
@@ -186,7 +191,8 @@ def write_bundle(
     tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be read by the node's user
     try:
         with torch.no_grad():
-            g1 = export_stage1(stage1_model, tmp / STAGE1_FILE, window_slices=ws, crop=crop, opset=opset)
+            g1 = export_stage1(stage1_model, tmp / STAGE1_FILE, window_slices=ws, crop=crop, opset=opset,
+                               conv_rewrite=stage1_conv_rewrite)
             g2 = export_stage2(stage2_model, tmp / STAGE2_FILE, sequence_length=sequence_length,
                                feature_dim=feature_dim, opset=opset)
         checks: dict[str, Any] = {
@@ -196,6 +202,7 @@ def write_bundle(
                                           feature_dim=feature_dim, batch_sizes=parity_batches).to_json(),
             "onnx_checker": "passed",
             "provider": "CPUExecutionProvider",
+            "stage1_conv_rewrite": stage1_conv_rewrite or "none",
         }
         log.info("export_parity", stage1_max_logit_diff=checks["stage1"]["worst_logit_diff"],
                  stage2_max_logit_diff=checks["stage2"]["worst_logit_diff"])

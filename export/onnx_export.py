@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from dicom_node.bundle import STAGE1_INPUTS, STAGE1_OUTPUTS, STAGE2_INPUTS, STAGE2_OUTPUTS, TensorSpec
+from export.conv_rewrite import rewrite_conv3d
 from training.models import cam, fold_weight_norm
 
 __all__ = [
@@ -135,9 +136,19 @@ def stage2_specs(sequence_length: int, feature_dim: int, num_study: int = 9, dty
     return ins, outs
 
 
-def export_stage1(model: nn.Module, path: Path, *, window_slices: int, crop: int, opset: int = DEFAULT_OPSET) -> Stage1Graph:
+def export_stage1(model: nn.Module, path: Path, *, window_slices: int, crop: int, opset: int = DEFAULT_OPSET,
+                  conv_rewrite: str | None = "concat") -> Stage1Graph:
+    """Export stage 1; returns the torch `Stage1Graph` of the ORIGINAL model, for the parity checks.
+
+    `conv_rewrite` ("concat", default, or "sum") exports every Conv3d as Conv2d with BatchNorm
+    folded (`export.conv_rewrite`; same outputs, several times faster on onnxruntime CPU);
+    None exports the plain Conv3d graph.
+    """
     graph = Stage1Graph(model).eval()
-    _export(graph, (torch.rand(2, 3, window_slices, crop, crop),), Path(path), STAGE1_INPUTS, STAGE1_OUTPUTS, opset)
+    exported = graph
+    if conv_rewrite is not None:
+        exported = Stage1Graph(rewrite_conv3d(model, mode=conv_rewrite)).eval()
+    _export(exported, (torch.rand(2, 3, window_slices, crop, crop),), Path(path), STAGE1_INPUTS, STAGE1_OUTPUTS, opset)
     return graph
 
 
