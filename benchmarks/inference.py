@@ -2,6 +2,11 @@
 
     .venv/bin/python benchmarks/inference.py                 # paper-size and tiny models
     .venv/bin/python benchmarks/inference.py --models tiny --repeats 5
+    .venv/bin/python benchmarks/inference.py --models paper --repeats 1 --compare-conv3d
+
+Stage 1 is exported with every Conv3d rewritten as Conv2d (`export.conv_rewrite`, the bundle
+default); `--compare-conv3d` also times a bundle exported with plain Conv3d ("ort-cpu-conv3d")
+in the same run.
 
 Models have random weights (timing does not depend on them): "paper" is R3D-18 width 64 on
 3 x 10 x 192 x 192 windows + TCN (128 channels); "tiny" is the tiny preset (width 16, 56 x 56
@@ -88,7 +93,7 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def worker(engine: str, name: str, bundle: str, repeats: int) -> dict:
+def worker(engine: str, name: str, bundle: str, repeats: int, threads_opt: int | None = None) -> dict:
     windows = _windows(name)
     base = _rss_mb()
     if engine == "torch":
@@ -115,11 +120,11 @@ def worker(engine: str, name: str, bundle: str, repeats: int) -> dict:
 
         providers = ("CUDAExecutionProvider",) if engine == "ort-cuda" else ("CPUExecutionProvider",)
         pred = Predictor(bundle, providers=providers, require_gpu=engine == "ort-cuda", batch_size=BATCH,
-                         precision="fp32")
+                         precision="fp32", intra_op_threads=threads_opt)
 
         def run_once():
             pred.predict(windows)
-        threads = os.cpu_count()
+        threads = threads_opt or os.cpu_count()
     run_once()  # warm-up
     times = []
     for _ in range(repeats):
@@ -130,19 +135,22 @@ def worker(engine: str, name: str, bundle: str, repeats: int) -> dict:
             "times_s": times, "peak_rss_mb": _rss_mb(), "rss_before_model_mb": base, "threads": threads}
 
 
-def _build_bundle(name: str, out: Path) -> None:
+def _build_bundle(name: str, out: Path, conv_rewrite: str | None = "gather") -> None:
     from export.bundle import write_bundle
 
     m1, m2 = _models(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         write_bundle(m1, m2, out, name=f"bench-{name}", version="0", preprocess=_preprocess(name),
-                     sequence_length=40, metrics={"data": "random weights"}, parity_batches=(1, 2))
+                     sequence_length=40, metrics={"data": "random weights"}, parity_batches=(1, 2),
+                     stage1_conv_rewrite=conv_rewrite)
 
 
-def _spawn(engine: str, name: str, bundle: Path, repeats: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", engine, "--models", name, "--bundle", str(bundle),
-           "--repeats", str(repeats)]
+def _spawn(engine: str, name: str, bundle: Path, repeats: int, threads: int | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine.removesuffix("-conv3d"), "--models", name,
+           "--bundle", str(bundle), "--repeats", str(repeats)]
+    if threads:
+        cmd += ["--intra-op-threads", str(threads)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
         raise RuntimeError(f"{engine}/{name} failed:\n{r.stderr[-3000:]}")
@@ -153,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="paper,tiny", help="comma-separated: paper, tiny")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per engine after one warm-up (median reported)")
+    p.add_argument("--compare-conv3d", action="store_true",
+                   help="also time stage 1 exported with plain Conv3d (no Conv2d rewrite) in the same run")
+    p.add_argument("--intra-op-threads", type=int, default=None,
+                   help="onnxruntime intra-op threads (default: onnxruntime's choice, all cores)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--bundle", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -160,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         from dicom_node.log import configure_logging
 
         configure_logging(level="WARNING")
-        print(json.dumps(worker(args.worker, args.models, args.bundle, args.repeats)))
+        print(json.dumps(worker(args.worker, args.models, args.bundle, args.repeats, args.intra_op_threads)))
         return 0
 
     import onnxruntime as ort
@@ -169,11 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}; "
           f"onnxruntime {ort.__version__} providers {ort.get_available_providers()}")
     print(f"study: {N_WINDOWS} windows, stage-1 batch {BATCH}, random weights; median of {args.repeats} after a warm-up")
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} cores")
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             bundle = Path(tmp) / "bundle"
             _build_bundle(name, bundle)
-            res = {e: _spawn(e, name, bundle, args.repeats) for e in ("ort-cpu", "torch")}
+            res = {e: _spawn(e, name, bundle, args.repeats, args.intra_op_threads) for e in ("ort-cpu", "torch")}
+            if args.compare_conv3d:
+                plain = Path(tmp) / "bundle-conv3d"
+                _build_bundle(name, plain, conv_rewrite=None)
+                res["ort-cpu-conv3d"] = _spawn("ort-cpu-conv3d", name, plain, args.repeats, args.intra_op_threads)
             if cuda:
                 res["ort-cuda"] = _spawn("ort-cuda", name, bundle, args.repeats)
         width, _, _, crop = MODELS[name]
@@ -183,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"peak RSS {r['peak_rss_mb']:.0f} MB (before model {r['rss_before_model_mb']:.0f} MB)")
         ratio = res["torch"]["median_s"] / res["ort-cpu"]["median_s"]
         print(f"  onnxruntime CPU is {ratio:.2f}x the speed of torch eager (goal >= 1.1x)")
+        if "ort-cpu-conv3d" in res:
+            r3 = res["torch"]["median_s"] / res["ort-cpu-conv3d"]["median_s"]
+            print(f"  onnxruntime CPU with plain Conv3d is {r3:.2f}x the speed of torch eager")
+        print(f"  load average after this model: {os.getloadavg()[0]:.2f} (1 min), {os.getloadavg()[1]:.2f} (5 min)")
         if not cuda:
             print("  CUDA not available (onnxruntime offers no CUDAExecutionProvider here)")
     return 0

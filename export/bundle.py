@@ -148,11 +148,11 @@ def write_bundle(
     source: dict[str, Any] | None = None,
     parity_batches: tuple[int, ...] = (1, 8),
     force: bool = False,
-    stage1_conv_rewrite: str | None = "concat",
+    stage1_conv_rewrite: str | None = "gather",
 ) -> ExportResult:
     """Export, check and write a bundle directory at `out` (which must not exist, be empty, or `force`).
 
-    `stage1_conv_rewrite`: how stage 1's Conv3d are exported (`export.conv_rewrite`: "concat",
+    `stage1_conv_rewrite`: how stage 1's Conv3d are exported (`export.conv_rewrite`: "gather",
     the default, as Conv2d with BatchNorm folded; None as plain Conv3d, for comparison).
     """
     import torch

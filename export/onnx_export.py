@@ -137,10 +137,10 @@ def stage2_specs(sequence_length: int, feature_dim: int, num_study: int = 9, dty
 
 
 def export_stage1(model: nn.Module, path: Path, *, window_slices: int, crop: int, opset: int = DEFAULT_OPSET,
-                  conv_rewrite: str | None = "concat") -> Stage1Graph:
+                  conv_rewrite: str | None = "gather") -> Stage1Graph:
     """Export stage 1; returns the torch `Stage1Graph` of the ORIGINAL model, for the parity checks.
 
-    `conv_rewrite` ("concat", default, or "sum") exports every Conv3d as Conv2d with BatchNorm
+    `conv_rewrite` ("gather", default; "concat" or "sum") exports every Conv3d as Conv2d with BatchNorm
     folded (`export.conv_rewrite`; same outputs, several times faster on onnxruntime CPU);
     None exports the plain Conv3d graph.
     """

@@ -35,7 +35,7 @@ def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
             m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
 
 
-@pytest.mark.parametrize("mode", ["concat", "sum"])
+@pytest.mark.parametrize("mode", ["gather", "concat", "sum"])
 @pytest.mark.parametrize("name", list(CONVS))
 def test_conv3d_as_2d_equals_conv3d(name, mode):
     cin, cout, k, s, p, d, bias = CONVS[name]
@@ -85,7 +85,7 @@ def test_fold_batchnorm_keeps_outputs():
     assert torch.max(torch.abs(got - ref)).item() <= 1e-5
 
 
-@pytest.mark.parametrize("rewrite", ["concat", None])
+@pytest.mark.parametrize("rewrite", ["gather", "concat", None])
 def test_exported_graph_matches_original_torch(tmp_path, rewrite):
     import onnx
     import onnxruntime as ort
