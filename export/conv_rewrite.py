@@ -76,8 +76,6 @@ class Conv3dAs2d(nn.Module):
             x = F.pad(x, (0, 0, 0, 0, self.pt, self.pt))
         t_out = (t + 2 * self.pt - self.dt * (self.kt - 1) - 1) // self.st + 1
         x = x.transpose(1, 2)  # (B, T, C, H, W): frames become batch items after the reshape
-        span = self.st * (t_out - 1) + 1
-        taps = [x[:, d * self.dt: d * self.dt + span: self.st] for d in range(self.kt)]  # each (B, T_out, C, H, W)
         if self.mode == "gather":
             # one Gather picks every (output frame, tap) pair: (B, T_out * kt, C, H, W), already in the
             # (B*T_out, kt*C) order the Conv2d weight expects, so the reshape is free
@@ -85,13 +83,19 @@ class Conv3dAs2d(nn.Module):
                                dtype=torch.long, device=x.device)
             picked = x if self.kt == 1 and self.st == 1 else x.index_select(1, idx)
             y = self.convs[0](picked.reshape(-1, self.kt * c, h, w))
-        elif self.mode == "concat":
+            return self._untime(y, t_out)
+        span = self.st * (t_out - 1) + 1
+        taps = [x[:, d * self.dt: d * self.dt + span: self.st] for d in range(self.kt)]  # each (B, T_out, C, H, W)
+        if self.mode == "concat":
             stacked = taps[0] if self.kt == 1 else torch.cat(taps, dim=2)
             y = self.convs[0](stacked.reshape(-1, self.kt * c, h, w))
         else:
             y = self.convs[0](taps[0].reshape(-1, c, h, w))
             for d in range(1, self.kt):
                 y = y + self.convs[d](taps[d].reshape(-1, c, h, w))
+        return self._untime(y, t_out)
+
+    def _untime(self, y: Tensor, t_out: int) -> Tensor:
         y = y.reshape(-1, t_out, self.out_channels, int(y.shape[2]), int(y.shape[3]))
         return y.transpose(1, 2)  # (B, O, T_out, H_out, W_out)
 
@@ -116,8 +120,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         names = list(module._modules)
         for a, b in zip(names, names[1:]):
             conv, bn = module._modules[a], module._modules[b]
-            if isinstance(conv, nn.Conv3d) and isinstance(bn, nn.BatchNorm3d) and bn.track_running_stats \
-                    and bn.running_mean is not None:
+            if isinstance(conv, nn.Conv3d) and isinstance(bn, nn.BatchNorm3d) and not bn.training \
+                    and bn.track_running_stats and bn.running_mean is not None:
                 module._modules[a] = _fold(conv, bn)
                 module._modules[b] = nn.Identity()
     return model
