@@ -86,6 +86,10 @@ def _make_studies(out: Path) -> list[DemoStudy]:
     studies = []
     for name, seed, kind in (("positive", 20261125, "positive"), ("negative", 20261126, "negative")):
         st = generate_study(seed, cfg, kind=kind)
+        # the demo shows a typical case: a positive study with a central embolus (the first such seed)
+        while kind == "positive" and not st.study_labels["central_pe"]:
+            seed += 2
+            st = generate_study(seed, cfg, kind=kind)
         files = write_study(st, out / name)
         ds = pydicom.dcmread(files[0], stop_before_pixels=True)
         studies.append(DemoStudy(name, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), tuple(files),
