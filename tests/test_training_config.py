@@ -84,3 +84,31 @@ def test_pretrained_flag_sets_phase1_weights_and_refuses_missing_file(tmp_path):
     assert torch.equal(model.stem[0].weight, torch.load(weights)["stem.0.weight"])
     with pytest.raises(ConfigError, match=r"--pretrained .*missing\.pth: no such file"):
         resolve_config(tmp_path / "run2", "tiny", pretrained=str(tmp_path / "missing.pth"))
+
+
+def test_balanced_sampler_draws_the_asked_positive_share_and_shards_by_rank():
+    import numpy as np
+
+    from training.phase1 import BalancedSampler
+
+    labels = np.zeros(1000)
+    labels[:50] = 1
+    s = BalancedSampler(labels, 0.3, seed=3)
+    s.set_epoch(2)
+    idx = list(s)
+    assert len(idx) == len(s) == 1000
+    assert abs(np.mean(labels[idx]) - 0.3) < 0.01
+    again = BalancedSampler(labels, 0.3, seed=3)
+    again.set_epoch(2)
+    assert list(again) == idx  # deterministic for (seed, epoch)
+    s.set_epoch(3)
+    assert list(s) != idx  # a new draw each epoch
+    shards = [BalancedSampler(labels, 0.3, rank=r, world_size=2, seed=3) for r in (0, 1)]
+    for sh in shards:
+        sh.set_epoch(2)
+    a, b = list(shards[0]), list(shards[1])
+    assert len(a) == len(b) == 500
+    with pytest.raises(ValueError, match="positive_fraction=1.5"):
+        BalancedSampler(labels, 1.5)
+    with pytest.raises(ValueError, match="have 0 positive"):
+        BalancedSampler(np.zeros(10), 0.3)

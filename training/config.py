@@ -64,6 +64,9 @@ class Phase1Config:
     epochs: int = 20
     rotation_deg: float = 15.0  # training augmentation: random rotation in +-rotation_deg
     random_crop: bool = True  # training: random crop preprocess.crop of preprocess.resize; eval: resize to crop
+    #: None = sample windows as they come (the paper); a fraction in (0, 1) = draw each epoch's
+    #: windows with replacement so that this share is positive (rare positives on small data sets)
+    positive_fraction: float | None = None
 
     @property
     def feature_dim(self) -> int:
@@ -105,7 +108,7 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(),
     "tiny": TrainConfig(
-        phase1=Phase1Config(width=16, batch_size=8, epochs=10),
+        phase1=Phase1Config(width=16, batch_size=8, epochs=10, positive_fraction=0.3),
         phase2=Phase2Config(hidden=64, batch_size=16, epochs=100),
         preprocess=replace(PreprocessConfig(), resize=96, crop=80),
         num_workers=0,

@@ -33,7 +33,7 @@ from training.data import WindowDataset, load_cache_index, load_split, seed_work
 from training.distributed import DistContext, gather, setup, shard
 from training.models import r3d_18
 
-__all__ = ["train_phase1", "extract_features", "predict_windows", "make_deterministic", "auroc", "autocast_for"]
+__all__ = ["BalancedSampler", "train_phase1", "extract_features", "predict_windows", "make_deterministic", "auroc", "autocast_for"]
 
 log = get_logger("training.phase1")
 
@@ -65,6 +65,35 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+class BalancedSampler(torch.utils.data.Sampler):
+    """Each epoch, len(labels) window indices drawn with replacement so that `positive_fraction`
+    of them are positive windows; seeded by (seed, epoch), sharded by rank like DistributedSampler."""
+
+    def __init__(self, labels, positive_fraction: float, *, rank: int = 0, world_size: int = 1, seed: int = 0):
+        if not 0.0 < positive_fraction < 1.0:
+            raise ValueError(f"phase1.positive_fraction={positive_fraction}; expected a fraction in (0, 1) or None")
+        y = np.asarray(labels) > 0.5
+        self.pos, self.neg = np.flatnonzero(y), np.flatnonzero(~y)
+        if len(self.pos) == 0 or len(self.neg) == 0:
+            raise ValueError(f"phase1.positive_fraction needs positive and negative training windows "
+                             f"(have {len(self.pos)} positive, {len(self.neg)} negative)")
+        self.n, self.fraction, self.rank, self.world, self.seed, self.epoch = len(y), positive_fraction, rank, world_size, seed, 0
+        self.per_rank = -(-self.n // world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        n_pos = int(round(self.fraction * self.per_rank * self.world))
+        idx = np.concatenate([rng.choice(self.pos, n_pos), rng.choice(self.neg, self.per_rank * self.world - n_pos)])
+        rng.shuffle(idx)
+        return iter(idx[self.rank::self.world].tolist())
 
 
 def _loader(ds, batch_size: int, workers: int, *, sampler=None, seed: int = 0) -> DataLoader:
@@ -149,7 +178,11 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
     if ctx.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed)
+    if p1.positive_fraction is None:
+        sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed)
+    else:
+        sampler = BalancedSampler(train_ds.labels, p1.positive_fraction, rank=ctx.rank, world_size=ctx.world_size,
+                                  seed=config.seed)
 
     from tqdm import tqdm
 
