@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from dicom_node.labels import ALL_LABELS, IMAGE_WEIGHT, STUDY_LABEL_WEIGHTS, STUDY_LABELS
+from dicom_node.labels import ALL_LABELS, IMAGE_WEIGHT, STUDY_LABEL_WEIGHTS, STUDY_LABELS, WINDOW_LABEL
 from training.evaluate import (
     SplitPredictions,
     auroc,
@@ -231,3 +231,19 @@ def test_split_predictions_from_logits_and_validation():
     assert pred.n_windows == 84
     with pytest.raises(ValueError, match=r"study b has window probs \(3,\) and labels \(2,\)"):
         SplitPredictions(("a", "b"), (np.zeros(2), np.zeros(3)), (np.zeros(2), np.zeros(2)), np.zeros((2, 9)), np.zeros((2, 9)))
+
+
+def test_window_threshold_is_chosen_at_the_study_level():
+    from training.evaluate import study_flag_arrays, youden_threshold
+
+    rng = np.random.default_rng(11)
+    val, test = _random_split(rng, 60, shift=0.1), _random_split(rng, 80)
+    report = evaluate(val, test, n_resamples=50, seed=1)
+    y_study, p_study = study_flag_arrays(val)
+    assert report.thresholds[WINDOW_LABEL] == youden_threshold(y_study, p_study)
+    y_win, p_win = val.label_arrays(WINDOW_LABEL)
+    assert report.thresholds[WINDOW_LABEL] != youden_threshold(y_win, p_win)  # the window-level rule differs here
+    flag = report.test["study_flag"]
+    y_t, p_t = study_flag_arrays(test)
+    assert flag["auroc"] == pytest.approx(roc_auc_score(y_t, p_t))
+    assert flag["sensitivity"] == pytest.approx(np.mean(p_t[y_t == 1] >= report.thresholds[WINDOW_LABEL]))

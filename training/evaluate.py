@@ -38,6 +38,7 @@ __all__ = [
     "auroc_ci_bootstrap",
     "auroc_ci_delong",
     "youden_threshold",
+    "study_flag_arrays",
     "sensitivity_specificity",
     "consistency_shares",
     "evaluate",
@@ -47,7 +48,9 @@ __all__ = [
 
 THRESHOLD_RULE = (
     "maximise Youden's J (sensitivity + specificity - 1) on the validation split; ties -> lowest threshold; "
-    "positive when p >= threshold"
+    "positive when p >= threshold. For pe_present_on_window the rule is applied at the study level "
+    "(the highest window probability of a study against 'the study has a PE window'), because that is how "
+    "the node uses it: a study is flagged when any window reaches the threshold"
 )
 
 
@@ -188,6 +191,13 @@ def sensitivity_specificity(y: np.ndarray, p: np.ndarray, threshold: float) -> t
     return sens, spec
 
 
+def study_flag_arrays(pred: "SplitPredictions") -> tuple[np.ndarray, np.ndarray]:
+    """Per study: (1 if any window is PE-positive, the highest window probability)."""
+    y = np.array([float(np.max(w) >= 0.5) if len(w) else 0.0 for w in pred.window_labels])
+    p = np.array([float(np.max(w)) if len(w) else 0.0 for w in pred.window_probs])
+    return y, p
+
+
 def consistency_shares(pred: SplitPredictions, thresholds: dict[str, float]) -> tuple[float, float]:
     """Share of studies whose thresholded labels break the RSNA rules (before, after ``make_consistent``)."""
     if not pred.study_uids:
@@ -264,9 +274,16 @@ def evaluate(validation: SplitPredictions, test: SplitPredictions, n_resamples: 
         y_val, p_val = validation.label_arrays(label)
         if math.isnan(auroc(y_val, p_val)):
             notes.append(f"validation: {label} has one class; threshold defaults to 0.5")
-        thresholds[label] = youden_threshold(y_val, p_val)
+        # the window label's threshold decides whether a study is flagged: choose it per study
+        thresholds[label] = youden_threshold(*(study_flag_arrays(validation) if label == WINDOW_LABEL
+                                               else (y_val, p_val)))
         sens, spec = sensitivity_specificity(*test.label_arrays(label), thresholds[label])
         tst["sensitivity"][label], tst["specificity"][label] = sens, spec
+    y_flag, p_flag = study_flag_arrays(test)
+    flag_sens, flag_spec = sensitivity_specificity(y_flag, p_flag, thresholds[WINDOW_LABEL])
+    tst["study_flag"] = {"auroc": auroc(y_flag, p_flag), "auroc_ci": list(auroc_ci_bootstrap(y_flag, p_flag, n_resamples, seed)),
+                         "sensitivity": flag_sens, "specificity": flag_spec,
+                         "definition": "study flagged when its highest window probability >= thresholds.pe_present_on_window"}
     before, after = consistency_shares(test, thresholds)
     consistency = {"before": before, "after": after, "n_studies": len(test.study_uids), "split": "test"}
     settings = {"bootstrap_resamples": n_resamples, "seed": seed, "ci_level": 0.95,
@@ -300,6 +317,11 @@ def _markdown(report: Report) -> str:
             f"{t['positives'][label]}/{t['negatives'][label]} |"
         )
     c = report.consistency
+    flag = t.get("study_flag")
+    if flag:
+        lines += ["", f"Study flag (PE present: highest window probability >= {_fmt(report.thresholds[WINDOW_LABEL])}), "
+                  f"test: AUROC {_fmt(flag['auroc'])} ({_fmt(flag['auroc_ci'][0])}-{_fmt(flag['auroc_ci'][1])}), "
+                  f"sensitivity {_fmt(flag['sensitivity'])}, specificity {_fmt(flag['specificity'])}."]
     lines += [
         "", f"Competition weighted log loss: test {_fmt(t['weighted_log_loss'], 4)}, "
         f"validation {_fmt(report.validation['weighted_log_loss'], 4)}.", "",
