@@ -35,7 +35,8 @@ def _add_demo(subparsers) -> None:
                     "(a real Orthanc when installed, else a built-in storage SCP) and the node with the bundled "
                     "demo model, send both studies by C-STORE, wait for the results, print the findings read back "
                     "from the received SRs and write the heatmap images as PNG files. Exit status 0 when the "
-                    "positive study is flagged and the negative one is not. The demo model was trained on "
+                    "results of both studies came back (whether the calls match the truth is printed). "
+                    "The demo model was trained on "
                     "synthetic data only: research use, never on patients.",
     )
     p.add_argument("--out", default="demo-output", metavar="DIR",
