@@ -34,6 +34,7 @@ __all__ = [
     "map_heatmap_to_slices",
     "select_key_slices",
     "source_image_datasets",
+    "source_image_dataset",
     "build_kos",
     "hottest_point",
     "heatmap_hits_embolus",
@@ -125,24 +126,28 @@ def source_image_datasets(series) -> list[Dataset]:
 
     Built from `series.ref_dataset` (slice 0) with each slice's SOP Instance UID, instance number
     and ImagePositionPatient (slice 0 position moved along the slice normal by `positions_mm`).
+    The header is copied once; the per-slice datasets share its unchanged elements (read-only).
     """
-    ref = series.ref_dataset
+    base = _copy_header(series.ref_dataset)
+    return [source_image_dataset(series, z, base=base) for z in range(len(series.sop_instance_uids))]
+
+
+def source_image_dataset(series, z: int, *, base: Dataset | None = None) -> Dataset:
+    """Header-only dataset of slice `z` (see `source_image_datasets`)."""
+    base = _copy_header(series.ref_dataset) if base is None else base
     row, col = np.array(series.image_orientation[:3], float), np.array(series.image_orientation[3:], float)
     normal = np.cross(row, col)
     first = np.array(series.image_position_first, float)
     pos = np.asarray(series.positions_mm, float)
-    out = []
-    for z, uid in enumerate(series.sop_instance_uids):
-        ds = _copy_header(ref)
-        ds.SOPInstanceUID = uid
-        ds.InstanceNumber = z + 1
-        ds.ImagePositionPatient = [float(v) for v in first + normal * (pos[z] - pos[0])]
-        ds.SeriesInstanceUID = series.series_instance_uid
-        ds.StudyInstanceUID = series.study_instance_uid
-        if "FrameOfReferenceUID" not in ds and series.frame_of_reference_uid:
-            ds.FrameOfReferenceUID = series.frame_of_reference_uid
-        out.append(ds)
-    return out
+    ds = Dataset(dict(base._dict))  # own mapping over the shared elements; the ones set below are new objects
+    ds.add_new(0x00080018, "UI", series.sop_instance_uids[z])  # SOPInstanceUID
+    ds.add_new(0x00200013, "IS", z + 1)  # InstanceNumber
+    ds.add_new(0x00200032, "DS", [float(v) for v in first + normal * (pos[z] - pos[0])])  # ImagePositionPatient
+    ds.add_new(0x0020000E, "UI", series.series_instance_uid)  # SeriesInstanceUID
+    ds.add_new(0x0020000D, "UI", series.study_instance_uid)  # StudyInstanceUID
+    if "FrameOfReferenceUID" not in ds and series.frame_of_reference_uid:
+        ds.add_new(0x00200052, "UI", series.frame_of_reference_uid)
+    return ds
 
 
 def _copy_header(ref: Dataset) -> Dataset:

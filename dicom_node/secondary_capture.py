@@ -166,7 +166,7 @@ def build_heatmap_sc(series, key_slice, *, label: str = WINDOW_LABEL, probabilit
                      hot_fraction: float = 0.5,
                      series_description: str = "AI PE heatmaps (research)"):
     """One heatmap SC for `key_slice` (a `KeySlice`) of `series` (a `CtSeries`)."""
-    from dicom_node.key_objects import source_image_datasets
+    from dicom_node.key_objects import source_image_dataset
 
     z = key_slice.z
     rgb, _ = render_overlay(series.hu[z], key_slice.heatmap, hot_fraction=hot_fraction)
@@ -175,7 +175,7 @@ def build_heatmap_sc(series, key_slice, *, label: str = WINDOW_LABEL, probabilit
         HEATMAP_WARNING,
     ]
     pixels = burn_caption(rgb, lines)
-    source = source_image_datasets(series)[z]
+    source = source_image_dataset(series, z)
     sc = _sc_from(series.ref_dataset, np.ascontiguousarray(pixels), series_instance_uid=series_instance_uid,
                   sop_instance_uid=sop_instance_uid, series_number=series_number, instance_number=instance_number,
                   manufacturer=manufacturer, pixel_spacing=tuple(float(v) for v in series.pixel_spacing_mm),
@@ -239,14 +239,14 @@ def build_summary_sc(series, prediction, *, series_instance_uid: str, sop_instan
                      instance_number: int, manufacturer: str, reference_z: int = 0,
                      series_description: str = "AI PE heatmaps (research)"):
     """The summary chart as an SC in the heatmap series; references slice `reference_z` as its source."""
-    from dicom_node.key_objects import source_image_datasets
+    from dicom_node.key_objects import source_image_dataset
 
     pixels = render_summary_chart(prediction)
     sc = _sc_from(series.ref_dataset, pixels, series_instance_uid=series_instance_uid,
                   sop_instance_uid=sop_instance_uid, series_number=series_number, instance_number=instance_number,
                   manufacturer=manufacturer, pixel_spacing=None, series_description=series_description,
                   orientation=_patient_orientation(series.image_orientation))
-    _add_source_reference(sc, source_image_datasets(series)[reference_z],
+    _add_source_reference(sc, source_image_dataset(series, reference_z),
                           "Chart of AI label probabilities vs thresholds and attention over windows")
     sc.ImageComments = f"AI summary chart. {RESEARCH_USE_STATEMENT}"
     return sc
