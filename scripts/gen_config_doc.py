@@ -10,7 +10,6 @@ around them is written by hand and left alone. tests/test_docs.py runs the check
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -38,20 +37,10 @@ def render(text: str, generated: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="do not write; exit 1 when docs/configuration.md is stale")
-    args = parser.parse_args(argv)
-    old = DOC.read_text()
-    new = render(old, blocks())
-    if args.check:
-        if new != old:
-            print(f"{DOC} is out of date: run .venv/bin/python scripts/gen_config_doc.py", file=sys.stderr)
-            return 1
-        return 0
-    if new != old:
-        DOC.write_text(new)
-        print(f"updated {DOC}")
-    return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from generated_doc import run
+
+    return run(DOC, lambda text: render(text, blocks()), "gen_config_doc.py", __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
