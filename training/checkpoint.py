@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["git_revision", "save_checkpoint", "load_checkpoint"]
+__all__ = ["git_revision", "save_checkpoint", "load_checkpoint", "resume_state"]
 
 
 def git_revision() -> str:
@@ -42,3 +42,14 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path}: no such file; run the step that writes it first")
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def resume_state(last_path: str | os.PathLike, stateful: dict, fresh_best: dict) -> tuple[int, int, list, dict]:
+    """Restore `stateful` ({"model": m, "optimizer": o, "scaler"|"scheduler": ...}) from `last_path` when it
+    exists; return (start epoch, optimiser step, history, best) to continue from (a fresh start otherwise)."""
+    if not Path(last_path).is_file():
+        return 0, 0, [], fresh_best
+    ck = load_checkpoint(last_path)
+    for key, obj in stateful.items():
+        obj.load_state_dict(ck[key])
+    return ck["epoch"] + 1, ck["step"], ck["history"], ck["best"]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from dicom_node.log import get_logger
-from training.checkpoint import git_revision, load_checkpoint, save_checkpoint
+from training.checkpoint import git_revision, load_checkpoint, resume_state, save_checkpoint
 from training.config import TrainConfig, config_to_dict
 from training.data import WindowDataset, load_cache_index, load_split, seed_worker
 from training.distributed import DistContext, gather, setup, shard
@@ -165,15 +165,13 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
     optimizer = torch.optim.Adam(model.parameters(), lr=p1.lr)
     use_amp = bool(config.amp and ctx.device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    start_epoch, step, history, best = 0, 0, [], {"epoch": None, "value": -math.inf, "criterion": criterion}
+    fresh = {"epoch": None, "value": -math.inf, "criterion": criterion}
     last_path = out_dir / "last.pt"
-    if resume and last_path.is_file():
-        ck = load_checkpoint(last_path)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        start_epoch, step, history, best = ck["epoch"] + 1, ck["step"], ck["history"], ck["best"]
-        if ctx.is_main:
+    start_epoch, step, history, best = 0, 0, [], fresh
+    if resume:
+        start_epoch, step, history, best = resume_state(
+            last_path, {"model": model, "optimizer": optimizer, "scaler": scaler}, fresh)
+        if ctx.is_main and start_epoch:
             log.info("phase1_resumed", from_epoch=start_epoch, step=step)
     if ctx.distributed:
         model = torch.nn.parallel.DistributedDataParallel(

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from dicom_node.log import get_logger
-from training.checkpoint import git_revision, load_checkpoint, save_checkpoint
+from training.checkpoint import git_revision, load_checkpoint, resume_state, save_checkpoint
 from training.config import TrainConfig, config_to_dict
 from training.data import SequenceDataset, load_cache_index, load_split, seed_worker
 from training.evaluate import SplitPredictions, evaluate, write_report
@@ -109,15 +109,13 @@ def train_phase2(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
     model = build_sequence_model(config, _feature_dim(feat_dir, train_ds.uids[0])).to(ctx.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=p2.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=p2.lr_decay_every, gamma=p2.lr_decay)
-    start_epoch, step, history, best = 0, 0, [], {"epoch": None, "value": math.inf, "criterion": "val_loss"}
+    fresh = {"epoch": None, "value": math.inf, "criterion": "val_loss"}
     last_path = out_dir / "last.pt"
-    if resume and last_path.is_file():
-        ck = load_checkpoint(last_path)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        start_epoch, step, history, best = ck["epoch"] + 1, ck["step"], ck["history"], ck["best"]
-        if ctx.is_main:
+    start_epoch, step, history, best = 0, 0, [], fresh
+    if resume:
+        start_epoch, step, history, best = resume_state(
+            last_path, {"model": model, "optimizer": optimizer, "scheduler": scheduler}, fresh)
+        if ctx.is_main and start_epoch:
             log.info("phase2_resumed", from_epoch=start_epoch, step=step)
     train_model = model
     if ctx.distributed:
