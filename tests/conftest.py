@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from peers import DCMTK_BIN, ORTHANC_BIN, OrthancPeer, StoreScpPeer
@@ -27,3 +29,29 @@ def storescp(tmp_path_factory):
     peer = StoreScpPeer(tmp_path_factory.mktemp("storescp")).start()
     yield peer
     peer.stop()
+
+
+@pytest.fixture
+def make_node(tmp_path):
+    """Start in-process nodes running the `nodekit.sc_job` stand-in job; JSON log to tmp_path/node.log."""
+    from dicom_node.config import load_config
+    from dicom_node.log import configure_logging
+    from dicom_node.node import Node
+    from nodekit import sc_job
+
+    nodes = []
+    log_file = open(tmp_path / "node.log", "w")
+    configure_logging(json=True, level="INFO", stream=log_file)
+
+    def make(destinations, **overrides) -> Node:
+        base = {"port": 0, "host": "127.0.0.1", "data_dir": str(tmp_path / "data"), "quiet_period_s": 0.5,
+                "min_free_disk_mb": 0, "destinations": destinations, "retry.base_delay_s": 0.2, "retry.max_delay_s": 0.5}
+        node = Node(load_config(None, overrides={**base, **overrides}, environ={}), run_job=sc_job).start()
+        nodes.append(node)
+        return node
+
+    yield make
+    for n in nodes:
+        n.stop()
+    configure_logging(json=True, level="INFO", stream=sys.__stderr__)
+    log_file.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -15,34 +14,11 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import SecondaryCaptureImageStorage
 
 from dicom_node.cli import main as cli_main
-from dicom_node.config import load_config
-from dicom_node.log import configure_logging
-from dicom_node.node import Node
 from dicom_node.state import DeliveryState, JobState
-from nodekit import phantom_series, sc_job, storescu, wait_until
+from nodekit import phantom_series, storescu, wait_until
 from peers import OrthancPeer, free_port
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.dcmtk]
-
-
-@pytest.fixture
-def make_node(tmp_path):
-    nodes = []
-    log_file = open(tmp_path / "node.log", "w")
-    configure_logging(json=True, level="INFO", stream=log_file)
-
-    def make(destinations, **overrides) -> Node:
-        base = {"port": 0, "host": "127.0.0.1", "data_dir": str(tmp_path / "data"), "quiet_period_s": 0.5,
-                "min_free_disk_mb": 0, "destinations": destinations, "retry.base_delay_s": 0.2, "retry.max_delay_s": 0.5}
-        node = Node(load_config(None, overrides={**base, **overrides}, environ={}), run_job=sc_job).start()
-        nodes.append(node)
-        return node
-
-    yield make
-    for n in nodes:
-        n.stop()
-    configure_logging(json=True, level="INFO", stream=sys.__stderr__)
-    log_file.close()
 
 
 def _ot(tags):

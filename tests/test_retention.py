@@ -2,42 +2,30 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
 import pytest
 
-from dicom_node.config import load_config
-from dicom_node.log import configure_logging
 from dicom_node.node import Node
 from dicom_node.state import JobState
-from nodekit import phantom_series, sc_job, storescu, wait_until
+from nodekit import phantom_series, storescu, wait_until
 
 pytestmark = [pytest.mark.dcmtk]
 
 
 @pytest.fixture
-def run_node(tmp_path, storescp):
-    log = open(tmp_path / "node.log", "w")
-    configure_logging(json=True, level="INFO", stream=log)
-    nodes = []
+def run_node(tmp_path, storescp, make_node):
+    """A node delivering to dcmtk storescp that has received and delivered one 20-slice series."""
 
     def run(**overrides) -> Node:
-        base = {"port": 0, "host": "127.0.0.1", "data_dir": str(tmp_path / "data"), "quiet_period_s": 0.4,
-                "min_free_disk_mb": 0, "destinations": [f"STORESCP@127.0.0.1:{storescp.port}"]}
-        node = Node(load_config(None, overrides={**base, **overrides}, environ={}), run_job=sc_job).start()
-        nodes.append(node)
+        node = make_node([f"STORESCP@127.0.0.1:{storescp.port}"], quiet_period_s=0.4, **overrides)
         files = phantom_series(tmp_path / "in", n_slices=20)
         r = storescu(node.port, files)
         assert r.returncode == 0 and "E:" not in r.stderr, r.stderr
         wait_until(lambda: node.state.jobs(JobState.DONE), 60, "job delivered")
         return node
 
-    yield run
-    for n in nodes:
-        n.stop()
-    configure_logging(json=True, level="INFO", stream=sys.__stderr__)
-    log.close()
+    return run
 
 
 def test_keep_days_purges_spool_and_outbox_of_delivered_series_only_when_old(run_node):
