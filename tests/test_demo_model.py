@@ -33,10 +33,11 @@ def test_demo_model_flags_positive_and_clears_negative_phantom(tmp_path, kind, p
     from dicom_node.inference import Predictor
     from dicom_node.preprocess import preprocess
     from dicom_node.series import load_series
-    from training.phantom import generate_study, study_seed, write_study
+    from dicom_node.demo import DEMO_PHANTOM
+    from training.phantom import PhantomConfig, generate_study, study_seed, write_study
 
     bundle = load_bundle(DEMO)
-    study = generate_study(study_seed(424242, 0 if positive else 1), kind=kind)
+    study = generate_study(study_seed(424242, 0 if positive else 1), PhantomConfig(**DEMO_PHANTOM), kind=kind)
     write_study(study, tmp_path)
     series = load_series(tmp_path)
     windows = preprocess(series, bundle.manifest.preprocessing)

@@ -176,6 +176,20 @@ def test_errors_name_the_value_and_the_fix(positive, tmp_path):
         write_variant(positive, tmp_path, "jpeg-xl")
     with pytest.raises(ValueError, match=r"kind='maybe'"):
         generate_study(1, SMALL, kind="maybe")
+    with pytest.raises(ValueError, match=r"smallest_embolus_vessel='tiny'; expected 'subsegmental', 'segmental' or 'lobar'"):
+        PhantomConfig(smallest_embolus_vessel="tiny")
+
+
+def test_smallest_embolus_vessel_keeps_emboli_in_large_arteries():
+    from dataclasses import replace
+
+    lobar = replace(SMALL, smallest_embolus_vessel="lobar")
+    every = [generate_study(seed, SMALL, kind="positive").extra["emboli"] for seed in range(12)]
+    large = [generate_study(seed, lobar, kind="positive").extra["emboli"] for seed in range(12)]
+    small_kinds = ("_seg", "_sub")
+    assert any(name.split("_", 1)[-1].startswith(("seg", "sub")) for e in every for name, _ in e)  # the default has them
+    assert all(not any(k in name for k in small_kinds) for e in large for name, _ in e), large
+    assert all(e for e in large)  # every positive study still has an embolus
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is not installed")

@@ -45,6 +45,9 @@ def _add_phantom(subparsers) -> None:
                    help="pixel spacing in mm; default: a 330-380 mm field of view drawn per study divided by the image size")
     p.add_argument("--prevalence", type=float, default=0.5, help="share of PE-positive studies")
     p.add_argument("--indeterminate", type=float, default=0.08, help="share of indeterminate (poor contrast / motion) studies")
+    p.add_argument("--smallest-embolus-vessel", choices=("subsegmental", "segmental", "lobar"), default="subsegmental",
+                   help="smallest artery that may hold an embolus (default: subsegmental, every site); use lobar for "
+                        "coarse phantoms (128 px) whose 2.6-3 mm pixels are as wide as a segmental artery")
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: min(2, CPU count))")
     p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     p.set_defaults(func=_run_phantom)
@@ -59,7 +62,8 @@ def _run_phantom(args) -> int:
     try:
         config = PhantomConfig(rows=args.rows, cols=args.cols, n_slices=args.slices,
                                slice_thickness_mm=args.slice_thickness, pixel_spacing_mm=args.pixel_spacing,
-                               prevalence=args.prevalence, indeterminate_share=args.indeterminate)
+                               prevalence=args.prevalence, indeterminate_share=args.indeterminate,
+                               smallest_embolus_vessel=args.smallest_embolus_vessel)
     except ValueError as exc:
         print(f"dicom-node-train phantom: {exc}", file=sys.stderr)
         return 2

@@ -108,7 +108,7 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(),
     "tiny": TrainConfig(
-        phase1=Phase1Config(width=16, batch_size=8, epochs=10, positive_fraction=0.3),
+        phase1=Phase1Config(width=16, batch_size=8, epochs=20, positive_fraction=0.3),
         phase2=Phase2Config(hidden=64, batch_size=16, epochs=100),
         preprocess=replace(PreprocessConfig(), resize=96, crop=80),
         num_workers=0,

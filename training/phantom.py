@@ -69,6 +69,9 @@ class PhantomConfig:
     indeterminate_share: float = 0.08
     noise_hu: float = 20.0
     mimic_share: float = 0.1
+    #: smallest artery that may hold an embolus: "subsegmental" (every site, the default),
+    #: "segmental" or "lobar" (for coarse phantoms whose pixels are wider than a small embolus)
+    smallest_embolus_vessel: str = "subsegmental"
 
     def __post_init__(self) -> None:
         if not (16 <= self.rows <= 1024 and 16 <= self.cols <= 1024):
@@ -79,6 +82,9 @@ class PhantomConfig:
             raise ValueError(f"PhantomConfig: slice_thickness_mm={self.slice_thickness_mm}; expected 1-2.5 mm")
         if self.pixel_spacing_mm is not None and not 0.2 <= self.pixel_spacing_mm <= 5.0:
             raise ValueError(f"PhantomConfig: pixel_spacing_mm={self.pixel_spacing_mm}; expected 0.2-5 mm")
+        if self.smallest_embolus_vessel not in ("subsegmental", "segmental", "lobar"):
+            raise ValueError(f"PhantomConfig: smallest_embolus_vessel={self.smallest_embolus_vessel!r}; "
+                             "expected 'subsegmental', 'segmental' or 'lobar'")
         if not (0 <= self.prevalence <= 1 and 0 <= self.indeterminate_share <= 1 - self.prevalence):
             raise ValueError(
                 f"PhantomConfig: prevalence={self.prevalence}, indeterminate_share={self.indeterminate_share}; "
@@ -209,7 +215,8 @@ def generate_study(seed: int, config: PhantomConfig = PhantomConfig(), *, kind: 
         if chronicity == "acute_and_chronic":
             n = max(n, 2)
         for attempt in range(8):
-            emboli = place_emboli(rng, an.vessels, chronicity, n if attempt == 0 else 1)
+            emboli = place_emboli(rng, an.vessels, chronicity, n if attempt == 0 else 1,
+                                  smallest=config.smallest_embolus_vessel)
             m, s = paint_emboli(cv, an.vessels, emboli, rng)
             mask |= m
             shown += s

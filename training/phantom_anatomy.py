@@ -396,9 +396,15 @@ def _resample(points: np.ndarray, radii: np.ndarray, s0: float, s1: float, step:
     return pts, np.interp(s, arc, radii), arc[-1]
 
 
-def place_emboli(rng: np.random.Generator, vessels: list[Vessel], chronicity: str, n: int) -> list[Embolus]:
-    """Draw `n` emboli in the arterial tree; `chronicity` is acute | chronic | acute_and_chronic."""
-    kinds = list(_SITES)
+#: vessel kinds from the largest to the smallest; `place_emboli(smallest=...)` cuts the list there
+VESSEL_KINDS = tuple(_SITES)
+
+
+def place_emboli(rng: np.random.Generator, vessels: list[Vessel], chronicity: str, n: int,
+                 smallest: str = "subsegmental") -> list[Embolus]:
+    """Draw `n` emboli in the arterial tree; `chronicity` is acute | chronic | acute_and_chronic;
+    `smallest` is the smallest vessel kind that may hold one (see `VESSEL_KINDS`)."""
+    kinds = list(VESSEL_KINDS[: VESSEL_KINDS.index(smallest) + 1])
     w = np.array([_SITES[k][0] for k in kinds])
     out = []
     for i in range(n):

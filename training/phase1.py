@@ -33,7 +33,7 @@ from training.data import WindowDataset, load_cache_index, load_split, seed_work
 from training.distributed import DistContext, gather, setup, shard
 from training.models import r3d_18
 
-__all__ = ["BalancedSampler", "train_phase1", "extract_features", "predict_windows", "make_deterministic", "auroc", "autocast_for"]
+__all__ = ["BalancedSampler", "study_max_auroc", "train_phase1", "extract_features", "predict_windows", "make_deterministic", "auroc", "autocast_for"]
 
 log = get_logger("training.phase1")
 
@@ -137,6 +137,18 @@ def predict_windows(model, ds, ctx: DistContext, *, batch_size: int, workers: in
     return p_all, l_all, f_all
 
 
+def study_max_auroc(ds, probs: np.ndarray) -> float:
+    """AUROC of each study's highest window probability against "the study has a positive window"
+    (how the node flags a study); NaN when one class is missing."""
+    best: dict[str, float] = {}
+    positive: dict[str, bool] = {}
+    for (uid, _), p, y in zip(ds.index, probs, ds.labels):
+        best[uid] = max(best.get(uid, 0.0), float(p))
+        positive[uid] = positive.get(uid, False) or bool(y > 0.5)
+    uids = sorted(best)
+    return auroc(np.array([positive[u] for u in uids], dtype=float), np.array([best[u] for u in uids]))
+
+
 def _selection(criterion: str, metrics: dict) -> float:
     return metrics["val_auroc"] if criterion == "val_auroc" else -metrics["val_loss"]
 
@@ -213,7 +225,8 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
                                            amp=config.amp, progress=progress)
         metrics = {"epoch": epoch, "step": step, "train_loss": train_loss,
                    "val_loss": float(losses.mean()) if len(losses) else float("nan"),
-                   "val_auroc": auroc(val_ds.labels, probs), "seconds": round(time.perf_counter() - t0, 2),
+                   "val_auroc": auroc(val_ds.labels, probs), "val_study_auroc": study_max_auroc(val_ds, probs),
+                   "seconds": round(time.perf_counter() - t0, 2),
                    "train_windows": len(train_ds), "val_windows": len(val_ds)}
         history.append(metrics)
         improved = _selection(criterion, metrics) > best["value"] or best["epoch"] is None
@@ -229,7 +242,7 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
             save_checkpoint(last_path, payload)
             (out_dir / "history.json").write_text(json.dumps(history, indent=1))
             log.info("epoch_finished", phase=1, epoch=epoch, loss=round(train_loss, 5), val_loss=round(metrics["val_loss"], 5),
-                     auroc=metrics["val_auroc"], seconds=metrics["seconds"], best_epoch=best["epoch"])
+                     auroc=metrics["val_auroc"], study_auroc=metrics["val_study_auroc"], seconds=metrics["seconds"], best_epoch=best["epoch"])
         if max_steps is not None and step >= max_steps:
             break
     if ctx.is_main:
