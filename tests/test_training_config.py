@@ -24,7 +24,9 @@ def test_tiny_preset_is_small():
     c = load_config("tiny")
     assert c.phase1.width == 16 and c.phase1.feature_dim == 128
     assert (c.preprocess.resize, c.preprocess.crop) == (96, 80)
-    assert c.phase1.epochs < 20 and c.phase2.epochs < 200 and c.device == "cpu"
+    # one phase-1 epoch draws 4000 windows whatever the data size; phase 2 runs half the paper's epochs
+    assert c.phase1.windows_per_epoch == 4000 and c.phase2.epochs < 200 and c.device == "cpu"
+    assert c.preprocess.spacing_mm == 2.5  # 10-slice windows of 25 mm: no interpolated slices from 2.5 mm phantoms
 
 
 def test_toml_and_json_overrides(tmp_path):
@@ -49,6 +51,7 @@ def test_toml_and_json_overrides(tmp_path):
     ({"preprocess": {"crop": 300}}, r"config preprocess.*crop.?300.*resize.{1,2}96"),
     ({"phase2": {"dropout": 1.5}}, r"config phase2\.dropout: must be in \[0, 1\), got 1\.5"),
     ({"phase1": {"batch_size": 0}}, r"config phase1\.batch_size: must be > 0, got 0"),
+    ({"phase1": {"windows_per_epoch": 4}}, r"config phase1\.windows_per_epoch: 4 is fewer than one batch \(8\)"),
     ({"device": "tpu"}, r"config device: 'tpu' is not 'auto', 'cpu', 'cuda' or 'cuda:N'"),
 ])
 def test_invalid_settings_are_named(overrides, message):
@@ -112,3 +115,16 @@ def test_balanced_sampler_draws_the_asked_positive_share_and_shards_by_rank():
         BalancedSampler(labels, 1.5)
     with pytest.raises(ValueError, match="have 0 positive"):
         BalancedSampler(np.zeros(10), 0.3)
+    # windows_per_epoch: a fixed number of draws per epoch, balanced or uniform without replacement
+    fixed = BalancedSampler(labels, 0.3, num_samples=200, seed=3)
+    fixed.set_epoch(1)
+    drawn = list(fixed)
+    assert len(drawn) == len(fixed) == 200 and abs(np.mean(labels[drawn]) - 0.3) < 0.02
+    uniform = BalancedSampler(labels, None, num_samples=300, seed=3)
+    uniform.set_epoch(0)
+    first = list(uniform)
+    assert len(first) == 300 and len(set(first)) == 300  # no window twice within an epoch
+    uniform.set_epoch(1)
+    assert set(uniform) != set(first)
+    with pytest.raises(ValueError, match="windows_per_epoch=0"):
+        BalancedSampler(labels, None, num_samples=0)

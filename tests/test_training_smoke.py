@@ -13,7 +13,7 @@ from dicom_node.labels import ALL_LABELS
 from training.cli import main
 from training.phantom import PhantomConfig, generate_dataset
 
-FAST = "[phase1]\nepochs = 1\n[phase2]\nepochs = 2\n"
+FAST = "[phase1]\nepochs = 1\nwindows_per_epoch = 32\n[phase2]\nepochs = 2\n"
 
 
 @pytest.fixture(scope="module")

@@ -67,6 +67,9 @@ class Phase1Config:
     #: None = sample windows as they come (the paper); a fraction in (0, 1) = draw each epoch's
     #: windows with replacement so that this share is positive (rare positives on small data sets)
     positive_fraction: float | None = None
+    #: None = every training window once per epoch (the paper); a number = draw this many windows
+    #: per epoch (a fresh draw each epoch), so that more studies do not make an epoch longer
+    windows_per_epoch: int | None = None
 
     @property
     def feature_dim(self) -> int:
@@ -108,9 +111,9 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(),
     "tiny": TrainConfig(
-        phase1=Phase1Config(width=16, batch_size=8, epochs=20, positive_fraction=0.3),
+        phase1=Phase1Config(width=16, batch_size=8, epochs=20, positive_fraction=0.3, windows_per_epoch=4000),
         phase2=Phase2Config(hidden=64, batch_size=16, epochs=100),
-        preprocess=replace(PreprocessConfig(), resize=96, crop=80),
+        preprocess=replace(PreprocessConfig(), resize=96, crop=80, spacing_mm=2.5),
         num_workers=0,
         device="cpu",
         amp=False,
@@ -200,6 +203,9 @@ def validate(config: TrainConfig) -> TrainConfig:
                      ("preprocess.resize", pp.resize), ("preprocess.crop", pp.crop if pp.crop is not None else 1),
                      ("preprocess.window_slices", pp.window_slices)):
         _positive(where, v)
+    if p1.windows_per_epoch is not None and p1.windows_per_epoch < p1.batch_size:
+        raise ConfigError(f"config phase1.windows_per_epoch: {p1.windows_per_epoch} is fewer than one batch "
+                          f"({p1.batch_size}); use a larger number, or leave it out to visit every window")
     if not 0.0 <= p1.rotation_deg <= 180.0:
         raise ConfigError(f"config phase1.rotation_deg: must be in [0, 180], got {p1.rotation_deg}")
     for where, v in (("phase2.dropout", p2.dropout),):

@@ -68,18 +68,26 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class BalancedSampler(torch.utils.data.Sampler):
-    """Each epoch, len(labels) window indices drawn with replacement so that `positive_fraction`
-    of them are positive windows; seeded by (seed, epoch), sharded by rank like DistributedSampler."""
+    """Each epoch, `num_samples` window indices (default: as many as there are windows) drawn with
+    replacement so that `positive_fraction` of them are positive windows; or, with
+    `positive_fraction=None`, drawn uniformly without replacement (a fresh subset each epoch, for
+    large data sets where one epoch should not visit every window). Seeded by (seed, epoch),
+    sharded by rank like DistributedSampler."""
 
-    def __init__(self, labels, positive_fraction: float, *, rank: int = 0, world_size: int = 1, seed: int = 0):
-        if not 0.0 < positive_fraction < 1.0:
+    def __init__(self, labels, positive_fraction: float | None, *, num_samples: int | None = None, rank: int = 0,
+                 world_size: int = 1, seed: int = 0):
+        if positive_fraction is not None and not 0.0 < positive_fraction < 1.0:
             raise ValueError(f"phase1.positive_fraction={positive_fraction}; expected a fraction in (0, 1) or None")
+        if num_samples is not None and num_samples < 1:
+            raise ValueError(f"phase1.windows_per_epoch={num_samples}; expected at least 1 or None (every window)")
         y = np.asarray(labels) > 0.5
         self.pos, self.neg = np.flatnonzero(y), np.flatnonzero(~y)
-        if len(self.pos) == 0 or len(self.neg) == 0:
+        if positive_fraction is not None and (len(self.pos) == 0 or len(self.neg) == 0):
             raise ValueError(f"phase1.positive_fraction needs positive and negative training windows "
                              f"(have {len(self.pos)} positive, {len(self.neg)} negative)")
-        self.n, self.fraction, self.rank, self.world, self.seed, self.epoch = len(y), positive_fraction, rank, world_size, seed, 0
+        self.n = len(y) if num_samples is None else int(num_samples)
+        self.fraction, self.rank, self.world, self.seed, self.epoch = positive_fraction, rank, world_size, seed, 0
+        self.total = len(y)
         self.per_rank = -(-self.n // world_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -90,9 +98,13 @@ class BalancedSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
-        n_pos = int(round(self.fraction * self.per_rank * self.world))
-        idx = np.concatenate([rng.choice(self.pos, n_pos), rng.choice(self.neg, self.per_rank * self.world - n_pos)])
-        rng.shuffle(idx)
+        want = self.per_rank * self.world
+        if self.fraction is None:
+            idx = np.concatenate([rng.permutation(self.total) for _ in range(-(-want // self.total))])[:want]
+        else:
+            n_pos = int(round(self.fraction * want))
+            idx = np.concatenate([rng.choice(self.pos, n_pos), rng.choice(self.neg, want - n_pos)])
+            rng.shuffle(idx)
         return iter(idx[self.rank::self.world].tolist())
 
 
@@ -188,11 +200,11 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
     if ctx.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    if p1.positive_fraction is None:
+    if p1.positive_fraction is None and p1.windows_per_epoch is None:
         sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed)
     else:
-        sampler = BalancedSampler(train_ds.labels, p1.positive_fraction, rank=ctx.rank, world_size=ctx.world_size,
-                                  seed=config.seed)
+        sampler = BalancedSampler(train_ds.labels, p1.positive_fraction, num_samples=p1.windows_per_epoch,
+                                  rank=ctx.rank, world_size=ctx.world_size, seed=config.seed)
 
     from tqdm import tqdm
 
