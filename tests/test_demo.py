@@ -48,9 +48,6 @@ def test_demo_without_orthanc_uses_the_builtin_storage_scp(tmp_path):
     _check_end_to_end(r, tmp_path / "out", "built-in storage SCP")
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue 8 acceptance): the bundled demo model does not separate "
-                   "PE-positive from negative phantom studies (study-flag AUROC 0.56 on its test split); "
-                   "see dicom_node/models/README.md. strict: this fails loudly once a better model flags both right")
 def test_demo_flags_the_positive_study_and_clears_the_negative(orthanc_demo):
     r, _ = orthanc_demo
     assert "PE FLAGGED (truth: PE)" in r.stdout and "no PE flagged (truth: no PE)" in r.stdout

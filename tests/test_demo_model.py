@@ -25,9 +25,6 @@ def test_demo_bundle_is_inside_the_package_and_verifies():
     assert "synthetic" in card and "must never be used on patients" in card
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue 5 item 4): the bundled demo model does not separate "
-                   "PE-positive from negative phantom studies (study-flag AUROC 0.56 on its test split); see "
-                   "dicom_node/models/README.md. strict: this fails loudly once a better model gets both right")
 @pytest.mark.parametrize("kind, positive", [("positive", True), ("negative", False)])
 def test_demo_model_flags_positive_and_clears_negative_phantom(tmp_path, kind, positive):
     from dicom_node.inference import Predictor
