@@ -233,8 +233,8 @@ def run_demo(out_dir: Path | None = None, *, bundle: str = "", prefer_orthanc: b
         ok = (by_study["positive"]["pe_present_on_window"].present
               and not by_study["negative"]["pe_present_on_window"].present)
         verdict = ("the model's calls match the truth: positive study flagged, negative study cleared" if ok else
-                   "the model's calls do NOT match the truth for both studies (the bundled demo model is weak: "
-                   "see dicom_node/models/README.md)")
+                   "the model's calls do NOT match the truth for both studies (a small phantom-trained model "
+                   "misses some studies: see dicom_node/models/README.md for its measured quality)")
         print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s: results for both studies came back; {verdict}")
         return 0
     finally:
