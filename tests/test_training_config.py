@@ -128,3 +128,21 @@ def test_balanced_sampler_draws_the_asked_positive_share_and_shards_by_rank():
     assert set(uniform) != set(first)
     with pytest.raises(ValueError, match="windows_per_epoch=0"):
         BalancedSampler(labels, None, num_samples=0)
+
+
+def test_study_max_auroc_scores_each_study_by_its_highest_window():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from training.phase1 import study_max_auroc
+
+    # study a (positive window 1), b (positive window 0), c and d (no positive window)
+    ds = SimpleNamespace(index=[("a", 0), ("a", 1), ("b", 0), ("c", 0), ("c", 1), ("d", 0)],
+                         labels=np.array([0, 1, 1, 0, 0, 0], dtype=np.float32))
+    # the positives' maxima (0.9, 0.6) beat both negatives' maxima (0.5, 0.2): 1.0, although at window
+    # level a's negative window (0.7) outranks b's positive one (0.6)
+    assert study_max_auroc(ds, np.array([0.7, 0.9, 0.6, 0.5, 0.1, 0.2])) == 1.0
+    # a negative study with one hot window (0.95) now outranks both positives
+    assert study_max_auroc(ds, np.array([0.7, 0.9, 0.6, 0.95, 0.1, 0.2])) == 0.5
+    assert np.isnan(study_max_auroc(SimpleNamespace(index=[("a", 0)], labels=np.array([1.0])), np.array([0.3])))
