@@ -111,7 +111,7 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(),
     "tiny": TrainConfig(
-        phase1=Phase1Config(width=16, batch_size=8, epochs=20, positive_fraction=0.3, windows_per_epoch=4000),
+        phase1=Phase1Config(width=16, batch_size=8, epochs=30, positive_fraction=0.3, windows_per_epoch=4000),
         phase2=Phase2Config(hidden=64, batch_size=16, epochs=100),
         preprocess=replace(PreprocessConfig(), resize=96, crop=80, spacing_mm=2.5),
         num_workers=0,
