@@ -28,6 +28,8 @@ TARGETS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from training.phantom import SMALLEST_EMBOLUS_VESSELS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/train_phantom", help="working directory (OUT/data, OUT/run)")
     ap.add_argument("--studies", type=int, default=600, help="phantom studies (issue 4 asks for at least 200)")
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=128)
     ap.add_argument("--slices", type=int, default=140)
     ap.add_argument("--slice-thickness", type=float, default=2.5)
-    ap.add_argument("--smallest-embolus-vessel", default="lobar", choices=("subsegmental", "segmental", "lobar"),
+    ap.add_argument("--smallest-embolus-vessel", default="lobar", choices=SMALLEST_EMBOLUS_VESSELS,
                     help="smallest artery holding emboli (default lobar: at 128 px a pixel is 2.6-3 mm, as wide as a "
                          "segmental artery, and the tiny preset sees about 3 mm per pixel)")
     ap.add_argument("--phase1-epochs", type=int, default=None, help="default: the tiny preset's")

@@ -31,9 +31,8 @@ __all__ = ["DemoStudy", "Finding", "read_findings", "run_demo", "DEMO_PHANTOM"]
 
 log = get_logger("dicom_node.demo")
 
-#: phantom geometry the bundled demo model was trained on (see dicom_node/models/README.md)
-#: the demo studies have the geometry and embolus sites the demo model was trained on
-#: (`benchmarks/train_phantom.py`: 128 px, 140 slices of 2.5 mm, emboli down to lobar arteries)
+#: phantom geometry and embolus sites the bundled demo model was trained on (dicom_node/models/README.md,
+#: `benchmarks/train_phantom.py`: 128 px, 140 slices of 2.5 mm, emboli down to lobar arteries)
 DEMO_PHANTOM = {"rows": 128, "cols": 128, "n_slices": 140, "slice_thickness_mm": 2.5,
                 "smallest_embolus_vessel": "lobar"}
 SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR

@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_phantom(subparsers) -> None:
+    from training.phantom import SMALLEST_EMBOLUS_VESSELS  # numpy + pydicom only, no torch
+
     p = subparsers.add_parser(
         "phantom",
         help="write synthetic CTPA studies with exact PE labels in the RSNA-STR layout",
@@ -45,7 +47,7 @@ def _add_phantom(subparsers) -> None:
                    help="pixel spacing in mm; default: a 330-380 mm field of view drawn per study divided by the image size")
     p.add_argument("--prevalence", type=float, default=0.5, help="share of PE-positive studies")
     p.add_argument("--indeterminate", type=float, default=0.08, help="share of indeterminate (poor contrast / motion) studies")
-    p.add_argument("--smallest-embolus-vessel", choices=("subsegmental", "segmental", "lobar"), default="subsegmental",
+    p.add_argument("--smallest-embolus-vessel", choices=SMALLEST_EMBOLUS_VESSELS, default="subsegmental",
                    help="smallest artery that may hold an embolus (default: subsegmental, every site); use lobar for "
                         "coarse phantoms (128 px) whose 2.6-3 mm pixels are as wide as a segmental artery")
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: min(2, CPU count))")

@@ -38,6 +38,7 @@ __all__ = [
     "auroc_ci_bootstrap",
     "auroc_ci_delong",
     "youden_threshold",
+    "study_maxima",
     "study_flag_arrays",
     "sensitivity_specificity",
     "consistency_shares",
@@ -191,11 +192,16 @@ def sensitivity_specificity(y: np.ndarray, p: np.ndarray, threshold: float) -> t
     return sens, spec
 
 
-def study_flag_arrays(pred: "SplitPredictions") -> tuple[np.ndarray, np.ndarray]:
-    """Per study: (1 if any window is PE-positive, the highest window probability)."""
-    y = np.array([float(np.max(w) >= 0.5) if len(w) else 0.0 for w in pred.window_labels])
-    p = np.array([float(np.max(w)) if len(w) else 0.0 for w in pred.window_probs])
+def study_maxima(window_labels: Sequence[np.ndarray], window_probs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per study (one array of windows each): (1 if any window is PE-positive, the highest window probability)."""
+    y = np.array([float(np.max(w) >= 0.5) if len(w) else 0.0 for w in window_labels])
+    p = np.array([float(np.max(w)) if len(w) else 0.0 for w in window_probs])
     return y, p
+
+
+def study_flag_arrays(pred: "SplitPredictions") -> tuple[np.ndarray, np.ndarray]:
+    """`study_maxima` of a split: how the node flags a study (highest window probability)."""
+    return study_maxima(pred.window_labels, pred.window_probs)
 
 
 def consistency_shares(pred: SplitPredictions, thresholds: dict[str, float]) -> tuple[float, float]:

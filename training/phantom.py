@@ -42,12 +42,15 @@ __all__ = [
     "generate_dataset",
     "study_seed",
     "CT_IMAGE_STORAGE",
+    "SMALLEST_EMBOLUS_VESSELS",
     "HU_INTERCEPT",
 ]
 
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 HU_INTERCEPT = -1024
 _UID_TAG = "dicom-node-phantom-v1"
+#: values of `PhantomConfig.smallest_embolus_vessel` (and of `--smallest-embolus-vessel`)
+SMALLEST_EMBOLUS_VESSELS = ("subsegmental", "segmental", "lobar")
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class PhantomConfig:
             raise ValueError(f"PhantomConfig: slice_thickness_mm={self.slice_thickness_mm}; expected 1-2.5 mm")
         if self.pixel_spacing_mm is not None and not 0.2 <= self.pixel_spacing_mm <= 5.0:
             raise ValueError(f"PhantomConfig: pixel_spacing_mm={self.pixel_spacing_mm}; expected 0.2-5 mm")
-        if self.smallest_embolus_vessel not in ("subsegmental", "segmental", "lobar"):
+        if self.smallest_embolus_vessel not in SMALLEST_EMBOLUS_VESSELS:
             raise ValueError(f"PhantomConfig: smallest_embolus_vessel={self.smallest_embolus_vessel!r}; "
                              "expected 'subsegmental', 'segmental' or 'lobar'")
         if not (0 <= self.prevalence <= 1 and 0 <= self.indeterminate_share <= 1 - self.prevalence):

@@ -151,14 +151,12 @@ def predict_windows(model, ds, ctx: DistContext, *, batch_size: int, workers: in
 
 def study_max_auroc(ds, probs: np.ndarray) -> float:
     """AUROC of each study's highest window probability against "the study has a positive window"
-    (how the node flags a study); NaN when one class is missing."""
-    best: dict[str, float] = {}
-    positive: dict[str, bool] = {}
-    for (uid, _), p, y in zip(ds.index, probs, ds.labels):
-        best[uid] = max(best.get(uid, 0.0), float(p))
-        positive[uid] = positive.get(uid, False) or bool(y > 0.5)
-    uids = sorted(best)
-    return auroc(np.array([positive[u] for u in uids], dtype=float), np.array([best[u] for u in uids]))
+    (how the node flags a study); NaN when one class is missing. `ds.index` lists (study, window)."""
+    from training.evaluate import study_maxima
+
+    uids = [uid for uid, _ in ds.index]
+    starts = [i for i in range(1, len(uids)) if uids[i] != uids[i - 1]]  # the index groups a study's windows
+    return auroc(*study_maxima(np.split(np.asarray(ds.labels), starts), np.split(np.asarray(probs), starts)))
 
 
 def _selection(criterion: str, metrics: dict) -> float:
