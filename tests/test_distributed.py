@@ -37,7 +37,9 @@ def _config():
                                                               "rotation_deg": 0.0, "random_crop": False}})
     # the single-process reference below reproduces DistributedSampler's shards, so sample windows as they
     # come (the BalancedSampler's own rank sharding is tested in test_training_config.py)
-    return replace(c, phase1=replace(c.phase1, positive_fraction=None, windows_per_epoch=None),
+    # a constant learning rate, as the reference step below takes
+    return replace(c, phase1=replace(c.phase1, positive_fraction=None, windows_per_epoch=None, level_matched_negatives=0.0,
+                                     lr_schedule="constant"),
                    preprocess=replace(c.preprocess, resize=20, crop=16), num_workers=0, device="cpu")
 
 

@@ -146,3 +146,50 @@ def test_study_max_auroc_scores_each_study_by_its_highest_window():
     # a negative study with one hot window (0.95) now outranks both positives
     assert study_max_auroc(ds, np.array([0.7, 0.9, 0.6, 0.95, 0.1, 0.2])) == 0.5
     assert np.isnan(study_max_auroc(SimpleNamespace(index=[("a", 0)], labels=np.array([1.0])), np.array([0.3])))
+
+
+def test_level_matched_negatives_follow_the_positive_windows_heights():
+    import numpy as np
+
+    from training.phase1 import BalancedSampler
+
+    # 100 studies of 10 windows; positives only at heights 0.3-0.5 (like emboli at the pulmonary arteries)
+    levels = np.tile((np.arange(10) + 0.5) / 10, 100)
+    labels = np.zeros(1000)
+    labels[np.flatnonzero((levels > 0.3) & (levels < 0.5))[:80]] = 1
+    bins = (levels * 10).astype(int)
+    uniform = np.isin(bins[labels == 0], [3, 4]).mean()  # 120 of the 920 negative windows sit at those heights
+    for share, expect_at_pos_levels in ((1.0, 1.0), (0.5, 0.5 + 0.5 * uniform), (0.0, uniform)):
+        s = BalancedSampler(labels, 0.3, num_samples=20000, seed=1, levels=levels, level_matched=share)
+        idx = np.array(list(s))
+        neg = idx[labels[idx] == 0]
+        at_pos_levels = np.isin(bins[neg], [3, 4]).mean()
+        assert abs(at_pos_levels - expect_at_pos_levels) < 0.02, (share, at_pos_levels)
+        assert abs(labels[idx].mean() - 0.3) < 0.01
+    with pytest.raises(ValueError, match="level_matched_negatives=1.5"):
+        BalancedSampler(labels, 0.3, levels=levels, level_matched=1.5)
+    with pytest.raises(ValueError, match="needs phase1.positive_fraction"):
+        BalancedSampler(labels, None, num_samples=100, levels=levels, level_matched=0.5)
+    with pytest.raises(ConfigError, match=r"level_matched_negatives: needs phase1\.positive_fraction"):
+        load_config("tiny", overrides={"phase1": {"positive_fraction": None}})
+    with pytest.raises(ConfigError, match=r"level_matched_negatives: must be a share in \[0, 1\], got 2\.0"):
+        load_config("tiny", overrides={"phase1": {"level_matched_negatives": 2}})
+
+
+def test_learning_rate_schedules():
+    from training.phase1 import lr_at
+
+    tiny = load_config("tiny").phase1
+    assert tiny.lr_schedule == "cosine"
+    steps = 500
+    total = tiny.epochs * steps
+    assert lr_at(tiny, 0, steps) == tiny.lr
+    assert lr_at(tiny, total // 2, steps) == pytest.approx(tiny.lr / 2)
+    assert lr_at(tiny, total, steps) == pytest.approx(0.0, abs=1e-12)
+    lrs = [lr_at(tiny, k, steps) for k in range(0, total + 1, 250)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # never rises
+    paper = load_config("paper").phase1
+    assert paper.lr_schedule == "constant" and {lr_at(paper, k, 100) for k in (0, 999, 10**6)} == {4e-4}
+    with pytest.raises(ConfigError, match=r"phase1\.lr_schedule: 'step' is not one of 'constant', 'cosine'"):
+        load_config("tiny", overrides={"phase1": {"lr_schedule": "step"}})
+

@@ -70,6 +70,11 @@ class Phase1Config:
     #: None = every training window once per epoch (the paper); a number = draw this many windows
     #: per epoch (a fresh draw each epoch), so that more studies do not make an epoch longer
     windows_per_epoch: int | None = None
+    #: share of the negative draws (with positive_fraction) taken at the heights where positive
+    #: windows sit, so that a window's level alone does not predict its label; 0 = uniform (the paper)
+    level_matched_negatives: float = 0.0
+    #: "constant" (the paper) or "cosine": decay from `lr` to 0 over all epochs, step by step
+    lr_schedule: Literal["constant", "cosine"] = "constant"
 
     @property
     def feature_dim(self) -> int:
@@ -111,7 +116,8 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(),
     "tiny": TrainConfig(
-        phase1=Phase1Config(width=16, batch_size=8, epochs=30, positive_fraction=0.3, windows_per_epoch=4000),
+        phase1=Phase1Config(width=16, lr=1e-3, lr_schedule="cosine", batch_size=8, epochs=30, positive_fraction=0.3,
+                            windows_per_epoch=4000, level_matched_negatives=0.5),
         phase2=Phase2Config(hidden=64, batch_size=16, epochs=100),
         preprocess=replace(PreprocessConfig(), resize=96, crop=80, spacing_mm=2.5),
         num_workers=0,
@@ -206,6 +212,11 @@ def validate(config: TrainConfig) -> TrainConfig:
     if p1.windows_per_epoch is not None and p1.windows_per_epoch < p1.batch_size:
         raise ConfigError(f"config phase1.windows_per_epoch: {p1.windows_per_epoch} is fewer than one batch "
                           f"({p1.batch_size}); use a larger number, or leave it out to visit every window")
+    if not 0.0 <= p1.level_matched_negatives <= 1.0:
+        raise ConfigError(f"config phase1.level_matched_negatives: must be a share in [0, 1], got {p1.level_matched_negatives}")
+    if p1.level_matched_negatives and p1.positive_fraction is None:
+        raise ConfigError("config phase1.level_matched_negatives: needs phase1.positive_fraction (balanced draws); "
+                          "set positive_fraction, or level_matched_negatives = 0")
     if not 0.0 <= p1.rotation_deg <= 180.0:
         raise ConfigError(f"config phase1.rotation_deg: must be in [0, 180], got {p1.rotation_deg}")
     for where, v in (("phase2.dropout", p2.dropout),):

@@ -331,6 +331,8 @@ class WindowDataset(Dataset):
         self.epoch = 0
         self.index = [(u, w) for u in sorted(entries) for w in range(entries[u].n_windows)]
         self.labels = np.array([entries[u].window_labels[w] for u, w in self.index], dtype=np.float32)
+        #: each window's height in its study, 0 (first window) .. 1 (last), for level-matched sampling
+        self.levels = np.array([(w + 0.5) / entries[u].n_windows for u, w in self.index], dtype=np.float32)
         self._arrays: dict[str, np.ndarray] = {}
         for e in entries.values():
             if e.resize < self.crop:

@@ -33,7 +33,7 @@ from training.data import WindowDataset, load_cache_index, load_split, seed_work
 from training.distributed import DistContext, gather, setup, shard
 from training.models import r3d_18
 
-__all__ = ["BalancedSampler", "study_max_auroc", "train_phase1", "extract_features", "predict_windows", "make_deterministic", "auroc", "autocast_for"]
+__all__ = ["BalancedSampler", "study_max_auroc", "train_phase1", "extract_features", "predict_windows", "make_deterministic", "auroc", "autocast_for", "lr_at"]
 
 log = get_logger("training.phase1")
 
@@ -51,6 +51,16 @@ def make_deterministic(seed: int, device: torch.device) -> None:
 def autocast_for(device: torch.device, amp: bool):
     """Mixed precision (float16) on CUDA when `amp`; a no-op context elsewhere."""
     return torch.autocast("cuda", dtype=torch.float16, enabled=bool(amp and device.type == "cuda"))
+
+
+def lr_at(p1, step: int, steps_per_epoch: int) -> float:
+    """Phase-1 learning rate at optimiser step `step`: constant (the paper) or a cosine decay from
+    `lr` to 0 over all `epochs` (`lr_schedule = "cosine"`). A function of the step only, so a
+    resumed run continues the same curve."""
+    if p1.lr_schedule == "constant":
+        return p1.lr
+    total = max(1, p1.epochs * steps_per_epoch)
+    return 0.5 * p1.lr * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -72,14 +82,26 @@ class BalancedSampler(torch.utils.data.Sampler):
     replacement so that `positive_fraction` of them are positive windows; or, with
     `positive_fraction=None`, drawn uniformly without replacement (a fresh subset each epoch, for
     large data sets where one epoch should not visit every window). Seeded by (seed, epoch),
-    sharded by rank like DistributedSampler."""
+    sharded by rank like DistributedSampler.
+
+    `level_matched` (with `levels`, each window's relative position 0..1 along its study): this
+    share of the negative draws follows the level distribution of the positive windows (negative
+    windows at the height where emboli sit, i.e. the pulmonary arteries), the rest is uniform. It
+    stops the model from scoring a window by its height alone."""
+
+    LEVEL_BINS = 10
 
     def __init__(self, labels, positive_fraction: float | None, *, num_samples: int | None = None, rank: int = 0,
-                 world_size: int = 1, seed: int = 0):
+                 world_size: int = 1, seed: int = 0, levels=None, level_matched: float = 0.0):
         if positive_fraction is not None and not 0.0 < positive_fraction < 1.0:
             raise ValueError(f"phase1.positive_fraction={positive_fraction}; expected a fraction in (0, 1) or None")
         if num_samples is not None and num_samples < 1:
             raise ValueError(f"phase1.windows_per_epoch={num_samples}; expected at least 1 or None (every window)")
+        if not 0.0 <= level_matched <= 1.0:
+            raise ValueError(f"phase1.level_matched_negatives={level_matched}; expected a share in [0, 1]")
+        if level_matched and (positive_fraction is None or levels is None):
+            raise ValueError("phase1.level_matched_negatives needs phase1.positive_fraction (balanced draws) "
+                             "and the windows' levels; set positive_fraction or level_matched_negatives = 0")
         y = np.asarray(labels) > 0.5
         self.pos, self.neg = np.flatnonzero(y), np.flatnonzero(~y)
         if positive_fraction is not None and (len(self.pos) == 0 or len(self.neg) == 0):
@@ -89,6 +111,15 @@ class BalancedSampler(torch.utils.data.Sampler):
         self.fraction, self.rank, self.world, self.seed, self.epoch = positive_fraction, rank, world_size, seed, 0
         self.total = len(y)
         self.per_rank = -(-self.n // world_size)
+        self.neg_p = None  # None = uniform over negatives
+        if level_matched:
+            bins = np.clip((np.asarray(levels, dtype=np.float64) * self.LEVEL_BINS).astype(int), 0, self.LEVEL_BINS - 1)
+            pos_share = np.bincount(bins[self.pos], minlength=self.LEVEL_BINS) / len(self.pos)
+            neg_count = np.bincount(bins[self.neg], minlength=self.LEVEL_BINS)
+            b = bins[self.neg]
+            matched = pos_share[b] / np.maximum(neg_count[b], 1)
+            matched /= matched.sum()
+            self.neg_p = level_matched * matched + (1.0 - level_matched) / len(self.neg)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -103,7 +134,7 @@ class BalancedSampler(torch.utils.data.Sampler):
             idx = np.concatenate([rng.permutation(self.total) for _ in range(-(-want // self.total))])[:want]
         else:
             n_pos = int(round(self.fraction * want))
-            idx = np.concatenate([rng.choice(self.pos, n_pos), rng.choice(self.neg, want - n_pos)])
+            idx = np.concatenate([rng.choice(self.pos, n_pos), rng.choice(self.neg, want - n_pos, p=self.neg_p)])
             rng.shuffle(idx)
         return iter(idx[self.rank::self.world].tolist())
 
@@ -184,6 +215,9 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
     criterion = "val_auroc" if np.unique(val_ds.labels).size == 2 else "val_loss"
 
     model = r3d_18(num_outputs=1, width=p1.width, pretrained=p1.pretrained).to(ctx.device)
+    channels_last = ctx.device.type == "cpu"  # ~10 % faster 3D convolutions on CPU (oneDNN); still deterministic
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=p1.lr)
     use_amp = bool(config.amp and ctx.device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -202,7 +236,8 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
         sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed)
     else:
         sampler = BalancedSampler(train_ds.labels, p1.positive_fraction, num_samples=p1.windows_per_epoch,
-                                  rank=ctx.rank, world_size=ctx.world_size, seed=config.seed)
+                                  rank=ctx.rank, world_size=ctx.world_size, seed=config.seed,
+                                  levels=train_ds.levels, level_matched=p1.level_matched_negatives)
 
     from tqdm import tqdm
 
@@ -217,6 +252,10 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
         bar = tqdm(loader, desc=f"phase1 epoch {epoch + 1}/{p1.epochs}", disable=not (progress and ctx.is_main))
         for x, y in bar:
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(p1, step, len(loader))
             with autocast_for(ctx.device, config.amp):
                 logit = model(x).logit
             loss = F.binary_cross_entropy_with_logits(logit.float(), y.float())
@@ -233,7 +272,7 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
         train_loss = sum(gather(loss_sum, ctx)) / max(sum(gather(seen, ctx)), 1)
         probs, losses, _ = predict_windows(model, val_ds, ctx, batch_size=per_rank * 2, workers=config.num_workers,
                                            amp=config.amp, progress=progress)
-        metrics = {"epoch": epoch, "step": step, "train_loss": train_loss,
+        metrics = {"epoch": epoch, "step": step, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                    "val_loss": float(losses.mean()) if len(losses) else float("nan"),
                    "val_auroc": auroc(val_ds.labels, probs), "val_study_auroc": study_max_auroc(val_ds, probs),
                    "seconds": round(time.perf_counter() - t0, 2),
