@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phase1-epochs", type=int, default=None, help="default: the tiny preset's")
     ap.add_argument("--phase2-epochs", type=int, default=None, help="default: the tiny preset's")
     ap.add_argument("--workers", type=int, default=2, help="cache processes and DataLoader workers")
+    ap.add_argument("--config", type=Path, default=None,
+                    help="JSON file of further overrides of the tiny preset, e.g. {\"preprocess\": {\"resize\": 128, \"crop\": 112}} "
+                         "(merged under the epoch flags above)")
     args = ap.parse_args(argv)
 
     from dicom_node.labels import ALL_LABELS
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                                        smallest_embolus_vessel=args.smallest_embolus_vessel), workers=args.workers)
     timings["phantom"] = time.perf_counter() - t0
 
-    overrides: dict = {"num_workers": args.workers}
+    overrides: dict = json.loads(args.config.read_text()) if args.config else {}
+    overrides["num_workers"] = args.workers
     if args.phase1_epochs:
         overrides.setdefault("phase1", {})["epochs"] = args.phase1_epochs
     if args.phase2_epochs:

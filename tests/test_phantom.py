@@ -13,7 +13,7 @@ import pytest
 
 from dicom_node.labels import CSV_COLUMNS, QA_COLUMNS, STUDY_LABELS, consistency_violations
 from training.cli import main as train_main
-from training.phantom import PhantomConfig, Tissue, csv_rows, generate_study, write_study
+from training.phantom import PhantomConfig, Tissue, csv_rows, dataset_plan, generate_study, phantom_study_uid, write_study
 from training.phantom_variants import COMPRESSED, ENHANCED_CT_IMAGE_STORAGE, VARIANTS, write_variant
 
 SMALL = PhantomConfig(rows=96, cols=96, n_slices=48, slice_thickness_mm=2.5)
@@ -229,6 +229,13 @@ def test_cli_writes_the_rsna_layout_csv_and_masks(tmp_path, capsys):
         image = np.array([int(r["pe_present_on_image"]) for r in srows])
         assert np.array_equal(image, npz["mask"].any(axis=(1, 2)))
         assert consistency_violations(image.astype(bool), labels) == []
+    # the plan names each written study: its seed gives the same UID and the same positive/negative call
+    plan = dataset_plan(4, 3, PhantomConfig(rows=64, cols=64, n_slices=30, slice_thickness_mm=2.5))
+    assert list(dict.fromkeys(r["StudyInstanceUID"] for r in rows)) == [phantom_study_uid(s) for s, _ in plan]
+    for seed, kind in plan:
+        uid = phantom_study_uid(seed)
+        assert kind in ("positive", "negative", "indeterminate")
+        assert (kind == "positive") == any(r["pe_present_on_image"] == "1" for r in rows if r["StudyInstanceUID"] == uid)
     again = tmp_path / "again"
     assert train_main(["phantom", "--out", str(again), "--studies", "4", "--seed", "3", "--rows", "64", "--cols", "64",
                        "--slices", "30", "--slice-thickness", "2.5", "--workers", "2", "--no-progress"]) == 0

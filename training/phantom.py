@@ -40,6 +40,8 @@ __all__ = [
     "study_datasets",
     "write_study",
     "generate_dataset",
+    "dataset_plan",
+    "phantom_study_uid",
     "study_seed",
     "CT_IMAGE_STORAGE",
     "SMALLEST_EMBOLUS_VESSELS",
@@ -142,6 +144,11 @@ def _uid(seed: int, *parts) -> str:
     """
     name = "/".join([_UID_TAG, str(seed), *map(str, parts)])
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
+
+
+def phantom_study_uid(seed: int) -> str:
+    """StudyInstanceUID of the phantom study generated from `seed` (without generating it)."""
+    return _uid(seed, "study")
 
 
 def study_seed(dataset_seed: int, index: int) -> int:
@@ -282,7 +289,7 @@ def generate_study(seed: int, config: PhantomConfig = PhantomConfig(), *, kind: 
         spacing_between_slices_mm=dz,
         image_orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
         positions=positions,
-        study_uid=_uid(seed, "study"),
+        study_uid=phantom_study_uid(seed),
         series_uid=_uid(seed, "series", 1),
         frame_of_reference_uid=_uid(seed, "frame"),
         sop_uids=tuple(_uid(seed, "sop", 1, k) for k in range(Z)),
@@ -425,6 +432,17 @@ def _write_one(args) -> tuple[list[dict], int, int]:
     return csv_rows(study), len(paths), int(study.is_positive)
 
 
+def dataset_plan(n_studies: int, seed: int, config: PhantomConfig = PhantomConfig()) -> list[tuple[int, str]]:
+    """(study seed, kind) of each study `generate_dataset(out, n_studies, seed, config)` writes, in order:
+    an exact case mix (round(n * prevalence) positives, round(n * indeterminate_share) indeterminate)
+    in a seeded order. `generate_study(seed, config, kind=kind)` gives the study back."""
+    n_pos = int(round(n_studies * config.prevalence))
+    n_ind = min(int(round(n_studies * config.indeterminate_share)), n_studies - n_pos)
+    kinds = ["positive"] * n_pos + ["indeterminate"] * n_ind + ["negative"] * (n_studies - n_pos - n_ind)
+    np.random.default_rng(np.random.SeedSequence([seed, 7919])).shuffle(kinds)
+    return [(study_seed(seed, i), kinds[i]) for i in range(n_studies)]
+
+
 def generate_dataset(out: Path, n_studies: int, seed: int, config: PhantomConfig = PhantomConfig(),
                      *, workers: int | None = None, progress: bool = True) -> Path:
     """Write `out/train/...`, `out/train.csv` and `out/masks/<StudyUID>.npz` for `n_studies` studies.
@@ -439,11 +457,7 @@ def generate_dataset(out: Path, n_studies: int, seed: int, config: PhantomConfig
     (out / "train").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
-    n_pos = int(round(n_studies * config.prevalence))
-    n_ind = min(int(round(n_studies * config.indeterminate_share)), n_studies - n_pos)
-    kinds = ["positive"] * n_pos + ["indeterminate"] * n_ind + ["negative"] * (n_studies - n_pos - n_ind)
-    np.random.default_rng(np.random.SeedSequence([seed, 7919])).shuffle(kinds)
-    jobs = [(study_seed(seed, i), config, out, kinds[i]) for i in range(n_studies)]
+    jobs = [(s, config, out, kind) for s, kind in dataset_plan(n_studies, seed, config)]
     t0 = time.perf_counter()
     results = []
     bar = tqdm(total=n_studies, desc="phantom studies", unit="study", disable=not progress)
