@@ -88,7 +88,9 @@ def _reference(run: Path) -> dict[str, torch.Tensor]:
     make_deterministic(config.seed, torch.device("cpu"))
     ds = WindowDataset(load_cache_index(run, [f"1.2.3.{i}" for i in range(4)]), 16, augment=True,
                        seed=config.seed, max_rotation_deg=0.0, random_crop=False)
-    model = r3d_18(num_outputs=1, width=8)
+    # channels-last 3D tensors, as train_phase1 uses on CPU (the layout changes float rounding, and
+    # Adam's normalised first steps magnify rounding differences of near-zero gradients)
+    model = r3d_18(num_outputs=1, width=8).to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.phase1.lr)
     per_rank = config.phase1.batch_size // WORLD
     orders = []
@@ -106,7 +108,7 @@ def _reference(run: Path) -> dict[str, torch.Tensor]:
                     for k, v in model.named_buffers():
                         v.copy_(before[k])
             items = [ds[i] for i in orders[r][step * per_rank:(step + 1) * per_rank]]
-            x = torch.stack([a for a, _ in items])
+            x = torch.stack([a for a, _ in items]).contiguous(memory_format=torch.channels_last_3d)
             y = torch.stack([b for _, b in items])
             # backward per half (gradients accumulate), so restoring the buffers cannot touch a live graph
             (F.binary_cross_entropy_with_logits(model(x).logit, y.float()) / WORLD).backward()
