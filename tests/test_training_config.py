@@ -166,6 +166,11 @@ def test_level_matched_negatives_follow_the_positive_windows_heights():
         at_pos_levels = np.isin(bins[neg], [3, 4]).mean()
         assert abs(at_pos_levels - expect_at_pos_levels) < 0.02, (share, at_pos_levels)
         assert abs(labels[idx].mean() - 0.3) < 0.01
+    # no negative window at the positives' heights: nothing to match, the negatives are drawn uniformly
+    apart = BalancedSampler(levels < 0.5, 0.3, num_samples=2000, seed=1, levels=levels, level_matched=1.0)
+    drawn = np.array(list(apart))
+    assert apart.neg_p is None
+    assert set(bins[drawn[levels[drawn] >= 0.5]]) == {5, 6, 7, 8, 9}  # every negative height is drawn
     with pytest.raises(ValueError, match="level_matched_negatives=1.5"):
         BalancedSampler(labels, 0.3, levels=levels, level_matched=1.5)
     with pytest.raises(ValueError, match="needs phase1.positive_fraction"):

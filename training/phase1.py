@@ -118,8 +118,8 @@ class BalancedSampler(torch.utils.data.Sampler):
             neg_count = np.bincount(bins[self.neg], minlength=self.LEVEL_BINS)
             b = bins[self.neg]
             matched = pos_share[b] / np.maximum(neg_count[b], 1)
-            matched /= matched.sum()
-            self.neg_p = level_matched * matched + (1.0 - level_matched) / len(self.neg)
+            if matched.sum() > 0:  # else no negative window shares a height with a positive one: stay uniform
+                self.neg_p = level_matched * matched / matched.sum() + (1.0 - level_matched) / len(self.neg)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
