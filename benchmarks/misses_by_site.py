@@ -35,25 +35,20 @@ def site_group(emboli) -> str:
 
 
 def main(argv=None) -> int:
+    from benchmarks.train_phantom import add_phantom_arguments, phantom_config
     from training.data import load_split
-    from training.phantom import SMALLEST_EMBOLUS_VESSELS, PhantomConfig, dataset_plan, generate_study, phantom_study_uid
+    from training.phantom import dataset_plan, generate_study, phantom_study_uid
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path, help="the --out folder of benchmarks/train_phantom.py (OUT/run)")
-    ap.add_argument("--studies", type=int, default=600)
-    ap.add_argument("--seed", type=int, default=2022)
-    ap.add_argument("--rows", type=int, default=128)
-    ap.add_argument("--slices", type=int, default=140)
-    ap.add_argument("--slice-thickness", type=float, default=2.5)
-    ap.add_argument("--smallest-embolus-vessel", default="lobar", choices=SMALLEST_EMBOLUS_VESSELS)
+    add_phantom_arguments(ap)  # the run's own data set options (defaults: train_phantom.py's)
     args = ap.parse_args(argv)
 
     run = args.out / "run"
     for need in (run / "split.json", run / "report.json", run / "features"):
         if not need.exists():
             ap.error(f"{need}: not found; pass the --out folder of a finished benchmarks/train_phantom.py run")
-    config = PhantomConfig(rows=args.rows, cols=args.rows, n_slices=args.slices, slice_thickness_mm=args.slice_thickness,
-                           smallest_embolus_vessel=args.smallest_embolus_vessel)
+    config = phantom_config(args)
     plan = {phantom_study_uid(s): (s, kind) for s, kind in dataset_plan(args.studies, args.seed, config)}
     split = load_split(run / "split.json")
     threshold = float(json.loads((run / "report.json").read_text())["thresholds"]["pe_present_on_window"])

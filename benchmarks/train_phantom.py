@@ -27,11 +27,10 @@ TARGETS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def add_phantom_arguments(ap: argparse.ArgumentParser) -> None:
+    """The phantom data set's options (also used by benchmarks/misses_by_site.py to rebuild its studies)."""
     from training.phantom import SMALLEST_EMBOLUS_VESSELS
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="/tmp/train_phantom", help="working directory (OUT/data, OUT/run)")
     ap.add_argument("--studies", type=int, default=600, help="phantom studies (issue 4 asks for at least 200)")
     ap.add_argument("--seed", type=int, default=2022)
     ap.add_argument("--rows", type=int, default=128)
@@ -40,6 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smallest-embolus-vessel", default="lobar", choices=SMALLEST_EMBOLUS_VESSELS,
                     help="smallest artery holding emboli (default lobar: at 128 px a pixel is 2.6-3 mm, as wide as a "
                          "segmental artery, and the tiny preset sees about 3 mm per pixel)")
+
+
+def phantom_config(args: argparse.Namespace):
+    """`PhantomConfig` of the options added by `add_phantom_arguments`."""
+    from training.phantom import PhantomConfig
+
+    return PhantomConfig(rows=args.rows, cols=args.rows, n_slices=args.slices, slice_thickness_mm=args.slice_thickness,
+                         smallest_embolus_vessel=args.smallest_embolus_vessel)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="/tmp/train_phantom", help="working directory (OUT/data, OUT/run)")
+    add_phantom_arguments(ap)
     ap.add_argument("--phase1-epochs", type=int, default=None, help="default: the tiny preset's")
     ap.add_argument("--phase2-epochs", type=int, default=None, help="default: the tiny preset's")
     ap.add_argument("--workers", type=int, default=2, help="cache processes and DataLoader workers")
@@ -52,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from dicom_node.log import configure_logging
     from training.fit import STEPS, resolve_config, run_step, step_done
     from training.distributed import setup
-    from training.phantom import PhantomConfig, generate_dataset
+    from training.phantom import generate_dataset
 
     configure_logging(level="WARNING")
     out = Path(args.out)
@@ -63,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     csv = data / "train.csv"
     have = len({line.split(",", 1)[0] for line in csv.read_text().splitlines()[1:]}) if csv.is_file() else 0
     if have != args.studies:
-        generate_dataset(data, args.studies, args.seed,
-                         PhantomConfig(rows=args.rows, cols=args.rows, n_slices=args.slices,
-                                       slice_thickness_mm=args.slice_thickness,
-                                       smallest_embolus_vessel=args.smallest_embolus_vessel), workers=args.workers)
+        generate_dataset(data, args.studies, args.seed, phantom_config(args), workers=args.workers)
     timings["phantom"] = time.perf_counter() - t0
 
     overrides: dict = json.loads(args.config.read_text()) if args.config else {}

@@ -117,7 +117,7 @@ class BalancedSampler(torch.utils.data.Sampler):
             pos_share = np.bincount(bins[self.pos], minlength=self.LEVEL_BINS) / len(self.pos)
             neg_count = np.bincount(bins[self.neg], minlength=self.LEVEL_BINS)
             b = bins[self.neg]
-            matched = pos_share[b] / np.maximum(neg_count[b], 1)
+            matched = pos_share[b] / neg_count[b]  # each negative's bin holds it, so the count is >= 1
             if matched.sum() > 0:  # else no negative window shares a height with a positive one: stay uniform
                 self.neg_p = level_matched * matched / matched.sum() + (1.0 - level_matched) / len(self.neg)
 
