@@ -38,7 +38,10 @@ def add_phantom_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--slice-thickness", type=float, default=2.5)
     ap.add_argument("--smallest-embolus-vessel", default="lobar", choices=SMALLEST_EMBOLUS_VESSELS,
                     help="smallest artery holding emboli (default lobar: at 128 px a pixel is 2.6-3 mm, as wide as a "
-                         "segmental artery, and the tiny preset sees about 3 mm per pixel)")
+                         "segmental artery, and the tiny preset sees about 3 mm per pixel; central: main, left and "
+                         "right pulmonary arteries only)")
+    ap.add_argument("--mediastinal-fat", type=float, default=0.0, metavar="MM",
+                    help="fat sleeve around the central pulmonary arteries (mm; 0 = none)")
 
 
 def phantom_config(args: argparse.Namespace):
@@ -46,7 +49,7 @@ def phantom_config(args: argparse.Namespace):
     from training.phantom import PhantomConfig
 
     return PhantomConfig(rows=args.rows, cols=args.rows, n_slices=args.slices, slice_thickness_mm=args.slice_thickness,
-                         smallest_embolus_vessel=args.smallest_embolus_vessel)
+                         smallest_embolus_vessel=args.smallest_embolus_vessel, mediastinal_fat_mm=args.mediastinal_fat)
 
 
 def main(argv: list[str] | None = None) -> int:

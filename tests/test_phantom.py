@@ -176,7 +176,7 @@ def test_errors_name_the_value_and_the_fix(positive, tmp_path):
         write_variant(positive, tmp_path, "jpeg-xl")
     with pytest.raises(ValueError, match=r"kind='maybe'"):
         generate_study(1, SMALL, kind="maybe")
-    with pytest.raises(ValueError, match=r"smallest_embolus_vessel='tiny'; expected 'subsegmental', 'segmental' or 'lobar'"):
+    with pytest.raises(ValueError, match=r"smallest_embolus_vessel='tiny'; expected one of 'subsegmental', 'segmental', 'lobar', 'central'"):
         PhantomConfig(smallest_embolus_vessel="tiny")
 
 
@@ -190,6 +190,32 @@ def test_smallest_embolus_vessel_keeps_emboli_in_large_arteries():
     assert any(name.split("_", 1)[-1].startswith(("seg", "sub")) for e in every for name, _ in e)  # the default has them
     assert all(not any(k in name for k in small_kinds) for e in large for name, _ in e), large
     assert all(e for e in large)  # every positive study still has an embolus
+    central = replace(SMALL, smallest_embolus_vessel="central")
+    studies = [generate_study(seed, central, kind="positive") for seed in range(12)]
+    assert all(s.extra["emboli"] and {v for v, _ in s.extra["emboli"]} <= {"main", "lpa", "rpa"} for s in studies)
+    assert all(s.study_labels["central_pe"] == 1 for s in studies)
+    assert {s.study_labels["leftsided_pe"] for s in studies} == {0, 1}  # sides still vary
+
+
+def test_mediastinal_fat_wraps_the_central_arteries_and_changes_nothing_else():
+    from dataclasses import replace
+
+    from scipy.ndimage import binary_dilation
+
+    fatty = replace(SMALL, mediastinal_fat_mm=4.0)
+    for seed in range(3):
+        plain, fat = generate_study(seed, SMALL, kind="positive"), generate_study(seed, fatty, kind="positive")
+        assert plain.study_labels == fat.study_labels and np.array_equal(plain.embolus_mask, fat.embolus_mask)
+        changed = plain.tissue != fat.tissue
+        assert changed.any()
+        # only mediastinal soft tissue became fat, and the new fat touches a pulmonary artery
+        assert set(np.unique(plain.tissue[changed])) == {Tissue.SOFT}
+        assert set(np.unique(fat.tissue[changed])) == {Tissue.FAT}
+        near_artery = binary_dilation(np.isin(fat.tissue, [Tissue.PULMONARY_ARTERY, Tissue.EMBOLUS]), iterations=3)
+        assert (changed & near_artery).sum() > 0.5 * changed.sum()
+        assert np.median(fat.hu[changed]) < -60
+    with pytest.raises(ValueError, match=r"mediastinal_fat_mm=20; expected 0-10 mm"):
+        PhantomConfig(mediastinal_fat_mm=20)
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is not installed")

@@ -49,7 +49,11 @@ def _add_phantom(subparsers) -> None:
     p.add_argument("--indeterminate", type=float, default=0.08, help="share of indeterminate (poor contrast / motion) studies")
     p.add_argument("--smallest-embolus-vessel", choices=SMALLEST_EMBOLUS_VESSELS, default="subsegmental",
                    help="smallest artery that may hold an embolus (default: subsegmental, every site); use lobar for "
-                        "coarse phantoms (128 px) whose 2.6-3 mm pixels are as wide as a segmental artery")
+                        "coarse phantoms (128 px) whose 2.6-3 mm pixels are as wide as a segmental artery; central keeps "
+                        "emboli in the main, left and right pulmonary arteries")
+    p.add_argument("--mediastinal-fat", type=float, default=0.0, metavar="MM",
+                   help="wrap the main, left and right pulmonary arteries in a fat sleeve this thick (mm) where they "
+                        "cross the mediastinum, so that a wall-adherent embolus changes the artery's outline")
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: min(2, CPU count))")
     p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     p.set_defaults(func=_run_phantom)
@@ -65,7 +69,8 @@ def _run_phantom(args) -> int:
         config = PhantomConfig(rows=args.rows, cols=args.cols, n_slices=args.slices,
                                slice_thickness_mm=args.slice_thickness, pixel_spacing_mm=args.pixel_spacing,
                                prevalence=args.prevalence, indeterminate_share=args.indeterminate,
-                               smallest_embolus_vessel=args.smallest_embolus_vessel)
+                               smallest_embolus_vessel=args.smallest_embolus_vessel,
+                               mediastinal_fat_mm=args.mediastinal_fat)
     except ValueError as exc:
         print(f"dicom-node-train phantom: {exc}", file=sys.stderr)
         return 2

@@ -52,7 +52,7 @@ CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 HU_INTERCEPT = -1024
 _UID_TAG = "dicom-node-phantom-v1"
 #: values of `PhantomConfig.smallest_embolus_vessel` (and of `--smallest-embolus-vessel`)
-SMALLEST_EMBOLUS_VESSELS = ("subsegmental", "segmental", "lobar")
+SMALLEST_EMBOLUS_VESSELS = ("subsegmental", "segmental", "lobar", "central")
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,12 @@ class PhantomConfig:
     noise_hu: float = 20.0
     mimic_share: float = 0.1
     #: smallest artery that may hold an embolus: "subsegmental" (every site, the default),
-    #: "segmental" or "lobar" (for coarse phantoms whose pixels are wider than a small embolus)
+    #: "segmental" or "lobar" (for coarse phantoms whose pixels are wider than a small embolus), or
+    #: "central" (main, left and right pulmonary arteries only)
     smallest_embolus_vessel: str = "subsegmental"
+    #: fat around the main, left and right pulmonary arteries in the mediastinum (mm; 0 = none,
+    #: the arteries then border soft tissue of an embolus's density)
+    mediastinal_fat_mm: float = 0.0
 
     def __post_init__(self) -> None:
         if not (16 <= self.rows <= 1024 and 16 <= self.cols <= 1024):
@@ -89,7 +93,9 @@ class PhantomConfig:
             raise ValueError(f"PhantomConfig: pixel_spacing_mm={self.pixel_spacing_mm}; expected 0.2-5 mm")
         if self.smallest_embolus_vessel not in SMALLEST_EMBOLUS_VESSELS:
             raise ValueError(f"PhantomConfig: smallest_embolus_vessel={self.smallest_embolus_vessel!r}; "
-                             "expected 'subsegmental', 'segmental' or 'lobar'")
+                             "expected one of " + ", ".join(repr(v) for v in SMALLEST_EMBOLUS_VESSELS))
+        if not 0.0 <= self.mediastinal_fat_mm <= 10.0:
+            raise ValueError(f"PhantomConfig: mediastinal_fat_mm={self.mediastinal_fat_mm}; expected 0-10 mm")
         if not (0 <= self.prevalence <= 1 and 0 <= self.indeterminate_share <= 1 - self.prevalence):
             raise ValueError(
                 f"PhantomConfig: prevalence={self.prevalence}, indeterminate_share={self.indeterminate_share}; "
@@ -209,7 +215,7 @@ def generate_study(seed: int, config: PhantomConfig = PhantomConfig(), *, kind: 
         ratio = rng.uniform(1.08, 1.6) if rng.random() < 0.4 else rng.uniform(0.6, 0.92)
     else:
         ratio = rng.uniform(0.6, 0.95) if rng.random() < 0.9 else rng.uniform(1.0, 1.2)
-    an = build_anatomy(cv, rng, contrast=contrast, rv_lv_ratio=ratio)
+    an = build_anatomy(cv, rng, contrast=contrast, rv_lv_ratio=ratio, mediastinal_fat_mm=config.mediastinal_fat_mm)
 
     if kind != "indeterminate" and rng.random() < config.mimic_share:
         mimic = "flow_artifact" if (kind == "positive" or rng.random() < 0.6) else "true_filling_defect_not_pe"

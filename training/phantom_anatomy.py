@@ -193,8 +193,13 @@ def lung_taper(u, u0, u1):
 
 
 def build_anatomy(cv: Canvas, rng: np.random.Generator, *, contrast: tuple[float, float, float],
-                  rv_lv_ratio: float) -> Anatomy:
-    """Paint body, lungs, heart, aorta, pulmonary arteries, lung vessels, spine and ribs."""
+                  rv_lv_ratio: float, mediastinal_fat_mm: float = 0.0) -> Anatomy:
+    """Paint body, lungs, heart, aorta, pulmonary arteries, lung vessels, spine and ribs.
+
+    `mediastinal_fat_mm` > 0 wraps the main, left and right pulmonary arteries in a sleeve of fat
+    that thick where they run through mediastinal soft tissue (as in a real chest, where the fat
+    shows the artery's outer wall); it draws no random numbers, so a study's other content is the
+    same with and without it."""
     nz, ny, nx = cv.shape
     fov = min(nx * cv.spacing[2], ny * cv.spacing[1])
     S = nz * cv.spacing[0]
@@ -205,7 +210,8 @@ def build_anatomy(cv: Canvas, rng: np.random.Generator, *, contrast: tuple[float
     u = cv.z / S
     body_scale = 1.0 - 0.08 * np.clip(u - 0.6, 0, 1)
     fat = rng.uniform(0.04, 0.12)
-    cv.ellipses(rng.uniform(-110, -85), Tissue.FAT, 0.0, 0.0, A * body_scale, B * body_scale, allz)
+    fat_hu = rng.uniform(-110, -85)
+    cv.ellipses(fat_hu, Tissue.FAT, 0.0, 0.0, A * body_scale, B * body_scale, allz)
     cv.ellipses(rng.uniform(35, 55), Tissue.SOFT, 0.0, 0.0, A * body_scale * (1 - fat), B * body_scale * (1 - fat), allz)
 
     # lungs: per-slice ellipses tapering to the apex, cut by a diaphragm dome at the base
@@ -328,11 +334,25 @@ def build_anatomy(cv: Canvas, rng: np.random.Generator, *, contrast: tuple[float
         r = rng.uniform(0.8, 2.2)
         cv.tube(pts, np.linspace(r, r * 0.6, len(pts)), rng.uniform(40, 200), Tissue.LUNG_VESSEL)
 
+    if mediastinal_fat_mm > 0:
+        for v in vessels:
+            if v.side == "central":
+                _sleeve(cv, v, mediastinal_fat_mm, fat_hu)
     for v in vessels:
         cv.tube(v.points, v.radii, pa_hu * rng.uniform(0.95, 1.03), Tissue.PULMONARY_ARTERY)
 
     _paint_bones(cv, rng, A * body_scale, B * body_scale, fat, S)
     return Anatomy(A=A, B=B, S=S, lungs=lungs, vessels=vessels, rv_lv_ratio=ratio, pa_hu=pa_hu)
+
+
+def _sleeve(cv: Canvas, v: Vessel, thickness_mm: float, fat_hu: float) -> None:
+    """Fat around vessel `v`, `thickness_mm` thick, on mediastinal soft tissue only (not lung, heart or bone)."""
+    box, occ = cv.tube_occupancy(v.points, v.radii + thickness_mm)
+    if box is None:
+        return
+    m = (occ >= 0.5) & (cv.tissue[box] == Tissue.SOFT)
+    cv.hu[box][m] = fat_hu
+    cv.tissue[box][m] = Tissue.FAT
 
 
 def _pull_inside(lungs, side, p: np.ndarray, S: float) -> np.ndarray:
@@ -398,13 +418,16 @@ def _resample(points: np.ndarray, radii: np.ndarray, s0: float, s1: float, step:
 
 #: vessel kinds from the largest to the smallest; `place_emboli(smallest=...)` cuts the list there
 VESSEL_KINDS = tuple(_SITES)
+#: the central arteries (the RSNA label `central_pe`); `smallest="central"` keeps emboli in them
+CENTRAL_KINDS = ("main", "lpa", "rpa")
 
 
 def place_emboli(rng: np.random.Generator, vessels: list[Vessel], chronicity: str, n: int,
                  smallest: str = "subsegmental") -> list[Embolus]:
     """Draw `n` emboli in the arterial tree; `chronicity` is acute | chronic | acute_and_chronic;
-    `smallest` is the smallest vessel kind that may hold one (see `VESSEL_KINDS`)."""
-    kinds = list(VESSEL_KINDS[: VESSEL_KINDS.index(smallest) + 1])
+    `smallest` is the smallest vessel kind that may hold one (see `VESSEL_KINDS`), or "central"
+    for the main, left and right pulmonary arteries only."""
+    kinds = list(CENTRAL_KINDS if smallest == "central" else VESSEL_KINDS[: VESSEL_KINDS.index(smallest) + 1])
     w = np.array([_SITES[k][0] for k in kinds])
     out = []
     for i in range(n):
