@@ -1,11 +1,13 @@
 """Proof that the training learns: phantom studies -> `fit --preset tiny` -> test AUROCs vs targets.
 
-    .venv/bin/python benchmarks/train_phantom.py                       # 600 studies, the full check (~35-50 min)
+    .venv/bin/python benchmarks/train_phantom.py                       # 600 studies, the full check (~56 min)
     .venv/bin/python benchmarks/train_phantom.py --studies 30 --phase1-epochs 1 --phase2-epochs 5   # a quick try
 
 Generates (once, reused when OUT/data holds the same number of studies) phantom CTPA studies of
-128 x 128 px and 140 slices of 2.5 mm with emboli down to the lobar arteries (a 2.6-3 mm pixel is
-as wide as a segmental artery, so smaller emboli would be invisible label noise at this size), trains the tiny preset on CPU, and prints per label the
+128 x 128 px and 140 slices of 2.5 mm with emboli in the main, left and right pulmonary arteries
+and mediastinal fat around them (at 128 px a pixel is 2.6-3 mm: a lobar embolus is 1-2 px of the
+tiny preset's input and a segmental one less, so smaller sites would be label noise at this size;
+docs/benchmarks.md, runs H and J), trains the tiny preset on CPU, and prints per label the
 test AUROC with its 95% DeLong and bootstrap confidence intervals, the target check of issue 4
 (pe_present_on_window and negative_exam_for_pe >= 0.95; central/left/right >= 0.90; RV/LV labels
 >= 0.85), the seconds of every step and the seconds per phase-1 epoch. Re-running with the same
@@ -36,12 +38,12 @@ def add_phantom_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rows", type=int, default=128)
     ap.add_argument("--slices", type=int, default=140)
     ap.add_argument("--slice-thickness", type=float, default=2.5)
-    ap.add_argument("--smallest-embolus-vessel", default="lobar", choices=SMALLEST_EMBOLUS_VESSELS,
-                    help="smallest artery holding emboli (default lobar: at 128 px a pixel is 2.6-3 mm, as wide as a "
-                         "segmental artery, and the tiny preset sees about 3 mm per pixel; central: main, left and "
-                         "right pulmonary arteries only)")
-    ap.add_argument("--mediastinal-fat", type=float, default=0.0, metavar="MM",
-                    help="fat sleeve around the central pulmonary arteries (mm; 0 = none)")
+    ap.add_argument("--smallest-embolus-vessel", default="central", choices=SMALLEST_EMBOLUS_VESSELS,
+                    help="smallest artery holding emboli (central = main, left and right pulmonary arteries: at 128 px "
+                         "a pixel is 2.6-3 mm and the tiny preset sees about 3 mm per pixel, so a lobar embolus is 1-2 px; "
+                         "runs E-I used lobar)")
+    ap.add_argument("--mediastinal-fat", type=float, default=4.0, metavar="MM",
+                    help="fat sleeve around the central pulmonary arteries (mm; 0 = none, as runs A-I)")
 
 
 def phantom_config(args: argparse.Namespace):

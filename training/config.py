@@ -118,7 +118,9 @@ PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(
         phase1=Phase1Config(width=16, lr=1e-3, lr_schedule="cosine", batch_size=8, epochs=30, positive_fraction=0.3,
                             windows_per_epoch=4000, level_matched_negatives=0.5),
-        phase2=Phase2Config(hidden=64, batch_size=16, epochs=100),
+        # 436 phantom training studies in batches of 16 are 28 steps an epoch: the paper's decay every
+        # 20 steps would cut the learning rate 10x by epoch 16 and stall phase 2 (docs/benchmarks.md, run J)
+        phase2=Phase2Config(hidden=64, batch_size=16, epochs=100, lr_decay_every=200),
         preprocess=replace(PreprocessConfig(), resize=96, crop=80, spacing_mm=2.5),
         num_workers=0,
         device="cpu",
