@@ -25,12 +25,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CENTRAL = {"main", "lpa", "rpa"}
-
 
 def site_group(emboli) -> str:
     """'central/acute', 'lobar or smaller/acute+chronic', ... for a study's (vessel, kind) emboli."""
-    where = "central" if any(v in CENTRAL for v, _ in emboli) else "lobar or smaller"
+    from training.phantom_anatomy import CENTRAL_KINDS
+
+    where = "central" if any(v in CENTRAL_KINDS for v, _ in emboli) else "lobar or smaller"
     return f"{where}/{'+'.join(sorted({k for _, k in emboli}))}"
 
 

@@ -1,6 +1,6 @@
 """Proof that the training learns: phantom studies -> `fit --preset tiny` -> test AUROCs vs targets.
 
-    .venv/bin/python benchmarks/train_phantom.py                       # 600 studies, the full check (~56 min)
+    .venv/bin/python benchmarks/train_phantom.py                       # 600 studies, the full check (51-56 min)
     .venv/bin/python benchmarks/train_phantom.py --studies 30 --phase1-epochs 1 --phase2-epochs 5   # a quick try
 
 Generates (once, reused when OUT/data holds the same number of studies) phantom CTPA studies of

@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicom_node.labels import CSV_COLUMNS, QA_COLUMNS, STUDY_LABELS
-from training.phantom_anatomy import Canvas, Tissue, build_anatomy, paint_emboli, paint_mimic, place_emboli
+from training.phantom_anatomy import CENTRAL_KINDS, Canvas, Tissue, build_anatomy, paint_emboli, paint_mimic, place_emboli
 
 __all__ = [
     "PhantomConfig",
@@ -245,7 +245,7 @@ def generate_study(seed: int, config: PhantomConfig = PhantomConfig(), *, kind: 
     if kind == "positive":
         vessel_side = {v.name: v.side for v in an.vessels}
         names = {e.vessel for e in shown}
-        labels["central_pe"] = int(bool(names & {"main", "lpa", "rpa"}))
+        labels["central_pe"] = int(bool(names & set(CENTRAL_KINDS)))
         labels["leftsided_pe"] = int("lpa" in names or any(vessel_side[n] == "left" for n in names))
         labels["rightsided_pe"] = int("rpa" in names or any(vessel_side[n] == "right" for n in names))
         kinds = {e.kind for e in shown}

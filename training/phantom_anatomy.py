@@ -14,7 +14,7 @@ from enum import IntEnum
 
 import numpy as np
 
-__all__ = ["Tissue", "Vessel", "Embolus", "Canvas", "Anatomy", "build_anatomy", "place_emboli", "paint_emboli", "paint_mimic"]
+__all__ = ["Tissue", "Vessel", "Embolus", "Canvas", "Anatomy", "CENTRAL_KINDS", "build_anatomy", "place_emboli", "paint_emboli", "paint_mimic"]
 
 
 class Tissue(IntEnum):
@@ -336,7 +336,7 @@ def build_anatomy(cv: Canvas, rng: np.random.Generator, *, contrast: tuple[float
 
     if mediastinal_fat_mm > 0:
         for v in vessels:
-            if v.side == "central":
+            if v.kind in CENTRAL_KINDS:
                 _sleeve(cv, v, mediastinal_fat_mm, fat_hu)
     for v in vessels:
         cv.tube(v.points, v.radii, pa_hu * rng.uniform(0.95, 1.03), Tissue.PULMONARY_ARTERY)
