@@ -269,13 +269,16 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
             bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}")
             if max_steps is not None and step >= max_steps:
                 break
-        train_loss = sum(gather(loss_sum, ctx)) / max(sum(gather(seen, ctx)), 1)
+        train_seconds = time.perf_counter() - t0
+        seen_all = sum(gather(seen, ctx))
+        train_loss = sum(gather(loss_sum, ctx)) / max(seen_all, 1)
         probs, losses, _ = predict_windows(model, val_ds, ctx, batch_size=per_rank * 2, workers=config.num_workers,
                                            amp=config.amp, progress=progress)
         metrics = {"epoch": epoch, "step": step, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                    "val_loss": float(losses.mean()) if len(losses) else float("nan"),
                    "val_auroc": auroc(val_ds.labels, probs), "val_study_auroc": study_max_auroc(val_ds, probs),
-                   "seconds": round(time.perf_counter() - t0, 2),
+                   "seconds": round(time.perf_counter() - t0, 2), "train_seconds": round(train_seconds, 2),
+                   "train_windows_per_s": round(seen_all / max(train_seconds, 1e-9), 2),
                    "train_windows": len(train_ds), "val_windows": len(val_ds)}
         history.append(metrics)
         improved = _selection(criterion, metrics) > best["value"] or best["epoch"] is None
