@@ -32,9 +32,10 @@ WORLD = 2
 STEPS = 2
 
 
-def _config():
+def _config(study_label_weight: float = 0.0):
     c = load_config("tiny", overrides={"seed": 3, "phase1": {"width": 8, "batch_size": 8, "epochs": 1, "lr": 1e-2,
-                                                              "rotation_deg": 0.0, "random_crop": False}})
+                                                              "rotation_deg": 0.0, "random_crop": False,
+                                                              "study_label_weight": study_label_weight}})
     # the single-process reference below reproduces DistributedSampler's shards, so sample windows as they
     # come (the BalancedSampler's own rank sharding is tested in test_training_config.py)
     # a constant learning rate, as the reference step below takes
@@ -54,11 +55,11 @@ def _write_run(run: Path) -> None:
         labels = [0, 1, 0, 1] if i % 2 else [0, 0, 1, 1]
         (cache / f"{uid}.json").write_text(json.dumps({
             "study_uid": uid, "series_uid": uid + ".1", "shape": [4, 3, 10, 20, 20], "window_labels": labels,
-            "study_labels": [0] * 9, "preprocess": {}}))
+            "study_labels": [float((i + k) % 3 == 0) for k in range(9)], "preprocess": {}}))
     save_split(Split(tuple(uids[:4]), (uids[4],), (), seed=0), run / "split.json")
 
 
-def _ddp_worker(rank: int, run: str, port: int) -> None:
+def _ddp_worker(rank: int, run: str, port: int, study_label_weight: float) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -67,7 +68,7 @@ def _ddp_worker(rank: int, run: str, port: int) -> None:
 
     ctx = setup("cpu")
     try:
-        train_phase1(_config(), run, ctx, resume=False, progress=False, max_steps=STEPS)
+        train_phase1(_config(study_label_weight), run, ctx, resume=False, progress=False, max_steps=STEPS)
     finally:
         teardown(ctx)
 
@@ -78,20 +79,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _reference(run: Path) -> dict[str, torch.Tensor]:
-    """Single process, same global batches, each rank's half forwarded separately."""
+def _reference(run: Path, study_label_weight: float) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Single process, same global batches, each rank's half forwarded separately (with the
+    study-label head and its loss when `study_label_weight` > 0)."""
     from training.models import r3d_18
     from training.phase1 import make_deterministic
 
-    config = _config()
+    config = _config(study_label_weight)
     torch.set_num_threads(1)
     make_deterministic(config.seed, torch.device("cpu"))
     ds = WindowDataset(load_cache_index(run, [f"1.2.3.{i}" for i in range(4)]), 16, augment=True,
-                       seed=config.seed, max_rotation_deg=0.0, random_crop=False)
+                       seed=config.seed, max_rotation_deg=0.0, random_crop=False, study_labels=True)
     # channels-last 3D tensors, as train_phase1 uses on CPU (the layout changes float rounding, and
     # Adam's normalised first steps magnify rounding differences of near-zero gradients)
     model = r3d_18(num_outputs=1, width=8).to(memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.phase1.lr)
+    head = torch.nn.Linear(64, 9) if study_label_weight else None  # made right after the model, as train_phase1 does
+    params = [*model.parameters(), *(head.parameters() if head is not None else ())]
+    optimizer = torch.optim.Adam(params, lr=config.phase1.lr)
     per_rank = config.phase1.batch_size // WORLD
     orders = []
     for r in range(WORLD):
@@ -108,25 +112,36 @@ def _reference(run: Path) -> dict[str, torch.Tensor]:
                     for k, v in model.named_buffers():
                         v.copy_(before[k])
             items = [ds[i] for i in orders[r][step * per_rank:(step + 1) * per_rank]]
-            x = torch.stack([a for a, _ in items]).contiguous(memory_format=torch.channels_last_3d)
-            y = torch.stack([b for _, b in items])
+            x = torch.stack([a for a, _, _ in items]).contiguous(memory_format=torch.channels_last_3d)
+            y = torch.stack([b for _, b, _ in items])
+            out = model(x)
+            loss = F.binary_cross_entropy_with_logits(out.logit, y.float())
+            if head is not None:
+                s = torch.stack([c for _, _, c in items])
+                loss = loss + study_label_weight * F.binary_cross_entropy_with_logits(head(out.features), s)
             # backward per half (gradients accumulate), so restoring the buffers cannot touch a live graph
-            (F.binary_cross_entropy_with_logits(model(x).logit, y.float()) / WORLD).backward()
+            (loss / WORLD).backward()
         optimizer.step()
-    return model.state_dict()
+    return model.state_dict(), (head.state_dict() if head is not None else None)
 
 
 @pytest.mark.timeout(300)
-def test_ddp_two_cpu_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize("study_label_weight", [0.0, 0.5], ids=["window-label", "with-study-head"])
+def test_ddp_two_cpu_processes_match_single_process(tmp_path, study_label_weight):
     run_ddp, run_ref = tmp_path / "ddp", tmp_path / "ref"
     _write_run(run_ddp)
     _write_run(run_ref)
-    mp.spawn(_ddp_worker, args=(str(run_ddp), _free_port()), nprocs=WORLD, join=True)
+    mp.spawn(_ddp_worker, args=(str(run_ddp), _free_port(), study_label_weight), nprocs=WORLD, join=True)
 
     ck = load_checkpoint(run_ddp / "phase1" / "last.pt")
     assert ck["world_size"] == WORLD and ck["step"] == STEPS
     ddp_state = ck["model"]
-    ref_state = _reference(run_ref)
+    ref_state, ref_head = _reference(run_ref, study_label_weight)
+    if ref_head is None:
+        assert "study_head" not in ck
+    else:
+        for k, v in ref_head.items():
+            assert torch.allclose(ck["study_head"][k], v, atol=1e-4), k
     assert set(ddp_state) == set(ref_state)
     diffs = {k: float((ddp_state[k].double() - ref_state[k].double()).abs().max()) for k in ref_state}
     worst = max(diffs, key=diffs.get)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.labels import ALL_LABELS
+from dicom_node.labels import ALL_LABELS, STUDY_LABELS
 from training.cli import main
 from training.phantom import PhantomConfig, generate_dataset
 
@@ -47,6 +47,47 @@ def test_fit_writes_checkpoints_and_report(fitted):
     assert set(report["test"]["auroc"]) == set(ALL_LABELS)  # values may be null with 8 studies
     assert set(report["thresholds"]) == set(ALL_LABELS)
     assert (run / "report.md").is_file()
+    # the tiny preset's study-label head trains with phase 1 and stays out of the window model
+    ck = torch.load(run / "phase1" / "best.pt", weights_only=False)
+    assert ck["study_head"]["weight"].shape == (len(STUDY_LABELS), 128)
+    assert not any(k.startswith("head") for k in ck["model"])
+    assert ck["metrics"]["train_study_loss"] > 0
+
+
+def test_study_label_head_changes_what_the_backbone_learns(fitted, tmp_path):
+    """Same seed and data, two optimiser steps: with study_label_weight > 0 the study labels' loss
+    reaches the window model's weights; with 0 (the paper) no head is made or saved."""
+    from training.config import load_config
+    from training.phase1 import train_phase1
+
+    _, run = fitted
+    models = {}
+    for weight in (0.0, 1.0):
+        out = tmp_path / f"w{weight}"
+        out.mkdir()
+        (out / "cache").symlink_to(run / "cache")
+        (out / "split.json").write_text((run / "split.json").read_text())
+        cfg = load_config("tiny", overrides={"phase1": {"epochs": 1, "windows_per_epoch": 16, "study_label_weight": weight}})
+        train_phase1(cfg, out, resume=False, progress=False, max_steps=2)
+        ck = torch.load(out / "phase1" / "last.pt", weights_only=False)
+        assert ("study_head" in ck) == (weight > 0)
+        assert ("train_study_loss" in ck["metrics"]) == (weight > 0)
+        models[weight] = ck["model"]
+    assert models[0.0].keys() == models[1.0].keys()
+    w0, w1 = models[0.0]["stem.0.weight"], models[1.0]["stem.0.weight"]
+    assert not torch.allclose(w0, w1)
+
+
+def test_window_dataset_can_carry_the_study_labels(fitted):
+    from training.data import WindowDataset, load_cache_index
+
+    _, run = fitted
+    entries = load_cache_index(run)
+    ds = WindowDataset(entries, 56, augment=False, study_labels=True)
+    uid, _ = ds.index[0]
+    x, y, s = ds[0]
+    assert s.dtype == torch.float32 and s.tolist() == entries[uid].study_labels.tolist()
+    assert len(WindowDataset(entries, 56, augment=False)[0]) == 2
 
 
 def test_resume_skips_finished_work(fitted):

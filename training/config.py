@@ -75,6 +75,10 @@ class Phase1Config:
     level_matched_negatives: float = 0.0
     #: "constant" (the paper) or "cosine": decay from `lr` to 0 over all epochs, step by step
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    #: 0 = the window label only (the paper). > 0 = also train a linear head on the window features to
+    #: predict the window's study labels (the nine of the RSNA layout), its BCE times this weight added to
+    #: the window BCE; the head is dropped after phase 1 (features, export and node do not see it)
+    study_label_weight: float = 0.0
 
     @property
     def feature_dim(self) -> int:
@@ -117,7 +121,7 @@ PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(),
     "tiny": TrainConfig(
         phase1=Phase1Config(width=16, lr=1e-3, lr_schedule="cosine", batch_size=8, epochs=30, positive_fraction=0.3,
-                            windows_per_epoch=4000, level_matched_negatives=0.5),
+                            windows_per_epoch=4000, level_matched_negatives=0.5, study_label_weight=0.5),
         # 436 phantom training studies in batches of 16 are 28 steps an epoch: the paper's decay every
         # 20 steps would cut the learning rate 10x by epoch 16 and stall phase 2 (docs/benchmarks.md, run J)
         phase2=Phase2Config(hidden=64, batch_size=16, epochs=100, lr_decay_every=200),
@@ -219,6 +223,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     if p1.level_matched_negatives and p1.positive_fraction is None:
         raise ConfigError("config phase1.level_matched_negatives: needs phase1.positive_fraction (balanced draws); "
                           "set positive_fraction, or level_matched_negatives = 0")
+    if not p1.study_label_weight >= 0.0:
+        raise ConfigError(f"config phase1.study_label_weight: must be >= 0 (0 = window label only), got {p1.study_label_weight!r}")
     if not 0.0 <= p1.rotation_deg <= 180.0:
         raise ConfigError(f"config phase1.rotation_deg: must be in [0, 180], got {p1.rotation_deg}")
     for where, v in (("phase2.dropout", p2.dropout),):

@@ -312,7 +312,8 @@ def rotate_and_crop(x: torch.Tensor, crop: int, angle_deg: float, offset: tuple[
 
 
 class WindowDataset(Dataset):
-    """Phase 1: one item = one 10-slice window (3, 10, crop, crop) float32 and its label.
+    """Phase 1: one item = one 10-slice window (3, 10, crop, crop) float32 and its label (and, with
+    `study_labels=True`, its study's nine labels (9,) float32, for `phase1.study_label_weight`).
 
     Training (`augment=True`): random in-plane rotation within +-`max_rotation_deg` and a random
     `crop` x `crop` crop of the resize x resize window. Evaluation: the centre crop, as the node's
@@ -321,8 +322,9 @@ class WindowDataset(Dataset):
     """
 
     def __init__(self, entries: dict[str, CacheEntry], crop: int, *, augment: bool, seed: int = 0,
-                 max_rotation_deg: float = 15.0, random_crop: bool = True):
+                 max_rotation_deg: float = 15.0, random_crop: bool = True, study_labels: bool = False):
         self.entries = entries
+        self.study_labels = study_labels  # items are (x, label, the study's nine labels) when True
         self.crop = int(crop)
         self.augment = augment
         self.random_crop = random_crop
@@ -364,6 +366,8 @@ class WindowDataset(Dataset):
             o = (size - self.crop) // 2
             offset = (o, o)
         x = rotate_and_crop(x, self.crop, angle, offset).contiguous()
+        if self.study_labels:
+            return x, torch.tensor(self.labels[i]), torch.from_numpy(self.entries[uid].study_labels.astype(np.float32))
         return x, torch.tensor(self.labels[i])
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from dicom_node.labels import STUDY_LABELS
 from dicom_node.log import get_logger
 from training.checkpoint import git_revision, load_checkpoint, resume_state, save_checkpoint
 from training.config import TrainConfig, config_to_dict
@@ -33,7 +34,7 @@ from training.data import WindowDataset, load_cache_index, load_split, seed_work
 from training.distributed import DistContext, gather, setup, shard
 from training.models import r3d_18
 
-__all__ = ["BalancedSampler", "study_max_auroc", "train_phase1", "extract_features", "predict_windows", "make_deterministic", "auroc", "autocast_for", "lr_at"]
+__all__ = ["BalancedSampler", "StudyLabelHead", "study_max_auroc", "train_phase1", "extract_features", "predict_windows", "make_deterministic", "auroc", "autocast_for", "lr_at"]
 
 log = get_logger("training.phase1")
 
@@ -139,6 +140,22 @@ class BalancedSampler(torch.utils.data.Sampler):
         return iter(idx[self.rank::self.world].tolist())
 
 
+class StudyLabelHead(torch.nn.Module):
+    """Phase-1 training wrapper: the window model plus a linear head from its pooled features to the
+    nine study labels (`phase1.study_label_weight` > 0). `forward(x)` is the window model's output,
+    so validation and feature extraction see the plain model; `forward(x, with_study=True)` also
+    returns the study-label logits (B, 9). Only the window model is kept after phase 1."""
+
+    def __init__(self, model: torch.nn.Module, feature_dim: int):
+        super().__init__()
+        self.model = model
+        self.head = torch.nn.Linear(feature_dim, len(STUDY_LABELS))
+
+    def forward(self, x: torch.Tensor, with_study: bool = False):
+        out = self.model(x)
+        return (out, self.head(out.features)) if with_study else out
+
+
 def _loader(ds, batch_size: int, workers: int, *, sampler=None, seed: int = 0) -> DataLoader:
     g = torch.Generator()
     g.manual_seed(seed)
@@ -207,8 +224,9 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
                          f"the global batch is split evenly, choose a multiple of {ctx.world_size}")
     per_rank = p1.batch_size // ctx.world_size
     split = load_split(run / "split.json")
+    with_study = p1.study_label_weight > 0
     train_ds = WindowDataset(load_cache_index(run, split.train), pp.crop, augment=True, seed=config.seed,
-                             max_rotation_deg=p1.rotation_deg, random_crop=p1.random_crop)
+                             max_rotation_deg=p1.rotation_deg, random_crop=p1.random_crop, study_labels=with_study)
     val_ds = WindowDataset(load_cache_index(run, split.validation), pp.crop, augment=False)
     if len(train_ds) == 0:
         raise ValueError(f"{run}: no training windows in the cache; run `dicom-node-train cache` first")
@@ -218,20 +236,23 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
     channels_last = ctx.device.type == "cpu"  # ~10 % faster 3D convolutions on CPU (oneDNN); still deterministic
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.Adam(model.parameters(), lr=p1.lr)
+    net = StudyLabelHead(model, p1.feature_dim).to(ctx.device) if with_study else model  # what trains
+    optimizer = torch.optim.Adam(net.parameters(), lr=p1.lr)
     use_amp = bool(config.amp and ctx.device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     fresh = {"epoch": None, "value": -math.inf, "criterion": criterion}
     last_path = out_dir / "last.pt"
     start_epoch, step, history, best = 0, 0, [], fresh
     if resume:
-        start_epoch, step, history, best = resume_state(
-            last_path, {"model": model, "optimizer": optimizer, "scaler": scaler}, fresh)
+        stateful = {"model": model, "optimizer": optimizer, "scaler": scaler}
+        if with_study:
+            stateful["study_head"] = net.head
+        start_epoch, step, history, best = resume_state(last_path, stateful, fresh)
         if ctx.is_main and start_epoch:
             log.info("phase1_resumed", from_epoch=start_epoch, step=step)
     if ctx.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     if p1.positive_fraction is None and p1.windows_per_epoch is None:
         sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed)
     else:
@@ -247,18 +268,23 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
         loader = _loader(train_ds, per_rank, config.num_workers, sampler=sampler, seed=config.seed + epoch)
-        model.train()
-        loss_sum, seen = 0.0, 0
+        net.train()
+        loss_sum, study_loss_sum, seen = 0.0, 0.0, 0
         bar = tqdm(loader, desc=f"phase1 epoch {epoch + 1}/{p1.epochs}", disable=not (progress and ctx.is_main))
-        for x, y in bar:
-            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device)
+        for batch in bar:
+            x, y = batch[0].to(ctx.device, non_blocking=True), batch[1].to(ctx.device)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(p1, step, len(loader))
             with autocast_for(ctx.device, config.amp):
-                logit = model(x).logit
+                out = net(x, with_study=True) if with_study else net(x)
+            logit = out[0].logit if with_study else out.logit
             loss = F.binary_cross_entropy_with_logits(logit.float(), y.float())
+            if with_study:
+                study_loss = F.binary_cross_entropy_with_logits(out[1].float(), batch[2].to(ctx.device))
+                study_loss_sum += study_loss.detach().item() * len(y)
+                loss = loss + p1.study_label_weight * study_loss
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -272,7 +298,7 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
         train_seconds = time.perf_counter() - t0
         seen_all = sum(gather(seen, ctx))
         train_loss = sum(gather(loss_sum, ctx)) / max(seen_all, 1)
-        probs, losses, _ = predict_windows(model, val_ds, ctx, batch_size=per_rank * 2, workers=config.num_workers,
+        probs, losses, _ = predict_windows(net, val_ds, ctx, batch_size=per_rank * 2, workers=config.num_workers,
                                            amp=config.amp, progress=progress)
         metrics = {"epoch": epoch, "step": step, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                    "val_loss": float(losses.mean()) if len(losses) else float("nan"),
@@ -280,15 +306,19 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
                    "seconds": round(time.perf_counter() - t0, 2), "train_seconds": round(train_seconds, 2),
                    "train_windows_per_s": round(seen_all / max(train_seconds, 1e-9), 2),
                    "train_windows": len(train_ds), "val_windows": len(val_ds)}
+        if with_study:  # the total train_loss includes study_label_weight x this
+            metrics["train_study_loss"] = sum(gather(study_loss_sum, ctx)) / max(seen_all, 1)
         history.append(metrics)
         improved = _selection(criterion, metrics) > best["value"] or best["epoch"] is None
         if improved:
             best = {"epoch": epoch, "value": _selection(criterion, metrics), "criterion": criterion}
         if ctx.is_main:
-            payload = {"phase": 1, "epoch": epoch, "step": step, "model": _unwrap(model).state_dict(),
+            payload = {"phase": 1, "epoch": epoch, "step": step, "model": model.state_dict(),
                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                        "config": config_to_dict(config), "metrics": metrics, "history": history, "best": best,
                        "git_revision": git_revision(), "world_size": ctx.world_size}
+            if with_study:
+                payload["study_head"] = _unwrap(net).head.state_dict()
             if improved:
                 save_checkpoint(out_dir / "best.pt", payload)
             save_checkpoint(last_path, payload)
