@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/train_phantom.py                       # 600 studies, the full check (51-56 min)
     .venv/bin/python benchmarks/train_phantom.py --studies 30 --phase1-epochs 1 --phase2-epochs 5   # a quick try
 
-Generates (once, reused when OUT/data holds the same number of studies) phantom CTPA studies of
+Generates (once; reused when OUT/data was made with the same options, refused when with others) phantom CTPA studies of
 128 x 128 px and 140 slices of 2.5 mm with emboli in the main, left and right pulmonary arteries
 and mediastinal fat around them (at 128 px a pixel is 2.6-3 mm: a lobar embolus is 1-2 px of the
 tiny preset's input and a segmental one less, so smaller sites would be label noise at this size;
@@ -54,6 +54,37 @@ def phantom_config(args: argparse.Namespace):
                          smallest_embolus_vessel=args.smallest_embolus_vessel, mediastinal_fat_mm=args.mediastinal_fat)
 
 
+STAMP = "phantom_options.json"
+
+
+def phantom_stamp(args: argparse.Namespace) -> dict:
+    """What made OUT/data: the study count, the seed and every phantom option."""
+    from dataclasses import asdict
+
+    return json.loads(json.dumps({"studies": args.studies, "seed": args.seed, "phantom": asdict(phantom_config(args))}))
+
+
+def reuse_phantoms(data: Path, args: argparse.Namespace) -> bool:
+    """True when OUT/data already holds the phantoms these options make (written with their stamp);
+    False when there are none yet. Raises ValueError when it holds other phantoms (other options, or
+    made before the stamp existed): a run on them would be silently a different benchmark."""
+    if not (data / "train.csv").is_file():
+        return False
+    stamp = data / STAMP
+    if not stamp.is_file():
+        raise ValueError(f"{data} holds phantoms without {STAMP} (made by an older train_phantom.py), so their options "
+                         f"are unknown; use a new --out, or delete {data} and {data.parent / 'run'} to regenerate")
+    have, want = json.loads(stamp.read_text()), phantom_stamp(args)
+    if have != want:
+        diff = {k: (have.get(k), want[k]) for k in want if have.get(k) != want[k]}
+        if "phantom" in diff:
+            a, b = diff.pop("phantom")
+            diff.update({f"phantom.{k}": (a.get(k) if a else None, b[k]) for k in b if not a or a.get(k) != b[k]})
+        raise ValueError(f"{data} holds phantoms made with other options ({', '.join(f'{k}: {a!r} there, {b!r} asked' for k, (a, b) in diff.items())}); "
+                         f"use a new --out, or delete {data} and {data.parent / 'run'} to regenerate")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/train_phantom", help="working directory (OUT/data, OUT/run)")
@@ -78,10 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    csv = data / "train.csv"
-    have = len({line.split(",", 1)[0] for line in csv.read_text().splitlines()[1:]}) if csv.is_file() else 0
-    if have != args.studies:
-        generate_dataset(data, args.studies, args.seed, phantom_config(args), workers=args.workers)
+    try:
+        if not reuse_phantoms(data, args):
+            generate_dataset(data, args.studies, args.seed, phantom_config(args), workers=args.workers)
+            (data / STAMP).write_text(json.dumps(phantom_stamp(args), indent=1))
+    except ValueError as exc:
+        print(f"train_phantom: {exc}", file=sys.stderr)
+        return 2
     timings["phantom"] = time.perf_counter() - t0
 
     overrides: dict = json.loads(args.config.read_text()) if args.config else {}

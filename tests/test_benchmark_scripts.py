@@ -1,0 +1,45 @@
+"""The benchmark scripts' own logic: phantom reuse in train_phantom.py, the phase-1 throughput run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import pytest
+
+from benchmarks import phase1_throughput, train_phantom
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    train_phantom.add_phantom_arguments(ap)
+    return ap.parse_args(list(argv))
+
+
+def test_train_phantom_reuses_only_phantoms_made_with_the_same_options(tmp_path):
+    data = tmp_path / "data"
+    args = _args("--studies", "40")
+    assert train_phantom.reuse_phantoms(data, args) is False  # nothing there yet: generate
+    data.mkdir()
+    (data / "train.csv").write_text("StudyInstanceUID\n")
+    with pytest.raises(ValueError, match=r"without phantom_options\.json .*use a new --out"):
+        train_phantom.reuse_phantoms(data, args)  # made before the stamp: options unknown
+    (data / train_phantom.STAMP).write_text(json.dumps(train_phantom.phantom_stamp(args)))
+    assert train_phantom.reuse_phantoms(data, args) is True
+    with pytest.raises(ValueError, match=r"phantom\.mediastinal_fat_mm: 4\.0 there, 0\.0 asked"):
+        train_phantom.reuse_phantoms(data, _args("--studies", "40", "--mediastinal-fat", "0"))
+    with pytest.raises(ValueError, match=r"studies: 40 there, 600 asked"):
+        train_phantom.reuse_phantoms(data, _args())
+
+
+def test_phase1_throughput_runs_the_real_training_loop(tmp_path, capsys):
+    rc = phase1_throughput.main(["--out", str(tmp_path), "--preset", "tiny", "--steps", "2", "--epochs", "2",
+                                 "--studies", "4", "--windows", "4", "--workers", "0", "--device", "cpu"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    rates = [float(v) for v in re.search(r"windows/s per epoch \[([^\]]+)\]", out).group(1).split(",")]
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+    history = json.loads((tmp_path / "phase1" / "history.json").read_text())
+    assert [h["train_windows_per_s"] for h in history] == rates
+    assert sum(h["train_windows"] for h in history[:1]) == 2 * 4  # two training studies of 4 windows
