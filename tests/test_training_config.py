@@ -19,6 +19,7 @@ def test_paper_preset_holds_the_published_settings():
     assert (p2.lr, p2.lr_decay, p2.lr_decay_every, p2.batch_size, p2.epochs) == (5e-4, 0.9, 20, 64, 200)
     assert c.split == pytest.approx((5292 / 7292, 1000 / 7292, 1000 / 7292))
     assert c.phase1.study_label_weight == 0.0  # phase 1 learns the window label only, as in the paper
+    assert c.phase1.keep == "best"  # and keeps the epoch with the best validation AUROC
 
 
 def test_tiny_preset_is_small():
@@ -54,6 +55,7 @@ def test_toml_and_json_overrides(tmp_path):
     ({"phase1": {"batch_size": 0}}, r"config phase1\.batch_size: must be > 0, got 0"),
     ({"phase1": {"windows_per_epoch": 4}}, r"config phase1\.windows_per_epoch: 4 is fewer than one batch \(8\)"),
     ({"device": "tpu"}, r"config device: 'tpu' is not 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ({"phase1": {"keep": "first"}}, r"config phase1\.keep: 'first' is not one of 'best', 'last'"),
     ({"phase1": {"study_label_weight": -1}}, r"config phase1\.study_label_weight: must be >= 0 \(0 = window label only\), got -1"),
 ])
 def test_invalid_settings_are_named(overrides, message):

@@ -52,6 +52,10 @@ def test_fit_writes_checkpoints_and_report(fitted):
     assert ck["study_head"]["weight"].shape == (len(STUDY_LABELS), 128)
     assert not any(k.startswith("head") for k in ck["model"])
     assert ck["metrics"]["train_study_loss"] > 0
+    # the tiny preset keeps the last phase-1 epoch (keep = "last"), whatever its validation AUROC
+    last = torch.load(run / "phase1" / "last.pt", weights_only=False)
+    assert ck["best"] == last["best"] == {"epoch": last["epoch"], "value": float(last["epoch"]), "criterion": "last"}
+    assert all(torch.equal(ck["model"][k], last["model"][k]) for k in ck["model"])
 
 
 def test_study_label_head_changes_what_the_backbone_learns(fitted, tmp_path):

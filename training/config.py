@@ -79,6 +79,9 @@ class Phase1Config:
     #: predict the window's study labels (the nine of the RSNA layout), its BCE times this weight added to
     #: the window BCE; the head is dropped after phase 1 (features, export and node do not see it)
     study_label_weight: float = 0.0
+    #: which epoch's model phase 1 keeps for the features: "best" = the best validation window AUROC
+    #: (the paper; validation loss when the validation windows hold one class), "last" = the last epoch
+    keep: Literal["best", "last"] = "best"
 
     @property
     def feature_dim(self) -> int:
@@ -121,7 +124,7 @@ PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(),
     "tiny": TrainConfig(
         phase1=Phase1Config(width=16, lr=1e-3, lr_schedule="cosine", batch_size=8, epochs=30, positive_fraction=0.3,
-                            windows_per_epoch=4000, level_matched_negatives=0.5, study_label_weight=0.5),
+                            windows_per_epoch=4000, level_matched_negatives=0.5, study_label_weight=0.5, keep="last"),
         # 436 phantom training studies in batches of 16 are 28 steps an epoch: the paper's decay every
         # 20 steps would cut the learning rate 10x by epoch 16 and stall phase 2 (docs/benchmarks.md, run J)
         phase2=Phase2Config(hidden=64, batch_size=16, epochs=100, lr_decay_every=200),

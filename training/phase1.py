@@ -7,7 +7,7 @@ and RUN/features/<study>.probs.npy (N,) phase-1 window probabilities, every spli
 Paper settings (Ma et al. 2022): Adam lr 4e-4, batch 16, 20 epochs, training windows randomly
 cropped 192 of 224 and rotated within +-15 degrees, the model with the best validation AUROC
 kept. The model is selected by validation AUROC when the validation windows hold both classes,
-otherwise (tiny data) by validation loss.
+otherwise (tiny data) by validation loss; `phase1.keep = "last"` keeps the last epoch instead.
 
 Outputs: RUN/phase1/last.pt (resume point, every epoch), RUN/phase1/best.pt, RUN/phase1/history.json.
 """
@@ -208,6 +208,8 @@ def study_max_auroc(ds, probs: np.ndarray) -> float:
 
 
 def _selection(criterion: str, metrics: dict) -> float:
+    if criterion == "last":  # every epoch replaces the kept model: the last one is kept
+        return float(metrics["epoch"])
     return metrics["val_auroc"] if criterion == "val_auroc" else -metrics["val_loss"]
 
 
@@ -230,7 +232,10 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
     val_ds = WindowDataset(load_cache_index(run, split.validation), pp.crop, augment=False)
     if len(train_ds) == 0:
         raise ValueError(f"{run}: no training windows in the cache; run `dicom-node-train cache` first")
-    criterion = "val_auroc" if np.unique(val_ds.labels).size == 2 else "val_loss"
+    if p1.keep == "last":
+        criterion = "last"
+    else:
+        criterion = "val_auroc" if np.unique(val_ds.labels).size == 2 else "val_loss"
 
     model = r3d_18(num_outputs=1, width=p1.width, pretrained=p1.pretrained).to(ctx.device)
     channels_last = ctx.device.type == "cpu"  # ~10 % faster 3D convolutions on CPU (oneDNN); still deterministic
