@@ -50,12 +50,14 @@ def write_synthetic_cache(run: Path, *, studies: int, windows: int, resize: int,
     save_split(Split(train=tuple(uids[:-2]), validation=tuple(uids[-2:]), test=(), seed=seed), run / "split.json")
 
 
-def measure(preset: str, run: Path, *, epochs: int, steps: int, workers: int, amp: bool, device: str) -> list[dict]:
+def measure(preset: str, run: Path, *, epochs: int, steps: int, workers: int, amp: bool, device: str,
+            batch_size: int | None = None) -> list[dict]:
     from training.config import load_config
     from training.phase1 import train_phase1
 
     cfg = load_config(preset)
-    p1 = replace(cfg.phase1, epochs=epochs, windows_per_epoch=steps * cfg.phase1.batch_size,
+    batch = batch_size or cfg.phase1.batch_size
+    p1 = replace(cfg.phase1, epochs=epochs, batch_size=batch, windows_per_epoch=steps * batch,
                  positive_fraction=cfg.phase1.positive_fraction or 0.3)
     cfg = replace(cfg, phase1=p1, num_workers=workers, amp=amp, device=device)
     shutil.rmtree(run / "phase1", ignore_errors=True)
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=24, help="windows per synthetic study (default 24)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the preset's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="phase-1 batch size (default: the preset's; the paper's is 16); the learning rate is not changed")
     p.add_argument("--compare-fp32", action="store_true", help="also run with mixed precision off (CUDA)")
     args = p.parse_args(argv)
     if args.epochs < 2:
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     gpu = torch.cuda.get_device_name(0) if dev.startswith("cuda") else "none"
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, GPU {gpu}; torch {torch.__version__}")
-    print(f"preset {args.preset}: width {cfg.phase1.width}, batch {cfg.phase1.batch_size}, windows 3x{pp.window_slices}x"
+    print(f"preset {args.preset}: width {cfg.phase1.width}, batch {args.batch_size or cfg.phase1.batch_size}, windows 3x{pp.window_slices}x"
           f"{pp.crop}x{pp.crop} (random crop of {pp.resize}, rotation +-{cfg.phase1.rotation_deg} deg), Adam lr "
           f"{cfg.phase1.lr}; {args.steps} steps x {args.epochs} epochs, {workers} loader workers, device {dev}")
     first = "amp" if cfg.amp and dev.startswith("cuda") else "fp32"
@@ -108,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(("fp32", False))
     best = {}
     for name, amp in runs:
-        hist = measure(args.preset, args.out, epochs=args.epochs, steps=args.steps, workers=workers, amp=amp, device=dev)
+        hist = measure(args.preset, args.out, epochs=args.epochs, steps=args.steps, workers=workers, amp=amp, device=dev,
+                       batch_size=args.batch_size)
         per_epoch = [h["train_windows_per_s"] for h in hist]
         best[name] = max(per_epoch[1:])
         print(f"  {name}: windows/s per epoch {per_epoch} (epoch 1 = warm-up); best after warm-up {best[name]:.1f}; "
