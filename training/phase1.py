@@ -208,8 +208,6 @@ def study_max_auroc(ds, probs: np.ndarray) -> float:
 
 
 def _selection(criterion: str, metrics: dict) -> float:
-    if criterion == "last":  # every epoch replaces the kept model: the last one is kept
-        return float(metrics["epoch"])
     return metrics["val_auroc"] if criterion == "val_auroc" else -metrics["val_loss"]
 
 
@@ -314,9 +312,11 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
         if with_study:  # the total train_loss includes study_label_weight x this
             metrics["train_study_loss"] = sum(gather(study_loss_sum, ctx)) / max(seen_all, 1)
         history.append(metrics)
-        improved = _selection(criterion, metrics) > best["value"] or best["epoch"] is None
+        # keep = "last": every epoch replaces the kept model; its value is then the epoch's validation AUROC
+        improved = criterion == "last" or best["epoch"] is None or _selection(criterion, metrics) > best["value"]
         if improved:
-            best = {"epoch": epoch, "value": _selection(criterion, metrics), "criterion": criterion}
+            value = metrics["val_auroc"] if criterion == "last" else _selection(criterion, metrics)
+            best = {"epoch": epoch, "value": value, "criterion": criterion}
         if ctx.is_main:
             payload = {"phase": 1, "epoch": epoch, "step": step, "model": model.state_dict(),
                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
