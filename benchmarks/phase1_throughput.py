@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 def write_synthetic_cache(run: Path, *, studies: int, windows: int, resize: int, slices: int, preprocess: dict,
                           seed: int = 0) -> None:
     """RUN/cache/<uid>.npy + .json and RUN/split.json: all studies but two train, two validate."""
-    from training.data import Split, save_split
+    from training.data import Split, save_split, write_cache_entry
 
     rng = np.random.default_rng(seed)
     cache = run / "cache"
@@ -42,11 +42,7 @@ def write_synthetic_cache(run: Path, *, studies: int, windows: int, resize: int,
     uids = [f"1.2.826.0.1.3680043.10.1.{i}" for i in range(studies)]
     for uid in uids:
         arr = rng.integers(0, 256, size=(windows, 3, slices, resize, resize), dtype=np.uint8)
-        labels = (rng.random(windows) < 0.3).astype(int)
-        np.save(cache / f"{uid}.npy", arr)
-        meta = {"study_uid": uid, "series_uid": uid + ".1", "shape": list(arr.shape),
-                "window_labels": labels.tolist(), "study_labels": [0.0] * 9, "preprocess": preprocess}
-        (cache / f"{uid}.json").write_text(json.dumps(meta))
+        write_cache_entry(cache, uid, uid + ".1", arr, rng.random(windows) < 0.3, [0.0] * 9, preprocess)
     save_split(Split(train=tuple(uids[:-2]), validation=tuple(uids[-2:]), test=(), seed=seed), run / "split.json")
 
 
@@ -57,8 +53,7 @@ def measure(preset: str, run: Path, *, epochs: int, steps: int, workers: int, am
 
     cfg = load_config(preset)
     batch = batch_size or cfg.phase1.batch_size
-    p1 = replace(cfg.phase1, epochs=epochs, batch_size=batch, windows_per_epoch=steps * batch,
-                 positive_fraction=cfg.phase1.positive_fraction or 0.3)
+    p1 = replace(cfg.phase1, epochs=epochs, batch_size=batch, windows_per_epoch=steps * batch)
     cfg = replace(cfg, phase1=p1, num_workers=workers, amp=amp, device=device)
     shutil.rmtree(run / "phase1", ignore_errors=True)
     result = train_phase1(cfg, run, resume=False, progress=False)

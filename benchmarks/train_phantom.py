@@ -58,10 +58,11 @@ STAMP = "phantom_options.json"
 
 
 def phantom_stamp(args: argparse.Namespace) -> dict:
-    """What made OUT/data: the study count, the seed and every phantom option."""
+    """What made OUT/data: the study count, the seed and every phantom option (as `phantom.<field>`)."""
     from dataclasses import asdict
 
-    return json.loads(json.dumps({"studies": args.studies, "seed": args.seed, "phantom": asdict(phantom_config(args))}))
+    options = {f"phantom.{k}": v for k, v in asdict(phantom_config(args)).items()}
+    return json.loads(json.dumps({"studies": args.studies, "seed": args.seed, **options}))  # as read back from JSON
 
 
 def reuse_phantoms(data: Path, args: argparse.Namespace) -> bool:
@@ -75,11 +76,8 @@ def reuse_phantoms(data: Path, args: argparse.Namespace) -> bool:
         raise ValueError(f"{data} holds phantoms without {STAMP} (made by an older train_phantom.py), so their options "
                          f"are unknown; use a new --out, or delete {data} and {data.parent / 'run'} to regenerate")
     have, want = json.loads(stamp.read_text()), phantom_stamp(args)
-    if have != want:
-        diff = {k: (have.get(k), want[k]) for k in want if have.get(k) != want[k]}
-        if "phantom" in diff:
-            a, b = diff.pop("phantom")
-            diff.update({f"phantom.{k}": (a.get(k) if a else None, b[k]) for k in b if not a or a.get(k) != b[k]})
+    diff = {k: (have.get(k), want.get(k)) for k in {**have, **want} if have.get(k) != want.get(k)}
+    if diff:
         raise ValueError(f"{data} holds phantoms made with other options ({', '.join(f'{k}: {a!r} there, {b!r} asked' for k, (a, b) in diff.items())}); "
                          f"use a new --out, or delete {data} and {data.parent / 'run'} to regenerate")
     return True

@@ -11,7 +11,6 @@ model has no dropout, so the two runs must agree to float rounding.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from dataclasses import replace
@@ -26,7 +25,7 @@ from torch.utils.data import DistributedSampler
 
 from training.checkpoint import load_checkpoint
 from training.config import load_config
-from training.data import Split, WindowDataset, load_cache_index, save_split
+from training.data import Split, WindowDataset, load_cache_index, save_split, write_cache_entry
 
 WORLD = 2
 STEPS = 2
@@ -51,11 +50,9 @@ def _write_run(run: Path) -> None:
     cache.mkdir(parents=True)
     uids = [f"1.2.3.{i}" for i in range(5)]
     for i, uid in enumerate(uids):
-        np.save(cache / f"{uid}.npy", rng.integers(0, 256, size=(4, 3, 10, 20, 20), dtype=np.uint8))
         labels = [0, 1, 0, 1] if i % 2 else [0, 0, 1, 1]
-        (cache / f"{uid}.json").write_text(json.dumps({
-            "study_uid": uid, "series_uid": uid + ".1", "shape": [4, 3, 10, 20, 20], "window_labels": labels,
-            "study_labels": [float((i + k) % 3 == 0) for k in range(9)], "preprocess": {}}))
+        write_cache_entry(cache, uid, uid + ".1", rng.integers(0, 256, size=(4, 3, 10, 20, 20), dtype=np.uint8),
+                          labels, [float((i + k) % 3 == 0) for k in range(9)], {})
     save_split(Split(tuple(uids[:4]), (uids[4],), (), seed=0), run / "split.json")
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "save_split",
     "load_split",
     "build_cache",
+    "write_cache_entry",
     "load_cache_index",
     "WindowDataset",
     "SequenceDataset",
@@ -194,20 +195,27 @@ def _cache_one(data_dir: str, cache_dir: str, record: StudyRecord, pp_config) ->
         return uid, f"{type(exc).__name__}: {exc}", 0, time.perf_counter() - t0
     arr = np.clip(np.rint(np.asarray(windows.array, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
     labels = np.zeros(arr.shape[0], dtype=np.int64) if windows.labels is None else np.asarray(windows.labels, dtype=np.int64)
-    out = Path(cache_dir)
-    tmp = out / f"{uid}.tmp.npy"
-    np.save(tmp, arr)
-    os.replace(tmp, out / f"{uid}.npy")
-    meta = {
-        "study_uid": uid,
-        "series_uid": record.series_uid,
-        "shape": list(arr.shape),
-        "window_labels": labels.tolist(),
-        "study_labels": list(record.study_labels),
-        "preprocess": _config_dict(pp_config),
-    }
-    _write_json_atomic(out / f"{uid}.json", meta)  # written last: its presence marks the study done
+    write_cache_entry(Path(cache_dir), uid, record.series_uid, arr, labels, record.study_labels, _config_dict(pp_config))
     return uid, None, int(arr.nbytes), time.perf_counter() - t0
+
+
+def write_cache_entry(cache_dir: Path, study_uid: str, series_uid: str, windows: np.ndarray, window_labels,
+                      study_labels, preprocess: dict) -> None:
+    """One study of the cache: `<study>.npy` (N, 3, D, R, R) uint8 windows and `<study>.json` (UIDs, shape,
+    labels, the preprocessing it was made with), each written atomically, the .json last: its presence
+    marks the study done. The one writer of the format `load_cache_index` reads."""
+    tmp = cache_dir / f"{study_uid}.tmp.npy"
+    np.save(tmp, windows)
+    os.replace(tmp, cache_dir / f"{study_uid}.npy")
+    meta = {
+        "study_uid": study_uid,
+        "series_uid": series_uid,
+        "shape": list(windows.shape),
+        "window_labels": [int(v) for v in window_labels],
+        "study_labels": [float(v) for v in study_labels],
+        "preprocess": preprocess,
+    }
+    _write_json_atomic(cache_dir / f"{study_uid}.json", meta)
 
 
 def _config_dict(pp_config) -> dict:
