@@ -27,12 +27,12 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> int:
-    from dicom_node.demo import DEMO_PHANTOM
-    from dicom_node.key_objects import heatmap_hits_embolus, hottest_point, select_key_slices
+    from dicom_node.tools.demo import DEMO_PHANTOM
+    from dicom_node.results.kos import heatmap_hits_embolus, hottest_point, select_key_slices
     from dicom_node.pipeline import get_predictor
-    from dicom_node.preprocess import preprocess
-    from dicom_node.series import load_series
-    from training.phantom import PhantomConfig, generate_study, study_datasets
+    from dicom_node.imaging.preprocess import preprocess
+    from dicom_node.imaging.series import load_series
+    from phantoms.study import PhantomConfig, generate_study, study_datasets
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--studies", type=int, default=40)

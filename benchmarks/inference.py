@@ -13,7 +13,7 @@ Models have random weights (timing does not depend on them): "paper" is R3D-18 w
 crops, 64 channels). Each engine runs in its own subprocess so its peak RSS is its own. Per study:
 stage 1 over 32 windows in batches of 8 (features, logit, CAM heatmap), the fixed-length
 sequence, stage 2. torch runs eager under no_grad with the same batching; onnxruntime runs
-through `dicom_node.inference.Predictor`. CUDA is timed when onnxruntime offers it ("ort-cuda"), and
+through `dicom_node.model.inference.Predictor`. CUDA is timed when onnxruntime offers it ("ort-cuda"), and
 torch eager on the GPU ("torch-cuda") when torch sees one.
 """
 
@@ -48,7 +48,7 @@ BATCH = 8
 
 
 def _preprocess(name: str):
-    from dicom_node.preprocess import PreprocessConfig
+    from dicom_node.imaging.preprocess import PreprocessConfig
 
     _, _, resize, crop = MODELS[name]
     return replace(PreprocessConfig(), resize=resize, crop=crop)
@@ -68,7 +68,7 @@ def _models(name: str):
 
 
 def _windows(name: str):
-    from dicom_node.preprocess import Geometry, Windows
+    from dicom_node.imaging.preprocess import Geometry, Windows
 
     cfg = _preprocess(name)
     ws, size, crop = cfg.window_slices, cfg.resize, cfg.crop
@@ -100,7 +100,7 @@ def worker(engine: str, name: str, bundle: str, repeats: int, threads_opt: int |
     if engine in ("torch", "torch-cuda"):
         import torch
 
-        from dicom_node.sequence import to_fixed_length
+        from dicom_node.model.sequence import to_fixed_length
         from training.models import cam
 
         dev = torch.device("cuda" if engine == "torch-cuda" else "cpu")
@@ -120,7 +120,7 @@ def worker(engine: str, name: str, bundle: str, repeats: int, threads_opt: int |
                     torch.cuda.synchronize()
         threads = torch.get_num_threads()
     else:
-        from dicom_node.inference import Predictor
+        from dicom_node.model.inference import Predictor
 
         providers = ("CUDAExecutionProvider",) if engine == "ort-cuda" else ("CPUExecutionProvider",)
         pred = Predictor(bundle, providers=providers, require_gpu=engine == "ort-cuda", batch_size=BATCH,

@@ -27,8 +27,8 @@ BUDGET_BYTES = 1.5 * 1024**3
 
 
 def _run_once(series_dir: Path) -> tuple[float, float, tuple]:
-    from dicom_node.preprocess import preprocess
-    from dicom_node.series import load_series
+    from dicom_node.imaging.preprocess import preprocess
+    from dicom_node.imaging.series import load_series
 
     c0 = time.process_time()
     t0 = time.perf_counter()
@@ -44,8 +44,8 @@ def _child(series_dir: Path) -> int:
     from dicom_node.log import configure_logging
 
     configure_logging(level="WARNING")
-    import dicom_node.preprocess  # noqa: F401  (imports are not part of the measured work)
-    import dicom_node.series  # noqa: F401
+    import dicom_node.imaging.preprocess  # noqa: F401  (imports are not part of the measured work)
+    import dicom_node.imaging.series  # noqa: F401
 
     rss_after_imports = _vm_hwm()
     load_s, prep_s, shape, cpu_s = _run_once(series_dir)
@@ -82,7 +82,7 @@ def _measure(series_dir: Path) -> int:
 
 
 def _ensure_study(root: Path, seed: int, size: int, slices: int, thickness: float) -> tuple[Path, float | None, float | None]:
-    from training.phantom import PhantomConfig, generate_study, write_study
+    from phantoms.study import PhantomConfig, generate_study, write_study
 
     marker = root / "series_dir.txt"
     if marker.exists() and Path(marker.read_text().strip()).is_dir():

@@ -8,7 +8,7 @@ series from dcmtk `storescu`, completes it after `--quiet-period` seconds, runs 
 Printed per model: the wall time from storescu's last acknowledged instance to the SR being listed
 by Orthanc, minus the quiet period, and the node's own stage durations (from its `job_finished` event).
 
-Models: `demo` = the bundled demo model (dicom_node/models/demo); `paper` = a random-weight export of
+Models: `demo` = the bundled demo model (dicom_node/model/demo); `paper` = a random-weight export of
 the paper-size network (R3D-18 width 64 on 3x10x192x192 windows, TCN 128) — timing only, its calls
 mean nothing. Goals on the 2-core reference machine: demo <= 10 s, paper-size <= 45 s (300 slices).
 """
@@ -28,13 +28,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicom_node.pacs import OrthancPeer, free_port, wait_for_port  # noqa: E402
+from dicom_node.tools.pacs import OrthancPeer, free_port, wait_for_port  # noqa: E402
 
 GOALS = {"demo": 10.0, "paper": 45.0}
 
 
 def phantom_series(root: Path, slices: int, size: int) -> list[Path]:
-    from training.phantom import PhantomConfig, generate_study, write_study
+    from phantoms.study import PhantomConfig, generate_study, write_study
 
     study = generate_study(11, PhantomConfig(rows=size, cols=size, n_slices=slices, slice_thickness_mm=1.25),
                            kind="positive")
@@ -45,7 +45,7 @@ def paper_bundle(out: Path) -> Path:
     import torch
 
     from dicom_node.labels import ALL_LABELS
-    from dicom_node.preprocess import PreprocessConfig
+    from dicom_node.imaging.preprocess import PreprocessConfig
     from export.bundle import write_bundle
     from training.models import r3d_18, sequence_model
 

@@ -54,7 +54,7 @@ def _add_demo(subparsers) -> None:
 def _cmd_demo(args) -> int:
     from pathlib import Path
 
-    from dicom_node.demo import run_demo
+    from dicom_node.tools.demo import run_demo
 
     return run_demo(Path(args.out), bundle=args.bundle, prefer_orthanc=not args.no_orthanc,
                     quiet_period_s=args.quiet_period, timeout_s=args.timeout, verbose=args.verbose)
@@ -76,7 +76,7 @@ def _add_render(subparsers) -> None:
 def _cmd_render(args) -> int:
     from pathlib import Path
 
-    from dicom_node.render import render_file
+    from dicom_node.tools.render import render_file
 
     status = 0
     for f in args.files:

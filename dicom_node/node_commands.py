@@ -82,7 +82,7 @@ def add_node_commands(subparsers) -> None:
 
 
 def _load(args, **overrides):
-    from .config import ConfigError, load_config
+    from dicom_node.config import ConfigError, load_config
 
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = args.data_dir
@@ -94,7 +94,7 @@ def _load(args, **overrides):
 
 
 def _state(args):
-    from .state import State
+    from dicom_node.durability.state import State
 
     cfg = _load(args)
     path = cfg.data_path / "state.sqlite"
@@ -105,8 +105,8 @@ def _state(args):
 
 
 def _cmd_serve(args) -> int:
-    from .log import configure_logging
-    from .node import Node, NodeError
+    from dicom_node.log import configure_logging
+    from dicom_node.engine.node import Node, NodeError
 
     cfg = _load(args, ae_title=args.ae_title, host=args.host, port=args.port, destinations=args.destination,
                 quiet_period_s=args.quiet_period, metrics_port=args.metrics_port,
@@ -115,7 +115,7 @@ def _cmd_serve(args) -> int:
     module, _, attr = args.job.partition(":")
     try:
         if args.job == "dicom_node.pipeline:run_job":
-            from .node import default_run_job
+            from dicom_node.engine.node import default_run_job
             run_job = default_run_job()
         else:
             run_job = getattr(importlib.import_module(module), attr)
@@ -135,8 +135,8 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_echo(args) -> int:
-    from .config import ConfigError, parse_destination
-    from .send import SendError, echo
+    from dicom_node.config import ConfigError, parse_destination
+    from dicom_node.network.send import SendError, echo
 
     try:
         status = echo(parse_destination(args.peer, "peer"), calling_aet=args.calling_aet,
@@ -151,8 +151,8 @@ def _cmd_echo(args) -> int:
 def _cmd_send(args) -> int:
     from pathlib import Path
 
-    from .config import ConfigError, parse_destination
-    from .send import SendError, send_files
+    from dicom_node.config import ConfigError, parse_destination
+    from dicom_node.network.send import SendError, send_files
 
     files: list[Path] = []
     for p in map(Path, args.paths):
@@ -168,7 +168,7 @@ def _cmd_send(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    from .state import DeliveryState, JobState
+    from dicom_node.durability.state import DeliveryState, JobState
 
     _cfg, st = _state(args)
     counts = st.job_counts()
@@ -199,7 +199,7 @@ def _cmd_status(args) -> int:
 
 
 def _cmd_resend(args) -> int:
-    from .state import JobState
+    from dicom_node.durability.state import JobState
 
     _cfg, st = _state(args)
     job = st.job(args.job_id)
@@ -220,7 +220,7 @@ def _cmd_resend(args) -> int:
 
 
 def _cmd_complete(args) -> int:
-    from .spool import InvalidUid, validate_uid
+    from dicom_node.durability.spool import InvalidUid, validate_uid
 
     _cfg, st = _state(args)
     try:
@@ -242,7 +242,7 @@ def _cmd_complete(args) -> int:
 def _cmd_config(args) -> int:
     import dataclasses
 
-    from .config import default_config_toml
+    from dicom_node.config import default_config_toml
 
     if args.defaults:
         print(default_config_toml(), end="")

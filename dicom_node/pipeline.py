@@ -1,6 +1,6 @@
 """One job: load -> preprocess -> infer -> explain/report -> results to deliver.
 
-`run_job(ctx)` is the product's job body for `dicom_node.worker.Worker`: it loads the spooled
+`run_job(ctx)` is the product's job body for `dicom_node.engine.worker.Worker`: it loads the spooled
 series into a `CtSeries`, preprocesses it with the bundle's own preprocessing parameters, runs the
 two ONNX stages through a `Predictor` (cached per bundle and provider settings, so the graphs are
 loaded and warmed up once per process), and builds the SR, heatmap Secondary Captures, summary SC
@@ -14,14 +14,14 @@ import threading
 import time
 from pathlib import Path
 
-from .bundle import default_bundle_path, load_bundle
-from .inference import Predictor
-from .log import get_logger
-from .preprocess import preprocess
-from .report import previous_sr_reference, result_uid
-from .results import ResultOptions, ResultSet, build_results
-from .series import load_series
-from .worker import JobContext, JobResult
+from dicom_node.model.bundle import default_bundle_path, load_bundle
+from dicom_node.model.inference import Predictor
+from dicom_node.log import get_logger
+from dicom_node.imaging.preprocess import preprocess
+from dicom_node.results.sr import previous_sr_reference, result_uid
+from dicom_node.results.result_set import ResultOptions, ResultSet, build_results
+from dicom_node.imaging.series import load_series
+from dicom_node.engine.worker import JobContext, JobResult
 
 __all__ = ["run_job", "prepare", "analyse_series", "get_predictor", "bundle_dir"]
 

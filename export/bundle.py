@@ -3,7 +3,7 @@
 `write_bundle` exports both graphs (`export.onnx_export`), checks them (onnx.checker, onnxruntime
 vs torch at batch sizes 1 and 8), optionally adds float16 variants, writes `MODEL_CARD.md` and
 `manifest.json` (sha256 of every file, a fresh model UID), then re-loads the result with the
-node's own `dicom_node.bundle.verify_bundle` so nothing is written that the node would refuse.
+node's own `dicom_node.model.bundle.verify_bundle` so nothing is written that the node would refuse.
 The bundle is built in a temporary sibling directory and renamed into place at the end.
 """
 
@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dicom_node.bundle import (
+from dicom_node.model.bundle import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
     BundleManifest,
@@ -32,7 +32,7 @@ from dicom_node.bundle import (
 )
 from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL
 from dicom_node.log import get_logger
-from dicom_node.preprocess import PreprocessConfig
+from dicom_node.imaging.preprocess import PreprocessConfig
 
 __all__ = ["ExportResult", "write_bundle", "load_checkpoint_models", "read_report", "bundle_from_checkpoints",
            "bundle_from_run", "describe_data", "MODEL_CARD_NAME"]

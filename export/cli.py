@@ -46,7 +46,7 @@ examples:
     p.add_argument("--out", type=Path, required=True, help="bundle directory to create (must not exist or be empty)")
     p.add_argument("--name", required=True, help="bundle name shown in results and logs, e.g. pe-r3d18-tcn")
     p.add_argument("--version", required=True, help="bundle version, e.g. 1.0.0")
-    p.add_argument("--data-description", help="what the metrics come from, e.g. 'synthetic phantoms (training.phantom)'")
+    p.add_argument("--data-description", help="what the metrics come from, e.g. 'synthetic phantoms (phantoms.study)'")
     p.add_argument("--fp16", action="store_true", help="also write float16 graphs (stage1.fp16.onnx, stage2.fp16.onnx) "
                                                        "for GPUs; checked at 1e-2 on probabilities")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dicom_node.bundle import STAGE1_INPUTS, STAGE1_OUTPUTS, STAGE2_INPUTS, STAGE2_OUTPUTS, TensorSpec
+from dicom_node.model.bundle import STAGE1_INPUTS, STAGE1_OUTPUTS, STAGE2_INPUTS, STAGE2_OUTPUTS, TensorSpec
 from export.conv_rewrite import rewrite_conv3d
 from training.models import cam, fold_weight_norm
 

@@ -1,6 +1,6 @@
 """`dicom-node-export verify DIR`: the node's own bundle checks plus a run of both graphs.
 
-All checks live in `dicom_node.bundle.verify_bundle` (one implementation for the node and for
+All checks live in `dicom_node.model.bundle.verify_bundle` (one implementation for the node and for
 this command): sha256 of every listed file, manifest schema, opset, known preprocessing version,
 then both graphs (and their float16 variants) on random input of the declared shapes.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dicom_node.bundle import BundleError, VerifyReport, verify_bundle
+from dicom_node.model.bundle import BundleError, VerifyReport, verify_bundle
 
 __all__ = ["verify", "BundleError"]
 

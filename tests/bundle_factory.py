@@ -6,7 +6,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from dicom_node.preprocess import PreprocessConfig
+from dicom_node.imaging.preprocess import PreprocessConfig
 
 #: small enough for 2 CPU cores: 4-channel stem, 24 x 24 crops
 TINY_PREPROCESS = replace(PreprocessConfig(), resize=28, crop=24)

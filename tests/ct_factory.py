@@ -1,4 +1,4 @@
-"""Test data: small `training.phantom` studies, and DICOM datasets built from any HU array with any
+"""Test data: small `phantoms.study` studies, and DICOM datasets built from any HU array with any
 geometry (slope, orientation, spacing) for the loader's edge cases. No anatomy of its own."""
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 @functools.lru_cache(maxsize=8)
 def small_study(seed: int = 3, size: int = 64, n_slices: int = 24, thickness_mm: float = 2.5):
-    """A small `training.phantom` study (cached: treat it as read-only)."""
-    from training.phantom import PhantomConfig, generate_study
+    """A small `phantoms.study` study (cached: treat it as read-only)."""
+    from phantoms.study import PhantomConfig, generate_study
 
     return generate_study(seed, PhantomConfig(rows=size, cols=size, n_slices=n_slices, slice_thickness_mm=thickness_mm))
 
 
 def phantom_datasets(**kw) -> list[Dataset]:
     """Fresh (mutable) CT Image datasets of `small_study(**kw)`, in slice order."""
-    from training.phantom import study_datasets
+    from phantoms.study import study_datasets
 
     return study_datasets(small_study(**kw))
 

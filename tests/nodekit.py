@@ -23,7 +23,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from dicom_node.worker import JobContext, JobResult
+from dicom_node.engine.worker import JobContext, JobResult
 from peers import free_port, terminate, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def phantom_series(root: Path, *, seed: int = 7, n_slices: int = 24, rows: int =
         study = dataclasses.replace(study, patient_name=PATIENT_NAME, patient_id=PATIENT_ID,
                                     patient_birth_date=PATIENT_BIRTH)
     if variant:
-        from training.phantom_variants import write_variant
+        from phantoms.variants import write_variant
 
         return write_variant(study, root, variant)
     return phantom.write_study(study, root)

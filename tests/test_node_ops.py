@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from dicom_node.cli import main as cli_main
-from dicom_node.state import JobState, SeriesState, State
+from dicom_node.durability.state import JobState, SeriesState, State
 from nodekit import PATIENT_BIRTH, PATIENT_ID, PATIENT_NAME, NodeProcess, phantom_series, storescu, wait_until
 from peers import free_port
 

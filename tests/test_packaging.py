@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_no_dicom_node_module_imports_torch():
     modules = sorted(m.name for m in pkgutil.walk_packages(dicom_node.__path__, "dicom_node."))
-    assert {"dicom_node.preprocess", "dicom_node.series", "dicom_node.pipeline", "dicom_node.demo"} <= set(modules)
+    assert {"dicom_node.imaging.preprocess", "dicom_node.imaging.series", "dicom_node.pipeline", "dicom_node.tools.demo"} <= set(modules)
     code = ("import importlib, sys\n"
             f"for m in {modules!r}: importlib.import_module(m)\n"
             "assert 'torch' not in sys.modules, sorted(k for k in sys.modules if k.startswith('torch'))\n"

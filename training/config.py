@@ -6,7 +6,7 @@ phase 2 sequences of 40, TCN 2 levels kernel 3, 128 channels, dropout 0.2, Adam 
 0.9 every 20 steps, batch 64, 200 epochs. ``tiny`` is a narrow network on small input for CPU.
 
 The phase-1 input geometry (resize, crop, window slices, HU windows) lives in ``preprocess``
-(:class:`dicom_node.preprocess.PreprocessConfig`), the single source shared with the node.
+(:class:`dicom_node.imaging.preprocess.PreprocessConfig`), the single source shared with the node.
 
 Overrides: ``load_config("tiny", "run.toml")`` where the file (TOML or JSON) has sections named
 like the fields, e.g.::
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from dicom_node.preprocess import PreprocessConfig
+from dicom_node.imaging.preprocess import PreprocessConfig
 
 __all__ = [
     "Phase1Config",

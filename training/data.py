@@ -1,6 +1,6 @@
 """RSNA-layout data for training: labels, the study split, the preprocessed cache, torch datasets.
 
-Layout read (the RSNA-STR Pulmonary Embolism challenge's, also written by `training.phantom`)::
+Layout read (the RSNA-STR Pulmonary Embolism challenge's, also written by `phantoms.study`)::
 
     DATA/train.csv                                   one row per slice (CSV_COLUMNS)
     DATA/train/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
@@ -12,7 +12,7 @@ Everything the run derives lives under RUN::
     RUN/cache/<study>.json         window labels, study labels, shape, preprocessing config
 
 The cache is built once (process pool, tqdm bar) with the node's own preprocessing
-(`dicom_node.series.load_series` + `dicom_node.preprocess.prepare`), so the model trains on
+(`dicom_node.imaging.series.load_series` + `dicom_node.imaging.preprocess.prepare`), so the model trains on
 exactly what the node will feed it, and no epoch decodes DICOM again. uint8 keeps 1/255 of each
 HU window (5.9 HU of the lung window, 2.7 HU of the PE window, 1.6 HU of the mediastinal one).
 """
@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL
 from dicom_node.log import get_logger
-from dicom_node.sequence import SEQUENCE_LENGTH, to_fixed_length
+from dicom_node.model.sequence import SEQUENCE_LENGTH, to_fixed_length
 
 __all__ = [
     "PAPER_SPLIT",
@@ -183,8 +183,8 @@ def _write_json_atomic(path: Path, data) -> None:
 
 def _cache_one(data_dir: str, cache_dir: str, record: StudyRecord, pp_config) -> tuple[str, str | None, int, float]:
     """Worker: DICOM -> windows -> RUN/cache/<study>.npy + .json. Returns (uid, error, bytes, seconds)."""
-    from dicom_node.preprocess import prepare
-    from dicom_node.series import load_series
+    from dicom_node.imaging.preprocess import prepare
+    from dicom_node.imaging.series import load_series
 
     t0 = time.perf_counter()
     uid = record.study_uid

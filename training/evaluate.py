@@ -28,7 +28,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from dicom_node.labels import ALL_LABELS, STUDY_LABELS, WINDOW_LABEL, consistency_violations, make_consistent
-from dicom_node.sequence import from_fixed_length
+from dicom_node.model.sequence import from_fixed_length
 from training.loss import weighted_log_loss
 
 __all__ = [

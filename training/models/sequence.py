@@ -1,7 +1,7 @@
 """Phase-2 sequence model: TCN (or bidirectional GRU) + window head + nine attention heads.
 
 Input: window features ``x`` (B, L, F) (L = 40 in the paper) and ``mask`` (B, L) (1 valid,
-0 padding; padding is at the end, see :mod:`dicom_node.sequence`). Inside the model each step
+0 padding; padding is at the end, see :mod:`dicom_node.model.sequence`). Inside the model each step
 gets its neighbour differences ``x_prev - x`` and ``x_next - x`` concatenated (3F = 1536 for
 F = 512); a difference is zero at the sequence edges and where the neighbour (or the step
 itself) is padding. Then a TCN (Bai et al. 2018 residual blocks) or a bidirectional GRU
@@ -28,7 +28,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from torch.nn.utils import parametrize
 
 from dicom_node.labels import STUDY_LABELS
-from dicom_node.sequence import SEQUENCE_LENGTH, FixedLength, from_fixed_length, to_fixed_length
+from dicom_node.model.sequence import SEQUENCE_LENGTH, FixedLength, from_fixed_length, to_fixed_length
 
 __all__ = [
     "SequenceOutput",

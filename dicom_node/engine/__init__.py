@@ -1,0 +1,9 @@
+"""Engine stage: the node's moving parts between receive and delivery.
+
+- `node`: starts and stops everything, recovers interrupted work at start.
+- `background`: the small stoppable loop every periodic task runs on.
+- `completion`: series complete after a quiet period; `selection` decides which series are analysed.
+- `retention`: spool and outbox clean-up after delivery.
+- `worker`: runs jobs (the job body is `dicom_node.pipeline.run_job`).
+- `metrics`: Prometheus `/metrics` and `/healthz`.
+"""

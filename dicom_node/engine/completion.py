@@ -1,0 +1,106 @@
+"""Series completion: quiet period -> complete -> selection -> job queued (background thread).
+
+A series is complete `quiet_period_s` after its last instance; an association release completes
+nothing early (a series can arrive over several associations). `force_complete` (the CLI's
+`dicom-node complete SERIES_UID`) makes a series due at the next poll, also from another process.
+A series that receives instances while its job runs is re-selected when it is quiet again, and the
+running job is marked for exactly one re-run (`State.schedule_series`).
+
+The same thread applies spool retention (`[spool] keep_days`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from dicom_node.engine.background import BackgroundLoop
+from dicom_node.config import Config
+from dicom_node.log import get_logger
+from dicom_node.engine.selection import read_header, select_series
+from dicom_node.durability.spool import Spool
+from dicom_node.durability.state import JobState, SeriesState, State
+
+__all__ = ["CompletionScheduler"]
+
+
+class CompletionScheduler(BackgroundLoop):
+    """Completes quiet series, selects them and queues jobs; applies spool retention."""
+
+    thread_name = "completion"
+    join_timeout_s = 10.0
+
+    def __init__(self, config: Config, state: State, spool: Spool, *, on_queued: Callable[[int], None] | None = None) -> None:
+        self.config = config
+        self.state = state
+        self.spool = spool
+        self.on_queued = on_queued
+        self.log = get_logger("dicom_node.engine.completion")
+        super().__init__()
+        self._last_cleanup = 0.0
+
+    def poll_once(self, now: float | None = None) -> list[str]:
+        """Complete quiet series and schedule every complete series; return the UIDs scheduled."""
+        now = time.time() if now is None else now
+        for s in self.state.quiet_series(now - self.config.quiet_period_s):
+            if self.state.mark_complete(s.series_uid, quiet_before=now - self.config.quiet_period_s, at=now):
+                self.log.info("series_completed", series_uid=s.series_uid, study_uid=s.study_uid, instances=s.n_instances,
+                              calling_aet=s.calling_aet, quiet_s=round(now - s.last_instance_at, 3))
+        done = []
+        for s in self.state.series_in(SeriesState.COMPLETE):  # includes series left complete by a crash
+            self._select_and_schedule(s.series_uid, s.study_uid)
+            done.append(s.series_uid)
+        if now - self._last_cleanup > 60:
+            self._last_cleanup = now
+            self.cleanup(now)
+        return done
+
+    def _select_and_schedule(self, series_uid: str, study_uid: str) -> None:
+        paths = [Path(i.path) for i in self.state.instances(series_uid)]
+        try:
+            decision = select_series(read_header(paths), self.config.selection) if paths else None
+        except Exception as e:  # unreadable header: skip with the reason
+            from dicom_node.engine.selection import SelectionDecision
+            decision = SelectionDecision(False, f"header unreadable: {type(e).__name__}: {str(e)[:120]}")
+        if decision is None:
+            from dicom_node.engine.selection import SelectionDecision
+            decision = SelectionDecision(False, "no instances in the spool")
+        action, job_id = self.state.schedule_series(series_uid, selected=decision.selected, reason=decision.reason)
+        if action == "skipped":
+            self.log.info("series_skipped", series_uid=series_uid, study_uid=study_uid, reason=decision.reason)
+        elif action in ("queued", "pending", "rerun"):
+            self.log.info("series_selected", series_uid=series_uid, study_uid=study_uid, action=action, job_id=job_id,
+                          instances=len(paths))
+            if action == "queued" and self.on_queued and job_id is not None:
+                self.on_queued(job_id)
+
+    def cleanup(self, now: float) -> int:
+        """Delete the spooled instances of delivered series older than `keep_days` (0 = keep)."""
+        days = self.config.spool.keep_days
+        if days <= 0:
+            return 0
+        n = 0
+        for s in self.state.done_series_older_than(now - days * 86400):
+            n += self.spool.delete_series(s.study_uid, s.series_uid)
+            # delivered results too: they are in the PACS, and a re-run rebuilds them with the same UIDs
+            outboxes = [self.spool.job_outbox(j.id) for j in self.state.jobs(JobState.DONE, series_uid=s.series_uid)]
+            for box in outboxes:
+                shutil.rmtree(box, ignore_errors=True)
+            self.state.mark_series_purged(s.series_uid)
+            self.log.info("spool_purged", series_uid=s.series_uid, outboxes=len(outboxes),
+                          reason=f"older than keep_days={days:g}")
+        return n
+
+    # --- thread -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        poll = min(self.config.worker.poll_s, self.config.quiet_period_s / 4)
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except Exception as e:  # keep serving; the next poll retries
+                self.log.error("completion_poll_failed", error=f"{type(e).__name__}: {e}")
+            self._sleep(poll)
+        self.state.close()
+

@@ -1,0 +1,112 @@
+"""Prometheus metrics and a health endpoint on `metrics_port` (`/metrics`, `/healthz`).
+
+Metrics (own registry, prefix `dicom_node_`): instances_received_total, bytes_received_total,
+stores_refused_total{reason}, jobs{state} (read from the state database at scrape time),
+time_to_result_seconds (last instance received -> results delivered), inference_seconds,
+send_failures_total{destination}, deliveries_total.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from dicom_node.durability.state import State
+
+__all__ = ["NodeMetrics", "MetricsServer"]
+
+
+class _JobsCollector:
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def collect(self):
+        g = GaugeMetricFamily("dicom_node_jobs", "Jobs by state", labels=["state"])
+        try:
+            for state, n in self.state.job_counts().items():
+                g.add_metric([state], n)
+        finally:
+            self.state.close()  # scrape threads are short-lived
+        yield g
+
+
+class NodeMetrics:
+    def __init__(self, state: State | None = None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.instances_received = Counter("dicom_node_instances_received", "Instances acknowledged and spooled", registry=r)
+        self.bytes_received = Counter("dicom_node_bytes_received", "Bytes of instances spooled", registry=r)
+        self.stores_refused = Counter("dicom_node_stores_refused", "C-STORE requests refused or associations rejected",
+                                      ["reason"], registry=r)
+        self.time_to_result = Histogram("dicom_node_time_to_result_seconds", "Last instance received to results delivered",
+                                        buckets=(5, 10, 20, 30, 45, 60, 90, 120, 300, 600, 1800), registry=r)
+        self.inference_seconds = Histogram("dicom_node_inference_seconds", "Model inference time per job",
+                                           buckets=(0.5, 1, 2, 5, 10, 20, 45, 90, 180), registry=r)
+        self.send_failures = Counter("dicom_node_send_failures", "Failed delivery attempts", ["destination"], registry=r)
+        self.deliveries = Counter("dicom_node_jobs_finished", "Jobs finished", ["state"], registry=r)
+        if state is not None:
+            r.register(_JobsCollector(state))
+
+    def stored(self, nbytes: int) -> None:
+        self.instances_received.inc()
+        self.bytes_received.inc(nbytes)
+
+    def refused(self, reason: str) -> None:
+        self.stores_refused.labels(reason=reason).inc()
+
+    def send_failed(self, destination: str) -> None:
+        self.send_failures.labels(destination=destination).inc()
+
+    def job_finished(self, job, time_to_result_s: float | None) -> None:
+        self.deliveries.labels(state=job.state.value).inc()
+        if time_to_result_s is not None:
+            self.time_to_result.observe(time_to_result_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """Tiny HTTP server: GET /metrics (Prometheus text) and GET /healthz (JSON, 200 when healthy)."""
+
+    def __init__(self, metrics: NodeMetrics, host: str, port: int, health: Callable[[], dict]) -> None:
+        m, h = metrics, health
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                if self.path.split("?")[0] == "/metrics":
+                    body, ctype, code = m.render(), CONTENT_TYPE_LATEST, 200
+                elif self.path.split("?")[0] == "/healthz":
+                    info = h()
+                    body, ctype, code = json.dumps(info).encode(), "application/json", 200 if info.get("ok") else 503
+                else:
+                    body, ctype, code = b"not found: try /metrics or /healthz\n", "text/plain", 404
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):  # keep access logs out of the JSON event stream
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    def start(self) -> "MetricsServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

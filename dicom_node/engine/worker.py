@@ -1,0 +1,185 @@
+"""Jobs off the network thread: bounded concurrency, priority order, stage timings, outbox.
+
+The job body is pluggable: `run_job(ctx: JobContext) -> JobResult` (the product's is
+`dicom_node.pipeline.run_job`). The worker claims the highest-priority queued job, calls the body,
+writes every result durably into `outbox/<job id>/` (so a crash after this point re-sends instead
+of re-computing), records the result UIDs and queues one delivery per destination.
+
+Stage times recorded in the job row (unix seconds): received (last instance), complete, queued,
+started, any stage the body marks with `ctx.mark(...)` (preprocessed, inferred), built, sent,
+finished. `job_finished` logs the durations between consecutive stages.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicom_node.engine.background import BackgroundLoop
+from dicom_node.config import Config, Destination, ResultsConfig
+from dicom_node.log import get_logger
+from dicom_node.durability.spool import Spool
+from dicom_node.durability.state import JobRow, JobState, State
+
+__all__ = ["JobContext", "JobResult", "RunJob", "Worker", "destinations_for", "stage_durations"]
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Everything a job body needs; built by the worker from the state database."""
+
+    job_id: int
+    series_uid: str
+    study_uid: str
+    instance_paths: tuple[Path, ...]  # spooled Part 10 files of the series (any order)
+    revision: int  # 1 for the first result of a series, +1 per re-run after late instances
+    predecessor_result_uids: tuple[str, ...]  # SOP Instance UIDs of the previous revision's results
+    bundle: str  # config inference.bundle ('' = bundled demo model)
+    config: Config
+    mark: Callable[[str], None] = field(default=lambda stage: None, compare=False)  # ctx.mark("inferred")
+
+    @property
+    def results(self) -> ResultsConfig:
+        return self.config.results
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a job produced: datasets and/or Part 10 files to deliver, and their SOP Instance UIDs."""
+
+    datasets: tuple[Dataset, ...] = ()
+    files: tuple[Path, ...] = ()
+    result_uids: tuple[str, ...] = ()  # defaults to the SOPInstanceUIDs of datasets + files
+    inference_s: float | None = None
+    summary: Mapping[str, object] = field(default_factory=dict)  # non-PHI facts for the log (e.g. probabilities)
+
+
+RunJob = Callable[[JobContext], JobResult]
+
+
+def destinations_for(config: Config, calling_aet: str) -> list[Destination]:
+    """Configured destinations, plus the sender when `send_back_to_sender` and it is a known peer."""
+    out = list(config.destinations)
+    if config.send_back_to_sender:
+        for p in config.peers:
+            if p.ae_title == calling_aet.strip() and p not in out:
+                out.append(p)
+    return out
+
+
+def stage_durations(times: Mapping[str, float]) -> dict[str, float]:
+    order = ["received", "complete", "queued", "started", "preprocessed", "inferred", "built", "sent", "finished"]
+    have = [(k, times[k]) for k in order if times.get(k)]
+    return {f"{a}_to_{b}_s": round(tb - ta, 3) for (a, ta), (b, tb) in zip(have, have[1:])}
+
+
+class Worker(BackgroundLoop):
+    """Runs queued jobs on a bounded thread pool (`[worker] concurrency`)."""
+
+    thread_name = "worker-dispatch"
+    join_timeout_s = 10.0
+
+    def __init__(self, config: Config, state: State, spool: Spool, run_job: RunJob, *,
+                 on_built: Callable[[int], None] | None = None,
+                 on_finished: Callable[[JobRow, float | None], None] | None = None,
+                 on_inference: Callable[[float], None] | None = None) -> None:
+        self.config = config
+        self.state = state
+        self.spool = spool
+        self.run_job = run_job
+        self.on_built = on_built
+        self.on_finished = on_finished
+        self.on_inference = on_inference
+        self.log = get_logger("dicom_node.engine.worker")
+        self._slots = threading.Semaphore(config.worker.concurrency)
+        self._pool = ThreadPoolExecutor(max_workers=config.worker.concurrency, thread_name_prefix="job")
+        super().__init__()
+
+    def stop(self) -> None:
+        super().stop()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _run(self) -> None:  # dispatch loop
+        while not self._stop.is_set():
+            if not self._slots.acquire(timeout=self.config.worker.poll_s):
+                continue
+            job = None
+            try:
+                job = self.state.claim_next_job()
+            except Exception as e:
+                self.log.error("job_claim_failed", error=f"{type(e).__name__}: {e}")
+            if job is None:
+                self._slots.release()
+                self._sleep(self.config.worker.poll_s)
+                continue
+            self._pool.submit(self._run_guarded, job)
+        self.state.close()
+
+    def _run_guarded(self, job: JobRow) -> None:
+        try:
+            self.run_one(job)
+        finally:
+            self._slots.release()
+            self.state.close()
+
+    def run_one(self, job: JobRow) -> None:
+        """Run one claimed (running) job to `built`+`sending`, or to `failed`."""
+        t0 = time.perf_counter()
+        rows = self.state.instances(job.series_uid)
+        calling = rows[0].calling_aet if rows else ""
+        log = self.log.bind(job_id=job.id, series_uid=job.series_uid, study_uid=job.study_uid, revision=job.revision)
+        marks: dict[str, float] = {}
+        ctx = JobContext(job.id, job.series_uid, job.study_uid, tuple(Path(r.path) for r in rows), job.revision,
+                         job.predecessor_result_uids, self.config.inference.bundle, self.config,
+                         mark=lambda stage: marks.__setitem__(stage, time.time()))
+        log.info("job_started", instances=len(rows), attempt=job.attempts)
+        try:
+            result = self.run_job(ctx)
+            uids = self._write_outbox(job.id, result)
+        except Exception as e:
+            err = f"{type(e).__name__}: {str(e)[:500]}"
+            log.error("job_failed", error=err, stage="run", s=round(time.perf_counter() - t0, 3))
+            finished, rerun = self.state.finish_job(job.id, JobState.FAILED, error=err)
+            if self.on_finished:
+                self.on_finished(finished, None)
+            if rerun:
+                self.wake()
+            return
+        if result.inference_s is not None and self.on_inference:
+            self.on_inference(result.inference_s)
+        built = self.state.transition(job.id, JobState.BUILT, stage="built", result_uids=uids, extra_times=marks)
+        dests = [str(d) for d in destinations_for(self.config, calling)]
+        self.state.add_deliveries(job.id, dests)
+        self.state.transition(job.id, JobState.SENDING, stage="sending")
+        log.info("job_built", results=len(uids), destinations=dests, inference_s=result.inference_s,
+                 **{k: v for k, v in result.summary.items() if isinstance(v, (int, float, str, bool))},
+                 **stage_durations(built.times))
+        if self.on_built:
+            self.on_built(job.id)
+
+    def _write_outbox(self, job_id: int, result: JobResult) -> tuple[str, ...]:
+        outbox = self.spool.job_outbox(job_id)
+        uids: list[str] = []
+        for ds in result.datasets:
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            self.spool.store_result(job_id, str(ds.SOPInstanceUID), buf.getvalue())
+            uids.append(str(ds.SOPInstanceUID))
+        for f in result.files:
+            data = Path(f).read_bytes()
+            sop = str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+            self.spool.store_result(job_id, sop, data)
+            uids.append(sop)
+        keep = {f"{u}.dcm" for u in uids}
+        for stale in outbox.glob("*.dcm") if outbox.is_dir() else ():
+            if stale.name not in keep:  # left by an earlier attempt that produced other objects
+                stale.unlink()
+        return tuple(result.result_uids) or tuple(uids)

@@ -1,0 +1,5 @@
+"""Imaging stage (numpy only; shared with training): DICOM slices -> HU volume -> model input.
+
+- `series`: `load_series` builds a `CtSeries` (sorted along the slice normal, HU, spacing checked).
+- `preprocess`: `PreprocessConfig` and `preprocess` -> `Windows`, and the model-to-slice geometry.
+"""

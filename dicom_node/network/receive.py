@@ -1,0 +1,248 @@
+"""The SCP: association policy from `Config` plus one list of (event, handler); thin handlers.
+
+A C-STORE is acknowledged with 0x0000 only after the instance is fsync'd and renamed into the
+spool and its row is committed in the state database. Pixel data is never decoded here (the
+encoded bytes are written as received, compressed or not; the worker decodes them).
+
+Failure statuses (each with a `store_refused` log event naming the reason):
+
+* 0xA700 Out of Resources: free disk below `min_free_disk_mb`; 0xA701: the write failed.
+* 0xA900 Data Set does not match SOP Class: no pixel data, or the dataset's SOP Class/Instance UID
+  differs from the C-STORE request.
+* 0xC000 Cannot understand: the dataset cannot be parsed, or a UID is missing or malformed.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from pydicom import uid as U
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification as VerificationSOPClass
+from pynetdicom.presentation import AllStoragePresentationContexts
+
+from dicom_node.config import Config
+from dicom_node.log import get_logger
+from dicom_node.durability.spool import DiskFull, InvalidUid, Spool, validate_uid
+from dicom_node.durability.state import InstanceRow, State
+
+__all__ = ["Receiver", "CT_STORAGE_CLASSES", "ACCEPTED_TRANSFER_SYNTAXES", "STATUS", "server_ssl_context",
+           "calling_allowed"]
+
+CT_STORAGE_CLASSES = (U.CTImageStorage, U.EnhancedCTImageStorage)
+
+ACCEPTED_TRANSFER_SYNTAXES = (
+    U.ExplicitVRLittleEndian, U.ImplicitVRLittleEndian, U.DeflatedExplicitVRLittleEndian,
+    U.JPEGBaseline8Bit, U.JPEGExtended12Bit, U.JPEGLossless, U.JPEGLosslessSV1,
+    U.JPEGLSLossless, U.JPEGLSNearLossless, U.JPEG2000Lossless, U.JPEG2000, U.RLELossless,
+)
+
+STATUS = {
+    "success": 0x0000,
+    "out_of_resources": 0xA700,
+    "write_failed": 0xA701,
+    "dataset_mismatch": 0xA900,
+    "cannot_understand": 0xC000,
+}
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def _pixel_problem(ds, transfer_syntax) -> str | None:
+    """Why the pixel data is unusable (missing or shorter than Rows x Columns x ... says), or None.
+
+    Compressed pixel data is not decoded here; a truncated encapsulated element has no sequence
+    delimiter, which pydicom reports by leaving the element out (so: 'no pixel data')."""
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        return "no pixel data (missing or truncated before its end)"
+    if "PixelData" in ds and not transfer_syntax.is_compressed:
+        try:
+            expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+                        * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated)) // 8
+        except (AttributeError, TypeError, ValueError):
+            return "pixel data without Rows/Columns/BitsAllocated"
+        got = len(ds.PixelData)
+        if got < expected:
+            return f"pixel data truncated ({got} of {expected} bytes)"
+    return None
+
+
+def server_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """TLS context for the SCP from `[tls]` (None when TLS is off)."""
+    t = config.tls
+    if not t.enabled:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(t.cert, t.key)
+    if t.verify_client:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(t.ca)
+    return ctx
+
+
+def calling_allowed(allowed: tuple[str, ...], calling_aet: str, host: str) -> bool:
+    """True when `calling_aet` from `host` matches an `AET` or `AET@host` entry (empty list = anyone)."""
+    if not allowed:
+        return True
+    for entry in allowed:
+        aet, _, want_host = entry.partition("@")
+        if aet.strip() == calling_aet.strip() and (not want_host or want_host == host):
+            return True
+    return False
+
+
+@dataclass
+class _Counters:
+    """Callbacks for metrics (kept optional so the receiver has no dependency on metrics)."""
+
+    on_stored: Callable[[int], None] | None = None
+    on_refused: Callable[[str], None] | None = None
+
+
+class Receiver:
+    """Builds the pynetdicom AE from `Config` and serves it on a background thread."""
+
+    def __init__(self, config: Config, spool: Spool, state: State, *, on_stored: Callable[[int], None] | None = None,
+                 on_refused: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.spool = spool
+        self.state = state
+        self.counters = _Counters(on_stored, on_refused)
+        self.log = get_logger("dicom_node.network.receive")
+        self.server = None
+
+    # --- AE ---------------------------------------------------------------------------------------
+    def build_ae(self) -> AE:
+        c = self.config
+        ae = AE(ae_title=c.ae_title)
+        ae.maximum_associations = c.max_associations
+        ae.maximum_pdu_size = c.max_pdu
+        ae.acse_timeout = c.timeouts.acse_s
+        ae.dimse_timeout = c.timeouts.dimse_s
+        ae.network_timeout = c.timeouts.network_s
+        ae.require_called_aet = c.require_called_aet
+        ae.add_supported_context(VerificationSOPClass)
+        for sop in CT_STORAGE_CLASSES:
+            ae.add_supported_context(sop, list(ACCEPTED_TRANSFER_SYNTAXES))
+        if c.accept_other_storage == "ignore":
+            for cx in AllStoragePresentationContexts:
+                if cx.abstract_syntax not in CT_STORAGE_CLASSES:
+                    ae.add_supported_context(cx.abstract_syntax, list(ACCEPTED_TRANSFER_SYNTAXES))
+        return ae
+
+    def handlers(self) -> list[tuple]:
+        return [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+
+    def start(self):
+        ae = self.build_ae()
+        self.server = ae.start_server((self.config.host, self.config.port), block=False,
+                                      evt_handlers=self.handlers(), ssl_context=server_ssl_context(self.config))
+        self.log.info("scp_listening", ae_title=self.config.ae_title, host=self.config.host, port=self.port,
+                      tls=self.config.tls.enabled)
+        return self.server
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1]) if self.server else self.config.port
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    # --- association events -----------------------------------------------------------------------
+    def _on_requested(self, event) -> None:
+        rq = event.assoc.requestor
+        calling = rq.primitive.calling_ae_title
+        host = rq.address
+        if not calling_allowed(self.config.allowed_calling_aets, calling, host):
+            self.log.warning("association_rejected", calling_aet=calling, peer=host, reason="calling AE not allowed")
+            if self.counters.on_refused:
+                self.counters.on_refused("calling_aet_not_allowed")
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            event.assoc.kill()  # lets the DUL send the A-ASSOCIATE-RJ before the socket closes (as pynetdicom's ACSE does)
+
+    def _on_accepted(self, event) -> None:
+        rq = event.assoc.requestor
+        self.log.info("association_accepted", calling_aet=rq.ae_title, peer=rq.address)
+
+    def _on_rejected(self, event) -> None:
+        rq = event.assoc.requestor
+        self.log.warning("association_rejected", calling_aet=rq.ae_title, peer=rq.address,
+                         called_aet=rq.primitive.called_ae_title if rq.primitive else None)
+
+    def _on_released(self, event) -> None:
+        self.log.info("association_released", calling_aet=event.assoc.requestor.ae_title)
+
+    def _on_aborted(self, event) -> None:
+        self.log.warning("association_aborted", calling_aet=event.assoc.requestor.ae_title)
+
+    def _on_echo(self, event) -> int:
+        self.log.info("echo", calling_aet=event.assoc.requestor.ae_title)
+        return 0x0000
+
+    # --- C-STORE ----------------------------------------------------------------------------------
+    def _refuse(self, status_name: str, reason: str, **kw) -> int:
+        self.log.warning("store_refused", status=f"0x{STATUS[status_name]:04X}", reason=reason, **kw)
+        if self.counters.on_refused:
+            self.counters.on_refused(status_name)
+        return STATUS[status_name]
+
+    def _on_store(self, event) -> int:
+        t0 = time.perf_counter()
+        rq = event.request
+        calling = event.assoc.requestor.ae_title
+        sop_class = str(rq.AffectedSOPClassUID)
+        sop_uid_rq = str(rq.AffectedSOPInstanceUID)
+        if sop_class not in CT_STORAGE_CLASSES:
+            self.log.info("instance_ignored", sop_class_uid=sop_class, sop_instance_uid=sop_uid_rq, calling_aet=calling,
+                          reason="storage class not analysed (accept_other_storage=ignore)")
+            return STATUS["success"]
+        try:
+            ds = event.dataset
+            study = validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+            series = validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+            sop_uid = validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        except InvalidUid as e:
+            return self._refuse("cannot_understand", str(e), sop_instance_uid=sop_uid_rq[:64], calling_aet=calling)
+        except Exception as e:  # truncated or undecodable data set
+            return self._refuse("cannot_understand", f"data set cannot be parsed: {type(e).__name__}: {str(e)[:200]}",
+                                sop_instance_uid=sop_uid_rq[:64], calling_aet=calling)
+        ds_class = str(ds.get("SOPClassUID", ""))
+        if ds_class != sop_class or sop_uid != sop_uid_rq:
+            return self._refuse("dataset_mismatch", "SOP Class/Instance UID in the data set differ from the C-STORE request",
+                                sop_instance_uid=sop_uid, sop_class_uid=ds_class, calling_aet=calling)
+        problem = _pixel_problem(ds, event.context.transfer_syntax)
+        if problem:
+            return self._refuse("dataset_mismatch" if problem.startswith("no pixel") else "cannot_understand", problem,
+                                sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
+        if self.state.has_instance(sop_uid):
+            self.log.info("instance_duplicate", sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
+            return STATUS["success"]
+        data = event.encoded_dataset(include_meta=True)
+        try:
+            path = self.spool.store(study, series, sop_uid, data)
+        except DiskFull as e:
+            return self._refuse("out_of_resources", str(e), sop_instance_uid=sop_uid, calling_aet=calling)
+        except OSError as e:
+            return self._refuse("write_failed", f"spool write failed: {e}", sop_instance_uid=sop_uid, calling_aet=calling)
+        now = time.time()
+        new = self.state.add_instance(InstanceRow(sop_uid, series, study, str(path), sop_class,
+                                                  str(event.context.transfer_syntax), now, len(data), calling))
+        if self.counters.on_stored and new:
+            self.counters.on_stored(len(data))
+        self.log.debug("instance_stored", sop_instance_uid=sop_uid, series_uid=series, study_uid=study,
+                       calling_aet=calling, bytes=len(data), ms=round((time.perf_counter() - t0) * 1000, 2))
+        return STATUS["success"]

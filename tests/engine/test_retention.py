@@ -1,0 +1,46 @@
+"""Spool and outbox clean-up after delivery: `[spool] keep_days` and `delete_after_delivery`."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from dicom_node.engine.node import Node
+from dicom_node.durability.state import JobState
+from nodekit import phantom_series, storescu, wait_until
+
+pytestmark = [pytest.mark.dcmtk]
+
+
+@pytest.fixture
+def run_node(tmp_path, storescp, make_node):
+    """A node delivering to dcmtk storescp that has received and delivered one 20-slice series."""
+
+    def run(**overrides) -> Node:
+        node = make_node([f"STORESCP@127.0.0.1:{storescp.port}"], quiet_period_s=0.4, **overrides)
+        files = phantom_series(tmp_path / "in", n_slices=20)
+        r = storescu(node.port, files)
+        assert r.returncode == 0 and "E:" not in r.stderr, r.stderr
+        wait_until(lambda: node.state.jobs(JobState.DONE), 60, "job delivered")
+        return node
+
+    return run
+
+
+def test_keep_days_purges_spool_and_outbox_of_delivered_series_only_when_old(run_node):
+    node = run_node(**{"spool.keep_days": 7})
+    (job,) = node.state.jobs(JobState.DONE)
+    series_dirs = [p for p in node.spool.spool_dir.rglob("*") if p.is_dir() and p.parent != node.spool.spool_dir]
+    outbox = node.spool.job_outbox(job.id)
+    assert series_dirs and any(series_dirs[0].glob("*.dcm")) and any(outbox.glob("*.dcm"))
+    assert node.completion.cleanup(time.time()) == 0  # delivered, but younger than 7 days: kept
+    assert any(series_dirs[0].glob("*.dcm"))
+    assert node.completion.cleanup(time.time() + 8 * 86400) == 20
+    assert not series_dirs[0].exists() and not outbox.exists()
+    assert node.state.jobs(JobState.DONE)  # the job record (result UIDs) stays
+
+
+def test_delete_after_delivery_removes_the_series_at_once(run_node):
+    node = run_node(**{"spool.delete_after_delivery": True, "spool.keep_days": 0})
+    wait_until(lambda: not list(node.spool.spool_dir.rglob("*.dcm")), 30, "spool emptied")

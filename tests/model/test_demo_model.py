@@ -1,0 +1,46 @@
+"""The demo bundle shipped in the package: found without configuration, verified, and it works on phantoms.
+
+A missing demo bundle fails the suite.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dicom_node.model.bundle import default_bundle_path, load_bundle, verify_bundle
+
+DEMO = default_bundle_path()
+
+
+
+def test_demo_bundle_is_inside_the_package_and_verifies():
+    import dicom_node
+
+    assert DEMO.resolve().is_relative_to(__import__("pathlib").Path(dicom_node.__file__).resolve().parent)
+    report = verify_bundle(DEMO, run_graphs=True)
+    assert set(report.files_checked) >= {"stage1.onnx", "stage2.onnx", "MODEL_CARD.md"}
+    size = sum(p.stat().st_size for p in DEMO.iterdir() if p.is_file())
+    assert size <= 20 * 1024 * 1024, f"demo bundle is {size / 1e6:.1f} MB; the package limit is 20 MB"
+    card = (DEMO / "MODEL_CARD.md").read_text()
+    assert "synthetic" in card and "must never be used on patients" in card
+
+
+@pytest.mark.parametrize("kind, positive", [("positive", True), ("negative", False)])
+def test_demo_model_flags_positive_and_clears_negative_phantom(tmp_path, kind, positive):
+    from dicom_node.model.inference import Predictor
+    from dicom_node.imaging.preprocess import preprocess
+    from dicom_node.imaging.series import load_series
+    from dicom_node.tools.demo import DEMO_PHANTOM
+    from phantoms.study import PhantomConfig, generate_study, study_seed, write_study
+
+    bundle = load_bundle(DEMO)
+    study = generate_study(study_seed(424242, 0 if positive else 1), PhantomConfig(**DEMO_PHANTOM), kind=kind)
+    write_study(study, tmp_path)
+    series = load_series(tmp_path)
+    windows = preprocess(series, bundle.manifest.preprocessing)
+    pred = Predictor(bundle, providers=("CPUExecutionProvider",)).predict(windows)
+    assert pred.positive is positive, (kind, pred.window_probs.max(), pred.study_probs)
+    if positive:
+        assert not (pred.labels["negative_exam_for_pe"] or pred.labels["indeterminate"])
+    else:
+        assert not any(pred.labels[k] for k in ("central_pe", "leftsided_pe", "rightsided_pe"))

@@ -1,0 +1,124 @@
+"""Result delivery into a real Orthanc: results arrive once, retries after the destination comes up,
+exhausted retries are kept and resent by the CLI, warning statuses count, late instances re-run."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import SecondaryCaptureImageStorage
+
+from dicom_node.cli import main as cli_main
+from dicom_node.durability.state import DeliveryState, JobState
+from nodekit import phantom_series, storescu, wait_until
+from peers import OrthancPeer, free_port
+
+pytestmark = [pytest.mark.orthanc, pytest.mark.dcmtk]
+
+
+def _ot(tags):
+    return [t for t in tags if t.get("Modality") == "OT"]
+
+
+@pytest.mark.parametrize("variant,flag", [(None, ()), ("jpeg-ls", ("-xt",))])
+def test_results_arrive_in_orthanc_exactly_once(make_node, orthanc, tmp_path, variant, flag):
+    files = phantom_series(tmp_path / "in", n_slices=20, variant=variant)
+    node = make_node([f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"])
+    r = storescu(node.port, files, extra=flag)
+    assert r.returncode == 0 and "E:" not in r.stderr, r.stderr
+    tags = orthanc.wait_for_instances(lambda t: len(_ot(t)) == 1, timeout=60)
+    src = pydicom.dcmread(files[0], stop_before_pixels=True)
+    (sc,) = _ot(tags)
+    assert sc["StudyInstanceUID"] == src.StudyInstanceUID
+    wait_until(lambda: node.state.jobs(JobState.DONE), 30, "job done")
+    (job,) = node.state.jobs()
+    assert job.result_uids == (sc["SOPInstanceUID"],)
+    assert {"received", "complete", "started", "preprocessed", "inferred", "built", "finished"} <= set(job.times)
+    assert len(_ot([orthanc.instance_tags(i) for i in orthanc.instances()])) == 1
+
+
+def test_destination_down_then_up_delivers_after_retries(make_node, tmp_path):
+    port = free_port()
+    files = phantom_series(tmp_path / "in", n_slices=20)
+    node = make_node([f"ORTHANC@127.0.0.1:{port}"], **{"retry.max_attempts": 50})
+    assert storescu(node.port, files).returncode == 0
+    wait_until(lambda: any(d.attempts >= 2 for d in node.state.deliveries()), 30, "two failed attempts")
+    orthanc = OrthancPeer(tmp_path / "orthanc", dicom_port=port).start()
+    try:
+        orthanc.wait_for_instances(lambda t: len(_ot(t)) == 1, timeout=60)
+        wait_until(lambda: node.state.jobs(JobState.DONE), 30, "job done")
+        (d,) = node.state.deliveries()
+        assert d.state is DeliveryState.DONE and d.attempts >= 3
+        retries = [json.loads(line) for line in (tmp_path / "node.log").read_text().splitlines() if "delivery_retry" in line]
+        assert len(retries) == d.attempts - 1 and "association" in retries[0]["error"]
+    finally:
+        orthanc.stop()
+
+
+def test_exhausted_retries_are_kept_listed_and_resent(make_node, tmp_path):
+    port = free_port()
+    files = phantom_series(tmp_path / "in", n_slices=20)
+    node = make_node([f"ORTHANC@127.0.0.1:{port}"], **{"retry.max_attempts": 2})
+    assert storescu(node.port, files).returncode == 0
+    (job,) = wait_until(lambda: node.state.jobs(JobState.FAILED), 30, "job failed")
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert cli_main(["status", "--data-dir", str(tmp_path / "data"), "--json"]) == 0
+    status = json.loads(out.getvalue())
+    assert status["failed_deliveries"][0]["job_id"] == job.id and status["failed_deliveries"][0]["attempts"] == 2
+    assert status["failed_jobs"][0]["id"] == job.id
+    orthanc = OrthancPeer(tmp_path / "orthanc", dicom_port=port).start()
+    try:
+        with redirect_stdout(io.StringIO()):
+            assert cli_main(["resend", str(job.id), "--data-dir", str(tmp_path / "data")]) == 0
+        orthanc.wait_for_instances(lambda t: len(_ot(t)) == 1, timeout=60)
+        wait_until(lambda: node.state.job(job.id).state is JobState.DONE, 30, "job done after resend")
+    finally:
+        orthanc.stop()
+    with redirect_stdout(io.StringIO()):
+        assert cli_main(["resend", str(job.id), "--data-dir", str(tmp_path / "data")]) == 1  # no longer failed
+
+
+def test_warning_status_counts_as_delivered(make_node, tmp_path):
+    received = []
+
+    def on_store(event):
+        received.append(event.request.AffectedSOPInstanceUID)
+        return 0xB007  # "data set does not match SOP class" warning: stored anyway
+
+    ae = AE(ae_title="WARNPACS")
+    ae.add_supported_context(SecondaryCaptureImageStorage)
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        node = make_node([f"WARNPACS@127.0.0.1:{server.server_address[1]}"])
+        assert storescu(node.port, phantom_series(tmp_path / "in", n_slices=20)).returncode == 0
+        wait_until(lambda: node.state.jobs(JobState.DONE), 30, "job done")
+        assert len(received) == 1 and node.state.deliveries()[0].attempts == 1
+    finally:
+        server.shutdown()
+
+
+def test_late_instances_rerun_once_with_predecessor(make_node, orthanc, tmp_path, monkeypatch):
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("NODE_TEST_JOB_MARKER", str(marker))
+    monkeypatch.setenv("NODE_TEST_JOB_DELAY_S", "2.5")
+    files = sorted(phantom_series(tmp_path / "in", n_slices=24))
+    node = make_node([f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"])
+    assert storescu(node.port, files[:20]).returncode == 0
+    wait_until(lambda: list(marker.glob("started-*")), 30, "first job started")
+    assert storescu(node.port, files[20:22]).returncode == 0   # two late batches while the job runs:
+    assert storescu(node.port, files[22:]).returncode == 0     # still exactly one re-run
+    tags = orthanc.wait_for_instances(lambda t: len(_ot(t)) == 2, timeout=90)
+    wait_until(lambda: len(node.state.jobs(JobState.DONE)) == 2, 30, "two jobs done")
+    first, second = node.state.jobs()
+    assert (first.revision, second.revision) == (1, 2)
+    assert second.predecessor_result_uids == first.result_uids
+    comments = {t["SOPInstanceUID"]: json.loads(t["ImageComments"]) for t in _ot(tags)}
+    assert comments[second.result_uids[0]] == {"revision": 2, "predecessors": list(first.result_uids), "instances": 24}
+    assert comments[first.result_uids[0]]["instances"] == 20
+    assert sorted(Path(p).name for p in marker.glob("started-*")) == [f"started-{first.id}-1", f"started-{second.id}-2"]

@@ -1,0 +1,355 @@
+"""Result objects (SR, heatmap/summary SC, KOS) over phantom studies with hand-made predictions.
+
+Every object is validated with dicom3tools `dciodvfy`, read back with highdicom and dcmtk
+`dsrdump`, round-tripped through bytes and stored in a real Orthanc.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_node import RESEARCH_USE_STATEMENT
+from dicom_node.model.inference import Prediction
+from dicom_node.results.kos import heatmap_hits_embolus, select_key_slices
+from dicom_node.labels import ALL_LABELS, STUDY_LABELS, WINDOW_LABEL, consistency_violations, make_consistent
+from dicom_node.imaging.preprocess import PreprocessConfig, preprocess
+from dicom_node.results.sr import LABEL_CODES, BundleInfo, ReportError, build_sr
+from dicom_node.results.result_set import ResultOptions, build_results
+from dicom_node.results.sc import pe_window_grey, render_overlay
+from dicom_node.imaging.series import load_series
+from phantoms.study import PhantomConfig, generate_study, study_datasets
+
+DCIODVFY = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
+DSRDUMP = shutil.which("dsrdump") or "/usr/bin/dsrdump"
+needs_dicom3tools = pytest.mark.skipif(not Path(DCIODVFY).exists(), reason="dicom3tools not installed")
+needs_dsrdump = pytest.mark.skipif(not Path(DSRDUMP).exists(), reason="dcmtk not installed")
+
+CONFIG = PreprocessConfig(resize=64, crop=48)
+BUNDLE = BundleInfo(name="pe-demo", version="0.3.1", model_uid="2.25.1234567890",
+                    parameters=("preprocessing_version=1",))
+
+
+def _case(kind: str, seed: int):
+    study = generate_study(seed, PhantomConfig(rows=128, cols=128, n_slices=64, slice_thickness_mm=2.5), kind=kind)
+    series = load_series(study_datasets(study))
+    windows = preprocess(series, CONFIG)
+    return study, series, windows
+
+
+def _heatmaps_at(windows, points, shape=(2, 6, 6)) -> np.ndarray:
+    """(N, t, h, w) heatmaps, zero except one hot cell per original voxel point (z, y, x)."""
+    g = windows.geometry
+    t, h, w = shape
+    hm = np.zeros((len(windows.slice_uids), t, h, w), np.float32) + 0.01
+    for z, y, x in points:
+        win, s, r, c = g.original_to_model(z, y, x)
+        ti = int(np.clip(s * t / g.window_slices, 0, t - 1))
+        hi = int(np.clip((r + 0.5) * h / g.crop, 0, h - 1))
+        wi = int(np.clip((c + 0.5) * w / g.crop, 0, w - 1))
+        hm[int(win), ti, hi, wi] = 1.0
+    return hm
+
+
+def _prediction(series, windows, *, positive: bool, heatmaps: np.ndarray, hot_windows=(), model_uid=BUNDLE.model_uid):
+    n = len(windows.slice_uids)
+    rng = np.random.default_rng(5)
+    wp = rng.uniform(0.02, 0.2, n)
+    for w in hot_windows:
+        wp[w] = 0.93
+    sp = {k: 0.1 for k in STUDY_LABELS}
+    if positive:
+        sp.update(rightsided_pe=0.8, central_pe=0.3, rv_lv_ratio_lt_1=0.7, rv_lv_ratio_gte_1=0.3)
+    else:
+        sp.update(negative_exam_for_pe=0.9)
+    thresholds = {k: 0.5 for k in ALL_LABELS}
+    thresholds[WINDOW_LABEL] = 0.45
+    c = make_consistent(wp, sp, thresholds)
+    att = rng.uniform(0.5, 1.0, (9, n))
+    for w in hot_windows:
+        att[:, w] += 3.0
+    att /= att.sum(axis=1, keepdims=True)
+    return Prediction(
+        series_instance_uid=series.series_instance_uid, window_probs=wp, study_probs=sp, attention=att,
+        heatmaps=heatmaps, thresholds=thresholds, window_positive=c.window_positive,
+        labels={WINDOW_LABEL: bool(c.window_positive.any()), **c.study},
+        model_name=BUNDLE.name, model_version=BUNDLE.version, model_uid=model_uid,
+        execution_provider="CPUExecutionProvider",
+    )
+
+
+def _embolus_point(mask: np.ndarray) -> tuple[int, int, int]:
+    """An embolus voxel near the centroid of the slice with the largest embolus area."""
+    z = int(np.argmax(mask.sum(axis=(1, 2))))
+    ys, xs = np.nonzero(mask[z])
+    i = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+    return z, int(ys[i]), int(xs[i])
+
+
+@pytest.fixture(scope="module")
+def positive():
+    study, series, windows = _case("positive", 11)
+    point = _embolus_point(study.embolus_mask)
+    win = int(windows.geometry.original_to_model(*point)[0])
+    pred = _prediction(series, windows, positive=True, heatmaps=_heatmaps_at(windows, [point]), hot_windows=(win,))
+    return study, series, windows, pred, point
+
+
+@pytest.fixture(scope="module")
+def negative():
+    study, series, windows = _case("negative", 12)
+    hm = np.random.default_rng(3).uniform(0, 1, (len(windows.slice_uids), 2, 6, 6)).astype(np.float32)
+    pred = _prediction(series, windows, positive=False, heatmaps=hm)
+    return study, series, windows, pred, None
+
+
+@pytest.fixture(scope="module", params=["positive", "negative"])
+def case(request, positive, negative):
+    data = positive if request.param == "positive" else negative
+    study, series, windows, pred, _ = data
+    return request.param, series, windows, pred, build_results(series, windows, pred, BUNDLE, ResultOptions())
+
+
+def _round_trip(ds) -> pydicom.Dataset:
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    buf.seek(0)
+    return pydicom.dcmread(buf)
+
+
+def _items(ds):
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _items(item)
+
+
+def _name(item) -> str:
+    return item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
+
+
+def test_prediction_labels_are_consistent(case):
+    _, _, _, pred, _ = case
+    assert consistency_violations(pred.window_positive, pred.labels) == []
+
+
+@needs_dicom3tools
+@needs_dsrdump
+def test_every_object_passes_dciodvfy_and_sr_dsrdump(case, tmp_path):
+    kind, _, _, _, result = case
+    assert len(result.heatmap_scs) == 3 and result.summary_sc is not None and result.kos is not None
+    for i, ds in enumerate(result.datasets()):
+        path = tmp_path / f"{kind}_{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+        errors = [line for line in (out.stdout + out.stderr).splitlines() if "Error" in line]
+        assert errors == [], f"{ds.SOPClassUID.name}: {errors}"
+        if ds.Modality in ("SR", "KO"):
+            dump = subprocess.run([DSRDUMP, str(path)], capture_output=True, text=True, timeout=60)
+            assert dump.returncode == 0, dump.stderr
+            assert "Measurement Group" in dump.stdout or ds.Modality == "KO"
+
+
+def test_round_trip_and_highdicom_read_back(case):
+    _, series, _, _, result = case
+    sr = _round_trip(result.sr)
+    parsed = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    assert parsed.SOPInstanceUID == result.sr.SOPInstanceUID
+    groups = parsed.content.get_image_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == list(ALL_LABELS)
+    pe = parsed.content.get_image_measurement_groups(tracking_uid=groups[0].tracking_uid)[0]
+    assert [m.name.meaning for m in pe.get_measurements()] == ["Probability", "Threshold Value"]
+    assert [s.referenced_sop_instance_uid for s in pe.source_images] == [k.sop_instance_uid for k in result.key_slices]
+    kos = hd.ko.KeyObjectSelectionDocument.from_dataset(_round_trip(result.kos))
+    refs = {r.ReferencedSOPInstanceUID for s in kos.CurrentRequestedProcedureEvidenceSequence
+            for se in s.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
+    assert refs == {k.sop_instance_uid for k in result.key_slices}
+    for sc in result.heatmap_scs:
+        back = _round_trip(sc)
+        assert np.array_equal(back.pixel_array, sc.pixel_array)
+        assert back.StudyInstanceUID == series.study_instance_uid
+        assert back.PatientID == series.ref_dataset.PatientID
+        assert back.BurnedInAnnotation == "YES" and back.PhotometricInterpretation == "RGB"
+
+
+def test_sr_content_tree(case):
+    kind, series, _, pred, result = case
+    sr = _round_trip(result.sr)
+    assert sr.VerificationFlag == "UNVERIFIED"
+    assert sr.StudyInstanceUID == series.study_instance_uid and sr.PatientID == series.ref_dataset.PatientID
+    assert sr.SeriesInstanceUID != series.series_instance_uid and sr.SeriesNumber == 9001
+    items = list(_items(sr))
+    texts = {_name(i): i.TextValue for i in items if i.ValueType == "TEXT" and _name(i) != "Tracking Identifier"}
+    assert texts["Algorithm Name"] == BUNDLE.name and texts["Algorithm Version"] == BUNDLE.version
+    assert texts["Comment"] == RESEARCH_USE_STATEMENT
+    assert texts["Device Observer Model Name"] == BUNDLE.name
+    params = {i.TextValue for i in items if _name(i) == "Algorithm Parameters"}
+    assert f"model_uid={BUNDLE.model_uid}" in params
+
+    groups = [i for i in items if _name(i) == "Measurement Group"]
+    assert len(groups) == 10
+    seen = {}
+    for g in groups:
+        children = list(g.ContentSequence)
+        label = next(c.TextValue for c in children if _name(c) == "Tracking Identifier")
+        nums = {_name(c): c.MeasuredValueSequence[0] for c in children if c.ValueType == "NUM"}
+        assert nums["Probability"].MeasurementUnitsCodeSequence[0].CodeValue == "{probability}"
+        concept = LABEL_CODES[label][0]
+        evaluation = next(c for c in children if c.ValueType == "CODE"
+                          and c.ConceptNameCodeSequence[0].CodeValue == concept.value)
+        seen[label] = (float(nums["Probability"].NumericValue), float(nums["Threshold Value"].NumericValue),
+                       evaluation.ConceptCodeSequence[0].CodeValue)
+    assert set(seen) == set(ALL_LABELS)
+    expected_p = {WINDOW_LABEL: float(np.max(pred.window_probs)), **pred.study_probs}
+    for label, (p, t, present) in seen.items():
+        assert p == pytest.approx(expected_p[label], abs=1e-6)
+        assert t == pytest.approx(pred.thresholds[label])
+        assert present == ("52101004" if pred.labels[label] else "2667000")
+    assert (seen[WINDOW_LABEL][2] == "52101004") == (kind == "positive")
+
+    sources = [i for i in items if i.ValueType == "IMAGE" and _name(i) == "Source of Measurement"]
+    ref_uids = [s.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for s in sources]
+    assert ref_uids == [k.sop_instance_uid for k in result.key_slices]
+    assert set(ref_uids) <= set(series.sop_instance_uids)
+    library = [i for i in items if i.ValueType == "IMAGE" and _name(i) == "Source"]
+    assert {s.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for s in library} == set(series.sop_instance_uids)
+
+
+def test_uids_are_deterministic_and_depend_on_model(positive):
+    _, series, windows, pred, _ = positive
+    a = build_results(series, windows, pred, BUNDLE)
+    b = build_results(series, windows, pred, BUNDLE)
+    assert a.sop_instance_uids == b.sop_instance_uids and a.series_instance_uids == b.series_instance_uids
+    assert len(set(a.sop_instance_uids)) == len(a.sop_instance_uids) == 6
+    other = replace(pred, model_uid="2.25.999")
+    c = build_results(series, windows, other, replace(BUNDLE, model_uid="2.25.999"))
+    assert not set(c.sop_instance_uids) & set(a.sop_instance_uids)
+
+
+def test_revision_references_predecessor(positive):
+    _, series, windows, pred, _ = positive
+    first = build_sr(series, windows, pred, bundle_manifest_info=BUNDLE)
+    with pytest.raises(ReportError, match="revision 1 needs predecessor"):
+        build_sr(series, windows, pred, bundle_manifest_info=BUNDLE, revision=1)
+    second = _round_trip(build_sr(series, windows, pred, bundle_manifest_info=BUNDLE, revision=1, predecessor=first))
+    assert second.SOPInstanceUID != first.SOPInstanceUID
+    ref = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID
+
+
+def test_inconsistent_or_foreign_prediction_is_rejected(positive):
+    _, series, windows, pred, _ = positive
+    broken = replace(pred, labels={**pred.labels, "rv_lv_ratio_gte_1": True, "rv_lv_ratio_lt_1": True})
+    with pytest.raises(ReportError, match="RSNA consistency rules"):
+        build_sr(series, windows, broken, bundle_manifest_info=BUNDLE)
+    with pytest.raises(ReportError, match="prediction came from model"):
+        build_sr(series, windows, pred, bundle_manifest_info=replace(BUNDLE, model_uid="2.25.1"))
+
+
+def test_heatmap_sc_pixels(positive):
+    _, series, windows, pred, _ = positive
+    result = build_results(series, windows, pred, BUNDLE, ResultOptions(kos=False, summary=False))
+    assert result.kos is None and result.summary_sc is None
+    for ks, sc in zip(result.key_slices, result.heatmap_scs):
+        px = sc.pixel_array
+        assert px.shape == (*series.hu.shape[1:], 3)
+        assert (sc.Rows, sc.Columns) == tuple(series.hu.shape[1:])
+        assert [float(v) for v in sc.PixelSpacing] == pytest.approx(list(series.pixel_spacing_mm))
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == ks.sop_instance_uid
+        rgb, hot = render_overlay(series.hu[ks.z], ks.heatmap)
+        grey = pe_window_grey(series.hu[ks.z])
+        coloured = (rgb[..., 0] != rgb[..., 1]) | (rgb[..., 1] != rgb[..., 2])
+        assert np.array_equal(hot, ks.heatmap > 0.5 * ks.heatmap.max()) and hot.any()
+        assert coloured[hot].all(), "hot heatmap pixels must be coloured"
+        assert np.array_equal(rgb[~hot], np.repeat(grey[~hot][:, None], 3, axis=1)), "cold pixels stay grey CT"
+        caption = (px != rgb).any(axis=-1)
+        rows = np.flatnonzero(caption.any(axis=1))
+        assert rows.size and rows.min() >= px.shape[0] // 2, "caption only in the lower part"
+        assert ((px >= 180).all(axis=-1) & caption).sum() > 20, "burned-in light caption text expected"
+    # the hottest key slice's heatmap is located where the hand-made heatmap put it
+    assert result.key_slices[0].peak > 0.5
+
+
+def test_summary_sc_is_a_chart(positive):
+    _, series, windows, pred, _ = positive
+    sc = build_results(series, windows, pred, BUNDLE).summary_sc
+    px = sc.pixel_array
+    assert px.ndim == 3 and px.shape[2] == 3 and px.shape[0] >= 400
+    assert sc.BurnedInAnnotation == "YES" and RESEARCH_USE_STATEMENT in sc.ImageComments
+    red = (px[..., 0] > 150) & (px[..., 1] < 80) & (px[..., 2] < 80)
+    assert red.any(), "positive labels are drawn as red bars"
+
+
+def test_heatmap_hits_embolus_hit_and_miss(positive):
+    study, series, windows, pred, point = positive
+    g = windows.geometry
+    full = (g.window_slices, g.crop, g.crop)  # model-space resolution: the peak maps back onto the voxel
+    hit = replace(pred, heatmaps=_heatmaps_at(windows, [point], shape=full))
+    assert heatmap_hits_embolus(select_key_slices(series, windows, hit), study.embolus_mask)
+    z, y, x = point
+    far = (z, y, x + 30 if x + 30 < series.hu.shape[2] - 10 else x - 30)  # 30 px (~8 cm) to the side
+    assert not study.embolus_mask[far[0], max(far[1] - 8, 0):far[1] + 8, max(far[2] - 8, 0):far[2] + 8].any()
+    miss = replace(pred, heatmaps=_heatmaps_at(windows, [far], shape=full))
+    assert not heatmap_hits_embolus(select_key_slices(series, windows, miss), study.embolus_mask)
+
+
+@pytest.mark.orthanc
+def test_orthanc_stores_all_results(orthanc, positive, negative):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import (
+        Comprehensive3DSRStorage,
+        KeyObjectSelectionDocumentStorage,
+        SecondaryCaptureImageStorage,
+    )
+
+    datasets = []
+    for _, series, windows, pred, _ in (positive, negative):
+        datasets += build_results(series, windows, pred, BUNDLE).datasets()
+    ae = AE(ae_title="PENODE")
+    for ctx in (Comprehensive3DSRStorage, KeyObjectSelectionDocumentStorage, SecondaryCaptureImageStorage):
+        ae.add_requested_context(ctx, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", orthanc.dicom_port, ae_title=orthanc.aet)
+    assert assoc.is_established
+    try:
+        statuses = [assoc.send_c_store(ds).Status for ds in datasets]
+    finally:
+        assoc.release()
+    assert statuses == [0] * len(datasets)
+    tags = [orthanc.instance_tags(i) for i in orthanc.instances()]
+    assert len(tags) == 12
+    modalities = sorted(t["Modality"] for t in tags)
+    assert modalities == sorted(["SR"] * 2 + ["KO"] * 2 + ["OT"] * 8)
+
+
+def test_render_cli_writes_png_and_text(positive, tmp_path):
+    from PIL import Image
+
+    from dicom_node.cli import main
+
+    _, series, windows, pred, _ = positive
+    result = build_results(series, windows, pred, BUNDLE)
+    files = []
+    for i, ds in enumerate(result.datasets()):
+        files.append(tmp_path / f"obj{i}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    out = tmp_path / "rendered"
+    assert main(["render", *map(str, files), "--out", str(out)]) == 0
+    pngs, txts = sorted(out.glob("*.png")), sorted(out.glob("*.txt"))
+    assert len(pngs) == 4 and len(txts) == 2
+    sr_text = (out / f"{result.sr.SOPInstanceUID}.txt").read_text()
+    for needle in ("Verification UNVERIFIED", "Tracking Identifier (112039, DCM) = \"central_pe\"",
+                   "Probability (122157, DCM) = ", "[{probability}]", "Pulmonary embolism (59282003, SCT) = Present",
+                   "Algorithm Version (111003, DCM) = \"0.3.1\"", RESEARCH_USE_STATEMENT[:20]):
+        assert needle in sr_text, needle
+    kos_text = (out / f"{result.kos.SOPInstanceUID}.txt").read_text()
+    assert "Of Interest (113000, DCM)" in kos_text and result.key_slices[0].sop_instance_uid in kos_text
+    img = np.asarray(Image.open(out / f"{result.heatmap_scs[0].SOPInstanceUID}.png"))
+    assert np.array_equal(img, result.heatmap_scs[0].pixel_array)
+    assert main(["render", str(tmp_path / "missing.dcm"), "--out", str(out)]) == 1
