@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +26,11 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> int:
-    from dicom_node.tools.demo import DEMO_PHANTOM
-    from dicom_node.results.kos import heatmap_hits_embolus, hottest_point, select_key_slices
-    from dicom_node.pipeline import get_predictor
     from dicom_node.imaging.preprocess import preprocess
     from dicom_node.imaging.series import load_series
+    from dicom_node.pipeline import get_predictor
+    from dicom_node.results.kos import heatmap_hits_embolus, hottest_point, select_key_slices
+    from dicom_node.tools.demo import DEMO_PHANTOM
     from phantoms.study import PhantomConfig, generate_study, study_datasets
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -36,8 +36,8 @@ def site_group(emboli) -> str:
 
 def main(argv=None) -> int:
     from benchmarks.train_phantom import add_phantom_arguments, phantom_config
-    from training.data import load_split
     from phantoms.study import dataset_plan, generate_study, phantom_study_uid
+    from training.data import load_split
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path, help="the --out folder of benchmarks/train_phantom.py (OUT/run)")

@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from dicom_node.labels import ALL_LABELS
     from dicom_node.log import configure_logging
-    from training.fit import STEPS, resolve_config, run_step, step_done
-    from training.distributed import setup
     from phantoms.study import generate_dataset
+    from training.distributed import setup
+    from training.fit import STEPS, resolve_config, run_step, step_done
 
     configure_logging(level="WARNING")
     out = Path(args.out)

@@ -44,8 +44,8 @@ def phantom_series(root: Path, slices: int, size: int) -> list[Path]:
 def paper_bundle(out: Path) -> Path:
     import torch
 
-    from dicom_node.labels import ALL_LABELS
     from dicom_node.imaging.preprocess import PreprocessConfig
+    from dicom_node.labels import ALL_LABELS
     from export.bundle import write_bundle
     from training.models import r3d_18, sequence_model
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+import tomllib
 
 __all__ = [
     "Config", "ConfigError", "Destination", "TimeoutConfig", "TlsConfig", "RetryConfig",
@@ -186,7 +188,7 @@ class Config:
     def data_path(self) -> Path:
         return Path(self.data_dir)
 
-    def replace(self, **overrides) -> "Config":
+    def replace(self, **overrides) -> Config:
         """Return a validated copy with dotted-key overrides (`{"retry.max_attempts": 2}`)."""
         raw = _to_raw(self)
         for k, v in overrides.items():

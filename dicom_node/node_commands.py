@@ -105,8 +105,8 @@ def _state(args):
 
 
 def _cmd_serve(args) -> int:
-    from dicom_node.log import configure_logging
     from dicom_node.engine.node import Node, NodeError
+    from dicom_node.log import configure_logging
 
     cfg = _load(args, ae_title=args.ae_title, host=args.host, port=args.port, destinations=args.destination,
                 quiet_period_s=args.quiet_period, metrics_port=args.metrics_port,

@@ -14,14 +14,14 @@ import threading
 import time
 from pathlib import Path
 
+from dicom_node.engine.worker import JobContext, JobResult
+from dicom_node.imaging.preprocess import preprocess
+from dicom_node.imaging.series import load_series
+from dicom_node.log import get_logger
 from dicom_node.model.bundle import default_bundle_path, load_bundle
 from dicom_node.model.inference import Predictor
-from dicom_node.log import get_logger
-from dicom_node.imaging.preprocess import preprocess
-from dicom_node.results.sr import previous_sr_reference, result_uid
 from dicom_node.results.result_set import ResultOptions, ResultSet, build_results
-from dicom_node.imaging.series import load_series
-from dicom_node.engine.worker import JobContext, JobResult
+from dicom_node.results.sr import previous_sr_reference, result_uid
 
 __all__ = ["run_job", "prepare", "analyse_series", "get_predictor", "bundle_dir"]
 

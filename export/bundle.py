@@ -21,6 +21,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dicom_node.imaging.preprocess import PreprocessConfig
+from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL
+from dicom_node.log import get_logger
 from dicom_node.model.bundle import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -30,9 +33,6 @@ from dicom_node.model.bundle import (
     sha256_file,
     verify_bundle,
 )
-from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL
-from dicom_node.log import get_logger
-from dicom_node.imaging.preprocess import PreprocessConfig
 
 __all__ = ["ExportResult", "write_bundle", "load_checkpoint_models", "read_report", "bundle_from_checkpoints",
            "bundle_from_run", "describe_data", "MODEL_CARD_NAME"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def run(doc: Path, regenerate: Callable[[str], str], script: str, description: str, argv: list[str] | None = None) -> int:

@@ -35,8 +35,8 @@ def storescp(tmp_path_factory):
 def make_node(tmp_path):
     """Start in-process nodes running the `nodekit.sc_job` stand-in job; JSON log to tmp_path/node.log."""
     from dicom_node.config import load_config
-    from dicom_node.log import configure_logging
     from dicom_node.engine.node import Node
+    from dicom_node.log import configure_logging
     from nodekit import sc_job
 
     nodes = []

@@ -83,7 +83,7 @@ def sc_job(ctx: JobContext) -> JobResult:
 def phantom_series(root: Path, *, seed: int = 7, n_slices: int = 24, rows: int = 64, variant: str | None = None,
                    patient: bool = True) -> list[Path]:
     """A small phantom CTPA series (PatientName/ID/BirthDate set to the known test values)."""
-    from training import phantom
+    from phantoms import study as phantom
 
     study = phantom.generate_study(seed, phantom.PhantomConfig(rows=rows, cols=rows, n_slices=n_slices))
     if patient:
@@ -135,7 +135,7 @@ class NodeProcess:
         self.env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}", **(env or {})}
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "NodeProcess":
+    def start(self) -> NodeProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config),
                                       "--job", "nodekit:sc_job"], stdout=log, stderr=subprocess.STDOUT, env=self.env)

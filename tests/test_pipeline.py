@@ -14,13 +14,13 @@ import pytest
 
 from bundle_factory import build_tiny_bundle
 from dicom_node.config import load_config
+from dicom_node.durability.state import JobState
+from dicom_node.engine.node import Node
 from dicom_node.labels import ALL_LABELS, STUDY_LABELS, WINDOW_LABEL
 from dicom_node.log import configure_logging
-from dicom_node.engine.node import Node
 from dicom_node.pipeline import analyse_series, get_predictor
-from dicom_node.tools.demo import read_findings
 from dicom_node.results.result_set import ResultOptions
-from dicom_node.durability.state import JobState
+from dicom_node.tools.demo import read_findings
 from nodekit import phantom_series, storescu, wait_until
 
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -99,8 +99,8 @@ def test_node_refuses_to_start_with_a_broken_bundle(tiny_bundle, tmp_path):
 
 
 def test_node_refuses_to_start_when_gpu_required_but_absent(tiny_bundle, tmp_path):
-    from dicom_node.model.inference import available_providers
     from dicom_node.engine.node import NodeError
+    from dicom_node.model.inference import available_providers
 
     if "CUDAExecutionProvider" in available_providers():
         pytest.skip("this host has CUDA")

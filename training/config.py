@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 from dicom_node.imaging.preprocess import PreprocessConfig
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.stats import rankdata
@@ -88,7 +89,7 @@ class SplitPredictions:
         window_labels: Sequence[np.ndarray],
         study_logits: np.ndarray,
         study_labels: np.ndarray,
-    ) -> "SplitPredictions":
+    ) -> SplitPredictions:
         """From stage-2 outputs on fixed-length sequences (S, L): logits mapped back to N_i windows, then sigmoid."""
         wl = np.asarray(window_logits, dtype=np.float64)
         probs = tuple(_sigmoid(from_fixed_length(wl[i], int(n))) for i, n in enumerate(n_windows))
@@ -199,7 +200,7 @@ def study_maxima(window_labels: Sequence[np.ndarray], window_probs: Sequence[np.
     return y, p
 
 
-def study_flag_arrays(pred: "SplitPredictions") -> tuple[np.ndarray, np.ndarray]:
+def study_flag_arrays(pred: SplitPredictions) -> tuple[np.ndarray, np.ndarray]:
     """`study_maxima` of a split: how the node flags a study (highest window probability)."""
     return study_maxima(pred.window_labels, pred.window_probs)
 

@@ -29,7 +29,8 @@ with probabilities clipped to [1e-15, 1 - 1e-15].
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch

@@ -24,8 +24,8 @@ from dicom_node.log import get_logger
 from training.checkpoint import git_revision, load_checkpoint, resume_state, save_checkpoint
 from training.config import TrainConfig, config_to_dict
 from training.data import SequenceDataset, load_cache_index, load_split, seed_worker
-from training.evaluate import SplitPredictions, evaluate, write_report
 from training.distributed import DistContext, gather, setup, shard
+from training.evaluate import SplitPredictions, evaluate, write_report
 from training.loss import sequence_loss
 from training.models import sequence_model
 from training.phase1 import make_deterministic

@@ -186,7 +186,7 @@ class State:
         def __exit__(self, exc_type, exc, tb) -> None:
             self.c.execute("COMMIT" if exc_type is None else "ROLLBACK")
 
-    def _tx(self) -> "State._Tx":
+    def _tx(self) -> State._Tx:
         return State._Tx(self._conn())
 
     def close(self) -> None:

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from dicom_node.engine.background import BackgroundLoop
 from dicom_node.config import Config
-from dicom_node.log import get_logger
-from dicom_node.engine.selection import read_header, select_series
 from dicom_node.durability.spool import Spool
 from dicom_node.durability.state import JobState, SeriesState, State
+from dicom_node.engine.background import BackgroundLoop
+from dicom_node.engine.selection import read_header, select_series
+from dicom_node.log import get_logger
 
 __all__ = ["CompletionScheduler"]
 

@@ -17,15 +17,15 @@ from __future__ import annotations
 import threading
 import time
 
-from dicom_node.engine.completion import CompletionScheduler
 from dicom_node.config import Config
-from dicom_node.log import get_logger
-from dicom_node.engine.metrics import MetricsServer, NodeMetrics
-from dicom_node.network.receive import Receiver
-from dicom_node.network.send import Sender
 from dicom_node.durability.spool import Spool
 from dicom_node.durability.state import JobState, State
+from dicom_node.engine.completion import CompletionScheduler
+from dicom_node.engine.metrics import MetricsServer, NodeMetrics
 from dicom_node.engine.worker import RunJob, Worker, destinations_for
+from dicom_node.log import get_logger
+from dicom_node.network.receive import Receiver
+from dicom_node.network.send import Sender
 
 __all__ = ["Node", "NodeError", "default_run_job", "recover"]
 
@@ -108,7 +108,7 @@ class Node:
                 "free_disk_mb": round(free), "min_free_disk_mb": self.config.min_free_disk_mb, "jobs": counts,
                 "uptime_s": round(time.time() - (self.started_at or time.time()), 1)}
 
-    def start(self, block: bool = False) -> "Node":
+    def start(self, block: bool = False) -> Node:
         # The job body may need set-up that must fail at start, not at the first study: the product
         # pipeline loads and verifies the model bundle, checks require_gpu and warms the graphs up.
         prepare = getattr(self.run_job, "prepare", None)
@@ -152,7 +152,7 @@ class Node:
         self.state.close()
         self.log.info("node_stopped", ae_title=self.config.ae_title)
 
-    def __enter__(self) -> "Node":
+    def __enter__(self) -> Node:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -15,19 +15,19 @@ from __future__ import annotations
 import io
 import threading
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 import pydicom
 from pydicom.dataset import Dataset
 
-from dicom_node.engine.background import BackgroundLoop
 from dicom_node.config import Config, Destination, ResultsConfig
-from dicom_node.log import get_logger
 from dicom_node.durability.spool import Spool
 from dicom_node.durability.state import JobRow, JobState, State
+from dicom_node.engine.background import BackgroundLoop
+from dicom_node.log import get_logger
 
 __all__ = ["JobContext", "JobResult", "RunJob", "Worker", "destinations_for", "stage_durations"]
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL
 from dicom_node.imaging.preprocess import PREPROCESSING_VERSION, PreprocessConfig
+from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL
 
 __all__ = [
     "MANIFEST_NAME",
@@ -117,7 +117,7 @@ class BundleManifest:
         return tuple(int(d) for d in dims)  # type: ignore[return-value]
 
     @classmethod
-    def from_json(cls, data: Any, *, where: str = MANIFEST_NAME) -> "BundleManifest":
+    def from_json(cls, data: Any, *, where: str = MANIFEST_NAME) -> BundleManifest:
         return _parse_manifest(data, where)
 
     def to_json(self) -> dict[str, Any]:

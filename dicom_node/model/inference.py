@@ -12,16 +12,16 @@ at the manifest's thresholds.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from dicom_node.model.bundle import Bundle, GraphSpec, load_bundle
+from dicom_node.imaging.preprocess import PreprocessConfig, Windows
 from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL, make_consistent
 from dicom_node.log import get_logger
-from dicom_node.imaging.preprocess import PreprocessConfig, Windows
+from dicom_node.model.bundle import Bundle, GraphSpec, load_bundle
 from dicom_node.model.sequence import from_fixed_length, to_fixed_length
 
 __all__ = ["Prediction", "Predictor", "InferenceError", "available_providers"]

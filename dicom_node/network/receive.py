@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from pydicom import uid as U
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification as VerificationSOPClass
 from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification as VerificationSOPClass
 
 from dicom_node.config import Config
-from dicom_node.log import get_logger
 from dicom_node.durability.spool import DiskFull, InvalidUid, Spool, validate_uid
 from dicom_node.durability.state import InstanceRow, State
+from dicom_node.log import get_logger
 
 __all__ = ["Receiver", "CT_STORAGE_CLASSES", "ACCEPTED_TRANSFER_SYNTAXES", "STATUS", "server_ssl_context",
            "calling_allowed"]

@@ -13,21 +13,21 @@ from __future__ import annotations
 import random
 import ssl
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import pydicom
 from pydicom import uid as U
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification as VerificationSOPClass
 
-from dicom_node.engine.background import BackgroundLoop
 from dicom_node.config import Config, Destination, parse_destination
-from dicom_node.log import get_logger
 from dicom_node.durability.spool import Spool
 from dicom_node.durability.state import DeliveryState, JobRow, JobState, State
+from dicom_node.engine.background import BackgroundLoop
 from dicom_node.engine.worker import stage_durations
+from dicom_node.log import get_logger
 
 __all__ = ["SendResult", "SendError", "send_files", "echo", "Sender", "backoff_delay", "DELIVERED_STATUSES",
            "client_ssl_context"]

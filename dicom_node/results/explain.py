@@ -8,8 +8,8 @@ one) and pick, for each window, the original slice where its map peaks.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 

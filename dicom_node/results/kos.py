@@ -17,8 +17,8 @@ The KOS (TID 2010) uses the title "Of Interest" (DCM 113000) by default, or "For
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset

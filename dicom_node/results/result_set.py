@@ -79,8 +79,8 @@ def build_results(series, windows, prediction, bundle_info: Any = None, options:
                   *, predecessor: Dataset | None = None) -> ResultSet:
     """SR + heatmap SCs + summary SC + optional KOS for one series (see module docstring)."""
     from dicom_node.results.kos import build_kos, select_key_slices
-    from dicom_node.results.sr import BundleInfo, build_sr, device_observer_context, result_uid
     from dicom_node.results.sc import build_heatmap_sc, build_summary_sc
+    from dicom_node.results.sr import BundleInfo, build_sr, device_observer_context, result_uid
 
     t0 = time.perf_counter()
     bundle = BundleInfo.from_prediction(prediction) if bundle_info is None else BundleInfo.from_manifest(bundle_info)

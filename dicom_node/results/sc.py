@@ -19,7 +19,7 @@ ReferencedImageSequence), the same patient/study (`SCImage.from_ref_dataset`) an
 from __future__ import annotations
 
 import textwrap
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset

@@ -54,8 +54,9 @@ a Predecessor Documents Sequence pointing at the previous SR.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -128,7 +129,7 @@ class BundleInfo:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_manifest(cls, manifest: Any) -> "BundleInfo":
+    def from_manifest(cls, manifest: Any) -> BundleInfo:
         """Accept a BundleInfo, a manifest object with name/version/model_uid attributes, or a dict."""
         if isinstance(manifest, BundleInfo):
             return manifest
@@ -146,7 +147,7 @@ class BundleInfo:
                    manufacturer=str(get("manufacturer") or MANUFACTURER), parameters=params)
 
     @classmethod
-    def from_prediction(cls, prediction) -> "BundleInfo":
+    def from_prediction(cls, prediction) -> BundleInfo:
         return cls(name=prediction.model_name, version=prediction.model_version, model_uid=prediction.model_uid)
 
 
@@ -248,7 +249,6 @@ def build_sr(
     SR dataset, or `previous_sr_reference(...)`) is required when `revision > 0`.
     """
     import highdicom as hd
-    from highdicom.sr import CodedConcept
 
     from dicom_node.results.kos import select_key_slices, source_image_datasets
 

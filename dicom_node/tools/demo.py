@@ -179,9 +179,9 @@ def run_demo(out_dir: Path | None = None, *, bundle: str = "", prefer_orthanc: b
     """
     from dicom_node.config import Destination, load_config
     from dicom_node.engine.node import Node
+    from dicom_node.network.send import send_files
     from dicom_node.tools.pacs import free_port
     from dicom_node.tools.render import render_files
-    from dicom_node.network.send import send_files
 
     t0 = time.perf_counter()
     configure_logging(json=False, level="INFO" if verbose else "WARNING")

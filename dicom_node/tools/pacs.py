@@ -66,7 +66,7 @@ class OrthancPeer:
     http_port: int = 0
     proc: subprocess.Popen | None = None
 
-    def start(self) -> "OrthancPeer":
+    def start(self) -> OrthancPeer:
         if ORTHANC_BIN is None:
             raise RuntimeError("Orthanc is not installed (Debian package 'orthanc')")
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +145,7 @@ class StoreScpPeer:
     extra_args: tuple[str, ...] = ()
     proc: subprocess.Popen | None = None
 
-    def start(self) -> "StoreScpPeer":
+    def start(self) -> StoreScpPeer:
         if DCMTK_BIN is None:
             raise RuntimeError("dcmtk is not installed (Debian package 'dcmtk')")
         self.outdir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ class LocalStorageScp:
     port: int = 0
     _server: object | None = None
 
-    def start(self) -> "LocalStorageScp":
+    def start(self) -> LocalStorageScp:
         from pynetdicom import AE, StoragePresentationContexts, evt
 
         self.outdir.mkdir(parents=True, exist_ok=True)

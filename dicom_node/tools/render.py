@@ -10,8 +10,8 @@ content tree one item per line: relationship, value type, concept name (code), v
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from pydicom.dataset import Dataset

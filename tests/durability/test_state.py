@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import random
-import tomllib
 
 import pytest
+import tomllib
 
 from dicom_node.config import ConfigError, configuration_markdown, default_config_toml, load_config
-from dicom_node.engine.selection import SeriesHeader, select_series
-from dicom_node.network.send import backoff_delay
 from dicom_node.durability.spool import DiskFull, InvalidUid, Spool, validate_uid
 from dicom_node.durability.state import InstanceRow, JobState, SeriesState, State, TransitionError
+from dicom_node.engine.selection import SeriesHeader, select_series
+from dicom_node.network.send import backoff_delay
 
 
 def _row(sop, series="1.2.3", study="1.2", t=100.0):

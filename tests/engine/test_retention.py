@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from dicom_node.engine.node import Node
 from dicom_node.durability.state import JobState
+from dicom_node.engine.node import Node
 from nodekit import phantom_series, storescu, wait_until
 
 pytestmark = [pytest.mark.dcmtk]

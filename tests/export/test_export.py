@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from bundle_factory import TINY_HIDDEN, TINY_PREPROCESS, TINY_WIDTH, tiny_models
-from dicom_node.model.bundle import BundleError, load_bundle
 from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL
+from dicom_node.model.bundle import BundleError, load_bundle
 from export.cli import main
 from export.onnx_export import (
     ExportError,

@@ -27,9 +27,9 @@ def test_demo_bundle_is_inside_the_package_and_verifies():
 
 @pytest.mark.parametrize("kind, positive", [("positive", True), ("negative", False)])
 def test_demo_model_flags_positive_and_clears_negative_phantom(tmp_path, kind, positive):
-    from dicom_node.model.inference import Predictor
     from dicom_node.imaging.preprocess import preprocess
     from dicom_node.imaging.series import load_series
+    from dicom_node.model.inference import Predictor
     from dicom_node.tools.demo import DEMO_PHANTOM
     from phantoms.study import PhantomConfig, generate_study, study_seed, write_study
 

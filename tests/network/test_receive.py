@@ -4,8 +4,8 @@ association policy (called AE, allow-list, TLS), disk minimum and malformed inpu
 from __future__ import annotations
 
 import datetime
-import sys
 import ssl
+import sys
 
 import pydicom
 import pytest
@@ -14,9 +14,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from dicom_node.config import load_config
-from dicom_node.log import configure_logging
-from dicom_node.engine.node import Node
 from dicom_node.durability.state import State
+from dicom_node.engine.node import Node
+from dicom_node.log import configure_logging
 from nodekit import phantom_series, sc_job, storescu
 
 pytestmark = pytest.mark.dcmtk

@@ -12,9 +12,9 @@ import pydicom
 import pytest
 
 from dicom_node.labels import CSV_COLUMNS, QA_COLUMNS, STUDY_LABELS, consistency_violations
-from training.cli import main as train_main
 from phantoms.study import PhantomConfig, Tissue, csv_rows, dataset_plan, generate_study, phantom_study_uid, write_study
 from phantoms.variants import COMPRESSED, ENHANCED_CT_IMAGE_STORAGE, VARIANTS, write_variant
+from training.cli import main as train_main
 
 SMALL = PhantomConfig(rows=96, cols=96, n_slices=48, slice_thickness_mm=2.5)
 PE_PROPERTIES = ("chronic_pe", "acute_and_chronic_pe", "central_pe", "leftsided_pe", "rightsided_pe",

@@ -18,14 +18,14 @@ import pydicom
 import pytest
 
 from dicom_node import RESEARCH_USE_STATEMENT
+from dicom_node.imaging.preprocess import PreprocessConfig, preprocess
+from dicom_node.imaging.series import load_series
+from dicom_node.labels import ALL_LABELS, STUDY_LABELS, WINDOW_LABEL, consistency_violations, make_consistent
 from dicom_node.model.inference import Prediction
 from dicom_node.results.kos import heatmap_hits_embolus, select_key_slices
-from dicom_node.labels import ALL_LABELS, STUDY_LABELS, WINDOW_LABEL, consistency_violations, make_consistent
-from dicom_node.imaging.preprocess import PreprocessConfig, preprocess
-from dicom_node.results.sr import LABEL_CODES, BundleInfo, ReportError, build_sr
 from dicom_node.results.result_set import ResultOptions, build_results
 from dicom_node.results.sc import pe_window_grey, render_overlay
-from dicom_node.imaging.series import load_series
+from dicom_node.results.sr import LABEL_CODES, BundleInfo, ReportError, build_sr
 from phantoms.study import PhantomConfig, generate_study, study_datasets
 
 DCIODVFY = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"

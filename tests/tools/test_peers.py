@@ -3,8 +3,6 @@
 import os
 import subprocess
 
-import pytest
-
 from peers import DCMTK_BIN, ORTHANC_BIN
 
 

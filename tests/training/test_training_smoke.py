@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from dicom_node.labels import ALL_LABELS, STUDY_LABELS
-from training.cli import main
 from phantoms.study import PhantomConfig, generate_dataset
+from training.cli import main
 
 FAST = "[phase1]\nepochs = 1\nwindows_per_epoch = 32\n[phase2]\nepochs = 2\n"
 

@@ -24,8 +24,8 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import weight_norm
 from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm
 
 from dicom_node.labels import STUDY_LABELS
 from dicom_node.model.sequence import SEQUENCE_LENGTH, FixedLength, from_fixed_length, to_fixed_length
