@@ -14,7 +14,6 @@ Failure statuses (each with a `store_refused` log event naming the reason):
 
 from __future__ import annotations
 
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +27,9 @@ from dicom_node.config import Config
 from dicom_node.durability.spool import DiskFull, InvalidUid, Spool, validate_uid
 from dicom_node.durability.state import InstanceRow, State
 from dicom_node.log import get_logger
+from dicom_node.network.tls import server_ssl_context
 
-__all__ = ["Receiver", "CT_STORAGE_CLASSES", "ACCEPTED_TRANSFER_SYNTAXES", "STATUS", "server_ssl_context",
+__all__ = ["Receiver", "CT_STORAGE_CLASSES", "ACCEPTED_TRANSFER_SYNTAXES", "STATUS",
            "calling_allowed"]
 
 CT_STORAGE_CLASSES = (U.CTImageStorage, U.EnhancedCTImageStorage)
@@ -68,20 +68,6 @@ def _pixel_problem(ds, transfer_syntax) -> str | None:
         if got < expected:
             return f"pixel data truncated ({got} of {expected} bytes)"
     return None
-
-
-def server_ssl_context(config: Config) -> ssl.SSLContext | None:
-    """TLS context for the SCP from `[tls]` (None when TLS is off)."""
-    t = config.tls
-    if not t.enabled:
-        return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(t.cert, t.key)
-    if t.verify_client:
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(t.ca)
-    return ctx
 
 
 def calling_allowed(allowed: tuple[str, ...], calling_aet: str, host: str) -> bool:

@@ -11,7 +11,6 @@ attempt is retried after `min(max_delay_s, base_delay_s * 2**(attempt-1))` +-25 
 from __future__ import annotations
 
 import random
-import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,9 +27,9 @@ from dicom_node.durability.state import DeliveryState, JobRow, JobState, State
 from dicom_node.engine.background import BackgroundLoop
 from dicom_node.engine.worker import stage_durations
 from dicom_node.log import get_logger
+from dicom_node.network.tls import client_ssl_context
 
-__all__ = ["SendResult", "SendError", "send_files", "echo", "Sender", "backoff_delay", "DELIVERED_STATUSES",
-           "client_ssl_context"]
+__all__ = ["SendResult", "SendError", "send_files", "echo", "Sender", "backoff_delay", "DELIVERED_STATUSES"]
 
 DELIVERED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 
@@ -51,14 +50,6 @@ def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random 
     """Delay before retry number `attempt` (1-based): capped exponential with +-25 % jitter."""
     d = min(max_s, base_s * 2 ** max(0, attempt - 1))
     return min(max_s, d * (rng or random).uniform(0.75, 1.25))
-
-
-def client_ssl_context(config: Config) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=config.tls.ca or None)
-    ctx.check_hostname = False  # DICOM peers are addressed by IP; the CA still authenticates them
-    if config.tls.cert and config.tls.key:
-        ctx.load_cert_chain(config.tls.cert, config.tls.key)
-    return ctx
 
 
 def _client_ae(config: Config | None, ae_title: str) -> AE:
