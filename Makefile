@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -11,7 +11,12 @@ setup:
 demo: setup
 	$(VENV)/bin/dicom-node demo
 
-test: setup
+# lint and types first: a refactor that breaks an annotation or an import fails in seconds, not after the suite
+lint: setup
+	$(VENV)/bin/ruff check dicom_node phantoms training export tests benchmarks scripts
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -20,8 +20,8 @@ from dicom_node.imaging.series import load_series
 from dicom_node.log import get_logger
 from dicom_node.model.bundle import default_bundle_path, load_bundle
 from dicom_node.model.inference import Predictor
-from dicom_node.results.result_set import ResultOptions, ResultSet, build_results
-from dicom_node.results.sr import previous_sr_reference, result_uid
+from dicom_node.results import ResultOptions, ResultSet, build_results
+from dicom_node.results.sr import predecessor_reference
 
 __all__ = ["run_job", "prepare", "analyse_series", "get_predictor", "bundle_dir"]
 
@@ -64,18 +64,8 @@ def prepare(config) -> None:
 
 
 def _options(ctx: JobContext) -> ResultOptions:
-    r = ctx.config.results
-    return ResultOptions(
-        key_slices=r.top_k_heatmaps,
-        revision=max(0, ctx.revision - 1),  # the worker counts revisions from 1, the result builders from 0
-        sr_series_number=r.series_number,
-        sr_series_description=r.series_description,
-        sc_series_number=r.series_number + 1,
-        sc_series_description=f"{r.series_description} - heatmaps",
-        kos=r.send_kos,
-        kos_series_number=r.series_number + 2,
-        kos_series_description=f"{r.series_description} - key images",
-    )
+    # the worker counts revisions from 1, the result builders from 0
+    return ResultOptions.from_config(ctx.config.results, revision=max(0, ctx.revision - 1))
 
 
 def analyse_series(paths, predictor: Predictor, options: ResultOptions = ResultOptions(),
@@ -89,8 +79,8 @@ def analyse_series(paths, predictor: Predictor, options: ResultOptions = ResultO
     mark("inferred")
     predecessor = None
     if predecessor_sr_uid and options.revision > 0:
-        prev_series = result_uid("sr-series", series.series_instance_uid, m.model_uid, options.revision - 1)
-        predecessor = previous_sr_reference(series.study_instance_uid, prev_series, predecessor_sr_uid)
+        predecessor = predecessor_reference(series.study_instance_uid, series.series_instance_uid, m.model_uid,
+                                            options.revision, predecessor_sr_uid)
     return build_results(series, windows, prediction, m, options, predecessor=predecessor)
 
 

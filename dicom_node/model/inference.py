@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dicom_node.imaging.preprocess import PreprocessConfig, Windows
-from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL, make_consistent
+from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL, make_consistent, sigmoid
 from dicom_node.log import get_logger
 from dicom_node.model.bundle import Bundle, GraphSpec, load_bundle
 from dicom_node.model.sequence import from_fixed_length, to_fixed_length
@@ -72,16 +72,19 @@ class Prediction:
         """True when the consistent labels call the study PE-positive."""
         return bool(np.any(self.window_positive))
 
+    def label_probabilities(self) -> dict[str, float]:
+        """Probability per label (WINDOW_LABEL first, then the study labels); for WINDOW_LABEL
+        ("PE present on any window") the highest window probability (0.0 for a series without windows)."""
+        wp = np.asarray(self.window_probs, dtype=np.float64).reshape(-1)
+        probs = {WINDOW_LABEL: float(wp.max()) if wp.size else 0.0}
+        probs.update({k: float(v) for k, v in self.study_probs.items()})
+        return probs
+
 
 def available_providers() -> list[str]:
     import onnxruntime as ort
 
     return list(ort.get_available_providers())
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))
 
 
 def _same_preprocessing(a: PreprocessConfig, b: PreprocessConfig) -> list[str]:
@@ -221,8 +224,8 @@ class Predictor:
         win_logits, study_logits, attention = self._stage2(seq.x, seq.mask)
         t2 = time.perf_counter()
 
-        window_probs = _sigmoid(from_fixed_length(win_logits, n))
-        study = _sigmoid(study_logits)
+        window_probs = sigmoid(from_fixed_length(win_logits, n))
+        study = sigmoid(study_logits)
         study_probs = {k: float(study[i]) for i, k in enumerate(STUDY_LABELS)}
         att = np.stack([from_fixed_length(row, n) for row in attention]).clip(min=0.0)
         sums = att.sum(axis=1, keepdims=True)
@@ -242,7 +245,7 @@ class Predictor:
             model_version=m.version,
             model_uid=m.model_uid,
             execution_provider=self.execution_provider,
-            stage1_probs=_sigmoid(stage1_logits).astype(np.float32),
+            stage1_probs=sigmoid(stage1_logits).astype(np.float32),
             timings_s={"stage1": t1 - t0, "stage2": t2 - t1, "total": total},
         )
         log.info("inference_finished", series_uid=windows.series_instance_uid, windows=n,

@@ -1,41 +1,62 @@
 """Build every result object of one analysed series in one call: SR, heatmap SCs, summary SC, KOS.
 
-    result = build_results(series, windows, prediction, bundle_info, ResultOptions())
+    result = build_results(series, windows, prediction, bundle_info, ResultOptions.from_config(config.results))
     for ds in result.datasets(): send(ds)
 
-All UIDs are deterministic (`dicom_node.results.sr.result_uid`) from the source series UID, the
+All UIDs are deterministic (`dicom_node.results.uids.result_uid`) from the source series UID, the
 model UID, the revision and the object kind, so the same input and bundle give the same objects.
-Series: SR (default number 9001), SC heatmaps + summary (9002), KOS (9003).
+
+Numbering and names have one home, the `[results]` section of the config
+(`dicom_node.config.ResultsConfig`): the SR series takes `series_number` and
+`series_description`, the heatmap and summary SCs the next number and "<description> - heatmaps",
+the KOS (only with `send_kos`) the number after that and "<description> - key images".
+`ResultOptions()` is exactly what a node with the default configuration builds.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 
+from dicom_node.config import ResultsConfig
 from dicom_node.log import get_logger
+
+if TYPE_CHECKING:
+    from dicom_node.imaging.preprocess import Windows
+    from dicom_node.imaging.series import CtSeries
+    from dicom_node.model.inference import Prediction
+    from dicom_node.results.key_slices import KeySlice
 
 __all__ = ["ResultOptions", "ResultSet", "build_results"]
 
-_log = get_logger("dicom_node.results.result_set")
+_log = get_logger("dicom_node.results")
+_DEFAULT = ResultsConfig()
+
+
+def _sc_description(series_description: str) -> str:
+    return f"{series_description} - heatmaps"
+
+
+def _kos_description(series_description: str) -> str:
+    return f"{series_description} - key images"
 
 
 @dataclass(frozen=True)
 class ResultOptions:
-    """What to build and how the result series are numbered and named."""
+    """What to build and how the result series are numbered and named (defaults: the default `[results]`)."""
 
-    key_slices: int = 3
+    key_slices: int = _DEFAULT.top_k_heatmaps
     revision: int = 0
-    sr_series_number: int = 9001
-    sr_series_description: str = "AI PE detection report (research)"
-    sc_series_number: int = 9002
-    sc_series_description: str = "AI PE heatmaps (research)"
-    kos: bool = True
-    kos_series_number: int = 9003
-    kos_series_description: str = "AI PE key images (research)"
+    sr_series_number: int = _DEFAULT.series_number
+    sr_series_description: str = _DEFAULT.series_description
+    sc_series_number: int = _DEFAULT.series_number + 1
+    sc_series_description: str = _sc_description(_DEFAULT.series_description)
+    kos: bool = _DEFAULT.send_kos
+    kos_series_number: int = _DEFAULT.series_number + 2
+    kos_series_description: str = _kos_description(_DEFAULT.series_description)
     kos_title: str = "of_interest"
     hot_fraction: float = 0.5
     summary: bool = True
@@ -49,6 +70,21 @@ class ResultOptions:
         if not 0.0 <= self.hot_fraction < 1.0:
             raise ValueError(f"ResultOptions: hot_fraction={self.hot_fraction}; expected 0 <= hot_fraction < 1")
 
+    @classmethod
+    def from_config(cls, results: ResultsConfig, *, revision: int = 0) -> ResultOptions:
+        """The options a node with this `[results]` section builds for result revision `revision` (0-based)."""
+        return cls(
+            key_slices=results.top_k_heatmaps,
+            revision=revision,
+            sr_series_number=results.series_number,
+            sr_series_description=results.series_description,
+            sc_series_number=results.series_number + 1,
+            sc_series_description=_sc_description(results.series_description),
+            kos=results.send_kos,
+            kos_series_number=results.series_number + 2,
+            kos_series_description=_kos_description(results.series_description),
+        )
+
 
 @dataclass(frozen=True)
 class ResultSet:
@@ -58,7 +94,7 @@ class ResultSet:
     heatmap_scs: tuple[Dataset, ...]
     summary_sc: Dataset | None
     kos: Dataset | None
-    key_slices: tuple  # tuple[KeySlice, ...]
+    key_slices: tuple[KeySlice, ...]
 
     def datasets(self) -> list[Dataset]:
         """All objects, SR first."""
@@ -75,12 +111,24 @@ class ResultSet:
         return tuple(dict.fromkeys(str(d.SeriesInstanceUID) for d in self.datasets()))
 
 
-def build_results(series, windows, prediction, bundle_info: Any = None, options: ResultOptions = ResultOptions(),
-                  *, predecessor: Dataset | None = None) -> ResultSet:
-    """SR + heatmap SCs + summary SC + optional KOS for one series (see module docstring)."""
-    from dicom_node.results.kos import build_kos, select_key_slices
+def build_results(series: CtSeries, windows: Windows, prediction: Prediction, bundle_info: Any = None,
+                  options: ResultOptions = ResultOptions(), *, predecessor: Dataset | None = None) -> ResultSet:
+    """SR + heatmap SCs + summary SC + optional KOS for one series (see module docstring).
+
+    Parameters
+    ----------
+    bundle_info
+        The bundle's manifest (a `BundleManifest`, a dict, or a `BundleInfo`); None takes the model
+        name, version and UID from the prediction.
+    predecessor
+        The previous revision's SR (or `dicom_node.results.sr.predecessor_reference`); required
+        when `options.revision > 0`.
+    """
+    from dicom_node.results.key_slices import select_key_slices
+    from dicom_node.results.kos import build_kos
     from dicom_node.results.sc import build_heatmap_sc, build_summary_sc
-    from dicom_node.results.sr import BundleInfo, build_sr, device_observer_context, result_uid
+    from dicom_node.results.sr import BundleInfo, build_sr, device_observer_context
+    from dicom_node.results.uids import result_uid
 
     t0 = time.perf_counter()
     bundle = BundleInfo.from_prediction(prediction) if bundle_info is None else BundleInfo.from_manifest(bundle_info)
@@ -113,7 +161,7 @@ def build_results(series, windows, prediction, bundle_info: Any = None, options:
                         title=options.kos_title, observer_device_context=device_observer_context(bundle),
                         series_description=options.kos_series_description)
     result = ResultSet(sr=sr, heatmap_scs=scs, summary_sc=summary, kos=kos, key_slices=keys)
-    _log.info("results_built", series_uid=src, model_uid=model, revision=rev, sr_uid=str(sr.SOPInstanceUID),
-              objects=len(result.datasets()), key_slices=[k.z for k in keys],
-              duration_s=round(time.perf_counter() - t0, 3))
+    _log.debug("result_objects_built", series_uid=src, model_uid=model, revision=rev, sr_uid=str(sr.SOPInstanceUID),
+               objects=len(result.datasets()), key_slices=[k.z for k in keys],
+               duration_s=round(time.perf_counter() - t0, 3))
     return result

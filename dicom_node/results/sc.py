@@ -1,6 +1,6 @@
 """Heatmap and summary Secondary Capture images (highdicom `SCImage`), RGB with burned-in captions.
 
-Heatmap SC (one per key slice, `dicom_node.results.kos.select_key_slices`): the original source
+Heatmap SC (one per key slice, `dicom_node.results.key_slices.select_key_slices`): the original source
 slice at its own resolution, CT in the PE window (level 100, width 700) as grey, the window's
 heatmap mapped back onto that slice drawn with our own inferno-like colour map and blended
 (alpha 0.5) only where the heatmap exceeds `hot_fraction` (default 0.5) of its maximum: cold areas
@@ -23,9 +23,11 @@ from collections.abc import Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node import RESEARCH_USE_STATEMENT
 from dicom_node.labels import ALL_LABELS, WINDOW_LABEL
+from dicom_node.results.codes import SOURCE_IMAGE_PURPOSE
 
 __all__ = [
     "PE_WINDOW",
@@ -126,7 +128,9 @@ def _add_source_reference(sc: Dataset, source: Dataset, purpose: str) -> None:
     src.ReferencedSOPClassUID = source.SOPClassUID
     src.ReferencedSOPInstanceUID = source.SOPInstanceUID
     code = Dataset()
-    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "121322", "DCM", "Source image for image processing operation"
+    code.CodeValue = SOURCE_IMAGE_PURPOSE.value
+    code.CodingSchemeDesignator = SOURCE_IMAGE_PURPOSE.scheme_designator
+    code.CodeMeaning = SOURCE_IMAGE_PURPOSE.meaning
     src.PurposeOfReferenceCodeSequence = [code]
     sc.SourceImageSequence = [src]
     sc.DerivationDescription = purpose[:1024]
@@ -150,7 +154,7 @@ def _sc_from(series_ref: Dataset, pixels: np.ndarray, *, series_instance_uid: st
         manufacturer=manufacturer,
         pixel_spacing=pixel_spacing,
         patient_orientation=orientation,
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        transfer_syntax_uid=ExplicitVRLittleEndian,
     )
     sc.BurnedInAnnotation = "YES"
     if "Laterality" not in sc:
@@ -163,10 +167,9 @@ def _sc_from(series_ref: Dataset, pixels: np.ndarray, *, series_instance_uid: st
 
 def build_heatmap_sc(series, key_slice, *, label: str = WINDOW_LABEL, probability: float, series_instance_uid: str,
                      sop_instance_uid: str, series_number: int, instance_number: int, manufacturer: str,
-                     hot_fraction: float = 0.5,
-                     series_description: str = "AI PE heatmaps (research)"):
+                     hot_fraction: float = 0.5, series_description: str) -> Dataset:
     """One heatmap SC for `key_slice` (a `KeySlice`) of `series` (a `CtSeries`)."""
-    from dicom_node.results.kos import source_image_dataset
+    from dicom_node.results.references import source_image_dataset
 
     z = key_slice.z
     rgb, _ = render_overlay(series.hu[z], key_slice.heatmap, hot_fraction=hot_fraction)
@@ -195,7 +198,7 @@ def render_summary_chart(prediction, width: int = 640, height: int = 512) -> np.
     d = ImageDraw.Draw(img)
     font, small = _font(13), _font(11)
     wp = np.asarray(prediction.window_probs, np.float64).reshape(-1)
-    probs = {WINDOW_LABEL: float(wp.max()) if wp.size else 0.0, **{k: float(v) for k, v in prediction.study_probs.items()}}
+    probs = prediction.label_probabilities()
     d.text((8, 6), f"AI PE detection - {prediction.model_name} {prediction.model_version}", fill=(0, 0, 0), font=font)
     # --- probabilities vs thresholds
     top, row_h, x0, bar_w = 30, 24, 170, width - 170 - 70
@@ -237,9 +240,9 @@ def render_summary_chart(prediction, width: int = 640, height: int = 512) -> np.
 
 def build_summary_sc(series, prediction, *, series_instance_uid: str, sop_instance_uid: str, series_number: int,
                      instance_number: int, manufacturer: str, reference_z: int = 0,
-                     series_description: str = "AI PE heatmaps (research)"):
+                     series_description: str) -> Dataset:
     """The summary chart as an SC in the heatmap series; references slice `reference_z` as its source."""
-    from dicom_node.results.kos import source_image_dataset
+    from dicom_node.results.references import source_image_dataset
 
     pixels = render_summary_chart(prediction)
     sc = _sc_from(series.ref_dataset, pixels, series_instance_uid=series_instance_uid,

@@ -23,8 +23,8 @@ Structure (what a TID 1500 viewer such as OHIF or 3D Slicer shows)::
 
 VerificationFlag UNVERIFIED, CompletionFlag PARTIAL, PreliminaryFlag PRELIMINARY.
 
-Codes (a private code only where no standard code was found; scheme 99PENODE is declared in
-the CodingSchemeIdentificationSequence):
+Codes (all defined in `dicom_node.results.codes`; a private code only where no standard code was
+found; scheme 99PENODE is declared in the CodingSchemeIdentificationSequence):
 
 =====================  ==========================  =================================================
 label                  concept (qualitative eval.)  notes
@@ -46,71 +46,60 @@ Procedure reported: LOINC 24627-2 "CT Chest" (in DICOM CID 7000/LOINC) is the st
 could verify offline; a LOINC/RadLex code specific to CT pulmonary angiography could not be
 verified here, so the private 99PENODE CTPA code refines it (both are listed).
 
-UIDs are deterministic (`result_uid`): the same source series, model UID, revision and object
+UIDs are deterministic (`dicom_node.results.uids.result_uid`): the same source series, model UID, revision and object
 kind always give the same UID, so a re-run replaces rather than duplicates; revision > 0 adds
 a Predecessor Documents Sequence pointing at the previous SR.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.sr.coding import Code
+from pydicom.uid import Comprehensive3DSRStorage
 
 from dicom_node import RESEARCH_USE_STATEMENT, __version__
 from dicom_node.labels import ALL_LABELS, WINDOW_LABEL, consistency_violations
+from dicom_node.results.codes import (
+    ABSENT,
+    COMMENT,
+    LABEL_CODES,
+    PE_FINDING,
+    PRESENT,
+    PROBABILITY,
+    PROBABILITY_UNIT,
+    PROCEDURE_CODES,
+    QUALITATIVE_EVALUATIONS,
+    THRESHOLD,
+    private_scheme_item,
+)
+from dicom_node.results.uids import result_uid
+
+if TYPE_CHECKING:
+    import highdicom as hd
+
+    from dicom_node.imaging.preprocess import Windows
+    from dicom_node.imaging.series import CtSeries
+    from dicom_node.model.inference import Prediction
+    from dicom_node.results.key_slices import KeySlice
 
 __all__ = [
+    "DEVICE_NAME",
+    "MANUFACTURER",
     "BundleInfo",
     "ReportError",
-    "LABEL_CODES",
-    "PRIVATE_SCHEME",
-    "PROCEDURE_CODES",
-    "PROBABILITY_UNIT",
-    "DEVICE_NAME",
-    "result_uid",
-    "previous_sr_reference",
+    "algorithm_identification",
     "build_sr",
+    "check_prediction",
+    "device_observer_context",
+    "predecessor_reference",
 ]
 
-PRIVATE_SCHEME = "99PENODE"
 DEVICE_NAME = "dicom-node PE"
 MANUFACTURER = "dicom-node (research)"
-
-SCT, DCM = "SCT", "DCM"
-PE_FINDING = Code("59282003", SCT, "Pulmonary embolism")
-PRESENT = Code("52101004", SCT, "Present")
-ABSENT = Code("2667000", SCT, "Absent")
-PROBABILITY = Code("122157", DCM, "Probability")
-THRESHOLD = Code("122411", DCM, "Threshold Value")
-PROBABILITY_UNIT = Code("{probability}", "UCUM", "probability")
-COMMENT = Code("121106", DCM, "Comment")
-QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
-
-PROCEDURE_CODES: tuple[Code, ...] = (
-    Code("24627-2", "LN", "CT Chest"),
-    Code("CTPA", PRIVATE_SCHEME, "CT pulmonary angiography"),
-)
-
-#: label -> (concept used as the qualitative evaluation's name, finding site or None)
-LABEL_CODES: dict[str, tuple[Code, Code | None]] = {
-    WINDOW_LABEL: (PE_FINDING, None),
-    "negative_exam_for_pe": (Code("NEGEXAM", PRIVATE_SCHEME, "Negative exam for pulmonary embolism"), None),
-    "indeterminate": (Code("82334004", SCT, "Indeterminate"), None),
-    "chronic_pe": (Code("90734009", SCT, "Chronic"), None),
-    "acute_and_chronic_pe": (Code("ACUCHR", PRIVATE_SCHEME, "Acute on chronic"), None),
-    "central_pe": (Code("26216008", SCT, "Central"), Code("45341000", SCT, "Pulmonary trunk")),
-    "leftsided_pe": (Code("7771000", SCT, "Left"), Code("50408007", SCT, "Left pulmonary artery")),
-    "rightsided_pe": (Code("24028007", SCT, "Right"), Code("78480002", SCT, "Right pulmonary artery")),
-    "rv_lv_ratio_gte_1": (Code("RVLVGE1", PRIVATE_SCHEME, "RV/LV diameter ratio >= 1"), None),
-    "rv_lv_ratio_lt_1": (Code("RVLVLT1", PRIVATE_SCHEME, "RV/LV diameter ratio < 1"), None),
-}
-assert tuple(LABEL_CODES) == ALL_LABELS
 
 
 class ReportError(ValueError):
@@ -134,7 +123,7 @@ class BundleInfo:
         if isinstance(manifest, BundleInfo):
             return manifest
 
-        def get(key, default=None):
+        def get(key: str, default: Any = None) -> Any:
             if isinstance(manifest, Mapping):
                 return manifest.get(key, default)
             return getattr(manifest, key, default)
@@ -147,38 +136,27 @@ class BundleInfo:
                    manufacturer=str(get("manufacturer") or MANUFACTURER), parameters=params)
 
     @classmethod
-    def from_prediction(cls, prediction) -> BundleInfo:
+    def from_prediction(cls, prediction: Prediction) -> BundleInfo:
         return cls(name=prediction.model_name, version=prediction.model_version, model_uid=prediction.model_uid)
 
 
-def result_uid(kind: str, source_series_uid: str, model_uid: str, revision: int = 0, *parts: object) -> str:
-    """Deterministic UID (2.25 root) for one result object: same inputs -> same UID.
+def predecessor_reference(study_uid: str, source_series_uid: str, model_uid: str, revision: int,
+                          sop_instance_uid: str) -> Dataset:
+    """A minimal dataset that stands for the SR of result revision `revision - 1` (for `predecessor=`).
 
-    The UUID-derived 2.25 form holds the first 128 bits of SHA-256 over the parts (pydicom's
-    `generate_uid(prefix=None)` ignores `entropy_srcs` and would be random).
+    Only its SOP Instance UID needs to be known (the job's stored result UID): its series UID
+    follows from the UID scheme.
     """
-    text = "\x1f".join(["dicom-node-pe-results", str(kind), str(source_series_uid), str(model_uid),
-                        str(int(revision)), *(str(p) for p in parts)])
-    return "2.25." + str(int.from_bytes(hashlib.sha256(text.encode()).digest()[:16], "big"))
-
-
-def previous_sr_reference(study_uid: str, series_uid: str, sop_uid: str,
-                          sop_class_uid: str = "1.2.840.10008.5.1.4.1.1.88.34") -> Dataset:
-    """A minimal dataset that stands for an earlier SR (for `predecessor=`) when only its UIDs are known."""
+    if revision < 1:
+        raise ReportError(f"revision {revision} has no predecessor; expected revision >= 1")
     ds = Dataset()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-    ds.SOPInstanceUID, ds.SOPClassUID = sop_uid, sop_class_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = result_uid("sr-series", source_series_uid, model_uid, revision - 1)
+    ds.SOPInstanceUID, ds.SOPClassUID = sop_instance_uid, Comprehensive3DSRStorage
     return ds
 
 
-def _probabilities(prediction) -> dict[str, float]:
-    wp = np.asarray(prediction.window_probs, dtype=np.float64).reshape(-1)
-    probs = {WINDOW_LABEL: float(wp.max()) if wp.size else 0.0}
-    probs.update({k: float(v) for k, v in prediction.study_probs.items()})
-    return probs
-
-
-def check_prediction(series, prediction) -> None:
+def check_prediction(series: CtSeries, prediction: Prediction) -> None:
     """Raise ReportError when the prediction does not belong to the series or breaks the RSNA rules."""
     if prediction.series_instance_uid != series.series_instance_uid:
         raise ReportError(
@@ -203,7 +181,7 @@ def check_prediction(series, prediction) -> None:
         )
 
 
-def device_observer_context(bundle: BundleInfo):
+def device_observer_context(bundle: BundleInfo) -> hd.sr.ObserverContext:
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -219,7 +197,7 @@ def device_observer_context(bundle: BundleInfo):
     )
 
 
-def algorithm_identification(bundle: BundleInfo, prediction):
+def algorithm_identification(bundle: BundleInfo, prediction: Prediction) -> hd.sr.AlgorithmIdentification:
     import highdicom as hd
 
     params = [f"model_uid={bundle.model_uid}", f"execution_provider={prediction.execution_provider}",
@@ -229,19 +207,19 @@ def algorithm_identification(bundle: BundleInfo, prediction):
 
 
 def build_sr(
-    series,
-    windows,
-    prediction,
+    series: CtSeries,
+    windows: Windows,
+    prediction: Prediction,
     *,
     bundle_manifest_info: Any = None,
-    key_slices: Sequence | None = None,
+    key_slices: Sequence[KeySlice] | None = None,
     k: int = 3,
-    series_number: int = 9001,
-    series_description: str = "AI PE detection report (research)",
+    series_number: int,
+    series_description: str,
     revision: int = 0,
     predecessor: Dataset | None = None,
     institution_name: str | None = None,
-):
+) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Comprehensive 3D SR for one analysed CT series.
 
     `key_slices` (from `dicom_node.results.kos.select_key_slices`) are referenced as source images of
@@ -250,7 +228,8 @@ def build_sr(
     """
     import highdicom as hd
 
-    from dicom_node.results.kos import select_key_slices, source_image_datasets
+    from dicom_node.results.key_slices import select_key_slices
+    from dicom_node.results.references import source_image_datasets
 
     bundle = BundleInfo.from_prediction(prediction) if bundle_manifest_info is None else BundleInfo.from_manifest(
         bundle_manifest_info)
@@ -271,7 +250,7 @@ def build_sr(
     images = source_image_datasets(series)
     sop_class = images[0].SOPClassUID
     algo = algorithm_identification(bundle, prediction)
-    probs = _probabilities(prediction)
+    probs = prediction.label_probabilities()
     groups = []
     for label in ALL_LABELS:
         concept, site = LABEL_CODES[label]
@@ -326,13 +305,5 @@ def build_sr(
     sr.SeriesDescription = series_description[:64]
     sr.ManufacturerModelName = bundle.name[:64]
     sr.SoftwareVersions = [f"dicom-node {__version__}", f"{bundle.name} {bundle.version}"[:64]]
-    sr.CodingSchemeIdentificationSequence = [_private_scheme_item()]
+    sr.CodingSchemeIdentificationSequence = [private_scheme_item()]
     return sr
-
-
-def _private_scheme_item() -> Dataset:
-    item = Dataset()
-    item.CodingSchemeDesignator = PRIVATE_SCHEME
-    item.CodingSchemeName = "dicom-node PE detection private codes"
-    item.CodingSchemeResponsibleOrganization = "dicom-node project"
-    return item

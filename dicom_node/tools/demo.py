@@ -15,19 +15,23 @@ The demo model was trained on synthetic phantoms only: research use, never on pa
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
 from dicom_node import RESEARCH_USE_STATEMENT
 from dicom_node.labels import ALL_LABELS
 from dicom_node.log import configure_logging, get_logger
+from dicom_node.results.codes import PRESENT, PROBABILITY, THRESHOLD, TRACKING_IDENTIFIER
 
-__all__ = ["DemoStudy", "Finding", "read_findings", "run_demo", "DEMO_PHANTOM"]
+__all__ = ["DEMO_MARKER", "DEMO_PHANTOM", "DemoStudy", "Finding", "prepare_output_dir", "read_findings", "run_demo"]
 
 log = get_logger("dicom_node.tools.demo")
 
@@ -35,8 +39,6 @@ log = get_logger("dicom_node.tools.demo")
 #: `benchmarks/train_phantom.py`: 128 px, 140 slices of 2.5 mm, emboli down to lobar arteries)
 DEMO_PHANTOM = {"rows": 128, "cols": 128, "n_slices": 140, "slice_thickness_mm": 2.5,
                 "smallest_embolus_vessel": "lobar"}
-SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
-SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 
 
 @dataclass(frozen=True)
@@ -62,19 +64,21 @@ def read_findings(sr: Dataset) -> dict[str, Finding]:
     """Read our TID 1500 SR back: one `Finding` per label (tracking identifier = label name)."""
     found: dict[str, Finding] = {}
 
-    def walk(items):
+    def concept(item: Dataset) -> str:
+        return str(item.ConceptNameCodeSequence[0].CodeValue)
+
+    def walk(items: Sequence) -> None:
         for item in items:
             if item.get("ValueType") == "CONTAINER" and "ContentSequence" in item:
                 group = list(item.ContentSequence)
                 label = next((str(c.TextValue) for c in group if c.get("ValueType") == "TEXT"
-                              and c.ConceptNameCodeSequence[0].CodeValue == "112039"), None)
+                              and concept(c) == TRACKING_IDENTIFIER.value), None)
                 if label in ALL_LABELS:
-                    nums = {c.ConceptNameCodeSequence[0].CodeValue: float(c.MeasuredValueSequence[0].NumericValue)
+                    nums = {concept(c): float(c.MeasuredValueSequence[0].NumericValue)
                             for c in group if c.get("ValueType") == "NUM" and c.get("MeasuredValueSequence")}
-                    codes = [c.ConceptCodeSequence[0].CodeValue for c in group if c.get("ValueType") == "CODE"]
-                    present = "52101004" in codes
-                    found[label] = Finding(label, nums.get("122157", float("nan")), nums.get("122411", float("nan")),
-                                           present)
+                    values = [c.ConceptCodeSequence[0].CodeValue for c in group if c.get("ValueType") == "CODE"]
+                    found[label] = Finding(label, nums.get(PROBABILITY.value, float("nan")),
+                                           nums.get(THRESHOLD.value, float("nan")), PRESENT.value in values)
                 walk(group)
 
     walk(sr.ContentSequence)
@@ -135,8 +139,8 @@ def _wait_for_srs(pacs: _Pacs, studies: list[DemoStudy], timeout_s: float) -> li
     wanted = {s.study_uid for s in studies}
     while True:
         got = pacs.received()
-        have = {str(d.StudyInstanceUID) for d in got if d.SOPClassUID == SR_STORAGE}
-        scs = [d for d in got if d.SOPClassUID == SC_STORAGE]
+        have = {str(d.StudyInstanceUID) for d in got if d.SOPClassUID == Comprehensive3DSRStorage}
+        scs = [d for d in got if d.SOPClassUID == SecondaryCaptureImageStorage]
         if wanted <= have and len(scs) >= 2 * len(studies):
             time.sleep(1.0)  # let the last images of the batch land
             return pacs.received()
@@ -149,7 +153,7 @@ def _wait_for_srs(pacs: _Pacs, studies: list[DemoStudy], timeout_s: float) -> li
 def _print_findings(studies: list[DemoStudy], results: list[Dataset]) -> dict[str, dict[str, Finding]]:
     by_study: dict[str, dict[str, Finding]] = {}
     for s in studies:
-        sr = next(d for d in results if d.SOPClassUID == SR_STORAGE and str(d.StudyInstanceUID) == s.study_uid)
+        sr = next(d for d in results if d.SOPClassUID == Comprehensive3DSRStorage and str(d.StudyInstanceUID) == s.study_uid)
         by_study[s.name] = read_findings(sr)
     names = [s.name for s in studies]
     print()
@@ -170,6 +174,33 @@ def _print_findings(studies: list[DemoStudy], results: list[Dataset]) -> dict[st
     return by_study
 
 
+#: written into every demo output folder: only a folder holding it is ever emptied by a later demo
+DEMO_MARKER = ".dicom-node-demo"
+#: what the demo writes into its output folder (and so the only entries a re-run removes)
+DEMO_OUTPUTS = ("results", "rendered")
+
+
+def prepare_output_dir(out: Path) -> str | None:
+    """Make `out` ready for a demo run; return why not (one line naming the folder and the fix), or None.
+
+    A new or empty folder is used as it is. A folder that holds `DEMO_MARKER` (written by an earlier
+    demo) has that demo's `results/` and `rendered/` removed, nothing else. Any other folder is
+    refused untouched: `--out .` must never delete a user's files.
+    """
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder; pass a new or empty folder (default demo-output)"
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / DEMO_MARKER).is_file():
+            return (f"--out {out} is not empty and was not written by an earlier demo (no {DEMO_MARKER} in it); "
+                    "pass a new or empty folder, nothing was deleted")
+        for name in DEMO_OUTPUTS:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `dicom-node demo`; a later demo run replaces results/ and rendered/\n")
+    return None
+
+
 def run_demo(out_dir: Path | None = None, *, bundle: str = "", prefer_orthanc: bool = True,
              quiet_period_s: float = 2.0, timeout_s: float = 240.0, verbose: bool = False) -> int:
     """Run the demo (see module docstring); return 0 when the results of both studies came back.
@@ -186,9 +217,10 @@ def run_demo(out_dir: Path | None = None, *, bundle: str = "", prefer_orthanc: b
     t0 = time.perf_counter()
     configure_logging(json=False, level="INFO" if verbose else "WARNING")
     out = Path(out_dir) if out_dir else Path("demo-output")
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    refusal = prepare_output_dir(out)
+    if refusal:
+        print(f"dicom-node demo: {refusal}", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="dicom-node-demo-"))
     print(f"dicom-node demo — {RESEARCH_USE_STATEMENT}")
     print("[1/5] generating a PE-positive and a PE-negative synthetic CTPA study ...", flush=True)

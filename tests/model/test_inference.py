@@ -1,4 +1,4 @@
-"""Node side of the model bundle: load_bundle refusals, Predictor, explain, and no torch in dicom_node."""
+"""Node side of the model bundle: load_bundle refusals, Predictor, the key-slice rule, and no torch in dicom_node."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL, consistency_violations
 from dicom_node.log import configure_logging
 from dicom_node.model.bundle import BundleError, load_bundle
 from dicom_node.model.inference import InferenceError, Predictor
-from dicom_node.results.explain import explain
+from dicom_node.imaging.preprocess import heatmap_to_slices
+from dicom_node.results.key_slices import hottest_slice
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,16 +194,17 @@ def test_predictor_refuses_windows_with_other_preprocessing(tiny_bundle):
 # ------------------------------------------------------------------------------ explain
 
 
-def test_explain_picks_the_hottest_source_slice(tiny_bundle):
+def test_key_slice_rule_picks_the_hottest_source_slice_of_each_window(tiny_bundle):
     w = make_windows(5, seed=4)
     pred = Predictor(tiny_bundle).predict(w)
-    out = explain(w, pred)
-    assert [e.window_index for e in out] == list(range(5))
-    assert max(e.peak for e in out) == pytest.approx(1.0, abs=1e-5)  # normalised over the series
-    for e in out:
-        assert e.z in w.slice_indices[e.window_index]
-        assert e.sop_instance_uid == f"1.2.3.4.{e.z + 1}"
-        assert e.heatmap.shape == (28, 28) and 0.0 <= e.heatmap.min() and e.heatmap.max() <= 1.0
+    for i in range(5):
+        mapped = heatmap_to_slices(w, i, pred.heatmaps[i])
+        z, hm = hottest_slice(mapped)
+        assert z in w.slice_indices[i]
+        assert float(hm.max()) == max(float(m.max()) for _, m in mapped)
+        assert hm.shape == (28, 28) and hm.min() >= 0.0
+    ties = [(3, np.ones((2, 2), np.float32)), (1, np.ones((2, 2), np.float32))]
+    assert hottest_slice(ties)[0] == 1  # equal peak and total: the earlier slice
 
 
 # ------------------------------------------------------------------------------ no torch in the node
@@ -211,7 +213,7 @@ def test_explain_picks_the_hottest_source_slice(tiny_bundle):
 def test_node_modules_do_not_import_torch(tiny_bundle):
     code = (
         "import sys, numpy as np\n"
-        "import dicom_node.model.bundle, dicom_node.model.inference, dicom_node.results.explain\n"
+        "import dicom_node.model.bundle, dicom_node.model.inference, dicom_node.results.key_slices\n"
         f"p = dicom_node.model.inference.Predictor({str(tiny_bundle)!r})\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print('ok', p.execution_provider)\n"

@@ -22,10 +22,12 @@ from dicom_node.imaging.preprocess import PreprocessConfig, preprocess
 from dicom_node.imaging.series import load_series
 from dicom_node.labels import ALL_LABELS, STUDY_LABELS, WINDOW_LABEL, consistency_violations, make_consistent
 from dicom_node.model.inference import Prediction
-from dicom_node.results.kos import heatmap_hits_embolus, select_key_slices
-from dicom_node.results.result_set import ResultOptions, build_results
+from dicom_node.results.kos import heatmap_hits_embolus
+from dicom_node.results.key_slices import select_key_slices
+from dicom_node.results import ResultOptions, build_results
 from dicom_node.results.sc import pe_window_grey, render_overlay
-from dicom_node.results.sr import LABEL_CODES, BundleInfo, ReportError, build_sr
+from dicom_node.results.codes import LABEL_CODES
+from dicom_node.results.sr import BundleInfo, ReportError, build_sr
 from phantoms.study import PhantomConfig, generate_study, study_datasets
 
 DCIODVFY = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
@@ -34,6 +36,8 @@ needs_dicom3tools = pytest.mark.skipif(not Path(DCIODVFY).exists(), reason="dico
 needs_dsrdump = pytest.mark.skipif(not Path(DSRDUMP).exists(), reason="dcmtk not installed")
 
 CONFIG = PreprocessConfig(resize=64, crop=48)
+SR_SERIES = {"series_number": ResultOptions().sr_series_number,
+             "series_description": ResultOptions().sr_series_description}
 BUNDLE = BundleInfo(name="pe-demo", version="0.3.1", model_uid="2.25.1234567890",
                     parameters=("preprocessing_version=1",))
 
@@ -115,7 +119,7 @@ def negative():
 def case(request, positive, negative):
     data = positive if request.param == "positive" else negative
     study, series, windows, pred, _ = data
-    return request.param, series, windows, pred, build_results(series, windows, pred, BUNDLE, ResultOptions())
+    return request.param, series, windows, pred, build_results(series, windows, pred, BUNDLE, ResultOptions(kos=True))
 
 
 def _round_trip(ds) -> pydicom.Dataset:
@@ -184,7 +188,7 @@ def test_sr_content_tree(case):
     sr = _round_trip(result.sr)
     assert sr.VerificationFlag == "UNVERIFIED"
     assert sr.StudyInstanceUID == series.study_instance_uid and sr.PatientID == series.ref_dataset.PatientID
-    assert sr.SeriesInstanceUID != series.series_instance_uid and sr.SeriesNumber == 9001
+    assert sr.SeriesInstanceUID != series.series_instance_uid and sr.SeriesNumber == 9901
     items = list(_items(sr))
     texts = {_name(i): i.TextValue for i in items if i.ValueType == "TEXT" and _name(i) != "Tracking Identifier"}
     assert texts["Algorithm Name"] == BUNDLE.name and texts["Algorithm Version"] == BUNDLE.version
@@ -235,10 +239,10 @@ def test_uids_are_deterministic_and_depend_on_model(positive):
 
 def test_revision_references_predecessor(positive):
     _, series, windows, pred, _ = positive
-    first = build_sr(series, windows, pred, bundle_manifest_info=BUNDLE)
+    first = build_sr(series, windows, pred, bundle_manifest_info=BUNDLE, **SR_SERIES)
     with pytest.raises(ReportError, match="revision 1 needs predecessor"):
-        build_sr(series, windows, pred, bundle_manifest_info=BUNDLE, revision=1)
-    second = _round_trip(build_sr(series, windows, pred, bundle_manifest_info=BUNDLE, revision=1, predecessor=first))
+        build_sr(series, windows, pred, bundle_manifest_info=BUNDLE, **SR_SERIES, revision=1)
+    second = _round_trip(build_sr(series, windows, pred, bundle_manifest_info=BUNDLE, **SR_SERIES, revision=1, predecessor=first))
     assert second.SOPInstanceUID != first.SOPInstanceUID
     ref = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID
@@ -248,9 +252,9 @@ def test_inconsistent_or_foreign_prediction_is_rejected(positive):
     _, series, windows, pred, _ = positive
     broken = replace(pred, labels={**pred.labels, "rv_lv_ratio_gte_1": True, "rv_lv_ratio_lt_1": True})
     with pytest.raises(ReportError, match="RSNA consistency rules"):
-        build_sr(series, windows, broken, bundle_manifest_info=BUNDLE)
+        build_sr(series, windows, broken, bundle_manifest_info=BUNDLE, **SR_SERIES)
     with pytest.raises(ReportError, match="prediction came from model"):
-        build_sr(series, windows, pred, bundle_manifest_info=replace(BUNDLE, model_uid="2.25.1"))
+        build_sr(series, windows, pred, bundle_manifest_info=replace(BUNDLE, model_uid="2.25.1"), **SR_SERIES)
 
 
 def test_heatmap_sc_pixels(positive):

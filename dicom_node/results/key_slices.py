@@ -1,0 +1,119 @@
+"""Key slices of a prediction: what the radiologist should look at first (one rule, used everywhere).
+
+The key slices are chosen once per analysed series and shared by the SR (image references), the
+heatmap Secondary Captures and the KOS:
+
+1. every window w gets the score ``window_probs[w] * mean_h(attention[h, w])`` (PE probability
+   weighted by how much the nine study heads attend to the window);
+2. the top-k windows by that score are kept (default k = 3, ties broken by window index);
+3. within each kept window, the model-space heatmap is mapped back to the original slices the
+   window covers (`dicom_node.imaging.preprocess.heatmap_to_slices`) and `hottest_slice` picks
+   the slice with the strongest heatmap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from dicom_node.imaging.preprocess import heatmap_to_slices
+
+if TYPE_CHECKING:
+    from dicom_node.imaging.preprocess import Windows
+    from dicom_node.imaging.series import CtSeries
+    from dicom_node.model.inference import Prediction
+
+__all__ = [
+    "KeySlice",
+    "KeySliceError",
+    "hottest_slice",
+    "map_heatmap_to_slices",
+    "select_key_slices",
+    "window_scores",
+]
+
+
+class KeySliceError(ValueError):
+    """The prediction, windows and series do not fit together; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class KeySlice:
+    """One key slice: window `window_index`, original slice `z` of the series (SOP `sop_instance_uid`).
+
+    `heatmap` is the window's heatmap mapped onto that slice, (Y, X) float32, non-negative.
+    `score` is the window's attention-weighted PE probability; `peak` the heatmap maximum on the slice.
+    """
+
+    rank: int
+    window_index: int
+    z: int
+    sop_instance_uid: str
+    window_probability: float
+    score: float
+    peak: float
+    heatmap: np.ndarray
+
+
+def window_scores(prediction: Prediction) -> np.ndarray:
+    """(N,) PE probability of each window times the mean attention the study heads give it."""
+    probs = np.asarray(prediction.window_probs, dtype=np.float64).reshape(-1)
+    att = np.asarray(prediction.attention, dtype=np.float64)
+    if att.ndim != 2 or att.shape[1] != probs.size:
+        raise KeySliceError(
+            f"Series {prediction.series_instance_uid}: attention has shape {att.shape}, expected (9, {probs.size}) "
+            "to match window_probs; pass the stage-2 attention weights unchanged"
+        )
+    return probs * att.mean(axis=0)
+
+
+def map_heatmap_to_slices(series: CtSeries, windows: Windows, window_index: int,
+                          heatmap: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """[(z, (Y, X) heatmap)] for the original slices covered by window `window_index` (via preprocess)."""
+    mapped = heatmap_to_slices(windows, window_index, heatmap)
+    for z, m in mapped:
+        if not 0 <= z < len(series.sop_instance_uids) or m.shape != tuple(series.hu.shape[1:]):
+            raise KeySliceError(
+                f"Series {series.series_instance_uid}: window {window_index} maps to slice {z} of shape {m.shape}, "
+                f"but the series has {len(series.sop_instance_uids)} slices of {tuple(series.hu.shape[1:])}; "
+                "build the Windows from this CtSeries"
+            )
+    return [(int(z), np.asarray(m, dtype=np.float32)) for z, m in mapped]
+
+
+def hottest_slice(mapped: Sequence[tuple[int, np.ndarray]]) -> tuple[int, np.ndarray]:
+    """The (z, heatmap) with the strongest heatmap: highest peak, ties -> larger total, then the earlier slice."""
+    if not mapped:
+        raise KeySliceError("no slices to choose from: the window covers no original slice")
+    return max(mapped, key=lambda zm: (float(zm[1].max()), float(zm[1].sum()), -zm[0]))
+
+
+def select_key_slices(series: CtSeries, windows: Windows, prediction: Prediction, k: int = 3) -> tuple[KeySlice, ...]:
+    """The top-k windows by attention-weighted PE probability, each with its hottest original slice."""
+    n = len(windows.slice_uids)
+    window_probs = np.asarray(prediction.window_probs)
+    if window_probs.size != n or len(prediction.heatmaps) != n:
+        raise KeySliceError(
+            f"Series {series.series_instance_uid}: prediction has {window_probs.size} window "
+            f"probabilities and {len(prediction.heatmaps)} heatmaps but the windows are {n}; "
+            "run inference on these windows"
+        )
+    if k < 1:
+        raise KeySliceError(f"key slice count k={k}; expected k >= 1")
+    scores = window_scores(prediction)
+    order = sorted(range(n), key=lambda i: (-scores[i], i))[: min(k, n)]
+    out = []
+    for rank, wi in enumerate(order):
+        mapped = map_heatmap_to_slices(series, windows, wi, prediction.heatmaps[wi])
+        if not mapped:
+            raise KeySliceError(f"Series {series.series_instance_uid}: window {wi} covers no original slice")
+        z, hm = hottest_slice(mapped)
+        out.append(KeySlice(
+            rank=rank, window_index=wi, z=z, sop_instance_uid=series.sop_instance_uids[z],
+            window_probability=float(window_probs[wi]), score=float(scores[wi]),
+            peak=float(hm.max()), heatmap=hm,
+        ))
+    return tuple(out)

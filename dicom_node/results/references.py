@@ -1,0 +1,55 @@
+"""Header-only datasets that stand for the slices of the analysed CT series in every result object.
+
+The SR's image library and evidence, the KOS's references and each heatmap SC's source image are
+built from these, so all of them name the same SOP instances with the same geometry.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+if TYPE_CHECKING:
+    from dicom_node.imaging.series import CtSeries
+
+__all__ = ["source_image_dataset", "source_image_datasets"]
+
+
+def source_image_datasets(series: CtSeries) -> list[Dataset]:
+    """Header-only datasets of every slice of the series (for evidence lists and image libraries).
+
+    Built from `series.ref_dataset` (slice 0) with each slice's SOP Instance UID, instance number
+    and ImagePositionPatient (slice 0 position moved along the slice normal by `positions_mm`).
+    The header is copied once; the per-slice datasets share its unchanged elements (read-only).
+    """
+    base = _copy_header(series.ref_dataset)
+    return [source_image_dataset(series, z, base=base) for z in range(len(series.sop_instance_uids))]
+
+
+def source_image_dataset(series: CtSeries, z: int, *, base: Dataset | None = None) -> Dataset:
+    """Header-only dataset of slice `z` (see `source_image_datasets`)."""
+    base = _copy_header(series.ref_dataset) if base is None else base
+    row, col = np.array(series.image_orientation[:3], float), np.array(series.image_orientation[3:], float)
+    normal = np.cross(row, col)
+    first = np.array(series.image_position_first, float)
+    pos = np.asarray(series.positions_mm, float)
+    ds = Dataset(dict(base._dict))  # own mapping over the shared elements; the ones set below are new objects
+    ds.add_new(0x00080018, "UI", series.sop_instance_uids[z])  # SOPInstanceUID
+    ds.add_new(0x00200013, "IS", z + 1)  # InstanceNumber
+    ds.add_new(0x00200032, "DS", [float(v) for v in first + normal * (pos[z] - pos[0])])  # ImagePositionPatient
+    ds.add_new(0x0020000E, "UI", series.series_instance_uid)  # SeriesInstanceUID
+    ds.add_new(0x0020000D, "UI", series.study_instance_uid)  # StudyInstanceUID
+    if "FrameOfReferenceUID" not in ds and series.frame_of_reference_uid:
+        ds.add_new(0x00200052, "UI", series.frame_of_reference_uid)
+    return ds
+
+
+def _copy_header(ref: Dataset) -> Dataset:
+    ds = Dataset()
+    for elem in ref:
+        if elem.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            ds.add(copy.deepcopy(elem))
+    return ds

@@ -1,0 +1,126 @@
+"""The import rules of the layout, checked on the source (every import, lazy ones inside functions too).
+
+1. `dicom_node` never imports `training`, `export` or `torch`; only `dicom_node.tools` (the demo)
+   may import `phantoms`.
+2. `phantoms` never imports `torch`, `training` or `export`.
+3. No module takes a private name from another module (`from x import _y`).
+
+`import_violations` is the checker; the last tests feed it small trees that break each rule, so a
+checker that stopped seeing a rule would fail here too.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("dicom_node", "phantoms", "training", "export")
+
+#: package (or sub-package) -> top-level packages it must never import, and why
+FORBIDDEN: dict[str, dict[str, str]] = {
+    "dicom_node": {"training": "the node never imports the training package",
+                   "export": "the node never imports the export package",
+                   "torch": "the node runs on onnxruntime only",
+                   "phantoms": "only dicom_node.tools (the demo) uses phantoms"},
+    "phantoms": {"torch": "phantoms are numpy + pydicom only",
+                 "training": "training imports phantoms, not the reverse",
+                 "export": "phantoms know nothing of export"},
+}
+#: sub-packages allowed what their package is not
+ALLOWED: dict[str, set[str]] = {"dicom_node.tools": {"phantoms"}}
+
+
+def _module_name(root: Path, path: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(root: Path, path: Path) -> list[tuple[int, str, list[str]]]:
+    """(line, absolute module, names taken) for every import statement in the file."""
+    module = _module_name(root, path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            out.append((node.lineno, base, [alias.name for alias in node.names]))
+    return out
+
+
+def import_violations(root: Path, packages: tuple[str, ...] = PACKAGES) -> list[str]:
+    """One line per broken rule: file:line, what it imports, and which rule that breaks."""
+    found = []
+    for pkg in packages:
+        for path in sorted((root / pkg).rglob("*.py")):
+            module = _module_name(root, path)
+            for line, target, names in _imports(root, path):
+                where = f"{path.relative_to(root)}:{line}"
+                top = target.split(".")[0]
+                for scope, rules in FORBIDDEN.items():
+                    if module != scope and not module.startswith(scope + "."):
+                        continue
+                    allowed = set().union(*(v for k, v in ALLOWED.items() if module == k or module.startswith(k + ".")))
+                    if top in rules and top not in allowed:
+                        found.append(f"{where}: {module} imports {target} ({rules[top]})")
+                for name in names:
+                    if name.startswith("_") and not name.startswith("__") and target != module:
+                        found.append(f"{where}: {module} takes private name {name} from {target}")
+    return found
+
+
+def test_the_code_keeps_every_import_rule():
+    assert import_violations(ROOT) == []
+
+
+def test_importing_the_node_loads_neither_training_nor_torch():
+    code = ("import sys, pkgutil, importlib, dicom_node\n"
+            "for m in pkgutil.walk_packages(dicom_node.__path__, 'dicom_node.'):\n"
+            "    importlib.import_module(m.name)\n"
+            "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('training', 'export', 'torch'))\n"
+            "assert not bad, bad\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "ok"
+
+
+def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        p = tmp_path / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"dicom_node/__init__.py": "", "dicom_node/engine/__init__.py": "",
+      "dicom_node/engine/node.py": "def f():\n    from training.phase1 import train_phase1\n"},
+     "dicom_node/engine/node.py:2: dicom_node.engine.node imports training.phase1 (the node never imports the training package)"),
+    ({"dicom_node/__init__.py": "", "dicom_node/model/__init__.py": "", "dicom_node/model/inference.py": "import torch\n"},
+     "dicom_node/model/inference.py:1: dicom_node.model.inference imports torch (the node runs on onnxruntime only)"),
+    ({"dicom_node/__init__.py": "", "dicom_node/results/__init__.py": "",
+      "dicom_node/results/sr.py": "from phantoms import generate_study\n"},
+     "dicom_node/results/sr.py:1: dicom_node.results.sr imports phantoms (only dicom_node.tools (the demo) uses phantoms)"),
+    ({"phantoms/__init__.py": "", "phantoms/study.py": "import torch.nn\n"},
+     "phantoms/study.py:1: phantoms.study imports torch.nn (phantoms are numpy + pydicom only)"),
+    ({"phantoms/__init__.py": "", "phantoms/variants.py": "from .dicom import _file_meta\n"},
+     "phantoms/variants.py:1: phantoms.variants takes private name _file_meta from phantoms.dicom"),
+])
+def test_the_checker_sees_each_broken_rule(tmp_path, files, expected):
+    assert import_violations(_tree(tmp_path, files)) == [expected]
+
+
+def test_the_demo_may_use_phantoms(tmp_path):
+    root = _tree(tmp_path, {"dicom_node/__init__.py": "", "dicom_node/tools/__init__.py": "",
+                            "dicom_node/tools/demo.py": "from phantoms import generate_study\n"})
+    assert import_violations(root) == []
