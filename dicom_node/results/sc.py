@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -28,6 +29,13 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_node import RESEARCH_USE_STATEMENT
 from dicom_node.labels import ALL_LABELS, WINDOW_LABEL
 from dicom_node.results.codes import SOURCE_IMAGE_PURPOSE
+
+if TYPE_CHECKING:
+    import highdicom as hd
+
+    from dicom_node.imaging.series import CtSeries
+    from dicom_node.model.inference import Prediction
+    from dicom_node.results.key_slices import KeySlice
 
 __all__ = [
     "PE_WINDOW",
@@ -84,7 +92,7 @@ def render_overlay(hu_slice: np.ndarray, heatmap: np.ndarray, *, hot_fraction: f
     return rgb, hot
 
 
-def _font(size: int):
+def _font(size: int) -> Any:  # a Pillow FreeTypeFont or, on old Pillow, the bitmap ImageFont
     from PIL import ImageFont
 
     try:
@@ -110,7 +118,7 @@ def burn_caption(rgb: np.ndarray, lines: Sequence[str]) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def _patient_orientation(cosines) -> tuple[str, str]:
+def _patient_orientation(cosines: Sequence[float]) -> tuple[str, str]:
     letters = (("L", "R"), ("P", "A"), ("H", "F"))
     out = []
     for vec in (cosines[:3], cosines[3:]):
@@ -137,8 +145,9 @@ def _add_source_reference(sc: Dataset, source: Dataset, purpose: str) -> None:
 
 
 def _sc_from(series_ref: Dataset, pixels: np.ndarray, *, series_instance_uid: str, sop_instance_uid: str,
-             series_number: int, instance_number: int, manufacturer: str, pixel_spacing, series_description: str,
-             orientation: tuple[str, str]):
+             series_number: int, instance_number: int, manufacturer: str,
+             pixel_spacing: tuple[float, ...] | None, series_description: str,
+             orientation: tuple[str, str]) -> hd.sc.SCImage:
     import highdicom as hd
 
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -152,20 +161,20 @@ def _sc_from(series_ref: Dataset, pixels: np.ndarray, *, series_instance_uid: st
         sop_instance_uid=sop_instance_uid,
         instance_number=instance_number,
         manufacturer=manufacturer,
-        pixel_spacing=pixel_spacing,
+        pixel_spacing=pixel_spacing,  # type: ignore[arg-type]  # highdicom annotates spacing in mm as tuple[int, int]
         patient_orientation=orientation,
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
     sc.BurnedInAnnotation = "YES"
     if "Laterality" not in sc:
-        sc.Laterality = None  # Type 2C: a chest CT is not a paired structure; present and empty
+        sc.Laterality = None  # type: ignore[assignment]  # pydicom stubs lack None (empty value); Type 2C: a chest CT is not a paired structure; present and empty
     sc.SeriesDescription = series_description[:64]
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ConversionType = "WSD"
     return sc
 
 
-def build_heatmap_sc(series, key_slice, *, label: str = WINDOW_LABEL, probability: float, series_instance_uid: str,
+def build_heatmap_sc(series: CtSeries, key_slice: KeySlice, *, label: str = WINDOW_LABEL, probability: float, series_instance_uid: str,
                      sop_instance_uid: str, series_number: int, instance_number: int, manufacturer: str,
                      hot_fraction: float = 0.5, series_description: str) -> Dataset:
     """One heatmap SC for `key_slice` (a `KeySlice`) of `series` (a `CtSeries`)."""
@@ -190,7 +199,7 @@ def build_heatmap_sc(series, key_slice, *, label: str = WINDOW_LABEL, probabilit
     return sc
 
 
-def render_summary_chart(prediction, width: int = 640, height: int = 512) -> np.ndarray:
+def render_summary_chart(prediction: Prediction, width: int = 640, height: int = 512) -> np.ndarray:
     """(height, width, 3) uint8 chart: label probabilities vs thresholds, attention over windows."""
     from PIL import Image, ImageDraw
 
@@ -238,7 +247,7 @@ def render_summary_chart(prediction, width: int = 640, height: int = 512) -> np.
     return np.asarray(img, dtype=np.uint8)
 
 
-def build_summary_sc(series, prediction, *, series_instance_uid: str, sop_instance_uid: str, series_number: int,
+def build_summary_sc(series: CtSeries, prediction: Prediction, *, series_instance_uid: str, sop_instance_uid: str, series_number: int,
                      instance_number: int, manufacturer: str, reference_z: int = 0,
                      series_description: str) -> Dataset:
     """The summary chart as an SC in the heatmap series; references slice `reference_z` as its source."""

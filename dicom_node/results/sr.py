@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as PydicomSequence
 from pydicom.uid import Comprehensive3DSRStorage
 
 from dicom_node import RESEARCH_USE_STATEMENT, __version__
@@ -283,8 +284,8 @@ def build_sr(
     )
     root = report[0]
     statement = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS")
-    statement.ContentSequence = [hd.sr.TextContentItem(name=COMMENT, value=RESEARCH_USE_STATEMENT,
-                                                       relationship_type="CONTAINS")]
+    statement.ContentSequence = PydicomSequence([hd.sr.TextContentItem(name=COMMENT, value=RESEARCH_USE_STATEMENT,
+                                                       relationship_type="CONTAINS")])
     root.ContentSequence.append(statement)
 
     sr = hd.sr.Comprehensive3DSR(
@@ -304,6 +305,7 @@ def build_sr(
     )
     sr.SeriesDescription = series_description[:64]
     sr.ManufacturerModelName = bundle.name[:64]
-    sr.SoftwareVersions = [f"dicom-node {__version__}", f"{bundle.name} {bundle.version}"[:64]]
+    # a multi-valued LO: the pydicom stubs type the keyword as one string
+    sr.SoftwareVersions = [f"dicom-node {__version__}", f"{bundle.name} {bundle.version}"[:64]]  # type: ignore[assignment]
     sr.CodingSchemeIdentificationSequence = [private_scheme_item()]
     return sr

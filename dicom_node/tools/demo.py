@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -31,13 +32,16 @@ from dicom_node.labels import ALL_LABELS
 from dicom_node.log import configure_logging, get_logger
 from dicom_node.results.codes import PRESENT, PROBABILITY, THRESHOLD, TRACKING_IDENTIFIER
 
+if TYPE_CHECKING:
+    from dicom_node.tools.pacs import LocalStorageScp, OrthancPeer
+
 __all__ = ["DEMO_MARKER", "DEMO_PHANTOM", "DemoStudy", "Finding", "prepare_output_dir", "read_findings", "run_demo"]
 
 log = get_logger("dicom_node.tools.demo")
 
 #: phantom geometry and embolus sites the bundled demo model was trained on (dicom_node/model/README.md,
 #: `benchmarks/train_phantom.py`: 128 px, 140 slices of 2.5 mm, emboli down to lobar arteries)
-DEMO_PHANTOM = {"rows": 128, "cols": 128, "n_slices": 140, "slice_thickness_mm": 2.5,
+DEMO_PHANTOM: dict[str, Any] = {"rows": 128, "cols": 128, "n_slices": 140, "slice_thickness_mm": 2.5,
                 "smallest_embolus_vessel": "lobar"}
 
 
@@ -86,7 +90,7 @@ def read_findings(sr: Dataset) -> dict[str, Finding]:
 
 
 def _make_studies(out: Path) -> list[DemoStudy]:
-    from phantoms.study import PhantomConfig, generate_study, write_study  # numpy + pydicom only
+    from phantoms import PhantomConfig, generate_study, write_study  # numpy + pydicom only
 
     cfg = PhantomConfig(**DEMO_PHANTOM)
     studies = []
@@ -106,32 +110,35 @@ def _make_studies(out: Path) -> list[DemoStudy]:
 class _Pacs:
     """The receiving PACS of the demo: Orthanc when installed, else our own storage SCP."""
 
-    def __init__(self, workdir: Path, node_port: int, prefer_orthanc: bool = True):
+    def __init__(self, workdir: Path, node_port: int, prefer_orthanc: bool = True) -> None:
         from dicom_node.tools.pacs import ORTHANC_BIN, LocalStorageScp, OrthancPeer
 
-        self.kind = "Orthanc" if (prefer_orthanc and ORTHANC_BIN) else "built-in storage SCP"
-        if self.kind == "Orthanc":
-            self.peer = OrthancPeer(workdir / "orthanc", node_port=node_port).start()
-            self.port = self.peer.dicom_port
+        self.orthanc: OrthancPeer | None = None
+        self.local: LocalStorageScp | None = None
+        if prefer_orthanc and ORTHANC_BIN:
+            self.kind = "Orthanc"
+            self.orthanc = OrthancPeer(workdir / "orthanc", node_port=node_port).start()
+            self.port, self.aet = self.orthanc.dicom_port, self.orthanc.aet
         else:
-            self.peer = LocalStorageScp(workdir / "pacs")
-            self.peer.start()
-            self.port = self.peer.port
-        self.aet = self.peer.aet
+            self.kind = "built-in storage SCP"
+            self.local = LocalStorageScp(workdir / "pacs")
+            self.local.start()
+            self.port, self.aet = self.local.port, self.local.aet
 
     def received(self) -> list[Dataset]:
-        if self.kind == "Orthanc":
+        if self.orthanc is not None:
             from io import BytesIO
-            out = []
-            for oid in self.peer.instances():
-                tags = self.peer.instance_tags(oid)
+            out: list[Dataset] = []
+            for oid in self.orthanc.instances():
+                tags = self.orthanc.instance_tags(oid)
                 if tags.get("Modality") in ("SR", "OT", "KO"):
-                    out.append(pydicom.dcmread(BytesIO(self.peer.instance_file(oid))))
+                    out.append(pydicom.dcmread(BytesIO(self.orthanc.instance_file(oid))))
             return out
-        return [pydicom.dcmread(p) for p in self.peer.files()]
+        assert self.local is not None
+        return [pydicom.dcmread(p) for p in self.local.files()]
 
     def stop(self) -> None:
-        self.peer.stop()
+        (self.orthanc or self.local).stop()  # type: ignore[union-attr]  # exactly one of them is set
 
 
 def _wait_for_srs(pacs: _Pacs, studies: list[DemoStudy], timeout_s: float) -> list[Dataset]:

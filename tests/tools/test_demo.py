@@ -36,6 +36,7 @@ def _check_end_to_end(r: subprocess.CompletedProcess, out: Path, pacs: str) -> N
     srs = list((out / "results").glob("SR_*.dcm"))
     pngs = list((out / "rendered").glob("*.png"))
     assert len(srs) == 2 and len(pngs) >= 4, (srs, pngs)
+    assert (out / ".dicom-node-demo").is_file()  # marks the folder as the demo's own for a later run
 
 
 def test_demo_with_orthanc_returns_sr_and_heatmaps_for_both_studies(orthanc_demo):
@@ -51,3 +52,40 @@ def test_demo_without_orthanc_uses_the_builtin_storage_scp(tmp_path):
 def test_demo_flags_the_positive_study_and_clears_the_negative(orthanc_demo):
     r, _ = orthanc_demo
     assert "PE FLAGGED (truth: PE)" in r.stdout and "no PE flagged (truth: no PE)" in r.stdout
+
+
+def test_demo_refuses_an_output_folder_it_did_not_write_and_deletes_nothing(tmp_path):
+    (tmp_path / "keep.txt").write_text("a user's file")
+    (tmp_path / "sub").mkdir()
+    exe = Path(sys.executable).parent / "dicom-node"
+    r = subprocess.run([str(exe), "demo", "--out", "."], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--out ." in lines[0] and "not empty" in lines[0] and "nothing was deleted" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "sub"]
+    assert (tmp_path / "keep.txt").read_text() == "a user's file"
+
+
+def test_demo_refuses_a_file_as_output_folder(tmp_path):
+    target = tmp_path / "report.pdf"
+    target.write_bytes(b"%PDF")
+    r = _run_demo(target)
+    assert r.returncode == 2 and "is a file, not a folder" in r.stderr and "Traceback" not in r.stderr
+    assert target.read_bytes() == b"%PDF"
+
+
+def test_a_later_demo_replaces_only_what_an_earlier_demo_wrote(tmp_path):
+    from dicom_node.tools.demo import DEMO_MARKER, prepare_output_dir
+
+    out = tmp_path / "out"
+    assert prepare_output_dir(out) is None and (out / DEMO_MARKER).is_file()  # new folder: made and marked
+    for name in ("results", "rendered"):
+        (out / name).mkdir()
+        (out / name / "old.dcm").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    assert prepare_output_dir(out) is None
+    assert sorted(p.name for p in out.iterdir()) == [DEMO_MARKER, "notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert prepare_output_dir(empty) is None and (empty / DEMO_MARKER).is_file()
