@@ -99,7 +99,7 @@ def test_configuration_doc_is_current():
 def test_metric_names_and_events_in_operations_guide_exist_in_code():
     """Names the operations guide promises (metrics, log events) are the ones the code emits."""
     ops = (DOCS / "operations.md").read_text()
-    code = "\n".join(p.read_text() for p in (ROOT / "dicom_node").glob("*.py"))
+    code = "\n".join(p.read_text() for p in (ROOT / "dicom_node").rglob("*.py"))
     for metric in sorted(set(re.findall(r"`(dicom_node_[a-z_]+)`", ops))):
         base = re.sub(r"_(total|bucket|sum|count|created)$", "", metric)
         assert f'"{base}"' in code or f'"{metric}"' in code, f"operations.md names metric {metric}; the code has none"
