@@ -22,6 +22,7 @@ __all__ = [
     "ConsistencyResult",
     "consistency_violations",
     "make_consistent",
+    "sigmoid",
 ]
 
 WINDOW_LABEL = "pe_present_on_window"
@@ -80,6 +81,13 @@ STUDY_LABEL_WEIGHTS: dict[str, float] = {
 }
 
 _I = {name: i for i, name in enumerate(STUDY_LABELS)}
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logistic function of logits, in float64, without overflow for large |x| (the one sigmoid of node,
+    training and export)."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))
 
 
 @dataclass(frozen=True)
