@@ -23,12 +23,24 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
 
 from dicom_node.log import get_logger
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    import numpy.typing as npt
+
+    from dicom_node.imaging.series import CtSeries
+
+    #: slice labels: {SOP Instance UID: label} or a sequence / array aligned with `CtSeries.sop_instance_uids`
+    SliceLabels: TypeAlias = dict[str, Any] | npt.ArrayLike
 
 __all__ = [
     "PreprocessConfig",
@@ -88,13 +100,13 @@ class PreprocessConfig:
         if any(w <= 0 for _, w in self.hu_windows):
             raise ValueError(f"PreprocessConfig: hu_windows={self.hu_windows}; expected positive widths")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hu_windows"] = [list(w) for w in self.hu_windows]
         return d
 
     @classmethod
-    def from_dict(cls, data: dict) -> PreprocessConfig:
+    def from_dict(cls, data: Mapping[str, Any]) -> PreprocessConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -135,22 +147,26 @@ class Geometry:
     def _scale(self, axis: int) -> float:
         return self.spacing_mm / self.original_spacing_mm[axis]
 
-    def _resize_to_resampled(self, q, axis: int):
+    def _resize_to_resampled(self, q: npt.ArrayLike, axis: int) -> np.ndarray:
         lo, hi = self.lung_box[2 * axis], self.lung_box[2 * axis + 1]
         return lo + (np.asarray(q, dtype=np.float64) + 0.5) * (hi - lo) / self.resize - 0.5
 
-    def _resampled_to_resize(self, v, axis: int):
+    def _resampled_to_resize(self, v: npt.ArrayLike, axis: int) -> np.ndarray:
         lo, hi = self.lung_box[2 * axis], self.lung_box[2 * axis + 1]
         return (np.asarray(v, dtype=np.float64) - lo + 0.5) * self.resize / (hi - lo) - 0.5
 
-    def model_to_original(self, window: int, s, r, c) -> tuple:
+    def model_to_original(
+        self, window: int, s: npt.ArrayLike, r: npt.ArrayLike, c: npt.ArrayLike
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Model coordinates (window, slice s, row r, col c of the crop) -> original (z, y, x) voxel coordinates."""
         z_res = self.lung_box[0] + window * self.window_slices + np.asarray(s, dtype=np.float64)
         y_res = self._resize_to_resampled(np.asarray(r) + self.crop_offset[0], 1)
         x_res = self._resize_to_resampled(np.asarray(c) + self.crop_offset[1], 2)
         return z_res * self._scale(0), y_res * self._scale(1), x_res * self._scale(2)
 
-    def original_to_model(self, z, y, x) -> tuple:
+    def original_to_model(
+        self, z: npt.ArrayLike, y: npt.ArrayLike, x: npt.ArrayLike
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Original (z, y, x) voxel coordinates -> (window, s, r, c) in model space (floats; s within the window)."""
         z_rel = np.asarray(z, dtype=np.float64) / self._scale(0) - self.lung_box[0]
         window = np.floor((z_rel + 0.5) / self.window_slices).astype(int)
@@ -187,7 +203,7 @@ class Windows:
 
 
 def _linear_taps(n_in: int, n_out: int, lo: float = 0.0, step: float | None = None, scale: float = 1.0,
-                 first: int = 0, count: int | None = None):
+                 first: int = 0, count: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Indices and weights for linear sampling of an axis of length n_in at n_out positions.
 
     Positions (in the axis' own voxel units) are `scale * (lo + (i + 0.5) * step - 0.5)` for
@@ -217,14 +233,14 @@ def _resize_axis(arr: np.ndarray, axis: int, n_out: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- lungs
 
 
-def _low_res_strides(shape, spacing, target_mm: float) -> tuple[int, int, int]:
+def _low_res_strides(shape: tuple[int, ...], spacing: tuple[float, float, float], target_mm: float) -> tuple[int, int, int]:
     zs = max(1, min(int(round(target_mm / spacing[0])), shape[0] // 32))
     ys = max(1, min(int(round(target_mm / spacing[1])), shape[1] // 96))
     xs = max(1, min(int(round(target_mm / spacing[2])), shape[2] // 96))
     return zs, ys, xs
 
 
-def find_lung_box(series, config: PreprocessConfig = PreprocessConfig()) -> tuple[tuple[int, int, int, int, int, int], float]:
+def find_lung_box(series: CtSeries, config: PreprocessConfig = PreprocessConfig()) -> tuple[tuple[int, int, int, int, int, int], float]:
     """3D lung bounding box in resampled voxels (z0, z1, y0, y1, x0, x1, end exclusive) and the lung volume (mL).
 
     Raises PreprocessError when less than `config.min_lung_volume_ml` of lung is found.
@@ -269,7 +285,7 @@ def find_lung_box(series, config: PreprocessConfig = PreprocessConfig()) -> tupl
     sub = mask[rows_z[0] : rows_z[-1] + 1]
     ys = np.flatnonzero(sub.any(axis=(0, 2)))
     xs = np.flatnonzero(sub.any(axis=(0, 1)))
-    box = []
+    box: list[int] = []
     for axis, (lo, hi) in enumerate(((rows_z[0], rows_z[-1]), (ys[0], ys[-1]), (xs[0], xs[-1]))):
         sp = spacing[axis]
         st = strides[axis]
@@ -279,18 +295,20 @@ def find_lung_box(series, config: PreprocessConfig = PreprocessConfig()) -> tupl
         k0 = max(0, int(math.ceil(lo_mm / config.spacing_mm)))
         k1 = min(n_res, int(math.floor(hi_mm / config.spacing_mm)) + 1)
         box += [k0, max(k1, k0 + 1)]
-    return tuple(box), volume_ml  # type: ignore[return-value]
+    z0, z1, y0, y1, x0, x1 = box
+    return (z0, z1, y0, y1, x0, x1), volume_ml
 
 
 # ----------------------------------------------------------------------------- main steps
 
 
-def _resampled_shape(shape, spacing, target: float) -> tuple[int, int, int]:
-    return tuple(int(math.floor((n - 1) * s / target + 1e-6)) + 1 for n, s in zip(shape, spacing))  # type: ignore[return-value]
+def _resampled_shape(shape: tuple[int, ...], spacing: tuple[float, float, float], target: float) -> tuple[int, int, int]:
+    nz, ny, nx = (int(math.floor((n - 1) * s / target + 1e-6)) + 1 for n, s in zip(shape, spacing))
+    return nz, ny, nx
 
 
-def _box_volume(hu: np.ndarray, spacing, box, config: PreprocessConfig, n_total: int, offset: int = 0,
-                size: int | None = None) -> np.ndarray:
+def _box_volume(hu: np.ndarray, spacing: tuple[float, float, float], box: tuple[int, int, int, int, int, int],
+                config: PreprocessConfig, n_total: int, offset: int = 0, size: int | None = None) -> np.ndarray:
     """(n_total, size, size) float32 HU: the box resampled to spacing_mm in z and resized in-plane to
     resize x resize, of which only pixels [offset, offset + size) are computed (a crop), padded in z."""
     z0, z1, y0, y1, x0, x1 = box
@@ -363,7 +381,7 @@ def _windows_array(vol: np.ndarray, config: PreprocessConfig, n_windows: int) ->
     return out
 
 
-def _normalise_labels(series, slice_labels) -> np.ndarray:
+def _normalise_labels(series: CtSeries, slice_labels: SliceLabels) -> np.ndarray:
     n = len(series.sop_instance_uids)
     if isinstance(slice_labels, dict):
         missing = [u for u in series.sop_instance_uids if u not in slice_labels]
@@ -381,7 +399,7 @@ def _normalise_labels(series, slice_labels) -> np.ndarray:
     return (arr != 0).astype(np.int64)
 
 
-def _window_labels(geometry: Geometry, indices, labels: np.ndarray) -> np.ndarray:
+def _window_labels(geometry: Geometry, indices: tuple[tuple[int, ...], ...], labels: np.ndarray) -> np.ndarray:
     out = np.zeros(len(indices), dtype=np.int64)
     scale = geometry._scale(0)
     for w, idx in enumerate(indices):
@@ -393,12 +411,25 @@ def _window_labels(geometry: Geometry, indices, labels: np.ndarray) -> np.ndarra
     return out
 
 
-def prepare(series, config: PreprocessConfig = PreprocessConfig(), slice_labels=None) -> Windows:
-    """Series -> windows at `resize` x `resize` (no crop): training crops/augments this, inference centre-crops it."""
+def prepare(series: CtSeries, config: PreprocessConfig = PreprocessConfig(),
+            slice_labels: SliceLabels | None = None) -> Windows:
+    """Series -> windows at `resize` x `resize` (no crop): training crops/augments this, inference centre-crops it.
+
+    Parameters
+    ----------
+    series
+        The loaded CT series (`dicom_node.imaging.series.load_series`).
+    config
+        The preprocessing; a bundle's is `BundleManifest.preprocessing`.
+    slice_labels
+        Optional per-slice PE labels, either {SOP Instance UID: label} covering every slice or
+        a sequence / array of one label per slice in `series.sop_instance_uids` order; when
+        given, `Windows.labels` holds one 0/1 label per window (1 if any covered slice is positive).
+    """
     return _prepare(series, config, slice_labels, crop=None)
 
 
-def _prepare(series, config: PreprocessConfig, slice_labels, crop: int | None) -> Windows:
+def _prepare(series: CtSeries, config: PreprocessConfig, slice_labels: SliceLabels | None, crop: int | None) -> Windows:
     """`prepare`, computing only the centre `crop` x `crop` pixels when `crop` is given
     (identical to `center_crop(prepare(...), crop)`, without the full-size array and the copy)."""
     t0 = time.perf_counter()
@@ -408,8 +439,9 @@ def _prepare(series, config: PreprocessConfig, slice_labels, crop: int | None) -
     box, volume_ml = find_lung_box(series, config)
     nb = box[1] - box[0]
     n_windows = int(math.ceil(nb / config.window_slices))
+    nz, ny, nx = series.hu.shape
     geometry = Geometry(
-        original_shape=tuple(int(v) for v in series.hu.shape),  # type: ignore[arg-type]
+        original_shape=(int(nz), int(ny), int(nx)),
         original_spacing_mm=spacing,
         resampled_shape=_resampled_shape(series.hu.shape, spacing, config.spacing_mm),
         lung_box=box,
@@ -461,15 +493,23 @@ def center_crop(windows: Windows, crop: int) -> Windows:
     return replace(windows, array=array, geometry=geometry)
 
 
-def preprocess(series, config: PreprocessConfig = PreprocessConfig(), slice_labels=None) -> Windows:
-    """Series -> inference input (N, 3, window_slices, crop, crop) float32 in [0, 1]: `prepare` + `center_crop`."""
+def preprocess(series: CtSeries, config: PreprocessConfig = PreprocessConfig(),
+               slice_labels: SliceLabels | None = None) -> Windows:
+    """Series -> inference input (N, 3, window_slices, crop, crop) float32 in [0, 1]: `prepare` + `center_crop`.
+
+    Parameters
+    ----------
+    series, config, slice_labels
+        As for `prepare`.
+    """
     return _prepare(series, config, slice_labels, crop=config.crop)
 
 
 # ----------------------------------------------------------------------------- heatmaps
 
 
-def heatmap_to_slices(windows_or_geometry, window_index: int, heatmap) -> list[tuple[int, np.ndarray]]:
+def heatmap_to_slices(windows_or_geometry: Windows | Geometry, window_index: int,
+                      heatmap: npt.ArrayLike) -> list[tuple[int, np.ndarray]]:
     """Map one window's model-space heatmap back onto the original slices it covers.
 
     `heatmap` is (t, h, w) (or (h, w)) non-negative, at any resolution up to (window_slices, crop,

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pydicom
@@ -62,6 +64,13 @@ _SPACING_TOLERANCE_MM = 1e-3
 
 _log = get_logger("dicom_node.imaging.series")
 
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    #: what `read_datasets`, `group_series` and `load_series` accept: a directory or file path,
+    #: one Dataset, or an iterable of file paths and/or Datasets
+    SeriesSource: TypeAlias = str | os.PathLike[str] | Dataset | Iterable[str | os.PathLike[str] | Dataset]
+
 
 class SeriesError(ValueError):
     """A series cannot be used; the message names the series UID, the value and what was expected."""
@@ -94,7 +103,7 @@ class CtSeries:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.hu.shape)  # type: ignore[return-value]
+        return tuple(self.hu.shape)
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
@@ -127,15 +136,11 @@ class _Slice:
 # ----------------------------------------------------------------------------- reading
 
 
-def _is_dataset(item) -> bool:
-    return isinstance(item, Dataset)
-
-
 def _iter_paths(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def read_datasets(source) -> list[Dataset]:
+def read_datasets(source: SeriesSource) -> list[Dataset]:
     """Datasets from a directory (recursive), one path, or an iterable of paths / Datasets.
 
     Files that are not DICOM are skipped in a directory, refused when named explicitly.
@@ -143,7 +148,7 @@ def read_datasets(source) -> list[Dataset]:
     if isinstance(source, (str, os.PathLike)):
         root = Path(source)
         if root.is_dir():
-            out = []
+            out: list[Dataset] = []
             for p in _iter_paths(root):
                 try:
                     out.append(pydicom.dcmread(p))
@@ -151,11 +156,11 @@ def read_datasets(source) -> list[Dataset]:
                     _log.debug("non_dicom_file_skipped", path=str(p))
             return out
         return [pydicom.dcmread(root)]
-    if _is_dataset(source):
+    if isinstance(source, Dataset):
         return [source]
     out = []
     for item in source:
-        if _is_dataset(item):
+        if isinstance(item, Dataset):
             out.append(item)
         else:
             try:
@@ -165,7 +170,7 @@ def read_datasets(source) -> list[Dataset]:
     return out
 
 
-def group_series(datasets_or_paths) -> dict[str, list[Dataset]]:
+def group_series(datasets_or_paths: SeriesSource) -> dict[str, list[Dataset]]:
     """Group datasets (or files) by SeriesInstanceUID, in input order."""
     groups: dict[str, list[Dataset]] = {}
     for ds in read_datasets(datasets_or_paths):
@@ -184,7 +189,7 @@ def _describe_series(uid: str, items: list[Dataset]) -> str:
 # ----------------------------------------------------------------------------- frames
 
 
-def _functional_group(ds: Dataset, frame_index: int, name: str):
+def _functional_group(ds: Dataset, frame_index: int, name: str) -> Dataset | None:
     """Item 0 of functional group `name` for one frame: per-frame first, then shared."""
     per = ds.get("PerFrameFunctionalGroupsSequence")
     if per is not None and frame_index < len(per):
@@ -199,7 +204,21 @@ def _functional_group(ds: Dataset, frame_index: int, name: str):
     return None
 
 
-def _floats(value, n: int, what: str, series_uid: str, sop_uid: str) -> np.ndarray:
+def _floats(value: Any, n: int, what: str, series_uid: str, sop_uid: str) -> np.ndarray:
+    """`value` as a (n,) float64 array; `SeriesError` naming the instance and `what` otherwise.
+
+    Parameters
+    ----------
+    value
+        The raw value of a DICOM element (a MultiValue, a list, a single number, None, ...),
+        anything that is not exactly `n` numbers is refused.
+    n
+        The number of values expected.
+    what
+        The element keyword, for the error message.
+    series_uid, sop_uid
+        The series and the instance the value comes from, for the error message.
+    """
     try:
         arr = np.asarray([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError):
@@ -455,7 +474,7 @@ def _ref_dataset(ds: Dataset) -> Dataset:
 # ----------------------------------------------------------------------------- entry point
 
 
-def load_series(source, *, series_uid: str | None = None, min_slices: int = 20) -> CtSeries:
+def load_series(source: SeriesSource, *, series_uid: str | None = None, min_slices: int = 20) -> CtSeries:
     """Load, check and sort one CT series.
 
     `source` is a directory (searched recursively), an iterable of file paths, or an iterable of
@@ -494,7 +513,7 @@ def load_series(source, *, series_uid: str | None = None, min_slices: int = 20) 
         slice_spacing_mm=float(slice_spacing),
         positions_mm=np.array([s.normal_position for s in slices], dtype=np.float64),
         image_orientation=tuple(float(v) for v in first.orientation),
-        image_position_first=tuple(float(v) for v in first.position),  # type: ignore[arg-type]
+        image_position_first=(float(first.position[0]), float(first.position[1]), float(first.position[2])),
         ref_dataset=_ref_dataset(ref_ds),
         frame_numbers=tuple(s.frame for s in slices),
         image_positions=np.array([s.position for s in slices], dtype=np.float64),

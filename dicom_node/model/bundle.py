@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast, overload
 
 import numpy as np
 
@@ -114,7 +114,8 @@ class BundleManifest:
     @property
     def heatmap_shape(self) -> tuple[int, int, int]:
         dims = self.stage1.outputs[STAGE1_OUTPUTS.index("heatmap")].shape[1:]
-        return tuple(int(d) for d in dims)  # type: ignore[return-value]
+        # three dims: _parse_manifest accepts only a [batch, t, h, w] heatmap with int t, h, w
+        return cast("tuple[int, int, int]", tuple(int(d) for d in dims))
 
     @classmethod
     def from_json(cls, data: Any, *, where: str = MANIFEST_NAME) -> BundleManifest:
@@ -181,7 +182,31 @@ class VerifyReport:
 # manifest schema
 
 
-def _req(d: dict, key: str, typ, where: str):
+_T = TypeVar("_T")
+
+
+@overload
+def _req(d: object, key: str, typ: type[_T], where: str) -> _T: ...
+
+
+@overload
+def _req(d: object, key: str, typ: tuple[type[Any], ...], where: str) -> Any: ...
+
+
+def _req(d: object, key: str, typ: type[Any] | tuple[type[Any], ...], where: str) -> Any:
+    """`d[key]`, checked to be of type `typ`; `BundleError` otherwise.
+
+    Parameters
+    ----------
+    d
+        A parsed JSON value that must be an object (a dict).
+    key
+        The required key.
+    typ
+        The type or tuple of types the value must have (a bool is accepted only when `bool` is named).
+    where
+        The manifest and the place in it, for the error message.
+    """
     if not isinstance(d, dict):
         raise BundleError(f"{where}: expected a JSON object, got {type(d).__name__}")
     if key not in d:

@@ -172,7 +172,9 @@ class Predictor:
         warm_s = 0.0
         if warmup:
             t1 = time.perf_counter()
-            self._stage1(np.zeros((1, *m.stage1.inputs[0].shape[1:]), dtype=np.float32))
+            # all int: _parse_manifest checks them against (3, window_slices, crop, crop)
+            window_shape = tuple(int(d) for d in m.stage1.inputs[0].shape[1:])
+            self._stage1(np.zeros((1, *window_shape), dtype=np.float32))
             self._stage2(np.zeros((m.sequence_length, m.feature_dim), np.float32), np.ones(m.sequence_length, np.float32))
             warm_s = time.perf_counter() - t1
         log.info("model_loaded", bundle=str(self.bundle.path), model_name=m.name, model_version=m.version,

@@ -14,8 +14,14 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pynetdicom.events import Event
+    from pynetdicom.transport import ThreadedAssociationServer
 
 __all__ = ["free_port", "wait_for_port", "terminate", "OrthancPeer", "StoreScpPeer", "LocalStorageScp", "ORTHANC_BIN", "DCMTK_BIN"]
 
@@ -29,7 +35,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0, proc: subprocess.Popen[Any] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -42,7 +48,7 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0, pro
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f} s")
 
 
-def terminate(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+def terminate(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
     """End a peer process: SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
     if proc is None or proc.poll() is not None:
         return
@@ -64,7 +70,7 @@ class OrthancPeer:
     node_port: int = 11112
     dicom_port: int = 0
     http_port: int = 0
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OrthancPeer:
         if ORTHANC_BIN is None:
@@ -99,12 +105,14 @@ class OrthancPeer:
         terminate(self.proc)
 
     # --- REST helpers -------------------------------------------------------------------------
-    def get(self, path: str):
+    def get(self, path: str) -> Any:
+        """GET `path` of the REST API: the decoded JSON when the answer is JSON, else the raw bytes."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
             data = r.read()
         return json.loads(data) if data[:1] in (b"{", b"[") else data
 
-    def post(self, path: str, body: bytes | dict):
+    def post(self, path: str, body: bytes | dict[str, Any]) -> Any:
+        """POST `body` (bytes as is, a dict as JSON) to `path`: the decoded JSON answer, else the raw bytes."""
         data = json.dumps(body).encode() if isinstance(body, dict) else body
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method="POST")
         with urllib.request.urlopen(req, timeout=30) as r:
@@ -114,19 +122,30 @@ class OrthancPeer:
     def instances(self) -> list[str]:
         return self.get("/instances")
 
-    def instance_tags(self, orthanc_id: str) -> dict:
+    def instance_tags(self, orthanc_id: str) -> dict[str, Any]:
         return self.get(f"/instances/{orthanc_id}/simplified-tags")
 
     def instance_file(self, orthanc_id: str) -> bytes:
         return self.get(f"/instances/{orthanc_id}/file")
 
-    def find_by_modality(self, modality: str) -> list[dict]:
+    def find_by_modality(self, modality: str) -> list[dict[str, Any]]:
         return [t for t in (self.instance_tags(i) for i in self.instances()) if t.get("Modality") == modality]
 
-    def wait_for_instances(self, predicate, timeout: float = 60.0) -> list[dict]:
-        """Poll until predicate(list of simplified tags) is true; return the tags."""
+    def wait_for_instances(
+        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 60.0
+    ) -> list[dict[str, Any]]:
+        """Poll until predicate(list of simplified tags) is true; return the tags.
+
+        Parameters
+        ----------
+        predicate
+            Called with the simplified tags of every instance Orthanc holds (one dict per instance,
+            as `instance_tags` returns them); polling stops when it returns True.
+        timeout
+            Seconds before `TimeoutError`.
+        """
         deadline = time.monotonic() + timeout
-        tags: list[dict] = []
+        tags: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
             tags = [self.instance_tags(i) for i in self.instances()]
             if predicate(tags):
@@ -143,7 +162,7 @@ class StoreScpPeer:
     aet: str = "STORESCP"
     port: int = 0
     extra_args: tuple[str, ...] = ()
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> StoreScpPeer:
         if DCMTK_BIN is None:
@@ -172,7 +191,7 @@ class LocalStorageScp:
     outdir: Path
     aet: str = "DEMOPACS"
     port: int = 0
-    _server: object | None = None
+    _server: ThreadedAssociationServer | None = None
 
     def start(self) -> LocalStorageScp:
         from pynetdicom import AE, StoragePresentationContexts, evt
@@ -180,7 +199,7 @@ class LocalStorageScp:
         self.outdir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
 
-        def on_store(event):
+        def on_store(event: Event) -> int:
             ds = event.dataset
             ds.file_meta = event.file_meta
             ds.save_as(self.outdir / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
