@@ -36,7 +36,7 @@ def site_group(emboli) -> str:
 
 def main(argv=None) -> int:
     from benchmarks.train_phantom import add_phantom_arguments, phantom_config
-    from phantoms.study import dataset_plan, generate_study, phantom_study_uid
+    from phantoms import dataset_plan, generate_study, phantom_study_uid
     from training.data import load_split
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -34,7 +34,7 @@ GOALS = {"demo": 10.0, "paper": 45.0}
 
 
 def phantom_series(root: Path, slices: int, size: int) -> list[Path]:
-    from phantoms.study import PhantomConfig, generate_study, write_study
+    from phantoms import PhantomConfig, generate_study, write_study
 
     study = generate_study(11, PhantomConfig(rows=size, cols=size, n_slices=slices, slice_thickness_mm=1.25),
                            kind="positive")

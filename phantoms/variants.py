@@ -2,24 +2,25 @@
 
     write_variant(study, root, "jpeg-ls")   # -> list of written paths
 
-Every variant writes under `root/<StudyUID>/<SeriesUID>/`. Lossless compression uses pydicom's
-encoders (RLE, JPEG-LS via pyjpegls/pylibjpeg, JPEG 2000 via pylibjpeg-openjpeg) and falls back to
-dcmtk (`dcmcjpls`, `dcmcrle`) or GDCM (`gdcmconv --j2k`); JPEG lossless (process 14, SV1) always
-uses dcmtk's `dcmcjpeg`.
+Every variant writes under `root/<StudyUID>/<SeriesUID>/` and is a function of the study alone
+(its own random draws are seeded from `study.seed`), so a test that fails on one variant fails
+the same way on every run. The compressed variants are `phantoms.dicom.write_compressed` under a
+short name; the others bend one thing the loader must cope with (a missing or duplicated slice,
+file names and instance numbers that disagree with the positions, an oblique orientation, a
+localizer and a second series in the same study, one Enhanced CT multi-frame instance).
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     UID,
+    EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLosslessSV1,
@@ -27,11 +28,19 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from phantoms.study import HU_INTERCEPT, PhantomStudy, _ds, _file_meta, _uid, base_dataset, study_datasets
+from phantoms.dicom import (
+    add_file_meta,
+    base_dataset,
+    decimal_string,
+    save_dataset,
+    series_directory,
+    study_datasets,
+    study_datasets_slice,
+    write_compressed,
+)
+from phantoms.geometry import HU_INTERCEPT, PhantomStudy, phantom_uid
 
-__all__ = ["VARIANTS", "COMPRESSED", "ENHANCED_CT_IMAGE_STORAGE", "write_variant", "write_compressed", "enhanced_dataset"]
-
-ENHANCED_CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2.1")
+__all__ = ["VARIANTS", "COMPRESSED", "write_variant", "enhanced_dataset"]
 
 #: variant name -> transfer syntax of the lossless compressed variants
 COMPRESSED: dict[str, UID] = {
@@ -52,60 +61,6 @@ VARIANTS: tuple[str, ...] = (
     "reversed",
 )
 
-_TOOLS = {  # transfer syntax -> external command (input, output appended)
-    JPEGLSLossless: ["dcmcjpls", "+ll"],
-    RLELossless: ["dcmcrle"],
-    JPEGLosslessSV1: ["dcmcjpeg", "+e1"],
-    JPEG2000Lossless: ["gdcmconv", "--j2k"],
-}
-
-
-def _series_dir(root: Path, ds: Dataset) -> Path:
-    d = Path(root) / ds.StudyInstanceUID / ds.SeriesInstanceUID
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def _save(ds: Dataset, path: Path) -> Path:
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def _compress_with_tool(ds: Dataset, syntax: UID, path: Path) -> Path:
-    cmd = _TOOLS[syntax]
-    if shutil.which(cmd[0]) is None:
-        raise RuntimeError(f"phantom variant {syntax.name}: no pydicom encoder and no `{cmd[0]}` on PATH; "
-                           "install pylibjpeg plugins or the dcmtk/libgdcm-tools packages")
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "in.dcm"
-        _save(ds, src)
-        res = subprocess.run([*cmd, str(src), str(path)], capture_output=True, text=True)
-        if res.returncode != 0 or not path.exists():
-            raise RuntimeError(f"phantom variant {syntax.name}: `{' '.join(cmd)}` failed: {res.stderr.strip()[:300]}")
-    return path
-
-
-def _write_compressed_ds(ds: Dataset, syntax: UID, path: Path) -> Path:
-    if syntax != JPEGLosslessSV1:
-        try:
-            ds.compress(syntax, generate_instance_uid=False)
-            return _save(ds, path)
-        except (RuntimeError, NotImplementedError, ValueError):
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return _compress_with_tool(ds, syntax, path)
-
-
-def write_compressed(study: PhantomStudy, root: Path, transfer_syntax: str) -> list[Path]:
-    """Write the study with a lossless compressed transfer syntax (see `COMPRESSED`)."""
-    syntax = UID(transfer_syntax)
-    if syntax not in _TOOLS:
-        raise ValueError(f"phantom: transfer syntax {syntax} ({syntax.name}) is not supported; "
-                         f"expected one of {', '.join(f'{u} ({u.name})' for u in _TOOLS)}")
-    paths = []
-    for ds in study_datasets(study):
-        paths.append(_write_compressed_ds(ds, syntax, _series_dir(root, ds) / f"{ds.SOPInstanceUID}.dcm"))
-    return paths
-
 
 def write_variant(study: PhantomStudy, root: Path, variant: str) -> list[Path]:
     """Write one test variant of `study` under `root` (see `VARIANTS`); returns the written files."""
@@ -114,7 +69,7 @@ def write_variant(study: PhantomStudy, root: Path, variant: str) -> list[Path]:
         return write_compressed(study, root, COMPRESSED[variant])
     if variant == "enhanced-multiframe":
         ds = enhanced_dataset(study)
-        return [_save(ds, _series_dir(root, ds) / f"{ds.SOPInstanceUID}.dcm")]
+        return [save_dataset(ds, series_directory(root, ds) / f"{ds.SOPInstanceUID}.dcm")]
     if variant not in VARIANTS:
         raise ValueError(f"phantom: unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
     dss = study_datasets(study)
@@ -126,7 +81,7 @@ def write_variant(study: PhantomStudy, root: Path, variant: str) -> list[Path]:
         del dss[Z // 2], names[Z // 2]
     elif variant == "duplicate-instance":
         k = Z // 3
-        paths.append(_save(dss[k], _series_dir(root, dss[k]) / f"{dss[k].SOPInstanceUID}.copy.dcm"))
+        paths.append(save_dataset(dss[k], series_directory(root, dss[k]) / f"{dss[k].SOPInstanceUID}.copy.dcm"))
     elif variant in ("shuffled", "reversed"):
         order = rng.permutation(Z) if variant == "shuffled" else np.arange(Z)[::-1]
         names = [f"IM{int(order[k]):05d}.dcm" for k in range(Z)]
@@ -139,14 +94,14 @@ def write_variant(study: PhantomStudy, root: Path, variant: str) -> list[Path]:
         normal = np.cross(row, col)
         p0 = study.positions[0]
         for k, ds in enumerate(dss):
-            ds.ImageOrientationPatient = [_ds(v) for v in (*row, *col)]
-            ds.ImagePositionPatient = [_ds(v) for v in p0 + k * study.spacing_between_slices_mm * normal]
+            ds.ImageOrientationPatient = [decimal_string(v) for v in (*row, *col)]
+            ds.ImagePositionPatient = [decimal_string(v) for v in p0 + k * study.spacing_between_slices_mm * normal]
             del ds.SliceLocation
     elif variant == "localizer-and-second-series":
         for ds in (_localizer(study), *_thick_series(study)):
-            paths.append(_save(ds, _series_dir(root, ds) / f"{ds.SOPInstanceUID}.dcm"))
+            paths.append(save_dataset(ds, series_directory(root, ds) / f"{ds.SOPInstanceUID}.dcm"))
     for ds, name in zip(dss, names):
-        paths.append(_save(ds, _series_dir(root, ds) / name))
+        paths.append(save_dataset(ds, series_directory(root, ds) / name))
     return paths
 
 
@@ -168,20 +123,20 @@ def _localizer(study: PhantomStudy) -> Dataset:
     img = (mu / max(float(mu.max()), 1.0) * 2000 - 1000)[::-1]  # top row = head
     ds = base_dataset(study)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
-    ds.SeriesInstanceUID = _uid(study.seed, "series", "localizer")
-    ds.SOPInstanceUID = _uid(study.seed, "sop", "localizer", 0)
+    ds.SeriesInstanceUID = phantom_uid(study.seed, "series", "localizer")
+    ds.SOPInstanceUID = phantom_uid(study.seed, "sop", "localizer", 0)
     ds.SeriesNumber, ds.InstanceNumber, ds.AcquisitionNumber = 1, 1, 1
     ds.SeriesDescription = "TOPOGRAM"
     ds.KVP = "120"
     top = study.positions[-1]
-    ds.ImagePositionPatient = [_ds(top[0]), "0", _ds(top[2])]
+    ds.ImagePositionPatient = [decimal_string(top[0]), "0", decimal_string(top[2])]
     ds.ImageOrientationPatient = ["1", "0", "0", "0", "0", "-1"]
-    ds.PixelSpacing = [_ds(study.slice_thickness_mm), _ds(study.pixel_spacing_mm[1])]
+    ds.PixelSpacing = [decimal_string(study.slice_thickness_mm), decimal_string(study.pixel_spacing_mm[1])]
     ds.SliceThickness = "1"
     _image_pixel(ds, Z, W)
     ds.RescaleIntercept, ds.RescaleSlope = str(HU_INTERCEPT), "1"
     ds.PixelData = _pixels(np.rint(img))
-    _file_meta(ds, ExplicitVRLittleEndian)
+    add_file_meta(ds, ExplicitVRLittleEndian)
     return ds
 
 
@@ -193,28 +148,19 @@ def _thick_series(study: PhantomStudy, thickness_mm: float = 5.0) -> list[Datase
     out = []
     for j, k0 in enumerate(range(0, Z - n + 1, n)):
         ds = study_datasets_slice(study, k0)
-        ds.SeriesInstanceUID = _uid(study.seed, "series", "thick")
-        ds.SOPInstanceUID = _uid(study.seed, "sop", "thick", j)
+        ds.SeriesInstanceUID = phantom_uid(study.seed, "series", "thick")
+        ds.SOPInstanceUID = phantom_uid(study.seed, "sop", "thick", j)
         ds.SeriesNumber = 3
         ds.InstanceNumber = j + 1
-        ds.SeriesDescription = f"CHEST {_ds(thick)}mm"
-        ds.SliceThickness = ds.SpacingBetweenSlices = _ds(thick)
+        ds.SeriesDescription = f"CHEST {decimal_string(thick)}mm"
+        ds.SliceThickness = ds.SpacingBetweenSlices = decimal_string(thick)
         centre = study.positions[k0:k0 + n].mean(axis=0)
-        ds.ImagePositionPatient = [_ds(v) for v in centre]
-        ds.SliceLocation = _ds(float(centre[2]))
+        ds.ImagePositionPatient = [decimal_string(v) for v in centre]
+        ds.SliceLocation = decimal_string(float(centre[2]))
         ds.PixelData = _pixels(np.rint(study.hu[k0:k0 + n].astype(np.float32).mean(axis=0)))
-        _file_meta(ds, ExplicitVRLittleEndian)
+        add_file_meta(ds, ExplicitVRLittleEndian)
         out.append(ds)
     return out
-
-
-def study_datasets_slice(study: PhantomStudy, k: int) -> Dataset:
-    """The CT Image dataset of slice `k` alone (cheaper than building the whole series)."""
-    one = PhantomStudy(**{**study.__dict__, "hu": study.hu[k:k + 1], "positions": study.positions[k:k + 1],
-                          "sop_uids": study.sop_uids[k:k + 1]})
-    ds = study_datasets(one)[0]
-    ds.InstanceNumber = study.shape[0] - k
-    return ds
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -223,7 +169,7 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     return c
 
 
-def _item(**kw) -> Dataset:
+def _item(**kw: Any) -> Dataset:
     d = Dataset()
     for k, v in kw.items():
         setattr(d, k, v)
@@ -233,16 +179,16 @@ def _item(**kw) -> Dataset:
 def enhanced_dataset(study: PhantomStudy) -> Dataset:
     """The whole series as one Enhanced CT Image Storage instance with per-frame functional groups."""
     Z, H, W = study.shape
-    ds = base_dataset(study, sop_class=ENHANCED_CT_IMAGE_STORAGE)
+    ds = base_dataset(study, sop_class=EnhancedCTImageStorage)
     for name in ("SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime", "StationName",
                  "ContrastBolusAgent", "ContrastBolusRoute", "PatientPosition"):
         delattr(ds, name)
     ds.PatientPosition = "HFS"
     ds.SeriesDate, ds.SeriesTime = study.study_date, study.study_time
-    ds.SeriesInstanceUID = _uid(study.seed, "series", "enhanced")
-    ds.SOPInstanceUID = _uid(study.seed, "sop", "enhanced", 0)
+    ds.SeriesInstanceUID = phantom_uid(study.seed, "series", "enhanced")
+    ds.SOPInstanceUID = phantom_uid(study.seed, "sop", "enhanced", 0)
     ds.SeriesNumber, ds.InstanceNumber = 4, 1
-    ds.SeriesDescription = f"CTPA {_ds(study.slice_thickness_mm)}mm ENHANCED"
+    ds.SeriesDescription = f"CTPA {decimal_string(study.slice_thickness_mm)}mm ENHANCED"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
     ds.PixelPresentation = "MONOCHROME"
     ds.VolumetricProperties = "VOLUME"
@@ -256,7 +202,7 @@ def enhanced_dataset(study: PhantomStudy) -> Dataset:
     ds.AcquisitionContextSequence = Sequence()
     _image_pixel(ds, H, W)
     ds.NumberOfFrames = Z
-    dim_uid = _uid(study.seed, "dimension-organization")
+    dim_uid = phantom_uid(study.seed, "dimension-organization")
     ds.DimensionOrganizationSequence = Sequence([_item(DimensionOrganizationUID=dim_uid)])
     ds.DimensionOrganizationType = "3D"
     ds.DimensionIndexSequence = Sequence([
@@ -265,9 +211,9 @@ def enhanced_dataset(study: PhantomStudy) -> Dataset:
     ])
     shared = Dataset()
     shared.PixelMeasuresSequence = Sequence([_item(
-        PixelSpacing=[_ds(v) for v in study.pixel_spacing_mm], SliceThickness=_ds(study.slice_thickness_mm),
-        SpacingBetweenSlices=_ds(study.spacing_between_slices_mm))])
-    shared.PlaneOrientationSequence = Sequence([_item(ImageOrientationPatient=[_ds(v) for v in study.image_orientation])])
+        PixelSpacing=[decimal_string(v) for v in study.pixel_spacing_mm], SliceThickness=decimal_string(study.slice_thickness_mm),
+        SpacingBetweenSlices=decimal_string(study.spacing_between_slices_mm))])
+    shared.PlaneOrientationSequence = Sequence([_item(ImageOrientationPatient=[decimal_string(v) for v in study.image_orientation])])
     anat = _item(FrameLaterality="U")
     anat.AnatomicRegionSequence = Sequence([_code("51185008", "SCT", "Thorax")])
     shared.FrameAnatomySequence = Sequence([anat])
@@ -296,7 +242,7 @@ def enhanced_dataset(study: PhantomStudy) -> Dataset:
     shared.CTXRayDetailsSequence = Sequence([_item(
         KVP=100.0, FocalSpots=[1.0], FilterType="BODY", FilterMaterial=["ALUMINUM"])])
     shared.IrradiationEventIdentificationSequence = Sequence([_item(
-        IrradiationEventUID=_uid(study.seed, "irradiation"))])
+        IrradiationEventUID=phantom_uid(study.seed, "irradiation"))])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     frames = []
     for k in range(Z):
@@ -304,7 +250,7 @@ def enhanced_dataset(study: PhantomStudy) -> Dataset:
         f.FrameContentSequence = Sequence([_item(
             FrameAcquisitionDateTime=ds.AcquisitionDateTime, FrameReferenceDateTime=ds.AcquisitionDateTime,
             FrameAcquisitionDuration=5.0, DimensionIndexValues=[k + 1])])
-        f.PlanePositionSequence = Sequence([_item(ImagePositionPatient=[_ds(v) for v in study.positions[k]])])
+        f.PlanePositionSequence = Sequence([_item(ImagePositionPatient=[decimal_string(v) for v in study.positions[k]])])
         pos = study.positions[k]
         f.CTPositionSequence = Sequence([_item(
             TablePosition=float(pos[2]), ReconstructionTargetCenterPatient=[0.0, 0.0, float(pos[2])],
@@ -312,6 +258,6 @@ def enhanced_dataset(study: PhantomStudy) -> Dataset:
         frames.append(f)
     ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
     ds.PixelData = _pixels(study.hu)
-    _file_meta(ds, ExplicitVRLittleEndian)
+    add_file_meta(ds, ExplicitVRLittleEndian)
     return ds
 

@@ -1,4 +1,4 @@
-"""Test data: small `phantoms.study` studies, and DICOM datasets built from any HU array with any
+"""Test data: small `phantoms` studies, and DICOM datasets built from any HU array with any
 geometry (slope, orientation, spacing) for the loader's edge cases. No anatomy of its own."""
 
 from __future__ import annotations
@@ -7,22 +7,20 @@ import functools
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 
 @functools.lru_cache(maxsize=8)
 def small_study(seed: int = 3, size: int = 64, n_slices: int = 24, thickness_mm: float = 2.5):
-    """A small `phantoms.study` study (cached: treat it as read-only)."""
-    from phantoms.study import PhantomConfig, generate_study
+    """A small `phantoms.generate_study` study (cached: treat it as read-only)."""
+    from phantoms import PhantomConfig, generate_study
 
     return generate_study(seed, PhantomConfig(rows=size, cols=size, n_slices=n_slices, slice_thickness_mm=thickness_mm))
 
 
 def phantom_datasets(**kw) -> list[Dataset]:
     """Fresh (mutable) CT Image datasets of `small_study(**kw)`, in slice order."""
-    from phantoms.study import study_datasets
+    from phantoms import study_datasets
 
     return study_datasets(small_study(**kw))
 
@@ -52,10 +50,10 @@ def make_series(
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
         sop_uid = generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-        ds.SOPClassUID = CT_IMAGE_STORAGE
+        ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = sop_uid
         ds.Modality = "CT"
         ds.PatientName = "Factory^Chest"
@@ -82,9 +80,6 @@ def make_series(
     return out
 
 
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-
-
 def make_enhanced(datasets: list[Dataset], *, frame_order=None, per_frame_orientation: bool = False) -> Dataset:
     """One Enhanced CT multi-frame instance holding the given single-frame slices (in `frame_order`).
 
@@ -96,10 +91,10 @@ def make_enhanced(datasets: list[Dataset], *, frame_order=None, per_frame_orient
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ENHANCED_CT_IMAGE_STORAGE
+    ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
     sop_uid = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.SOPClassUID = ENHANCED_CT_IMAGE_STORAGE
+    ds.SOPClassUID = EnhancedCTImageStorage
     ds.SOPInstanceUID = sop_uid
     for kw in ("Modality", "PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
                "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored",

@@ -83,7 +83,7 @@ def sc_job(ctx: JobContext) -> JobResult:
 def phantom_series(root: Path, *, seed: int = 7, n_slices: int = 24, rows: int = 64, variant: str | None = None,
                    patient: bool = True) -> list[Path]:
     """A small phantom CTPA series (PatientName/ID/BirthDate set to the known test values)."""
-    from phantoms import study as phantom
+    import phantoms as phantom
 
     study = phantom.generate_study(seed, phantom.PhantomConfig(rows=rows, cols=rows, n_slices=n_slices))
     if patient:

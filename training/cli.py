@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_phantom(subparsers) -> None:
-    from phantoms.study import SMALLEST_EMBOLUS_VESSELS  # numpy + pydicom only, no torch
+    from phantoms import SMALLEST_EMBOLUS_VESSELS  # numpy + pydicom only, no torch
 
     p = subparsers.add_parser(
         "phantom",
@@ -63,7 +63,7 @@ def _run_phantom(args) -> int:
     import time
     from pathlib import Path
 
-    from phantoms.study import PhantomConfig, generate_dataset
+    from phantoms import PhantomConfig, generate_dataset
 
     try:
         config = PhantomConfig(rows=args.rows, cols=args.cols, n_slices=args.slices,

@@ -1,6 +1,6 @@
 """RSNA-layout data for training: labels, the study split, the preprocessed cache, torch datasets.
 
-Layout read (the RSNA-STR Pulmonary Embolism challenge's, also written by `phantoms.study`)::
+Layout read (the RSNA-STR Pulmonary Embolism challenge's, also written by `phantoms.dataset`)::
 
     DATA/train.csv                                   one row per slice (CSV_COLUMNS)
     DATA/train/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm

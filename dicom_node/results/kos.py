@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_node import RESEARCH_USE_STATEMENT
@@ -22,7 +21,7 @@ from dicom_node.results.references import source_image_datasets
 if TYPE_CHECKING:
     from dicom_node.imaging.series import CtSeries
 
-__all__ = ["KeyObjectError", "build_kos", "hottest_point", "heatmap_hits_embolus"]
+__all__ = ["KeyObjectError", "build_kos"]
 
 
 class KeyObjectError(ValueError):
@@ -73,32 +72,3 @@ def build_kos(
     )
     kos.SeriesDescription = series_description
     return kos
-
-
-def hottest_point(key_slices: Sequence[KeySlice]) -> tuple[int, int, int]:
-    """(z, y, x) of the hottest heatmap pixel over all key slices (original voxel indices)."""
-    if not key_slices:
-        raise KeyObjectError("no key slices: cannot locate the hottest heatmap point")
-    best = max(key_slices, key=lambda ks: (ks.peak, -ks.rank))
-    y, x = np.unravel_index(int(np.argmax(best.heatmap)), best.heatmap.shape)
-    return best.z, int(y), int(x)
-
-
-def heatmap_hits_embolus(key_slices: Sequence[KeySlice], embolus_mask: np.ndarray, *, tolerance_px: int = 2) -> bool:
-    """True when the hottest heatmap point lies on the embolus mask (dilated by `tolerance_px` in-plane).
-
-    `embolus_mask` is (Z, Y, X) bool in the series' slice order (the phantom's `embolus_mask`).
-    """
-    from scipy.ndimage import binary_dilation
-
-    mask = np.asarray(embolus_mask, bool)
-    z, y, x = hottest_point(key_slices)
-    if mask.ndim != 3 or not (0 <= z < mask.shape[0]) or mask.shape[1:] != key_slices[0].heatmap.shape:
-        raise KeyObjectError(
-            f"embolus mask shape {mask.shape} does not fit the key slices (z={z}, slice {key_slices[0].heatmap.shape}); "
-            "pass the mask of the same series"
-        )
-    plane = mask[z]
-    if tolerance_px > 0:
-        plane = binary_dilation(plane, iterations=tolerance_px)
-    return bool(plane[y, x])

@@ -21,7 +21,7 @@ from dicom_node.imaging.preprocess import (
     preprocess,
 )
 from dicom_node.imaging.series import load_series
-from phantoms.study import Tissue
+from phantoms.anatomy import Tissue
 from phantoms.variants import write_variant
 
 TINY = PreprocessConfig(resize=64, crop=56)

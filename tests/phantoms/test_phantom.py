@@ -10,10 +10,21 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 
 from dicom_node.labels import CSV_COLUMNS, QA_COLUMNS, STUDY_LABELS, consistency_violations
-from phantoms.study import PhantomConfig, Tissue, csv_rows, dataset_plan, generate_study, phantom_study_uid, write_study
-from phantoms.variants import COMPRESSED, ENHANCED_CT_IMAGE_STORAGE, VARIANTS, write_variant
+from phantoms import (
+    COMPRESSED,
+    VARIANTS,
+    PhantomConfig,
+    Tissue,
+    csv_rows,
+    dataset_plan,
+    generate_study,
+    phantom_study_uid,
+    write_study,
+    write_variant,
+)
 from training.cli import main as train_main
 
 SMALL = PhantomConfig(rows=96, cols=96, n_slices=48, slice_thickness_mm=2.5)
@@ -116,7 +127,7 @@ def test_plain_files_decode_to_the_generated_hu(tmp_path, positive):
     for p in paths[::7]:
         ds = pydicom.dcmread(p)
         k = index[ds.SOPInstanceUID]
-        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2" and ds.StudyDescription == "CT PULMONARY ANGIOGRAM"
+        assert ds.SOPClassUID == CTImageStorage and ds.StudyDescription == "CT PULMONARY ANGIOGRAM"
         assert ds.PatientID == positive.patient_id and ds.ContrastBolusAgent
         assert np.allclose([float(v) for v in ds.ImagePositionPatient], positive.positions[k])
         assert np.array_equal(_hu(p), positive.hu[k])
@@ -136,7 +147,7 @@ def test_compressed_variants_decode_losslessly(tmp_path, positive, variant):
 def test_enhanced_multiframe_holds_every_frame(tmp_path, positive):
     (path,) = write_variant(positive, tmp_path, "enhanced-multiframe")
     ds = pydicom.dcmread(path)
-    assert ds.SOPClassUID == ENHANCED_CT_IMAGE_STORAGE and int(ds.NumberOfFrames) == positive.shape[0]
+    assert ds.SOPClassUID == EnhancedCTImageStorage and int(ds.NumberOfFrames) == positive.shape[0]
     assert np.array_equal(ds.pixel_array.astype(np.int32) - 1024, positive.hu)
     pos = [[float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient] for f in ds.PerFrameFunctionalGroupsSequence]
     assert np.allclose(pos, positive.positions)

@@ -22,13 +22,12 @@ from dicom_node.imaging.preprocess import PreprocessConfig, preprocess
 from dicom_node.imaging.series import load_series
 from dicom_node.labels import ALL_LABELS, STUDY_LABELS, WINDOW_LABEL, consistency_violations, make_consistent
 from dicom_node.model.inference import Prediction
-from dicom_node.results.kos import heatmap_hits_embolus
 from dicom_node.results.key_slices import select_key_slices
 from dicom_node.results import ResultOptions, build_results
 from dicom_node.results.sc import pe_window_grey, render_overlay
 from dicom_node.results.codes import LABEL_CODES
 from dicom_node.results.sr import BundleInfo, ReportError, build_sr
-from phantoms.study import PhantomConfig, generate_study, study_datasets
+from phantoms import PhantomConfig, generate_study, heatmap_hits_embolus, study_datasets
 
 DCIODVFY = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
 DSRDUMP = shutil.which("dsrdump") or "/usr/bin/dsrdump"

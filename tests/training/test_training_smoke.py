@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dicom_node.labels import ALL_LABELS, STUDY_LABELS
-from phantoms.study import PhantomConfig, generate_dataset
+from phantoms import PhantomConfig, generate_dataset
 from training.cli import main
 
 FAST = "[phase1]\nepochs = 1\nwindows_per_epoch = 32\n[phase2]\nepochs = 2\n"
