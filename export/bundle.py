@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicom_node.imaging.preprocess import PreprocessConfig
 from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL
@@ -33,6 +33,12 @@ from dicom_node.model.bundle import (
     sha256_file,
     verify_bundle,
 )
+
+if TYPE_CHECKING:  # torch and training load only when a bundle is made
+    from torch import nn
+
+    from training.config import TrainConfig
+    from training.models import SequenceModel, VideoResNet
 
 __all__ = ["ExportResult", "write_bundle", "load_checkpoint_models", "read_report", "bundle_from_checkpoints",
            "bundle_from_run", "describe_data", "MODEL_CARD_NAME"]
@@ -132,8 +138,8 @@ Commands:
 
 
 def write_bundle(
-    stage1_model,
-    stage2_model,
+    stage1_model: nn.Module,
+    stage2_model: nn.Module,
     out: str | Path,
     *,
     name: str,
@@ -258,7 +264,9 @@ def write_bundle(
 # from a training run
 
 
-def load_checkpoint_models(stage1_ckpt: str | Path, stage2_ckpt: str | Path):
+def load_checkpoint_models(
+    stage1_ckpt: str | Path, stage2_ckpt: str | Path,
+) -> tuple[VideoResNet, SequenceModel, TrainConfig, dict[str, Any], dict[str, Any]]:
     """Rebuild the phase-1 and phase-2 models from their checkpoints -> (r3d, sequence, TrainConfig, ck1, ck2)."""
     from training.checkpoint import load_checkpoint
     from training.config import config_from_dict
@@ -347,7 +355,7 @@ def bundle_from_checkpoints(stage1: str | Path, stage2: str | Path, report: str 
                         source=source, force=force)
 
 
-def bundle_from_run(run: str | Path, out: str | Path, *, name: str, version: str, **kw) -> ExportResult:
+def bundle_from_run(run: str | Path, out: str | Path, *, name: str, version: str, **kw: Any) -> ExportResult:
     """`RUN/phase1/best.pt`, `RUN/phase2/best.pt` and `RUN/report.json` (if present) -> bundle at `out`."""
     run = Path(run)
     report = run / "report.json"

@@ -1,10 +1,15 @@
-"""`dicom-node-export` command line (draft: subcommands are added by each task)."""
+"""`dicom-node-export` command line: `bundle` (a trained run -> verified ONNX model bundle for the node)
+and `verify` (check a bundle as the node does and run both graphs on random input)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 __all__ = ["main"]
 
@@ -20,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_bundle(sub) -> None:
+def _add_bundle(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "bundle",
         help="export a trained run (or two checkpoints) to a verified ONNX model bundle",
@@ -54,7 +59,7 @@ examples:
     p.set_defaults(func=_cmd_bundle)
 
 
-def _cmd_bundle(args) -> int:
+def _cmd_bundle(args: argparse.Namespace) -> int:
     from export.bundle import bundle_from_checkpoints, bundle_from_run
 
     if args.run is None and (args.stage1 is None or args.stage2 is None):
@@ -64,7 +69,7 @@ def _cmd_bundle(args) -> int:
         print("dicom-node-export bundle: give either --run or --stage1/--stage2, not both", file=sys.stderr)
         return 2
     command = "dicom-node-export " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
-    kw = dict(name=args.name, version=args.version, fp16=args.fp16, opset=args.opset, force=args.force,
+    kw: dict[str, Any] = dict(name=args.name, version=args.version, fp16=args.fp16, opset=args.opset, force=args.force,
               commands=[command], data_description=args.data_description)
     try:
         if args.run is not None:
@@ -86,7 +91,7 @@ def _cmd_bundle(args) -> int:
     return 0
 
 
-def _add_verify(sub) -> None:
+def _add_verify(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "verify",
         help="check a bundle as the node does, and run both graphs on random input",
@@ -100,7 +105,7 @@ def _add_verify(sub) -> None:
     p.set_defaults(func=_cmd_verify)
 
 
-def _cmd_verify(args) -> int:
+def _cmd_verify(args: argparse.Namespace) -> int:
     from export.verify import BundleError, verify
 
     try:

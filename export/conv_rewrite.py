@@ -24,6 +24,7 @@ model is untouched.
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +35,9 @@ __all__ = ["Conv3dAs2d", "fold_batchnorm", "rewrite_conv3d", "REWRITE_MODES"]
 REWRITE_MODES = ("gather", "concat", "sum")
 
 
-def _triple(v) -> tuple[int, int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)  # type: ignore[return-value]
+def _triple(v: int | str | tuple[int, ...]) -> tuple[int, int, int]:
+    """A Conv3d's stride / padding / dilation as three ints (torch keeps 3-tuples; str padding is refused before)."""
+    return cast(tuple[int, int, int], tuple(v) if isinstance(v, (tuple, list)) else (v, v, v))
 
 
 class Conv3dAs2d(nn.Module):
@@ -55,18 +57,19 @@ class Conv3dAs2d(nn.Module):
         self.mode, self.in_channels, self.out_channels = mode, in_c, out_c
         self.kt, self.st, self.pt, self.dt = kt, st, pt, dt
         w = conv.weight.detach()
+        convs: list[nn.Conv2d]
         if mode in ("gather", "concat"):
             w2 = w.permute(0, 2, 1, 3, 4).reshape(out_c, kt * in_c, kh, kw)  # channel index = tap * C + c
-            self.convs = nn.ModuleList([nn.Conv2d(kt * in_c, out_c, (kh, kw), (sh, sw), (ph, pw), (dh, dw),
-                                                  bias=conv.bias is not None)])
-            self.convs[0].weight.data.copy_(w2)
+            convs = [nn.Conv2d(kt * in_c, out_c, (kh, kw), (sh, sw), (ph, pw), (dh, dw), bias=conv.bias is not None)]
+            convs[0].weight.data.copy_(w2)
         else:
-            self.convs = nn.ModuleList([nn.Conv2d(in_c, out_c, (kh, kw), (sh, sw), (ph, pw), (dh, dw),
-                                                  bias=conv.bias is not None and d == 0) for d in range(kt)])
-            for d, c in enumerate(self.convs):
+            convs = [nn.Conv2d(in_c, out_c, (kh, kw), (sh, sw), (ph, pw), (dh, dw),
+                               bias=conv.bias is not None and d == 0) for d in range(kt)]
+            for d, c in enumerate(convs):
                 c.weight.data.copy_(w[:, :, d])
         if conv.bias is not None:
-            self.convs[0].bias.data.copy_(conv.bias.detach())
+            cast(Tensor, convs[0].bias).data.copy_(conv.bias.detach())  # made with a bias just above
+        self.convs = nn.ModuleList(convs)
 
     def forward(self, x: Tensor) -> Tensor:
         # int(): under ONNX tracing the sizes become constants (the graph's only dynamic axis is the
@@ -104,11 +107,14 @@ class Conv3dAs2d(nn.Module):
 
 
 def _fold(conv: nn.Conv3d, bn: nn.BatchNorm3d) -> nn.Conv3d:
-    scale = bn.weight.detach() / torch.sqrt(bn.running_var.detach() + bn.eps)
+    # an affine BatchNorm with running statistics (fold_batchnorm checks the statistics)
+    weight, shift = cast(Tensor, bn.weight), cast(Tensor, bn.bias)
+    mean, var = cast(Tensor, bn.running_mean), cast(Tensor, bn.running_var)
+    scale = weight.detach() / torch.sqrt(var.detach() + bn.eps)
     folded = copy.deepcopy(conv)
     folded.weight.data = conv.weight.detach() * scale.reshape(-1, 1, 1, 1, 1)
-    bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    folded.bias = nn.Parameter((bias - bn.running_mean.detach()) * scale + bn.bias.detach())
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(mean)
+    folded.bias = nn.Parameter((bias - mean.detach()) * scale + shift.detach())
     return folded
 
 

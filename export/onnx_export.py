@@ -17,14 +17,20 @@ import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dicom_node.labels import sigmoid
 from dicom_node.model.bundle import STAGE1_INPUTS, STAGE1_OUTPUTS, STAGE2_INPUTS, STAGE2_OUTPUTS, TensorSpec
 from export.conv_rewrite import rewrite_conv3d
 from training.models import cam, fold_weight_norm
+
+if TYPE_CHECKING:
+    import onnx
+    from onnxruntime import InferenceSession
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -64,7 +70,8 @@ class Stage1Graph(nn.Module):
 
     def forward(self, windows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         out = self.model(windows)
-        heatmap = cam(out.activations, self.model.fc.weight[0])
+        fc = cast(nn.Linear, self.model.fc)  # the window encoder's 1-output head
+        heatmap = cam(out.activations, fc.weight[0])
         return out.features, out.logit, heatmap
 
 
@@ -92,7 +99,7 @@ class ParityResult:
     def worst_logit_diff(self) -> float:
         return max(d[k] for d in self.max_abs_diff.values() for k in self.logit_outputs)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"max_abs_diff": {str(b): d for b, d in self.max_abs_diff.items()},
                 "worst_logit_diff": self.worst_logit_diff, "tolerance": self.tolerance,
                 "compared": list(self.logit_outputs)}
@@ -162,10 +169,11 @@ def export_stage2(model: nn.Module, path: Path, *, sequence_length: int, feature
     return graph
 
 
-def _toposort(graph) -> None:
+def _toposort(graph: onnx.GraphProto) -> None:
     """Reorder `graph.node` so every node comes after the producers of its inputs (in place)."""
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
+    pending: list[onnx.NodeProto] = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
     while pending:
         ready = [n for n in pending if all(i in available for i in n.input)]
         if not ready:
@@ -193,29 +201,25 @@ def convert_fp16(src: Path, dst: Path) -> None:
     onnx.save(model, str(dst))
 
 
-def _session(path: Path):
+def _session(path: Path) -> InferenceSession:
     import onnxruntime as ort
 
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
-
-
-def _compare(graph: str, sess, torch_fn, feeds: dict[int, dict[str, np.ndarray]], names: tuple[str, ...],
+def _compare(graph: str, sess: InferenceSession, torch_fn: nn.Module, feeds: dict[int, dict[str, np.ndarray]], names: tuple[str, ...],
              logit_names: tuple[str, ...], tolerance: float, probabilities: bool) -> ParityResult:
     diffs: dict[int, dict[str, float]] = {}
     for b, feed in feeds.items():
         with torch.no_grad():
             ref = [t.numpy() for t in torch_fn(*[torch.from_numpy(v) for v in feed.values()])]
         got = sess.run(list(names), feed)
-        d = {}
+        d: dict[str, float] = {}
         for name, r, g in zip(names, ref, got):
             if r.shape != g.shape:
                 raise ExportError(f"{graph}: output '{name}' has shape {g.shape} in onnxruntime, {r.shape} in torch (batch {b})")
             if probabilities and name in logit_names:
-                r, g = _sigmoid(r), _sigmoid(g)
+                r, g = sigmoid(r), sigmoid(g)
             d[name] = float(np.max(np.abs(r.astype(np.float64) - g.astype(np.float64)))) if r.size else 0.0
         diffs[b] = d
     result = ParityResult(graph=graph, max_abs_diff=diffs, logit_outputs=logit_names, tolerance=tolerance)
@@ -239,7 +243,7 @@ def check_parity_stage2(graph: Stage2Graph, onnx_path: Path, *, sequence_length:
                         batch_sizes: tuple[int, ...] = (1, 8), tolerance: float = LOGIT_TOLERANCE,
                         probabilities: bool = False, seed: int = 0) -> ParityResult:
     rng = np.random.default_rng(seed)
-    feeds = {}
+    feeds: dict[int, dict[str, np.ndarray]] = {}
     for b in batch_sizes:
         mask = np.ones((b, sequence_length), dtype=np.float32)
         for i in range(b):  # a mix of full and padded sequences

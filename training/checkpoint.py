@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ def git_revision() -> str:
         return "unknown"
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
+def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -37,14 +38,15 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path}: no such file; run the step that writes it first")
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
-def resume_state(last_path: str | os.PathLike, stateful: dict, fresh_best: dict) -> tuple[int, int, list, dict]:
+def resume_state(last_path: str | os.PathLike[str], stateful: dict[str, Any],
+                 fresh_best: dict[str, Any]) -> tuple[int, int, list[dict[str, Any]], dict[str, Any]]:
     """Restore `stateful` ({"model": m, "optimizer": o, "scaler"|"scheduler": ...}) from `last_path` when it
     exists; return (start epoch, optimiser step, history, best) to continue from (a fresh start otherwise)."""
     if not Path(last_path).is_file():

@@ -1,9 +1,18 @@
-"""`dicom-node-train` command line (draft: subcommands are added by each task)."""
+"""`dicom-node-train` command line: `phantom` (synthetic CTPA studies with exact labels, RSNA layout),
+`fit` (cache -> phase1 -> features -> phase2 -> evaluate, skipping finished steps) and each step as
+its own subcommand on the same run directory."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the command line imports torch only inside the subcommands that need it
+    from training.config import TrainConfig
+    from training.distributed import DistContext
+
+    _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 __all__ = ["main"]
 
@@ -20,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_phantom(subparsers) -> None:
+def _add_phantom(subparsers: _Subparsers) -> None:
     from phantoms import SMALLEST_EMBOLUS_VESSELS  # numpy + pydicom only, no torch
 
     p = subparsers.add_parser(
@@ -59,7 +68,7 @@ def _add_phantom(subparsers) -> None:
     p.set_defaults(func=_run_phantom)
 
 
-def _run_phantom(args) -> int:
+def _run_phantom(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
@@ -97,7 +106,7 @@ _FLOW = (
 )
 
 
-def _add_run_args(p, *, data_required: bool) -> None:
+def _add_run_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
     p.add_argument("--data", required=data_required, default=None,
                    help="RSNA-layout data directory: DATA/train.csv + DATA/train/<study>/<series>/<sop>.dcm")
     p.add_argument("--out", required=True, help="run directory RUN (config.json, split.json, cache/, phase1/, features/, phase2/, report.json)")
@@ -114,7 +123,7 @@ def _add_run_args(p, *, data_required: bool) -> None:
     p.add_argument("--log-json", action="store_true", help="log events as JSON lines")
 
 
-def _add_fit(subparsers) -> None:
+def _add_fit(subparsers: _Subparsers) -> None:
     p = subparsers.add_parser(
         "fit", help="run the whole training: cache -> phase1 -> features -> phase2 -> evaluate",
         description="Train the two-phase PE model end to end on RSNA-layout data. " + _FLOW,
@@ -140,14 +149,14 @@ _STEP_HELP = {
 }
 
 
-def _add_steps(subparsers) -> None:
+def _add_steps(subparsers: _Subparsers) -> None:
     for step, help_text in _STEP_HELP.items():
         p = subparsers.add_parser(step, help=help_text, description=help_text + ". " + _FLOW)
         _add_run_args(p, data_required=step == "cache")
         p.set_defaults(func=_run_step, step=step)
 
 
-def _start(args, *, new_run: bool):
+def _start(args: argparse.Namespace, *, new_run: bool) -> tuple[TrainConfig, DistContext]:
     from dicom_node.log import configure_logging
     from training.distributed import setup
     from training.fit import resolve_config
@@ -158,7 +167,7 @@ def _start(args, *, new_run: bool):
     return config, setup(config.device)
 
 
-def _run_fit(args) -> int:
+def _run_fit(args: argparse.Namespace) -> int:
     from training.config import ConfigError
     from training.distributed import teardown
     from training.fit import RunError, fit
@@ -177,7 +186,7 @@ def _run_fit(args) -> int:
     return 0
 
 
-def _run_step(args) -> int:
+def _run_step(args: argparse.Namespace) -> int:
     from training.config import ConfigError
     from training.distributed import teardown
     from training.fit import RunError, run_step

@@ -27,7 +27,7 @@ import json
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import tomllib
 
@@ -115,7 +115,7 @@ class TrainConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     seed: int = 0
     #: study-level split proportions (train, validation, test); normalised to sum 1
-    split: tuple[float, float, float] = tuple(n / sum(PAPER_SPLIT) for n in PAPER_SPLIT)  # type: ignore[assignment]
+    split: tuple[float, float, float] = cast(tuple[float, float, float], tuple(n / sum(PAPER_SPLIT) for n in PAPER_SPLIT))
     num_workers: int = 4
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     amp: bool = True  # mixed precision on CUDA only; ignored on CPU
@@ -247,7 +247,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     if not (config.device in ("auto", "cpu", "cuda") or config.device.startswith("cuda:")):
         raise ConfigError(f"config device: {config.device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
     total = float(sum(config.split))
-    return replace(config, split=tuple(s / total for s in config.split))  # type: ignore[arg-type]
+    return replace(config, split=cast(tuple[float, float, float], tuple(s / total for s in config.split)))  # length checked above
 
 
 def config_from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:

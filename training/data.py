@@ -24,9 +24,11 @@ import json
 import math
 import os
 import time
+from collections.abc import Collection, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -36,6 +38,9 @@ from torch.utils.data import Dataset
 from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL
 from dicom_node.log import get_logger
 from dicom_node.model.sequence import SEQUENCE_LENGTH, to_fixed_length
+
+if TYPE_CHECKING:
+    from dicom_node.imaging.preprocess import PreprocessConfig
 
 __all__ = [
     "PAPER_SPLIT",
@@ -79,12 +84,12 @@ class StudyRecord:
         return dict(self.slice_labels)
 
 
-def read_rsna_labels(data_dir: str | os.PathLike) -> dict[str, StudyRecord]:
+def read_rsna_labels(data_dir: str | os.PathLike[str]) -> dict[str, StudyRecord]:
     """Read DATA/train.csv into one `StudyRecord` per study (sorted by study UID)."""
     path = Path(data_dir) / "train.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no train.csv; expected the RSNA layout DATA/train.csv + DATA/train/<study>/<series>/<sop>.dcm")
-    rows: dict[str, dict[str, list]] = {}
+    rows: dict[str, dict[str, Any]] = {}  # series: [str], slices: [(sop, label)], labels: tuple | None
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         missing = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "pe_present_on_image", *STUDY_LABELS} - set(reader.fieldnames or ())
@@ -123,7 +128,7 @@ class Split:
         return getattr(self, name)
 
 
-def make_split(records: dict[str, StudyRecord], seed: int, proportions: tuple[int, int, int] = PAPER_SPLIT) -> Split:
+def make_split(records: dict[str, StudyRecord], seed: int, proportions: tuple[float, float, float] = PAPER_SPLIT) -> Split:
     """Seeded study-level split in `proportions`, stratified by PE-positive / negative.
 
     Each class is split on its own, so validation and test hold both classes whenever a class
@@ -148,17 +153,19 @@ def make_split(records: dict[str, StudyRecord], seed: int, proportions: tuple[in
         parts["train"] += uids[:n_train]
         parts["validation"] += uids[n_train:n_train + n_val]
         parts["test"] += uids[n_train + n_val:]
-    return Split(*(tuple(sorted(parts[k])) for k in SPLITS), seed=seed)
+    train, validation, test = (tuple(sorted(parts[k])) for k in SPLITS)
+    return Split(train, validation, test, seed=seed)
 
 
-def save_split(split: Split, path: str | os.PathLike) -> None:
+def save_split(split: Split, path: str | os.PathLike[str]) -> None:
     data = {k: list(split[k]) for k in SPLITS} | {"seed": split.seed}
     _write_json_atomic(Path(path), data)
 
 
-def load_split(path: str | os.PathLike) -> Split:
+def load_split(path: str | os.PathLike[str]) -> Split:
     data = json.loads(Path(path).read_text())
-    return Split(*(tuple(data[k]) for k in SPLITS), seed=int(data["seed"]))
+    train, validation, test = (tuple(data[k]) for k in SPLITS)
+    return Split(train, validation, test, seed=int(data["seed"]))
 
 
 # ---------------------------------------------------------------------------------------- cache
@@ -175,13 +182,13 @@ class CacheEntry:
     resize: int
 
 
-def _write_json_atomic(path: Path, data) -> None:
+def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
 
 
-def _cache_one(data_dir: str, cache_dir: str, record: StudyRecord, pp_config) -> tuple[str, str | None, int, float]:
+def _cache_one(data_dir: str, cache_dir: str, record: StudyRecord, pp_config: PreprocessConfig) -> tuple[str, str | None, int, float]:
     """Worker: DICOM -> windows -> RUN/cache/<study>.npy + .json. Returns (uid, error, bytes, seconds)."""
     from dicom_node.imaging.preprocess import prepare
     from dicom_node.imaging.series import load_series
@@ -199,8 +206,8 @@ def _cache_one(data_dir: str, cache_dir: str, record: StudyRecord, pp_config) ->
     return uid, None, int(arr.nbytes), time.perf_counter() - t0
 
 
-def write_cache_entry(cache_dir: Path, study_uid: str, series_uid: str, windows: np.ndarray, window_labels,
-                      study_labels, preprocess: dict) -> None:
+def write_cache_entry(cache_dir: Path, study_uid: str, series_uid: str, windows: np.ndarray, window_labels: Iterable[Any],
+                      study_labels: Iterable[Any], preprocess: dict[str, Any]) -> None:
     """One study of the cache: `<study>.npy` (N, 3, D, R, R) uint8 windows and `<study>.json` (UIDs, shape,
     labels, the preprocessing it was made with), each written atomically, the .json last: its presence
     marks the study done. The one writer of the format `load_cache_index` reads."""
@@ -218,12 +225,14 @@ def write_cache_entry(cache_dir: Path, study_uid: str, series_uid: str, windows:
     _write_json_atomic(cache_dir / f"{study_uid}.json", meta)
 
 
-def _config_dict(pp_config) -> dict:
-    d = asdict(pp_config)
-    return json.loads(json.dumps(d))  # tuples -> lists, as read back from JSON
+def _config_dict(pp_config: PreprocessConfig) -> dict[str, Any]:
+    """The cache's preprocessing stamp: `PreprocessConfig.to_dict`, as read back from JSON (the form it
+    is compared in)."""
+    return cast(dict[str, Any], json.loads(json.dumps(pp_config.to_dict())))
 
 
-def build_cache(data_dir, run_dir, records: dict[str, StudyRecord], pp_config, *, workers: int = 0, progress: bool = True) -> dict:
+def build_cache(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], records: dict[str, StudyRecord],
+                pp_config: PreprocessConfig, *, workers: int = 0, progress: bool = True) -> dict[str, Any]:
     """Preprocess every study once into RUN/cache (skipping studies already cached).
 
     Returns a summary dict (studies done/failed, bytes per study); failures are logged with the
@@ -274,7 +283,7 @@ def build_cache(data_dir, run_dir, records: dict[str, StudyRecord], pp_config, *
     return summary
 
 
-def _record_result(result, failed: dict, sizes: list) -> None:
+def _record_result(result: tuple[str, str | None, int, float], failed: dict[str, str], sizes: list[int]) -> None:
     uid, error, nbytes, seconds = result
     if error:
         failed[uid] = error
@@ -284,7 +293,7 @@ def _record_result(result, failed: dict, sizes: list) -> None:
         log.debug("study_cached", study_uid=uid, bytes=nbytes, seconds=round(seconds, 2))
 
 
-def load_cache_index(run_dir, study_uids=None) -> dict[str, CacheEntry]:
+def load_cache_index(run_dir: str | os.PathLike[str], study_uids: Collection[str] | None = None) -> dict[str, CacheEntry]:
     """Cached studies (optionally only `study_uids`; those not cached are skipped with a warning)."""
     cache = Path(run_dir) / "cache"
     metas = sorted(cache.glob("*.json"))
@@ -360,7 +369,7 @@ class WindowDataset(Dataset):
             arr = self._arrays[uid] = np.load(self.entries[uid].array_path, mmap_mode="r")
         return arr
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         uid, w = self.index[i]
         x = torch.from_numpy(np.asarray(self._array(uid)[w], dtype=np.float32) / 255.0)
         size = x.shape[-1]
@@ -397,7 +406,7 @@ class SequenceDataset(Dataset):
     `study_labels` (9,), `n_windows` (), `q` () = the study's share of positive windows.
     """
 
-    def __init__(self, features_dir, entries: dict[str, CacheEntry], length: int = SEQUENCE_LENGTH):
+    def __init__(self, features_dir: str | os.PathLike[str], entries: dict[str, CacheEntry], length: int = SEQUENCE_LENGTH) -> None:
         self.features_dir = Path(features_dir)
         self.entries = entries
         self.uids = sorted(entries)
@@ -406,7 +415,7 @@ class SequenceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.uids)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         uid = self.uids[i]
         e = self.entries[uid]
         feats = np.load(self.features_dir / f"{uid}.npy")

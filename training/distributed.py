@@ -15,11 +15,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["DistContext", "setup", "teardown", "resolve_device", "shard", "gather", "barrier"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -69,16 +72,16 @@ def teardown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def shard(items, ctx: DistContext):
+def shard(items: list[T], ctx: DistContext) -> list[T]:
     """This process's share of `items` (every world_size-th, starting at rank); no padding."""
     return items[ctx.rank::ctx.world_size]
 
 
-def gather(obj, ctx: DistContext) -> list:
+def gather(obj: T, ctx: DistContext) -> list[T]:
     """Every process's `obj`, in rank order (a one-element list in a single process)."""
     if not ctx.distributed:
         return [obj]
-    out: list = [None] * ctx.world_size
+    out: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
 

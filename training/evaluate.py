@@ -3,8 +3,9 @@
 For the window label ``pe_present_on_window`` (all windows of all studies pooled) and each of
 the nine study labels:
 
-* AUROC (Mann-Whitney rank statistic), 95% CI by stratified bootstrap (positives and negatives
-  resampled separately, seeded, percentile interval) and, as in the paper, DeLong's CI;
+* AUROC (sklearn's ``roc_auc_score``, the Mann-Whitney statistic: ties count 1/2), 95% CI by
+  stratified bootstrap (positives and negatives resampled separately, seeded, percentile interval)
+  and, as in the paper, DeLong's CI (our own; sklearn has none);
 * thresholds chosen on VALIDATION by maximising Youden's J = sensitivity + specificity - 1
   (ties -> the lowest such threshold, i.e. the higher sensitivity); a prediction is positive
   when ``p >= threshold``; sensitivity and specificity at that threshold on TEST;
@@ -14,13 +15,14 @@ the nine study labels:
 
 A label with a single class in a split gets AUROC ``NaN`` (``null`` in JSON) and a note.
 Outputs: ``report.json``, ``report.md``, ``roc_test.png`` (and ``roc_validation.png``).
+:func:`auroc` is the one AUROC of the training package (phase-1 validation uses it too).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-from dicom_node.labels import ALL_LABELS, STUDY_LABELS, WINDOW_LABEL, consistency_violations, make_consistent
+from dicom_node.labels import ALL_LABELS, STUDY_LABELS, WINDOW_LABEL, consistency_violations, make_consistent, sigmoid
 from dicom_node.model.sequence import from_fixed_length
 from training.loss import weighted_log_loss
 
@@ -92,12 +94,12 @@ class SplitPredictions:
     ) -> SplitPredictions:
         """From stage-2 outputs on fixed-length sequences (S, L): logits mapped back to N_i windows, then sigmoid."""
         wl = np.asarray(window_logits, dtype=np.float64)
-        probs = tuple(_sigmoid(from_fixed_length(wl[i], int(n))) for i, n in enumerate(n_windows))
+        probs = tuple(sigmoid(from_fixed_length(wl[i], int(n))) for i, n in enumerate(n_windows))
         return cls(
             study_uids=tuple(study_uids),
             window_probs=probs,
             window_labels=tuple(np.asarray(y).reshape(-1) for y in window_labels),
-            study_probs=_sigmoid(np.asarray(study_logits, dtype=np.float64)),
+            study_probs=sigmoid(np.asarray(study_logits, dtype=np.float64)),
             study_labels=np.asarray(study_labels),
         )
 
@@ -116,10 +118,6 @@ class SplitPredictions:
         return int(sum(np.size(p) for p in self.window_probs))
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
-
-
 def _split(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y).reshape(-1) >= 0.5
     p = np.asarray(p, dtype=np.float64).reshape(-1)
@@ -127,12 +125,17 @@ def _split(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def auroc(y: np.ndarray, p: np.ndarray) -> float:
-    """Area under the ROC curve (ties count 1/2); NaN when only one class is present."""
+    """Area under the ROC curve of scores `p` for labels `y` (positive when >= 0.5), by sklearn's
+    ``roc_auc_score`` (ties count 1/2); NaN when only one class is present (or a score is NaN)."""
+    from sklearn.metrics import roc_auc_score
+
     pos, neg = _split(y, p)
     if pos.size == 0 or neg.size == 0:
         return math.nan
-    ranks = rankdata(np.concatenate([pos, neg]))
-    return float((ranks[: pos.size].sum() - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
+    scores = np.asarray(p, dtype=np.float64).reshape(-1)
+    if np.isnan(scores).any():  # sklearn refuses NaN; the rank statistic used before gave NaN
+        return math.nan
+    return float(roc_auc_score(np.asarray(y).reshape(-1) >= 0.5, scores))
 
 
 def auroc_ci_bootstrap(y: np.ndarray, p: np.ndarray, n_resamples: int = 1000, seed: int = 0,
@@ -374,12 +377,21 @@ def _plot_roc(pred: SplitPredictions, report: Report, split: str, path: Path) ->
 
 
 def write_report(report: Report, out_dir: Path | str, validation: SplitPredictions | None = None,
-                 test: SplitPredictions | None = None) -> dict[str, Path]:
-    """Write report.json, report.md and the ROC PNGs (when predictions are given); return the paths."""
+                 test: SplitPredictions | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """Write report.json, report.md and the ROC PNGs (when predictions are given); return the paths.
+
+    ``extra``: further top-level sections of report.json after the report's own (e.g. phase 2's
+    ``phase1`` and ``loss``), NaN -> null; they may not replace a section of the report. The one
+    writer of report.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "markdown": out / "report.md"}
-    paths["json"].write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    data = report.to_dict()
+    clash = sorted(set(data) & set(extra or {}))
+    if clash:
+        raise ValueError(f"write_report: extra sections {clash} would replace the report's own")
+    data.update(_json_safe(dict(extra or {})))
+    paths["json"].write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     paths["markdown"].write_text(_markdown(report), encoding="utf-8")
     for split, pred in (("test", test), ("validation", validation)):
         if pred is not None and pred.study_uids:

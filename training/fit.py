@@ -17,9 +17,12 @@ last.pt, so the same command after a crash picks up where it stopped.
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from dicom_node.log import get_logger
 from training.config import ConfigError, TrainConfig, config_from_dict, config_to_dict, load_config
@@ -39,11 +42,12 @@ class RunError(RuntimeError):
     """The run directory and the request disagree; the message says how to fix it."""
 
 
-def _comparable(d: dict) -> dict:
+def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in _RUNTIME_KEYS}
 
 
-def resolve_config(run_dir, preset: str | None = None, config_file=None, *, device: str | None = None,
+def resolve_config(run_dir: str | os.PathLike[str], preset: str | None = None, config_file: Path | str | None = None,
+                   *, device: str | None = None,
                    workers: int | None = None, new_run: bool = False, pretrained: str | None = None) -> TrainConfig:
     """The run's config: RUN/config.json when it exists (checked against --preset/--config), else the preset.
 
@@ -80,8 +84,8 @@ def resolve_config(run_dir, preset: str | None = None, config_file=None, *, devi
     return config
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
+def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
@@ -97,11 +101,12 @@ def _save_config(config: TrainConfig, run: Path) -> None:
         path.write_text(json.dumps(config_to_dict(config), indent=1))
 
 
-def step_done(step: str, run_dir) -> bool:
+def step_done(step: str, run_dir: str | os.PathLike[str]) -> bool:
     return (Path(run_dir) / _DONE[step]).is_file()
 
 
-def run_step(step: str, config: TrainConfig, data_dir, run_dir, ctx: DistContext, *, progress: bool = True) -> dict:
+def run_step(step: str, config: TrainConfig, data_dir: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str],
+             ctx: DistContext, *, progress: bool = True) -> dict[str, Any]:
     """Run one step (resuming a phase from its last.pt when there is one)."""
     run = Path(run_dir)
     if ctx.is_main:
@@ -131,12 +136,13 @@ def run_step(step: str, config: TrainConfig, data_dir, run_dir, ctx: DistContext
     return result
 
 
-def _cache_step(config: TrainConfig, data_dir, run: Path, ctx: DistContext, progress: bool) -> dict:
+def _cache_step(config: TrainConfig, data_dir: str | os.PathLike[str] | None, run: Path, ctx: DistContext,
+                progress: bool) -> dict[str, Any]:
     from training.data import build_cache, load_split, make_split, read_rsna_labels, save_split
 
     if data_dir is None:
         raise RunError("the cache step needs --data DIR (the RSNA layout: DIR/train.csv, DIR/train/...)")
-    summary: dict = {}
+    summary: dict[str, Any] = {}
     if ctx.is_main:  # one process preprocesses (with its own worker pool); the others wait
         records = read_rsna_labels(data_dir)
         split_path = run / "split.json"
@@ -151,10 +157,11 @@ def _cache_step(config: TrainConfig, data_dir, run: Path, ctx: DistContext, prog
     return summary
 
 
-def fit(data_dir, run_dir, config: TrainConfig, *, steps=STEPS, progress: bool = True, ctx: DistContext | None = None) -> dict:
+def fit(data_dir: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str], config: TrainConfig, *,
+        steps: Sequence[str] = STEPS, progress: bool = True, ctx: DistContext | None = None) -> dict[str, Any]:
     """Run the steps in order, skipping those already done; return {step: result or "skipped"}."""
     ctx = ctx or setup(config.device)
-    results: dict = {}
+    results: dict[str, Any] = {}
     for step in steps:
         if step_done(step, run_dir):
             if ctx.is_main:

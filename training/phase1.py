@@ -18,23 +18,28 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from numpy.typing import ArrayLike
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from dicom_node.labels import STUDY_LABELS
 from dicom_node.log import get_logger
 from training.checkpoint import git_revision, load_checkpoint, resume_state, save_checkpoint
-from training.config import TrainConfig, config_to_dict
+from training.config import Phase1Config, TrainConfig, config_to_dict
 from training.data import WindowDataset, load_cache_index, load_split, seed_worker
 from training.distributed import DistContext, gather, setup, shard
+from training.evaluate import auroc, study_maxima
 from training.models import r3d_18
+from training.models.r3d import WindowOutput
 
-__all__ = ["BalancedSampler", "StudyLabelHead", "study_max_auroc", "train_phase1", "extract_features", "predict_windows", "make_deterministic", "auroc", "autocast_for", "lr_at"]
+__all__ = ["BalancedSampler", "StudyLabelHead", "study_max_auroc", "train_phase1", "extract_features", "predict_windows", "make_deterministic", "autocast_for", "lr_at"]
 
 log = get_logger("training.phase1")
 
@@ -49,12 +54,12 @@ def make_deterministic(seed: int, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def autocast_for(device: torch.device, amp: bool):
+def autocast_for(device: torch.device, amp: bool) -> torch.autocast:
     """Mixed precision (float16) on CUDA when `amp`; a no-op context elsewhere."""
     return torch.autocast("cuda", dtype=torch.float16, enabled=bool(amp and device.type == "cuda"))
 
 
-def lr_at(p1, step: int, steps_per_epoch: int) -> float:
+def lr_at(p1: Phase1Config, step: int, steps_per_epoch: int) -> float:
     """Phase-1 learning rate at optimiser step `step`: constant (the paper) or a cosine decay from
     `lr` to 0 over all `epochs` (`lr_schedule = "cosine"`). A function of the step only, so a
     resumed run continues the same curve."""
@@ -64,21 +69,11 @@ def lr_at(p1, step: int, steps_per_epoch: int) -> float:
     return 0.5 * p1.lr * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
-def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve; NaN when only one class is present."""
-    from sklearn.metrics import roc_auc_score
-
-    labels = np.asarray(labels)
-    if labels.size == 0 or np.unique(labels).size < 2:
-        return float("nan")
-    return float(roc_auc_score(labels, scores))
-
-
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+    return cast(torch.nn.Module, model.module) if hasattr(model, "module") else model  # DDP wraps it in .module
 
 
-class BalancedSampler(torch.utils.data.Sampler):
+class BalancedSampler(Sampler[int]):
     """Each epoch, `num_samples` window indices (default: as many as there are windows) drawn with
     replacement so that `positive_fraction` of them are positive windows; or, with
     `positive_fraction=None`, drawn uniformly without replacement (a fresh subset each epoch, for
@@ -92,8 +87,8 @@ class BalancedSampler(torch.utils.data.Sampler):
 
     LEVEL_BINS = 10
 
-    def __init__(self, labels, positive_fraction: float | None, *, num_samples: int | None = None, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, levels=None, level_matched: float = 0.0):
+    def __init__(self, labels: ArrayLike, positive_fraction: float | None, *, num_samples: int | None = None, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, levels: ArrayLike | None = None, level_matched: float = 0.0) -> None:
         if positive_fraction is not None and not 0.0 < positive_fraction < 1.0:
             raise ValueError(f"phase1.positive_fraction={positive_fraction}; expected a fraction in (0, 1) or None")
         if num_samples is not None and num_samples < 1:
@@ -128,7 +123,7 @@ class BalancedSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.per_rank
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng([self.seed, self.epoch])
         want = self.per_rank * self.world
         if self.fraction is None:
@@ -146,17 +141,18 @@ class StudyLabelHead(torch.nn.Module):
     so validation and feature extraction see the plain model; `forward(x, with_study=True)` also
     returns the study-label logits (B, 9). Only the window model is kept after phase 1."""
 
-    def __init__(self, model: torch.nn.Module, feature_dim: int):
+    def __init__(self, model: torch.nn.Module, feature_dim: int) -> None:
         super().__init__()
         self.model = model
         self.head = torch.nn.Linear(feature_dim, len(STUDY_LABELS))
 
-    def forward(self, x: torch.Tensor, with_study: bool = False):
+    def forward(self, x: torch.Tensor, with_study: bool = False) -> WindowOutput | tuple[WindowOutput, torch.Tensor]:
         out = self.model(x)
         return (out, self.head(out.features)) if with_study else out
 
 
-def _loader(ds, batch_size: int, workers: int, *, sampler=None, seed: int = 0) -> DataLoader:
+def _loader(ds: Dataset[Any], batch_size: int, workers: int, *, sampler: Sampler[int] | None = None,
+            seed: int = 0) -> DataLoader[Any]:
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
@@ -164,15 +160,18 @@ def _loader(ds, batch_size: int, workers: int, *, sampler=None, seed: int = 0) -
 
 
 @torch.no_grad()
-def predict_windows(model, ds, ctx: DistContext, *, batch_size: int, workers: int, amp: bool, progress: bool = False,
-                    want_features: bool = False, desc: str = "validate"):
+def predict_windows(model: torch.nn.Module, ds: WindowDataset, ctx: DistContext, *, batch_size: int, workers: int,
+                    amp: bool, progress: bool = False, want_features: bool = False,
+                    desc: str = "validate") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Sharded inference over `ds` (eval mode); returns (probs, losses, features|None) in dataset order."""
     from tqdm import tqdm
 
     model.eval()
     idx = shard(list(range(len(ds))), ctx)
     loader = _loader(Subset(ds, idx), batch_size, workers)
-    probs, losses, feats = [], [], []
+    probs: list[np.ndarray] = []
+    losses: list[np.ndarray] = []
+    feats: list[np.ndarray] = []
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not (progress and ctx.is_main)):
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device)
         with autocast_for(ctx.device, amp):
@@ -187,9 +186,9 @@ def predict_windows(model, ds, ctx: DistContext, *, batch_size: int, workers: in
     parts = gather(local, ctx)
     n = len(ds)
     p_all, l_all = np.zeros(n, np.float64), np.zeros(n, np.float64)
-    f_all = None
-    for i, p, l, f in parts:
-        p_all[i], l_all[i] = p, l
+    f_all: np.ndarray | None = None
+    for i, p, ls, f in parts:
+        p_all[i], l_all[i] = p, ls
         if f is not None and len(i):
             if f_all is None:
                 f_all = np.zeros((n, f.shape[1]), np.float32)
@@ -197,22 +196,20 @@ def predict_windows(model, ds, ctx: DistContext, *, batch_size: int, workers: in
     return p_all, l_all, f_all
 
 
-def study_max_auroc(ds, probs: np.ndarray) -> float:
+def study_max_auroc(ds: WindowDataset, probs: np.ndarray) -> float:
     """AUROC of each study's highest window probability against "the study has a positive window"
     (how the node flags a study); NaN when one class is missing. `ds.index` lists (study, window)."""
-    from training.evaluate import study_maxima
-
     uids = [uid for uid, _ in ds.index]
     starts = [i for i in range(1, len(uids)) if uids[i] != uids[i - 1]]  # the index groups a study's windows
     return auroc(*study_maxima(np.split(np.asarray(ds.labels), starts), np.split(np.asarray(probs), starts)))
 
 
-def _selection(criterion: str, metrics: dict) -> float:
+def _selection(criterion: str, metrics: dict[str, Any]) -> float:
     return metrics["val_auroc"] if criterion == "val_auroc" else -metrics["val_loss"]
 
 
-def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *, resume: bool = True,
-                 progress: bool = True, max_steps: int | None = None) -> dict:
+def train_phase1(config: TrainConfig, run_dir: str | os.PathLike[str], ctx: DistContext | None = None, *,
+                 resume: bool = True, progress: bool = True, max_steps: int | None = None) -> dict[str, Any]:
     """Train phase 1 (resuming from RUN/phase1/last.pt when `resume`); return the best epoch's metrics."""
     ctx = ctx or setup(config.device)
     run = Path(run_dir)
@@ -238,16 +235,18 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
     model = r3d_18(num_outputs=1, width=p1.width, pretrained=p1.pretrained).to(ctx.device)
     channels_last = ctx.device.type == "cpu"  # ~10 % faster 3D convolutions on CPU (oneDNN); still deterministic
     if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    net = StudyLabelHead(model, p1.feature_dim).to(ctx.device) if with_study else model  # what trains
+        # torch's stubs lack Module.to(memory_format=...), which torch documents and accepts
+        model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+    net: torch.nn.Module = StudyLabelHead(model, p1.feature_dim).to(ctx.device) if with_study else model  # what trains
     optimizer = torch.optim.Adam(net.parameters(), lr=p1.lr)
     use_amp = bool(config.amp and ctx.device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    fresh = {"epoch": None, "value": -math.inf, "criterion": criterion}
+    fresh: dict[str, Any] = {"epoch": None, "value": -math.inf, "criterion": criterion}
     last_path = out_dir / "last.pt"
-    start_epoch, step, history, best = 0, 0, [], fresh
+    history: list[dict[str, Any]] = []
+    start_epoch, step, best = 0, 0, fresh
     if resume:
-        stateful = {"model": model, "optimizer": optimizer, "scaler": scaler}
+        stateful: dict[str, Any] = {"model": model, "optimizer": optimizer, "scaler": scaler}
         if with_study:
             stateful["study_head"] = net.head
         start_epoch, step, history, best = resume_state(last_path, stateful, fresh)
@@ -256,6 +255,7 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
     if ctx.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    sampler: DistributedSampler[Any] | BalancedSampler
     if p1.positive_fraction is None and p1.windows_per_epoch is None:
         sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed)
     else:
@@ -303,7 +303,7 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
         train_loss = sum(gather(loss_sum, ctx)) / max(seen_all, 1)
         probs, losses, _ = predict_windows(net, val_ds, ctx, batch_size=per_rank * 2, workers=config.num_workers,
                                            amp=config.amp, progress=progress)
-        metrics = {"epoch": epoch, "step": step, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+        metrics: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                    "val_loss": float(losses.mean()) if len(losses) else float("nan"),
                    "val_auroc": auroc(val_ds.labels, probs), "val_study_auroc": study_max_auroc(val_ds, probs),
                    "seconds": round(time.perf_counter() - t0, 2), "train_seconds": round(train_seconds, 2),
@@ -323,7 +323,7 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
                        "config": config_to_dict(config), "metrics": metrics, "history": history, "best": best,
                        "git_revision": git_revision(), "world_size": ctx.world_size}
             if with_study:
-                payload["study_head"] = _unwrap(net).head.state_dict()
+                payload["study_head"] = cast(StudyLabelHead, _unwrap(net)).head.state_dict()
             if improved:
                 save_checkpoint(out_dir / "best.pt", payload)
             save_checkpoint(last_path, payload)
@@ -337,7 +337,8 @@ def train_phase1(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
     return {"best": best, "history": history}
 
 
-def extract_features(config: TrainConfig, run_dir, ctx: DistContext | None = None, *, progress: bool = True) -> dict:
+def extract_features(config: TrainConfig, run_dir: str | os.PathLike[str], ctx: DistContext | None = None, *,
+                     progress: bool = True) -> dict[str, Any]:
     """Best phase-1 model -> RUN/features/<study>.npy (N, F) and <study>.probs.npy (N,) for every split."""
     from tqdm import tqdm
 
@@ -361,7 +362,8 @@ def extract_features(config: TrainConfig, run_dir, ctx: DistContext | None = Non
     for uid in tqdm(mine, desc="features", unit="study", disable=not (progress and ctx.is_main)):
         ds = WindowDataset({uid: entries[uid]}, config.preprocess.crop, augment=False)
         probs, _, feats = predict_windows(model, ds, local, batch_size=batch, workers=0, amp=config.amp, want_features=True)
-        np.save(feat_dir / f"{uid}.npy", feats.astype(np.float32))
+        # want_features: an array whenever the study has windows (every cached study has at least one)
+        np.save(feat_dir / f"{uid}.npy", cast(np.ndarray, feats).astype(np.float32))
         np.save(feat_dir / f"{uid}.probs.npy", probs.astype(np.float32))
         n_windows += len(ds)
     counts = gather(n_windows, ctx)

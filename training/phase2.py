@@ -13,21 +13,24 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from dicom_node.log import get_logger
 from training.checkpoint import git_revision, load_checkpoint, resume_state, save_checkpoint
 from training.config import TrainConfig, config_to_dict
 from training.data import SequenceDataset, load_cache_index, load_split, seed_worker
 from training.distributed import DistContext, gather, setup, shard
-from training.evaluate import SplitPredictions, evaluate, write_report
+from training.evaluate import SplitPredictions, auroc, evaluate, write_report
 from training.loss import sequence_loss
 from training.models import sequence_model
+from training.models.sequence import SequenceOutput
 from training.phase1 import make_deterministic
 
 __all__ = ["train_phase2", "predict_split", "evaluate_run", "build_sequence_model"]
@@ -45,25 +48,27 @@ def build_sequence_model(config: TrainConfig, in_features: int) -> torch.nn.Modu
                           kernel_size=p2.kernel_size, dropout=p2.dropout, causal=p2.causal)
 
 
-def _batches(ds, batch_size: int, workers: int, sampler=None, seed: int = 0) -> DataLoader:
+def _batches(ds: Dataset[Any], batch_size: int, workers: int, sampler: Sampler[int] | None = None,
+             seed: int = 0) -> DataLoader[Any]:
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       worker_init_fn=seed_worker, generator=g)
 
 
-def _loss(out, b, config: TrainConfig) -> torch.Tensor:
+def _loss(out: SequenceOutput, b: dict[str, torch.Tensor], config: TrainConfig) -> torch.Tensor:
     return sequence_loss(out.window_logits.float(), out.study_logits.float(), b["window_labels"], b["study_labels"],
                          b["mask"], q=b["q"], normalization=config.phase2.loss_normalization)
 
 
 @torch.no_grad()
-def _forward_all(model, ds, ctx: DistContext, batch_size: int, workers: int) -> dict:
+def _forward_all(model: torch.nn.Module, ds: SequenceDataset, ctx: DistContext, batch_size: int,
+                 workers: int) -> dict[str, torch.Tensor]:
     """Eval-mode outputs for the whole dataset (sharded over processes, gathered in order)."""
     model.eval()
     idx = shard(list(range(len(ds))), ctx)
     keys = ("window_logits", "study_logits", "attention", "window_labels", "study_labels", "mask", "q", "n_windows")
-    acc: dict[str, list] = {k: [] for k in keys}
+    acc: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     for b in _batches(Subset(ds, idx), batch_size, workers):
         b = {k: v.to(ctx.device) for k, v in b.items()}
         out = model(b["features"], b["mask"])
@@ -71,7 +76,8 @@ def _forward_all(model, ds, ctx: DistContext, batch_size: int, workers: int) -> 
             acc[k].append(v.float().cpu())
         for k in keys[3:]:
             acc[k].append(b[k].cpu())
-    local = (idx, {k: torch.cat(v) if v else None for k, v in acc.items()})
+    # tensors; None only in an empty shard, which the merge below skips
+    local: tuple[list[int], dict[str, Any]] = (idx, {k: torch.cat(v) if v else None for k, v in acc.items()})
     merged: dict[str, torch.Tensor] = {}
     for i, part in gather(local, ctx):
         if not i:
@@ -83,13 +89,13 @@ def _forward_all(model, ds, ctx: DistContext, batch_size: int, workers: int) -> 
     return merged
 
 
-def _split_loss(o: dict, config: TrainConfig) -> float:
+def _split_loss(o: dict[str, torch.Tensor], config: TrainConfig) -> float:
     return float(sequence_loss(o["window_logits"], o["study_logits"], o["window_labels"], o["study_labels"], o["mask"],
                                q=o["q"], normalization=config.phase2.loss_normalization))
 
 
-def train_phase2(config: TrainConfig, run_dir, ctx: DistContext | None = None, *, resume: bool = True,
-                 progress: bool = True, max_steps: int | None = None) -> dict:
+def train_phase2(config: TrainConfig, run_dir: str | os.PathLike[str], ctx: DistContext | None = None, *,
+                 resume: bool = True, progress: bool = True, max_steps: int | None = None) -> dict[str, Any]:
     """Train phase 2 on RUN/features (resuming from RUN/phase2/last.pt); return the best epoch and history."""
     from tqdm import tqdm
 
@@ -109,19 +115,20 @@ def train_phase2(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
     model = build_sequence_model(config, _feature_dim(feat_dir, train_ds.uids[0])).to(ctx.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=p2.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=p2.lr_decay_every, gamma=p2.lr_decay)
-    fresh = {"epoch": None, "value": math.inf, "criterion": "val_loss"}
+    fresh: dict[str, Any] = {"epoch": None, "value": math.inf, "criterion": "val_loss"}
     last_path = out_dir / "last.pt"
-    start_epoch, step, history, best = 0, 0, [], fresh
+    history: list[dict[str, Any]] = []
+    start_epoch, step, best = 0, 0, fresh
     if resume:
         start_epoch, step, history, best = resume_state(
             last_path, {"model": model, "optimizer": optimizer, "scheduler": scheduler}, fresh)
         if ctx.is_main and start_epoch:
             log.info("phase2_resumed", from_epoch=start_epoch, step=step)
-    train_model = model
+    train_model: torch.nn.Module = model
     if ctx.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed)
+    sampler: DistributedSampler[Any] = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed)
     bar = tqdm(range(start_epoch, p2.epochs), desc="phase2", unit="epoch", disable=not (progress and ctx.is_main))
     for epoch in bar:
         t0 = time.perf_counter()
@@ -144,7 +151,7 @@ def train_phase2(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
         train_loss = sum(gather(loss_sum, ctx)) / max(sum(gather(batches, ctx)), 1)
         val = _forward_all(model, val_ds, ctx, per_rank, config.num_workers) if len(val_ds) else None
         val_loss = _split_loss(val, config) if val else float("nan")
-        metrics = {"epoch": epoch, "step": step, "train_loss": train_loss, "val_loss": val_loss,
+        metrics: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": train_loss, "val_loss": val_loss,
                    "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 3)}
         history.append(metrics)
         improved = best["epoch"] is None or (not math.isnan(val_loss) and val_loss < best["value"])
@@ -174,8 +181,8 @@ def model_in_features(model: torch.nn.Module) -> int | None:
     return getattr(model, "in_features", None)
 
 
-def predict_split(config: TrainConfig, run_dir, split_name: str, ctx: DistContext | None = None,
-                  checkpoint: str = "best.pt") -> tuple[SplitPredictions, dict]:
+def predict_split(config: TrainConfig, run_dir: str | os.PathLike[str], split_name: str, ctx: DistContext | None = None,
+                  checkpoint: str = "best.pt") -> tuple[SplitPredictions, dict[str, Any]]:
     """Best phase-2 model on one split -> (`SplitPredictions`, extras).
 
     Window logits are mapped back to each study's N original windows with `from_fixed_length`
@@ -203,14 +210,13 @@ def predict_split(config: TrainConfig, run_dir, split_name: str, ctx: DistContex
     return pred, {"loss": _split_loss(o, config), "attention": o["attention"].numpy(), "phase1_window_probs": p1}
 
 
-def evaluate_run(config: TrainConfig, run_dir, ctx: DistContext | None = None, *, n_resamples: int = 1000) -> dict:
+def evaluate_run(config: TrainConfig, run_dir: str | os.PathLike[str], ctx: DistContext | None = None, *,
+                 n_resamples: int = 1000) -> dict[str, Any]:
     """Best phase-2 model on validation and test -> RUN/report.json, report.md, ROC plots.
 
     Thresholds come from validation only (see `training.evaluate`). The phase-1 window AUROC on
     test is added under `phase1.test_auroc_window` for comparison with the phase-2 window head.
     """
-    from training.phase1 import auroc
-
     ctx = ctx or setup(config.device)
     run = Path(run_dir)
     val, val_extra = predict_split(config, run, "validation", ctx)
@@ -218,15 +224,12 @@ def evaluate_run(config: TrainConfig, run_dir, ctx: DistContext | None = None, *
     if not ctx.is_main:
         return {}
     report = evaluate(val, test, n_resamples=n_resamples, seed=config.seed)
-    paths = write_report(report, run, validation=val, test=test)
-    data = json.loads(paths["json"].read_text())
     y = np.concatenate(test.window_labels) if test.window_labels else np.zeros(0)
     p = np.concatenate(test_extra["phase1_window_probs"]) if test_extra["phase1_window_probs"] else np.zeros(0)
-    a = auroc(y, p)
-    data["phase1"] = {"test_auroc_window": None if math.isnan(a) else a}
-    data["loss"] = {k: (None if math.isnan(v) else v) for k, v in
-                    (("validation", val_extra["loss"]), ("test", test_extra["loss"]))}
-    paths["json"].write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    extra = {"phase1": {"test_auroc_window": auroc(y, p)},
+             "loss": {"validation": val_extra["loss"], "test": test_extra["loss"]}}  # NaN -> null in write_report
+    paths = write_report(report, run, validation=val, test=test, extra=extra)
+    data = json.loads(paths["json"].read_text())
     np.savez_compressed(run / "predictions_test.npz", study_uids=np.array(test.study_uids),
                         study_probs=test.study_probs, study_labels=test.study_labels,
                         attention=test_extra["attention"])

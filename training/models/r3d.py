@@ -107,6 +107,12 @@ def _make_layer(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequ
 class VideoResNet(nn.Module):
     """R3D-18 with a ``num_outputs`` linear head; ``width`` scales every layer's planes (64 = published)."""
 
+    # set with setattr in __init__ (registered as submodules there); declared here for the type checker
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, num_outputs: int = 1, width: int = 64) -> None:
         super().__init__()
         if width < 1:
