@@ -22,10 +22,10 @@ from dicom_node.imaging.preprocess import PreprocessConfig, preprocess
 from dicom_node.imaging.series import load_series
 from dicom_node.labels import ALL_LABELS, STUDY_LABELS, WINDOW_LABEL, consistency_violations, make_consistent
 from dicom_node.model.inference import Prediction
-from dicom_node.results.key_slices import select_key_slices
 from dicom_node.results import ResultOptions, build_results
-from dicom_node.results.sc import pe_window_grey, render_overlay
 from dicom_node.results.codes import LABEL_CODES
+from dicom_node.results.key_slices import select_key_slices
+from dicom_node.results.sc import pe_window_grey, render_overlay
 from dicom_node.results.sr import BundleInfo, ReportError, build_sr
 from phantoms import PhantomConfig, generate_study, heatmap_hits_embolus, study_datasets
 
@@ -35,6 +35,8 @@ needs_dicom3tools = pytest.mark.skipif(not Path(DCIODVFY).exists(), reason="dico
 needs_dsrdump = pytest.mark.skipif(not Path(DSRDUMP).exists(), reason="dcmtk not installed")
 
 CONFIG = PreprocessConfig(resize=64, crop=48)
+#: the node sends a KOS only with [results] send_kos; these tests build and check all four kinds
+WITH_KOS = ResultOptions(kos=True)
 SR_SERIES = {"series_number": ResultOptions().sr_series_number,
              "series_description": ResultOptions().sr_series_description}
 BUNDLE = BundleInfo(name="pe-demo", version="0.3.1", model_uid="2.25.1234567890",
@@ -118,7 +120,7 @@ def negative():
 def case(request, positive, negative):
     data = positive if request.param == "positive" else negative
     study, series, windows, pred, _ = data
-    return request.param, series, windows, pred, build_results(series, windows, pred, BUNDLE, ResultOptions(kos=True))
+    return request.param, series, windows, pred, build_results(series, windows, pred, BUNDLE, WITH_KOS)
 
 
 def _round_trip(ds) -> pydicom.Dataset:
@@ -227,12 +229,12 @@ def test_sr_content_tree(case):
 
 def test_uids_are_deterministic_and_depend_on_model(positive):
     _, series, windows, pred, _ = positive
-    a = build_results(series, windows, pred, BUNDLE)
-    b = build_results(series, windows, pred, BUNDLE)
+    a = build_results(series, windows, pred, BUNDLE, WITH_KOS)
+    b = build_results(series, windows, pred, BUNDLE, WITH_KOS)
     assert a.sop_instance_uids == b.sop_instance_uids and a.series_instance_uids == b.series_instance_uids
     assert len(set(a.sop_instance_uids)) == len(a.sop_instance_uids) == 6
     other = replace(pred, model_uid="2.25.999")
-    c = build_results(series, windows, other, replace(BUNDLE, model_uid="2.25.999"))
+    c = build_results(series, windows, other, replace(BUNDLE, model_uid="2.25.999"), WITH_KOS)
     assert not set(c.sop_instance_uids) & set(a.sop_instance_uids)
 
 
@@ -282,7 +284,7 @@ def test_heatmap_sc_pixels(positive):
 
 def test_summary_sc_is_a_chart(positive):
     _, series, windows, pred, _ = positive
-    sc = build_results(series, windows, pred, BUNDLE).summary_sc
+    sc = build_results(series, windows, pred, BUNDLE, WITH_KOS).summary_sc
     px = sc.pixel_array
     assert px.ndim == 3 and px.shape[2] == 3 and px.shape[0] >= 400
     assert sc.BurnedInAnnotation == "YES" and RESEARCH_USE_STATEMENT in sc.ImageComments
@@ -314,7 +316,7 @@ def test_orthanc_stores_all_results(orthanc, positive, negative):
 
     datasets = []
     for _, series, windows, pred, _ in (positive, negative):
-        datasets += build_results(series, windows, pred, BUNDLE).datasets()
+        datasets += build_results(series, windows, pred, BUNDLE, WITH_KOS).datasets()
     ae = AE(ae_title="PENODE")
     for ctx in (Comprehensive3DSRStorage, KeyObjectSelectionDocumentStorage, SecondaryCaptureImageStorage):
         ae.add_requested_context(ctx, "1.2.840.10008.1.2.1")
@@ -337,7 +339,7 @@ def test_render_cli_writes_png_and_text(positive, tmp_path):
     from dicom_node.cli import main
 
     _, series, windows, pred, _ = positive
-    result = build_results(series, windows, pred, BUNDLE)
+    result = build_results(series, windows, pred, BUNDLE, WITH_KOS)
     files = []
     for i, ds in enumerate(result.datasets()):
         files.append(tmp_path / f"obj{i}.dcm")
