@@ -99,10 +99,10 @@ def options_markdown() -> str:
     for prog, parser in parsers():
         helps: dict[int, str] = {}
 
-        def collect(p):
-            helps.update(_help_text(p))
+        def collect(p, into: dict[int, str] = helps) -> None:
+            into.update(_help_text(p))
             for sub in _subparsers(p).values():
-                collect(sub)
+                collect(sub, into)
 
         collect(parser)
         out.append(f"### `{prog}`\n")

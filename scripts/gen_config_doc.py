@@ -32,7 +32,7 @@ def render(text: str, generated: dict[str, str]) -> str:
         if not pattern.search(text):
             raise SystemExit(f"{DOC}: no '<!-- BEGIN GENERATED: {name} ... -->' / '<!-- END GENERATED: {name} -->' "
                              "markers; add them where the block belongs")
-        text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), text)
     return text
 
 

@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 
 from bundle_factory import TINY_PREPROCESS, build_tiny_bundle, tiny_models
-from dicom_node.imaging.preprocess import Geometry, PreprocessConfig, Windows
+from dicom_node.imaging.preprocess import Geometry, PreprocessConfig, Windows, heatmap_to_slices
 from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL, consistency_violations
 from dicom_node.log import configure_logging
 from dicom_node.model.bundle import BundleError, load_bundle
 from dicom_node.model.inference import InferenceError, Predictor
-from dicom_node.imaging.preprocess import heatmap_to_slices
 from dicom_node.results.key_slices import hottest_slice
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -45,7 +45,7 @@ def torchvision_r3d_18_spec(num_classes: int = 400) -> dict[str, tuple[int, ...]
         inplanes = planes
     spec["fc.weight"] = (num_classes, 512)
     spec["fc.bias"] = (num_classes,)
-    for k, v in spec.items():
+    for k in spec:
         if k.endswith("num_batches_tracked"):
             spec[k] = ()
     return spec
