@@ -81,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from dicom_node.log import configure_logging
     from training.config import load_config
-    from training.data import _config_dict
+    from training.data import cache_stamp
 
     configure_logging(level="WARNING")
     cfg = load_config(args.preset)
     pp = cfg.preprocess
     workers = cfg.num_workers if args.workers is None else args.workers
-    want = _config_dict(pp)
+    want = cache_stamp(pp)
     marker = args.out / "synthetic.json"
     spec = {"studies": args.studies, "windows": args.windows, "preprocess": want}
     if not (marker.is_file() and json.loads(marker.read_text()) == spec):

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PAPER_SPLIT",
+    "cache_stamp",
     "StudyRecord",
     "Split",
     "CacheEntry",
@@ -202,7 +203,7 @@ def _cache_one(data_dir: str, cache_dir: str, record: StudyRecord, pp_config: Pr
         return uid, f"{type(exc).__name__}: {exc}", 0, time.perf_counter() - t0
     arr = np.clip(np.rint(np.asarray(windows.array, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
     labels = np.zeros(arr.shape[0], dtype=np.int64) if windows.labels is None else np.asarray(windows.labels, dtype=np.int64)
-    write_cache_entry(Path(cache_dir), uid, record.series_uid, arr, labels, record.study_labels, _config_dict(pp_config))
+    write_cache_entry(Path(cache_dir), uid, record.series_uid, arr, labels, record.study_labels, cache_stamp(pp_config))
     return uid, None, int(arr.nbytes), time.perf_counter() - t0
 
 
@@ -225,7 +226,7 @@ def write_cache_entry(cache_dir: Path, study_uid: str, series_uid: str, windows:
     _write_json_atomic(cache_dir / f"{study_uid}.json", meta)
 
 
-def _config_dict(pp_config: PreprocessConfig) -> dict[str, Any]:
+def cache_stamp(pp_config: PreprocessConfig) -> dict[str, Any]:
     """The cache's preprocessing stamp: `PreprocessConfig.to_dict`, as read back from JSON (the form it
     is compared in)."""
     return cast(dict[str, Any], json.loads(json.dumps(pp_config.to_dict())))
@@ -242,7 +243,7 @@ def build_cache(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str
 
     cache = Path(run_dir) / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    want = _config_dict(pp_config)
+    want = cache_stamp(pp_config)
     todo = []
     for uid, rec in records.items():
         meta_path = cache / f"{uid}.json"
