@@ -1,4 +1,8 @@
-"""`dicom-node` command line (draft: subcommands are added by each task)."""
+"""`dicom-node` command line: `render`, the node's operational commands (`serve`, `echo`, `send`,
+`status`, `resend`, `complete`, `config`, from `dicom_node.node_commands`) and `demo`.
+
+Each subcommand imports what it needs when it runs, so `dicom-node --help` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -20,14 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_node(subparsers) -> None:
+def _add_node(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """serve, echo, send, status, resend, complete, config (dicom_node.node_commands)."""
     from dicom_node.node_commands import add_node_commands
 
     add_node_commands(subparsers)
 
 
-def _add_demo(subparsers) -> None:
+def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "demo",
         help="the whole product on two synthetic studies: C-STORE in, SR + heatmaps back into a PACS",
@@ -51,7 +55,7 @@ def _add_demo(subparsers) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-def _cmd_demo(args) -> int:
+def _cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from dicom_node.tools.demo import run_demo
@@ -60,7 +64,7 @@ def _cmd_demo(args) -> int:
                     quiet_period_s=args.quiet_period, timeout_s=args.timeout, verbose=args.verbose)
 
 
-def _add_render(subparsers) -> None:
+def _add_render(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "render",
         help="write PNGs of result images and text renderings of SR/KOS documents",
@@ -73,7 +77,7 @@ def _add_render(subparsers) -> None:
     p.set_defaults(func=_cmd_render)
 
 
-def _cmd_render(args) -> int:
+def _cmd_render(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from dicom_node.tools.render import render_file

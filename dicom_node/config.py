@@ -22,7 +22,7 @@ import dataclasses
 import os
 import re
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ class ConfigError(ValueError):
     """A configuration value is not allowed; the message names key, value and what is allowed."""
 
 
-def _doc(text: str, **kw) -> dict:
+def _doc(text: str, **kw: Any) -> dict[str, Any]:
     return {"doc": text, **kw}
 
 
@@ -188,7 +188,7 @@ class Config:
     def data_path(self) -> Path:
         return Path(self.data_dir)
 
-    def replace(self, **overrides) -> Config:
+    def replace(self, **overrides: Any) -> Config:
         """Return a validated copy with dotted-key overrides (`{"retry.max_attempts": 2}`)."""
         raw = _to_raw(self)
         for k, v in overrides.items():
@@ -198,13 +198,13 @@ class Config:
 
 
 
-def _hints(cls) -> dict[str, Any]:
+def _hints(cls: type[Any]) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _section_classes() -> dict[str, type]:
+def _section_classes() -> dict[str, type[Any]]:
     hints = _hints(Config)
-    return {name: t for name, t in hints.items() if dataclasses.is_dataclass(t)}
+    return {name: t for name, t in hints.items() if isinstance(t, type) and dataclasses.is_dataclass(t)}
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -280,7 +280,7 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     target[parts[-1]] = value
 
 
-def _build_section(cls, raw: Mapping, prefix: str):
+def _build_section(cls: type[Any], raw: Mapping[str, Any], prefix: str) -> Any:
     hints = _hints(cls)
     unknown = set(raw) - set(hints)
     if unknown:
@@ -289,7 +289,7 @@ def _build_section(cls, raw: Mapping, prefix: str):
     kwargs = {}
     for name, typ in hints.items():
         if name in raw:
-            if dataclasses.is_dataclass(typ):
+            if isinstance(typ, type) and dataclasses.is_dataclass(typ):
                 if not isinstance(raw[name], Mapping):
                     raise ConfigError(f"{name}: expected a [{name}] table, got {raw[name]!r}")
                 kwargs[name] = _build_section(typ, raw[name], f"{name}.")
@@ -427,7 +427,7 @@ def _toml_value(v: Any) -> str:
     raise TypeError(v)  # pragma: no cover
 
 
-def _rows():
+def _rows() -> Iterator[tuple[str, str, Any, str]]:
     """(section, key, default, doc) for every key, in declaration order."""
     sections = _section_classes()
     for f in dataclasses.fields(Config):

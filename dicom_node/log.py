@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
+from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
 __all__ = ["configure_logging", "get_logger", "PHI_KEYS"]
 
@@ -21,14 +23,14 @@ PHI_KEYS = frozenset({
 })
 
 
-def redact_phi(_logger, _method, event_dict):
+def redact_phi(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     for key in list(event_dict):
         if key in PHI_KEYS:
             event_dict[key] = "[redacted]"
     return event_dict
 
 
-def configure_logging(*, json: bool = False, level: str = "INFO", stream=None) -> None:
+def configure_logging(*, json: bool = False, level: str = "INFO", stream: TextIO | None = None) -> None:
     """Configure structlog (and stdlib logging, used by pynetdicom) for one process."""
     stream = stream or sys.stderr
     lvl = getattr(logging, level.upper(), logging.INFO)
@@ -50,5 +52,5 @@ def configure_logging(*, json: bool = False, level: str = "INFO", stream=None) -
     )
 
 
-def get_logger(name: str | None = None):
+def get_logger(name: str | None = None) -> FilteringBoundLogger:
     return structlog.get_logger(name) if name else structlog.get_logger()

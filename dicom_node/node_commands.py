@@ -10,6 +10,11 @@ import argparse
 import importlib
 import json
 import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dicom_node.config import Config
+    from dicom_node.durability.state import State
 
 __all__ = ["add_node_commands"]
 
@@ -22,7 +27,7 @@ def _common(p: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
         p.add_argument("--data-dir", metavar="DIR", help="folder with spool/, outbox/ and state.sqlite (overrides data_dir)")
 
 
-def add_node_commands(subparsers) -> None:
+def add_node_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "serve", help="run the DICOM node (SCP, completion, worker, delivery, metrics)",
         description="Receive CT series by C-STORE, analyse the selected series and send the results to the "
@@ -81,7 +86,7 @@ def add_node_commands(subparsers) -> None:
     p.set_defaults(func=_cmd_config)
 
 
-def _load(args, **overrides):
+def _load(args: argparse.Namespace, **overrides: Any) -> Config:
     from dicom_node.config import ConfigError, load_config
 
     if getattr(args, "data_dir", None):
@@ -93,7 +98,7 @@ def _load(args, **overrides):
         raise SystemExit(2) from None
 
 
-def _state(args):
+def _state(args: argparse.Namespace) -> tuple[Config, State]:
     from dicom_node.durability.state import State
 
     cfg = _load(args)
@@ -104,8 +109,9 @@ def _state(args):
     return cfg, State(path)
 
 
-def _cmd_serve(args) -> int:
-    from dicom_node.engine.node import Node, NodeError
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.engine.node import Node, NodeError, default_job_body
+    from dicom_node.engine.worker import JobBody
     from dicom_node.log import configure_logging
 
     cfg = _load(args, ae_title=args.ae_title, host=args.host, port=args.port, destinations=args.destination,
@@ -115,17 +121,16 @@ def _cmd_serve(args) -> int:
     module, _, attr = args.job.partition(":")
     try:
         if args.job == "dicom_node.pipeline:run_job":
-            from dicom_node.engine.node import default_run_job
-            run_job = default_run_job()
+            body = default_job_body()  # run_job with its prepare step
         else:
-            run_job = getattr(importlib.import_module(module), attr)
-        node = Node(cfg, run_job=run_job)
+            body = JobBody.of(getattr(importlib.import_module(module), attr))
+        node = Node(cfg, run_job=body)
     except (NodeError, ImportError, AttributeError) as e:
         print(f"dicom-node serve: {e}", file=sys.stderr)
         return 2
     import signal
 
-    signal.signal(signal.SIGTERM, lambda *_: node._stopped.set())
+    signal.signal(signal.SIGTERM, lambda *_: node.request_stop())
     try:
         node.start(block=True)
     except NodeError as e:
@@ -134,7 +139,7 @@ def _cmd_serve(args) -> int:
     return 0
 
 
-def _cmd_echo(args) -> int:
+def _cmd_echo(args: argparse.Namespace) -> int:
     from dicom_node.config import ConfigError, parse_destination
     from dicom_node.network.send import SendError, echo
 
@@ -148,7 +153,7 @@ def _cmd_echo(args) -> int:
     return 0 if status == 0 else 1
 
 
-def _cmd_send(args) -> int:
+def _cmd_send(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from dicom_node.config import ConfigError, parse_destination
@@ -167,7 +172,7 @@ def _cmd_send(args) -> int:
     return 0
 
 
-def _cmd_status(args) -> int:
+def _cmd_status(args: argparse.Namespace) -> int:
     from dicom_node.durability.state import DeliveryState, JobState
 
     _cfg, st = _state(args)
@@ -198,7 +203,7 @@ def _cmd_status(args) -> int:
     return 0
 
 
-def _cmd_resend(args) -> int:
+def _cmd_resend(args: argparse.Namespace) -> int:
     from dicom_node.durability.state import JobState
 
     _cfg, st = _state(args)
@@ -219,7 +224,7 @@ def _cmd_resend(args) -> int:
     return 0
 
 
-def _cmd_complete(args) -> int:
+def _cmd_complete(args: argparse.Namespace) -> int:
     from dicom_node.durability.spool import InvalidUid, validate_uid
 
     _cfg, st = _state(args)
@@ -239,7 +244,7 @@ def _cmd_complete(args) -> int:
     return 0
 
 
-def _cmd_config(args) -> int:
+def _cmd_config(args: argparse.Namespace) -> int:
     import dataclasses
 
     from dicom_node.config import default_config_toml

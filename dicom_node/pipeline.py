@@ -6,15 +6,21 @@ two ONNX stages through a `Predictor` (cached per bundle and provider settings, 
 loaded and warmed up once per process), and builds the SR, heatmap Secondary Captures, summary SC
 and optional KOS with deterministic UIDs. Delivery, retries and durability are the worker's and
 the sender's business.
+
+`JOB_BODY` is what the node runs by default: `run_job` per job and `prepare` once at start (load
+and verify the bundle, honour `require_gpu`, warm the graphs up), so a broken bundle or a missing
+GPU stops `Node.start` instead of failing the first study.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from dicom_node.engine.worker import JobContext, JobResult
+from dicom_node.engine.worker import JobBody, JobContext, JobResult
 from dicom_node.imaging.preprocess import preprocess
 from dicom_node.imaging.series import load_series
 from dicom_node.log import get_logger
@@ -23,10 +29,13 @@ from dicom_node.model.inference import Predictor
 from dicom_node.results import ResultOptions, ResultSet, build_results
 from dicom_node.results.sr import predecessor_reference
 
-__all__ = ["run_job", "prepare", "analyse_series", "get_predictor", "bundle_dir"]
+if TYPE_CHECKING:
+    from dicom_node.config import Config
+
+__all__ = ["JOB_BODY", "run_job", "prepare", "analyse_series", "get_predictor", "bundle_dir"]
 
 log = get_logger("dicom_node.pipeline")
-_predictors: dict[tuple, Predictor] = {}
+_predictors: dict[tuple[object, ...], Predictor] = {}
 _lock = threading.Lock()
 
 
@@ -35,8 +44,8 @@ def bundle_dir(configured: str) -> Path:
     return Path(configured).expanduser() if configured else default_bundle_path()
 
 
-def get_predictor(bundle: str = "", providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
-                  require_gpu: bool = False, **session) -> Predictor:
+def get_predictor(bundle: str = "", providers: Sequence[str] = ("CUDAExecutionProvider", "CPUExecutionProvider"),
+                  require_gpu: bool = False, **session: Any) -> Predictor:
     """One verified, warmed-up Predictor per (bundle, providers, require_gpu, session options) in this process.
 
     `session` passes onnxruntime settings through to `Predictor` (intra_op_threads, graph_optimization,
@@ -50,7 +59,7 @@ def get_predictor(bundle: str = "", providers=("CUDAExecutionProvider", "CPUExec
         return _predictors[key]
 
 
-def _predictor_for(config, bundle: str = "") -> Predictor:
+def _predictor_for(config: Config, bundle: str = "") -> Predictor:
     inf = config.inference
     threads = inf.intra_op_threads or None
     return get_predictor(bundle or inf.bundle, inf.providers, inf.require_gpu, intra_op_threads=threads,
@@ -58,7 +67,7 @@ def _predictor_for(config, bundle: str = "") -> Predictor:
                          precision=inf.precision)
 
 
-def prepare(config) -> None:
+def prepare(config: Config) -> None:
     """Node start-up: load and verify the bundle, honour require_gpu, warm up (raises on any failure)."""
     _predictor_for(config)
 
@@ -68,8 +77,16 @@ def _options(ctx: JobContext) -> ResultOptions:
     return ResultOptions.from_config(ctx.config.results, revision=max(0, ctx.revision - 1))
 
 
-def analyse_series(paths, predictor: Predictor, options: ResultOptions = ResultOptions(),
-                   *, predecessor_sr_uid: str | None = None, mark=lambda stage: None) -> ResultSet:
+#: the result options of a node with the default configuration
+_DEFAULT_OPTIONS = ResultOptions()
+
+
+def _no_mark(stage: str) -> None:
+    """`analyse_series` without stage marks."""
+
+
+def analyse_series(paths: Iterable[str | Path], predictor: Predictor, options: ResultOptions = _DEFAULT_OPTIONS,
+                   *, predecessor_sr_uid: str | None = None, mark: Callable[[str], None] = _no_mark) -> ResultSet:
     """Library entry point: spooled files of one series -> `ResultSet` (SR first)."""
     series = load_series(list(paths))
     m = predictor.manifest
@@ -105,4 +122,5 @@ def run_job(ctx: JobContext) -> JobResult:
                      inference_s=inference_s)
 
 
-run_job.prepare = prepare  # type: ignore[attr-defined]  # called by Node.start before accepting studies
+#: the product's job body: `run_job` per job, `prepare` once at node start (before accepting studies)
+JOB_BODY = JobBody(run=run_job, prepare=prepare)

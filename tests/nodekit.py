@@ -1,8 +1,10 @@
-"""Helpers for the node tests: a stand-in job function, phantom series, dcmtk storescu, node processes.
+"""Helpers for the node tests: a stand-in job body, phantom series, dcmtk storescu, node processes.
 
 `sc_job` is a test double for the *model only*: it decodes the middle slice of the received series
 (exercising the worker-side decoding of compressed syntaxes) and returns one real Secondary Capture
 with UIDs derived from the series, its instances and the bundle, so a re-run gives the same UIDs.
+`SC_JOB` is it as a `JobBody` (nothing to prepare); `NodeProcess` runs it by `--job nodekit:SC_JOB`,
+the in-process fixtures pass the plain `sc_job` callable (both are accepted).
 Environment knobs (for node subprocesses): NODE_TEST_JOB_DELAY_S sleeps inside the job,
 NODE_TEST_JOB_MARKER=DIR writes `started-<job>-<revision>` there when a job starts.
 """
@@ -23,7 +25,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from dicom_node.engine.worker import JobContext, JobResult
+from dicom_node.engine.worker import JobBody, JobContext, JobResult
 from peers import free_port, terminate, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +82,9 @@ def sc_job(ctx: JobContext) -> JobResult:
     return JobResult(datasets=(ds,), inference_s=time.perf_counter() - t0, summary={"instances": len(headers)})
 
 
+SC_JOB = JobBody(run=sc_job)
+
+
 def phantom_series(root: Path, *, seed: int = 7, n_slices: int = 24, rows: int = 64, variant: str | None = None,
                    patient: bool = True) -> list[Path]:
     """A small phantom CTPA series (PatientName/ID/BirthDate set to the known test values)."""
@@ -122,7 +127,7 @@ def write_config(path: Path, **kw) -> Path:
 
 
 class NodeProcess:
-    """`dicom-node serve` as a real subprocess running `nodekit:sc_job` (JSON log to a file)."""
+    """`dicom-node serve` as a real subprocess running `nodekit:SC_JOB` (JSON log to a file)."""
 
     def __init__(self, workdir: Path, *, destinations=(), quiet: float = 0.6, env: dict | None = None, **cfg) -> None:
         self.workdir = workdir
@@ -138,7 +143,7 @@ class NodeProcess:
     def start(self) -> NodeProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config),
-                                      "--job", "nodekit:sc_job"], stdout=log, stderr=subprocess.STDOUT, env=self.env)
+                                      "--job", "nodekit:SC_JOB"], stdout=log, stderr=subprocess.STDOUT, env=self.env)
         wait_for_port(self.port, proc=self.proc, timeout=60)
         return self
 

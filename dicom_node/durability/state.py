@@ -1,5 +1,13 @@
 """SQLite state of the node: instances, series, jobs and deliveries, with explicit state machines.
 
+Series, jobs and deliveries have a state (instances have none: a row exists once the file is
+spooled). Every state change goes through one function, `_move`, which reads the row's current
+state, checks it against that entity's transition table (`SERIES_TRANSITIONS`, `JOB_TRANSITIONS`,
+`DELIVERY_TRANSITIONS`, all in `TRANSITIONS`) and runs the UPDATE, in the caller's transaction.
+A change the table does not allow raises `TransitionError` naming the entity, its id and both
+states. Rows are created in their first state (series `receiving`, job `queued`, delivery
+`pending`); jobs are created in one place (`_insert_job`).
+
 WAL mode with `synchronous=FULL`: an instance is acknowledged only after its row commits, and FULL
 makes that commit survive power loss, not just a process crash (NORMAL in WAL mode may lose the
 last transactions on power loss, which would break "an acknowledged instance is never lost").
@@ -14,12 +22,17 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from types import TracebackType
+from typing import Any, Generic, TypeVar
 
 __all__ = ["State", "SeriesState", "JobState", "DeliveryState", "InstanceRow", "SeriesRow", "JobRow",
-           "DeliveryRow", "TransitionError", "JOB_TRANSITIONS"]
+           "DeliveryRow", "TransitionError", "StateMachine", "SERIES_TRANSITIONS", "JOB_TRANSITIONS",
+           "DELIVERY_TRANSITIONS", "SERIES_MACHINE", "JOB_MACHINE", "DELIVERY_MACHINE", "MACHINES", "TRANSITIONS",
+           "JOB_STAGES", "stage_durations"]
 
 
 class SeriesState(str, Enum):
@@ -45,7 +58,24 @@ class DeliveryState(str, Enum):
     FAILED = "failed"
 
 
-#: allowed job transitions (recovery moves running -> queued; resend moves failed -> sending/queued)
+_S = TypeVar("_S", SeriesState, JobState, DeliveryState)
+
+#: allowed series transitions. Any state -> receiving: another (or a late) instance arrived
+#: (`add_instance`); receiving -> complete: quiet period over (`mark_complete`); complete ->
+#: selected/skipped: selection (`schedule_series`); selected -> done: its last job finished
+#: without a requested re-run (`start_rerun_if_requested`).
+SERIES_TRANSITIONS: dict[SeriesState, frozenset[SeriesState]] = {
+    SeriesState.RECEIVING: frozenset({SeriesState.RECEIVING, SeriesState.COMPLETE}),
+    SeriesState.COMPLETE: frozenset({SeriesState.RECEIVING, SeriesState.SELECTED, SeriesState.SKIPPED}),
+    SeriesState.SELECTED: frozenset({SeriesState.RECEIVING, SeriesState.DONE}),
+    SeriesState.SKIPPED: frozenset({SeriesState.RECEIVING}),
+    SeriesState.DONE: frozenset({SeriesState.RECEIVING}),
+}
+
+#: allowed job transitions. queued -> running: claimed by the worker; running -> built/failed: the
+#: job body finished or raised; built -> sending: deliveries queued (worker, or recovery at start);
+#: sending -> done/failed: every delivery final (sender); running -> queued: recovery at start;
+#: failed -> sending/queued: `dicom-node resend`.
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING}),
     JobState.RUNNING: frozenset({JobState.BUILT, JobState.FAILED, JobState.QUEUED}),
@@ -55,9 +85,75 @@ JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.FAILED: frozenset({JobState.QUEUED, JobState.SENDING}),
 }
 
+#: allowed delivery transitions. pending -> pending: an attempt failed, retried later; pending ->
+#: done: delivered; pending -> failed: `max_attempts` used up; failed -> pending: `dicom-node resend`.
+DELIVERY_TRANSITIONS: dict[DeliveryState, frozenset[DeliveryState]] = {
+    DeliveryState.PENDING: frozenset({DeliveryState.PENDING, DeliveryState.DONE, DeliveryState.FAILED}),
+    DeliveryState.DONE: frozenset(),
+    DeliveryState.FAILED: frozenset({DeliveryState.PENDING}),
+}
+
 
 class TransitionError(RuntimeError):
-    """A job state change that the state machine does not allow."""
+    """A state change (of a series, job or delivery) that its transition table does not allow."""
+
+
+@dataclass(frozen=True)
+class StateMachine(Generic[_S]):
+    """One entity's states, where its rows live, and its transition table."""
+
+    entity: str  # the word in messages: "series", "job", "delivery"
+    table: str
+    key: str  # primary key column
+    states: type[_S]
+    allowed: Mapping[_S, frozenset[_S]]
+    listed_by: str  # where an operator finds the ids (for the "no such ..." message)
+
+    def missing(self, key: object) -> KeyError:
+        return KeyError(f"{self.entity} {key}: no such {self.entity}; {self.listed_by}")
+
+    def check(self, key: object, frm: _S, to: _S) -> None:
+        """Raise TransitionError unless `frm` -> `to` is in the table."""
+        allowed = self.allowed[frm]
+        if to not in allowed:
+            raise TransitionError(f"{self.entity} {key}: cannot go from {frm.value} to {to.value}; "
+                                  f"allowed: {sorted(s.value for s in allowed) or 'none (final)'}")
+
+
+SERIES_MACHINE = StateMachine("series", "series", "series_uid", SeriesState, SERIES_TRANSITIONS,
+                              "`dicom-node status` lists series")
+JOB_MACHINE = StateMachine("job", "jobs", "id", JobState, JOB_TRANSITIONS, "`dicom-node status` lists jobs")
+DELIVERY_MACHINE = StateMachine("delivery", "deliveries", "id", DeliveryState, DELIVERY_TRANSITIONS,
+                                "`dicom-node status` lists failed deliveries")
+MACHINES = (SERIES_MACHINE, JOB_MACHINE, DELIVERY_MACHINE)
+
+#: the one transition table, per entity: entity -> {from state: allowed next states}
+TRANSITIONS: dict[str, Mapping[Any, frozenset[Any]]] = {m.entity: m.allowed for m in MACHINES}
+
+
+def _move(c: sqlite3.Connection, m: StateMachine[_S], key: str | int, to: _S, sets: str = "",
+          args: Sequence[object] = ()) -> _S:
+    """The one place a state changes: check `m`'s table for the row's state -> `to`, then UPDATE it.
+
+    `sets` are further column assignments of the same UPDATE (`"error=?, times=?"`) with their
+    `args`. Runs in the caller's transaction; returns the state the row came from."""
+    r = c.execute(f"SELECT state FROM {m.table} WHERE {m.key}=?", (key,)).fetchone()
+    if r is None:
+        raise m.missing(key)
+    frm = m.states(r["state"])
+    m.check(key, frm, to)
+    c.execute(f"UPDATE {m.table} SET state=?{', ' + sets if sets else ''} WHERE {m.key}=?", (to.value, *args, key))
+    return frm
+
+
+#: stages a job's `times` may record (unix seconds), in the order they happen
+JOB_STAGES = ("received", "complete", "queued", "started", "preprocessed", "inferred", "built", "sent", "finished")
+
+
+def stage_durations(times: Mapping[str, float | None]) -> dict[str, float]:
+    """Seconds between consecutive recorded stages of a job (`received_to_complete_s`, ...)."""
+    have = [(k, t) for k in JOB_STAGES if (t := times.get(k))]
+    return {f"{a}_to_{b}_s": round(tb - ta, 3) for (a, ta), (b, tb) in zip(have, have[1:])}
 
 
 @dataclass(frozen=True)
@@ -99,7 +195,7 @@ class JobRow:
     predecessor_result_uids: tuple[str, ...]
     result_uids: tuple[str, ...]
     error: str | None
-    times: dict  # stage -> unix time (queued, started, preprocessed, inferred, built, sent, ...)
+    times: dict[str, float | None]  # stage (JOB_STAGES, requeued, resend, ...) -> unix time
 
 
 @dataclass(frozen=True)
@@ -154,6 +250,17 @@ def _delivery(r: sqlite3.Row) -> DeliveryRow:
                        r["next_try_at"], r["last_error"])
 
 
+def _insert_job(c: sqlite3.Connection, series_uid: str, study_uid: str, *, priority: int, revision: int,
+                predecessor_result_uids: Sequence[str], times: Mapping[str, float | None]) -> int:
+    """Create a job (state queued); the only INSERT into jobs. Returns its id."""
+    cur = c.execute("INSERT INTO jobs(series_uid, study_uid, state, priority, revision, predecessor_result_uids, times)"
+                    " VALUES (?,?,?,?,?,?,?)", (series_uid, study_uid, JobState.QUEUED.value, priority, revision,
+                                                json.dumps(list(predecessor_result_uids)), json.dumps(dict(times))))
+    job_id = cur.lastrowid
+    assert job_id is not None  # set by every successful INSERT
+    return job_id
+
+
 class State:
     """Thread-safe access to the node's SQLite database (one connection per thread)."""
 
@@ -165,7 +272,7 @@ class State:
 
     # --- connection -------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
-        c = getattr(self._local, "conn", None)
+        c: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if c is None:
             c = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=True)
             c.row_factory = sqlite3.Row
@@ -183,7 +290,8 @@ class State:
             self.c.execute("BEGIN IMMEDIATE")
             return self.c
 
-        def __exit__(self, exc_type, exc, tb) -> None:
+        def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                     tb: TracebackType | None) -> None:
             self.c.execute("COMMIT" if exc_type is None else "ROLLBACK")
 
     def _tx(self) -> State._Tx:
@@ -200,19 +308,24 @@ class State:
         return self._conn().execute("SELECT 1 FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone() is not None
 
     def add_instance(self, row: InstanceRow) -> bool:
-        """Record a spooled instance; False (and no change) when the SOP instance is already known."""
+        """Record a spooled instance; False (and no change) when the SOP instance is already known.
+
+        A new series starts receiving; a known one (in any state) goes back to receiving."""
         with self._tx() as c:
             cur = c.execute("INSERT OR IGNORE INTO instances VALUES (?,?,?,?,?,?,?,?,?)",
                             (row.sop_uid, row.series_uid, row.study_uid, row.path, row.sop_class_uid,
                              row.transfer_syntax, row.received_at, row.bytes, row.calling_aet))
             if cur.rowcount == 0:
                 return False
-            c.execute(
+            cur = c.execute(
                 "INSERT INTO series(series_uid, study_uid, state, first_instance_at, last_instance_at, n_instances, calling_aet)"
-                " VALUES (?,?,?,?,?,1,?) ON CONFLICT(series_uid) DO UPDATE SET state=?, skip_reason=NULL,"
-                " last_instance_at=excluded.last_instance_at, n_instances=n_instances+1, completed_at=NULL",
+                " VALUES (?,?,?,?,?,1,?) ON CONFLICT(series_uid) DO NOTHING",
                 (row.series_uid, row.study_uid, SeriesState.RECEIVING.value, row.received_at, row.received_at,
-                 row.calling_aet, SeriesState.RECEIVING.value))
+                 row.calling_aet))
+            if cur.rowcount == 0:  # known series
+                _move(c, SERIES_MACHINE, row.series_uid, SeriesState.RECEIVING,
+                      "skip_reason=NULL, last_instance_at=?, n_instances=n_instances+1, completed_at=NULL",
+                      (row.received_at,))
             return True
 
     def instances(self, series_uid: str) -> list[InstanceRow]:
@@ -235,26 +348,14 @@ class State:
     def series_in(self, state: SeriesState) -> list[SeriesRow]:
         return [_series(r) for r in self._conn().execute("SELECT * FROM series WHERE state=?", (state.value,))]
 
-    def set_series_state(self, series_uid: str, state: SeriesState, *, skip_reason: str | None = None,
-                         expect: SeriesState | None = None, at: float | None = None) -> bool:
-        """Set a series' state (only if currently `expect`, when given); True when changed."""
-        sql = "UPDATE series SET state=?, skip_reason=?" + (", completed_at=?" if state is SeriesState.COMPLETE else "")
-        args: list = [state.value, skip_reason] + ([at or time.time()] if state is SeriesState.COMPLETE else [])
-        sql += " WHERE series_uid=?"
-        args.append(series_uid)
-        if expect is not None:
-            sql += " AND state=?"
-            args.append(expect.value)
-        with self._tx() as c:
-            return c.execute(sql, args).rowcount > 0
-
     # --- jobs -------------------------------------------------------------------------------------
     def job(self, job_id: int) -> JobRow | None:
         r = self._conn().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return _job(r) if r else None
 
     def jobs(self, state: JobState | None = None, series_uid: str | None = None) -> list[JobRow]:
-        sql, args = "SELECT * FROM jobs WHERE 1=1", []
+        sql = "SELECT * FROM jobs WHERE 1=1"
+        args: list[object] = []
         if state is not None:
             sql, args = sql + " AND state=?", args + [state.value]
         if series_uid is not None:
@@ -268,35 +369,33 @@ class State:
 
     def create_job(self, series_uid: str, study_uid: str, *, priority: int = 0, revision: int = 1,
                    predecessor_result_uids: tuple[str, ...] = (), at: float | None = None) -> int:
-        times = {"queued": at or time.time()}
         with self._tx() as c:
-            cur = c.execute("INSERT INTO jobs(series_uid, study_uid, state, priority, revision, predecessor_result_uids, times)"
-                            " VALUES (?,?,?,?,?,?,?)", (series_uid, study_uid, JobState.QUEUED.value, priority, revision,
-                                                        json.dumps(list(predecessor_result_uids)), json.dumps(times)))
-            return int(cur.lastrowid)
+            return _insert_job(c, series_uid, study_uid, priority=priority, revision=revision,
+                               predecessor_result_uids=predecessor_result_uids, times={"queued": at or time.time()})
 
     def transition(self, job_id: int, to: JobState, *, error: str | None = None, stage: str | None = None,
                    at: float | None = None, result_uids: tuple[str, ...] | None = None,
-                   extra_times: dict | None = None) -> JobRow:
+                   extra_times: Mapping[str, float] | None = None) -> JobRow:
         """Move a job to `to` if the state machine allows it; record a stage time; return the new row."""
         with self._tx() as c:
-            r = c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if r is None:
-                raise KeyError(f"job {job_id}: no such job; `dicom-node status` lists jobs")
-            cur = JobState(r["state"])
-            if to not in JOB_TRANSITIONS[cur]:
-                raise TransitionError(f"job {job_id}: cannot go from {cur.value} to {to.value}; "
-                                      f"allowed: {sorted(s.value for s in JOB_TRANSITIONS[cur]) or 'none (final)'}")
-            times = json.loads(r["times"])
-            times.update(extra_times or {})
-            if stage:
-                times[stage] = at or time.time()
-            attempts = r["attempts"] + (1 if to is JobState.RUNNING else 0)
-            c.execute("UPDATE jobs SET state=?, error=?, times=?, attempts=?, result_uids=COALESCE(?, result_uids) WHERE id=?",
-                      (to.value, error, json.dumps(times), attempts,
-                       json.dumps(list(result_uids)) if result_uids is not None else None, job_id))
-            r = c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-            return _job(r)
+            return self._job_transition(c, job_id, to, error=error, stage=stage, at=at, result_uids=result_uids,
+                                        extra_times=extra_times)
+
+    @staticmethod
+    def _job_transition(c: sqlite3.Connection, job_id: int, to: JobState, *, error: str | None = None,
+                        stage: str | None = None, at: float | None = None, result_uids: tuple[str, ...] | None = None,
+                        extra_times: Mapping[str, float] | None = None) -> JobRow:
+        r = c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if r is None:
+            raise JOB_MACHINE.missing(job_id)
+        times = json.loads(r["times"])
+        times.update(extra_times or {})
+        if stage:
+            times[stage] = at or time.time()
+        attempts = r["attempts"] + (1 if to is JobState.RUNNING else 0)
+        _move(c, JOB_MACHINE, job_id, to, "error=?, times=?, attempts=?, result_uids=COALESCE(?, result_uids)",
+              (error, json.dumps(times), attempts, json.dumps(list(result_uids)) if result_uids is not None else None))
+        return _job(c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
 
     def claim_next_job(self) -> JobRow | None:
         """Atomically take the highest-priority, oldest queued job and mark it running."""
@@ -305,7 +404,7 @@ class State:
                           (JobState.QUEUED.value,)).fetchone()
             if r is None:
                 return None
-        return self.transition(r["id"], JobState.RUNNING, stage="started")
+            return self._job_transition(c, r["id"], JobState.RUNNING, stage="started")
 
     def request_rerun(self, job_id: int) -> None:
         with self._tx() as c:
@@ -330,7 +429,8 @@ class State:
                           (job_id, d, DeliveryState.PENDING.value, at or time.time()))
 
     def deliveries(self, job_id: int | None = None, state: DeliveryState | None = None) -> list[DeliveryRow]:
-        sql, args = "SELECT * FROM deliveries WHERE 1=1", []
+        sql = "SELECT * FROM deliveries WHERE 1=1"
+        args: list[object] = []
         if job_id is not None:
             sql, args = sql + " AND job_id=?", args + [job_id]
         if state is not None:
@@ -345,21 +445,27 @@ class State:
     def next_delivery_time(self) -> float | None:
         r = self._conn().execute("SELECT MIN(next_try_at) t FROM deliveries WHERE state=?",
                                  (DeliveryState.PENDING.value,)).fetchone()
-        return r["t"]
+        t: float | None = r["t"]
+        return t
 
     def record_delivery(self, delivery_id: int, *, ok: bool, error: str | None = None,
                         next_try_at: float | None = None, give_up: bool = False) -> DeliveryRow:
+        """Record one attempt of a pending delivery: done, failed for good (`give_up`), or pending again."""
         state = DeliveryState.DONE if ok else (DeliveryState.FAILED if give_up else DeliveryState.PENDING)
         with self._tx() as c:
-            c.execute("UPDATE deliveries SET state=?, attempts=attempts+1, last_error=?, next_try_at=COALESCE(?, next_try_at)"
-                      " WHERE id=?", (state.value, error, next_try_at, delivery_id))
+            _move(c, DELIVERY_MACHINE, delivery_id, state,
+                  "attempts=attempts+1, last_error=?, next_try_at=COALESCE(?, next_try_at)", (error, next_try_at))
             return _delivery(c.execute("SELECT * FROM deliveries WHERE id=?", (delivery_id,)).fetchone())
 
     def reset_deliveries(self, job_id: int, at: float | None = None) -> int:
         """Make a job's failed deliveries pending again with fresh attempts (for `resend`)."""
+        t = at or time.time()
         with self._tx() as c:
-            return c.execute("UPDATE deliveries SET state=?, attempts=0, next_try_at=? WHERE job_id=? AND state=?",
-                             (DeliveryState.PENDING.value, at or time.time(), job_id, DeliveryState.FAILED.value)).rowcount
+            failed = [r["id"] for r in c.execute("SELECT id FROM deliveries WHERE job_id=? AND state=?",
+                                                 (job_id, DeliveryState.FAILED.value)).fetchall()]
+            for delivery_id in failed:
+                _move(c, DELIVERY_MACHINE, delivery_id, DeliveryState.PENDING, "attempts=0, next_try_at=?", (t,))
+            return len(failed)
 
     def retry_now(self) -> None:
         """Make every pending delivery due now (used at start-up)."""
@@ -369,13 +475,15 @@ class State:
     # --- composite steps (one transaction each) ---------------------------------------------------
     def mark_complete(self, series_uid: str, *, quiet_before: float | None = None, at: float | None = None) -> bool:
         """receiving -> complete, only if no instance arrived after `quiet_before` (None = force)."""
-        sql = "UPDATE series SET state=?, completed_at=? WHERE series_uid=? AND state=?"
-        args: list = [SeriesState.COMPLETE.value, at or time.time(), series_uid, SeriesState.RECEIVING.value]
-        if quiet_before is not None:
-            sql += " AND last_instance_at<?"
-            args.append(quiet_before)
+        t = at or time.time()
         with self._tx() as c:
-            return c.execute(sql, args).rowcount > 0
+            r = c.execute("SELECT state, last_instance_at FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+            if r is None or r["state"] != SeriesState.RECEIVING.value:
+                return False
+            if quiet_before is not None and not r["last_instance_at"] < quiet_before:
+                return False
+            _move(c, SERIES_MACHINE, series_uid, SeriesState.COMPLETE, "completed_at=?", (t,))
+            return True
 
     def force_complete(self, series_uid: str) -> bool:
         """Make a receiving series due for completion now (used by `dicom-node complete`)."""
@@ -394,24 +502,21 @@ class State:
             if r is None or r["state"] != SeriesState.COMPLETE.value:
                 return "stale", None
             if not selected:
-                c.execute("UPDATE series SET state=?, skip_reason=? WHERE series_uid=?",
-                          (SeriesState.SKIPPED.value, reason, series_uid))
+                _move(c, SERIES_MACHINE, series_uid, SeriesState.SKIPPED, "skip_reason=?", (reason,))
                 return "skipped", None
-            c.execute("UPDATE series SET state=?, skip_reason=NULL WHERE series_uid=?", (SeriesState.SELECTED.value, series_uid))
+            _move(c, SERIES_MACHINE, series_uid, SeriesState.SELECTED, "skip_reason=NULL")
             j = c.execute("SELECT * FROM jobs WHERE series_uid=? ORDER BY revision DESC, id DESC LIMIT 1", (series_uid,)).fetchone()
             if j is not None and j["state"] == JobState.QUEUED.value:
                 return "pending", j["id"]
             if j is not None and j["state"] in (JobState.RUNNING.value, JobState.BUILT.value, JobState.SENDING.value):
                 c.execute("UPDATE jobs SET rerun_requested=1 WHERE id=?", (j["id"],))
                 return "rerun", j["id"]
-            revision = (j["revision"] + 1) if j is not None else 1
-            pred = j["result_uids"] if j is not None else "[]"
-            cur = c.execute("INSERT INTO jobs(series_uid, study_uid, state, priority, revision, predecessor_result_uids, times)"
-                            " VALUES (?,?,?,?,?,?,?)", (series_uid, r["study_uid"], JobState.QUEUED.value, priority, revision,
-                                                        pred, json.dumps({"queued": time.time(),
-                                                                          "received": r["last_instance_at"],
-                                                                          "complete": r["completed_at"]})))
-            return "queued", int(cur.lastrowid)
+            job_id = _insert_job(c, series_uid, r["study_uid"], priority=priority,
+                                 revision=(j["revision"] + 1) if j is not None else 1,
+                                 predecessor_result_uids=json.loads(j["result_uids"]) if j is not None else (),
+                                 times={"queued": time.time(), "received": r["last_instance_at"],
+                                        "complete": r["completed_at"]})
+            return "queued", job_id
 
     def finish_job(self, job_id: int, to: JobState, *, error: str | None = None) -> tuple[JobRow, int | None]:
         """sending/running -> done/failed; start the one requested re-run (revision+1) if any.
@@ -423,16 +528,14 @@ class State:
     def start_rerun_if_requested(self, job: JobRow) -> int | None:
         """For a finished job: queue its one requested re-run (revision+1), else mark the series done."""
         with self._tx() as c:
+            r = c.execute("SELECT * FROM series WHERE series_uid=?", (job.series_uid,)).fetchone()
             if c.execute("UPDATE jobs SET rerun_requested=0 WHERE id=? AND rerun_requested=1", (job.id,)).rowcount:
-                r = c.execute("SELECT * FROM series WHERE series_uid=?", (job.series_uid,)).fetchone()
-                cur = c.execute("INSERT INTO jobs(series_uid, study_uid, state, priority, revision, predecessor_result_uids, times)"
-                                " VALUES (?,?,?,?,?,?,?)", (job.series_uid, job.study_uid, JobState.QUEUED.value, job.priority,
-                                                            job.revision + 1, json.dumps(list(job.result_uids)),
-                                                            json.dumps({"queued": time.time(), "received": r["last_instance_at"],
-                                                                        "complete": r["completed_at"]})))
-                return int(cur.lastrowid)
-            c.execute("UPDATE series SET state=? WHERE series_uid=? AND state=?",
-                      (SeriesState.DONE.value, job.series_uid, SeriesState.SELECTED.value))
+                return _insert_job(c, job.series_uid, job.study_uid, priority=job.priority, revision=job.revision + 1,
+                                   predecessor_result_uids=job.result_uids,
+                                   times={"queued": time.time(), "received": r["last_instance_at"],
+                                          "complete": r["completed_at"]})
+            if r is not None and r["state"] == SeriesState.SELECTED.value:
+                _move(c, SERIES_MACHINE, job.series_uid, SeriesState.DONE)
             return None
 
     def delete_instances(self, series_uid: str) -> int:

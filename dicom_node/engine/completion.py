@@ -6,28 +6,31 @@ nothing early (a series can arrive over several associations). `force_complete` 
 A series that receives instances while its job runs is re-selected when it is quiet again, and the
 running job is marked for exactly one re-run (`State.schedule_series`).
 
-The same thread applies spool retention (`[spool] keep_days`).
+Spool retention after delivery is `dicom_node.engine.retention`'s.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dicom_node.config import Config
-from dicom_node.durability.spool import Spool
-from dicom_node.durability.state import JobState, SeriesState, State
+from dicom_node.durability.state import SeriesState
 from dicom_node.engine.background import BackgroundLoop
-from dicom_node.engine.selection import read_header, select_series
+from dicom_node.engine.selection import SelectionDecision, read_header, select_series
 from dicom_node.log import get_logger
+
+if TYPE_CHECKING:
+    from dicom_node.config import Config
+    from dicom_node.durability.spool import Spool
+    from dicom_node.durability.state import State
 
 __all__ = ["CompletionScheduler"]
 
 
 class CompletionScheduler(BackgroundLoop):
-    """Completes quiet series, selects them and queues jobs; applies spool retention."""
+    """Completes quiet series, selects them and queues jobs."""
 
     thread_name = "completion"
     join_timeout_s = 10.0
@@ -39,7 +42,6 @@ class CompletionScheduler(BackgroundLoop):
         self.on_queued = on_queued
         self.log = get_logger("dicom_node.engine.completion")
         super().__init__()
-        self._last_cleanup = 0.0
 
     def poll_once(self, now: float | None = None) -> list[str]:
         """Complete quiet series and schedule every complete series; return the UIDs scheduled."""
@@ -52,9 +54,6 @@ class CompletionScheduler(BackgroundLoop):
         for s in self.state.series_in(SeriesState.COMPLETE):  # includes series left complete by a crash
             self._select_and_schedule(s.series_uid, s.study_uid)
             done.append(s.series_uid)
-        if now - self._last_cleanup > 60:
-            self._last_cleanup = now
-            self.cleanup(now)
         return done
 
     def _select_and_schedule(self, series_uid: str, study_uid: str) -> None:
@@ -62,10 +61,8 @@ class CompletionScheduler(BackgroundLoop):
         try:
             decision = select_series(read_header(paths), self.config.selection) if paths else None
         except Exception as e:  # unreadable header: skip with the reason
-            from dicom_node.engine.selection import SelectionDecision
             decision = SelectionDecision(False, f"header unreadable: {type(e).__name__}: {str(e)[:120]}")
         if decision is None:
-            from dicom_node.engine.selection import SelectionDecision
             decision = SelectionDecision(False, "no instances in the spool")
         action, job_id = self.state.schedule_series(series_uid, selected=decision.selected, reason=decision.reason)
         if action == "skipped":
@@ -75,23 +72,6 @@ class CompletionScheduler(BackgroundLoop):
                           instances=len(paths))
             if action == "queued" and self.on_queued and job_id is not None:
                 self.on_queued(job_id)
-
-    def cleanup(self, now: float) -> int:
-        """Delete the spooled instances of delivered series older than `keep_days` (0 = keep)."""
-        days = self.config.spool.keep_days
-        if days <= 0:
-            return 0
-        n = 0
-        for s in self.state.done_series_older_than(now - days * 86400):
-            n += self.spool.delete_series(s.study_uid, s.series_uid)
-            # delivered results too: they are in the PACS, and a re-run rebuilds them with the same UIDs
-            outboxes = [self.spool.job_outbox(j.id) for j in self.state.jobs(JobState.DONE, series_uid=s.series_uid)]
-            for box in outboxes:
-                shutil.rmtree(box, ignore_errors=True)
-            self.state.mark_series_purged(s.series_uid)
-            self.log.info("spool_purged", series_uid=s.series_uid, outboxes=len(outboxes),
-                          reason=f"older than keep_days={days:g}")
-        return n
 
     # --- thread -----------------------------------------------------------------------------------
     def _run(self) -> None:

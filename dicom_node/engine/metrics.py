@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from dicom_node.durability.state import State
+if TYPE_CHECKING:
+    from dicom_node.durability.state import JobRow, State
 
 __all__ = ["NodeMetrics", "MetricsServer"]
 
@@ -25,7 +27,7 @@ class _JobsCollector:
     def __init__(self, state: State) -> None:
         self.state = state
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         g = GaugeMetricFamily("dicom_node_jobs", "Jobs by state", labels=["state"])
         try:
             for state, n in self.state.job_counts().items():
@@ -62,7 +64,7 @@ class NodeMetrics:
     def send_failed(self, destination: str) -> None:
         self.send_failures.labels(destination=destination).inc()
 
-    def job_finished(self, job, time_to_result_s: float | None) -> None:
+    def job_finished(self, job: JobRow, time_to_result_s: float | None) -> None:
         self.deliveries.labels(state=job.state.value).inc()
         if time_to_result_s is not None:
             self.time_to_result.observe(time_to_result_s)
@@ -74,11 +76,11 @@ class NodeMetrics:
 class MetricsServer:
     """Tiny HTTP server: GET /metrics (Prometheus text) and GET /healthz (JSON, 200 when healthy)."""
 
-    def __init__(self, metrics: NodeMetrics, host: str, port: int, health: Callable[[], dict]) -> None:
+    def __init__(self, metrics: NodeMetrics, host: str, port: int, health: Callable[[], dict[str, Any]]) -> None:
         m, h = metrics, health
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
+            def do_GET(self) -> None:  # noqa: N802
                 if self.path.split("?")[0] == "/metrics":
                     body, ctype, code = m.render(), CONTENT_TYPE_LATEST, 200
                 elif self.path.split("?")[0] == "/healthz":
@@ -92,7 +94,7 @@ class MetricsServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, *args):  # keep access logs out of the JSON event stream
+            def log_message(self, format: str, *args: Any) -> None:  # keep access logs out of the JSON event stream
                 pass
 
         self.httpd = ThreadingHTTPServer((host, port), Handler)

@@ -1,13 +1,16 @@
 """Jobs off the network thread: bounded concurrency, priority order, stage timings, outbox.
 
-The job body is pluggable: `run_job(ctx: JobContext) -> JobResult` (the product's is
-`dicom_node.pipeline.run_job`). The worker claims the highest-priority queued job, calls the body,
-writes every result durably into `outbox/<job id>/` (so a crash after this point re-sends instead
-of re-computing), records the result UIDs and queues one delivery per destination.
+The job body is pluggable: a `JobBody` with `run(ctx: JobContext) -> JobResult`, called once per
+job, and `prepare(config)`, called once by `Node.start` before any study is accepted (raise there
+to refuse to start). The product's is `dicom_node.pipeline.JOB_BODY`; a plain `run_job` callable
+is a body without preparation (`JobBody.of`). The worker claims the highest-priority queued job,
+calls the body, writes every result durably into `outbox/<job id>/` (so a crash after this point
+re-sends instead of re-computing), records the result UIDs and queues one delivery per destination.
 
-Stage times recorded in the job row (unix seconds): received (last instance), complete, queued,
-started, any stage the body marks with `ctx.mark(...)` (preprocessed, inferred), built, sent,
-finished. `job_finished` logs the durations between consecutive stages.
+Stage times recorded in the job row (unix seconds, `dicom_node.durability.state.JOB_STAGES`):
+received (last instance), complete, queued, started, any stage the body marks with `ctx.mark(...)`
+(preprocessed, inferred), built, sent, finished. `job_built` and `job_finished` log the durations
+between consecutive stages (`stage_durations`).
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ from pydicom.dataset import Dataset
 
 from dicom_node.config import Config, Destination, ResultsConfig
 from dicom_node.durability.spool import Spool
-from dicom_node.durability.state import JobRow, JobState, State
+from dicom_node.durability.state import JobRow, JobState, State, stage_durations
 from dicom_node.engine.background import BackgroundLoop
 from dicom_node.log import get_logger
 
-__all__ = ["JobContext", "JobResult", "RunJob", "Worker", "destinations_for", "stage_durations"]
+__all__ = ["JobContext", "JobResult", "RunJob", "JobBody", "Worker", "destinations_for"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,25 @@ class JobResult:
 RunJob = Callable[[JobContext], JobResult]
 
 
+def _nothing_to_prepare(config: Config) -> None:
+    """The preparation of a job body that needs none."""
+
+
+@dataclass(frozen=True)
+class JobBody:
+    """What the worker runs: `run(ctx)` per job; `prepare(config)` once at node start, before any study
+    is accepted (the product pipeline loads and verifies the model bundle there; an exception stops
+    the start with `NodeError`)."""
+
+    run: RunJob
+    prepare: Callable[[Config], None] = _nothing_to_prepare
+
+    @classmethod
+    def of(cls, body: JobBody | RunJob) -> JobBody:
+        """`body` itself, or a plain `run_job` callable as a body with nothing to prepare."""
+        return body if isinstance(body, JobBody) else cls(body)
+
+
 def destinations_for(config: Config, calling_aet: str) -> list[Destination]:
     """Configured destinations, plus the sender when `send_back_to_sender` and it is a known peer."""
     out = list(config.destinations)
@@ -73,12 +95,6 @@ def destinations_for(config: Config, calling_aet: str) -> list[Destination]:
             if p.ae_title == calling_aet.strip() and p not in out:
                 out.append(p)
     return out
-
-
-def stage_durations(times: Mapping[str, float]) -> dict[str, float]:
-    order = ["received", "complete", "queued", "started", "preprocessed", "inferred", "built", "sent", "finished"]
-    have = [(k, times[k]) for k in order if times.get(k)]
-    return {f"{a}_to_{b}_s": round(tb - ta, 3) for (a, ta), (b, tb) in zip(have, have[1:])}
 
 
 class Worker(BackgroundLoop):

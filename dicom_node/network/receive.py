@@ -17,17 +17,24 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 from pydicom import uid as U
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification as VerificationSOPClass
+from pynetdicom.sop_class import Verification as VerificationSOPClass  # type: ignore[attr-defined]  # made at import
 
 from dicom_node.config import Config
 from dicom_node.durability.spool import DiskFull, InvalidUid, Spool, validate_uid
 from dicom_node.durability.state import InstanceRow, State
 from dicom_node.log import get_logger
 from dicom_node.network.tls import server_ssl_context
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.events import Event, EventHandlerType
+    from pynetdicom.transport import ThreadedAssociationServer
 
 __all__ = ["Receiver", "CT_STORAGE_CLASSES", "ACCEPTED_TRANSFER_SYNTAXES", "STATUS",
            "calling_allowed"]
@@ -51,7 +58,7 @@ STATUS = {
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
-def _pixel_problem(ds, transfer_syntax) -> str | None:
+def _pixel_problem(ds: Dataset, transfer_syntax: U.UID) -> str | None:
     """Why the pixel data is unusable (missing or shorter than Rows x Columns x ... says), or None.
 
     Compressed pixel data is not decoded here; a truncated encapsulated element has no sequence
@@ -99,7 +106,7 @@ class Receiver:
         self.state = state
         self.counters = _Counters(on_stored, on_refused)
         self.log = get_logger("dicom_node.network.receive")
-        self.server = None
+        self.server: ThreadedAssociationServer | None = None
 
     # --- AE ---------------------------------------------------------------------------------------
     def build_ae(self) -> AE:
@@ -116,11 +123,11 @@ class Receiver:
             ae.add_supported_context(sop, list(ACCEPTED_TRANSFER_SYNTAXES))
         if c.accept_other_storage == "ignore":
             for cx in AllStoragePresentationContexts:
-                if cx.abstract_syntax not in CT_STORAGE_CLASSES:
+                if cx.abstract_syntax is not None and cx.abstract_syntax not in CT_STORAGE_CLASSES:
                     ae.add_supported_context(cx.abstract_syntax, list(ACCEPTED_TRANSFER_SYNTAXES))
         return ae
 
-    def handlers(self) -> list[tuple]:
+    def handlers(self) -> list[EventHandlerType]:
         return [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -131,7 +138,7 @@ class Receiver:
             (evt.EVT_C_STORE, self._on_store),
         ]
 
-    def start(self):
+    def start(self) -> ThreadedAssociationServer | None:
         ae = self.build_ae()
         self.server = ae.start_server((self.config.host, self.config.port), block=False,
                                       evt_handlers=self.handlers(), ssl_context=server_ssl_context(self.config))
@@ -149,8 +156,9 @@ class Receiver:
             self.server = None
 
     # --- association events -----------------------------------------------------------------------
-    def _on_requested(self, event) -> None:
+    def _on_requested(self, event: Event) -> None:
         rq = event.assoc.requestor
+        assert rq.primitive is not None  # the A-ASSOCIATE-RQ being decided on
         calling = rq.primitive.calling_ae_title
         host = rq.address
         if not calling_allowed(self.config.allowed_calling_aets, calling, host):
@@ -160,35 +168,35 @@ class Receiver:
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
             event.assoc.kill()  # lets the DUL send the A-ASSOCIATE-RJ before the socket closes (as pynetdicom's ACSE does)
 
-    def _on_accepted(self, event) -> None:
+    def _on_accepted(self, event: Event) -> None:
         rq = event.assoc.requestor
         self.log.info("association_accepted", calling_aet=rq.ae_title, peer=rq.address)
 
-    def _on_rejected(self, event) -> None:
+    def _on_rejected(self, event: Event) -> None:
         rq = event.assoc.requestor
         self.log.warning("association_rejected", calling_aet=rq.ae_title, peer=rq.address,
                          called_aet=rq.primitive.called_ae_title if rq.primitive else None)
 
-    def _on_released(self, event) -> None:
+    def _on_released(self, event: Event) -> None:
         self.log.info("association_released", calling_aet=event.assoc.requestor.ae_title)
 
-    def _on_aborted(self, event) -> None:
+    def _on_aborted(self, event: Event) -> None:
         self.log.warning("association_aborted", calling_aet=event.assoc.requestor.ae_title)
 
-    def _on_echo(self, event) -> int:
+    def _on_echo(self, event: Event) -> int:
         self.log.info("echo", calling_aet=event.assoc.requestor.ae_title)
         return 0x0000
 
     # --- C-STORE ----------------------------------------------------------------------------------
-    def _refuse(self, status_name: str, reason: str, **kw) -> int:
+    def _refuse(self, status_name: str, reason: str, **kw: object) -> int:
         self.log.warning("store_refused", status=f"0x{STATUS[status_name]:04X}", reason=reason, **kw)
         if self.counters.on_refused:
             self.counters.on_refused(status_name)
         return STATUS[status_name]
 
-    def _on_store(self, event) -> int:
+    def _on_store(self, event: Event) -> int:
         t0 = time.perf_counter()
-        rq = event.request
+        rq = cast("C_STORE", event.request)  # EVT_C_STORE carries a C-STORE request
         calling = event.assoc.requestor.ae_title
         sop_class = str(rq.AffectedSOPClassUID)
         sop_uid_rq = str(rq.AffectedSOPInstanceUID)

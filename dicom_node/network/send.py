@@ -5,27 +5,27 @@ the SOP classes (and transfer syntaxes) of the files it sends, and stores every 
 Success (0x0000) and the warning statuses 0xB000, 0xB006 and 0xB007 count as delivered. A failed
 attempt is retried after `min(max_delay_s, base_delay_s * 2**(attempt-1))` +-25 % jitter; after
 `max_attempts` the delivery is kept as failed (listed by `dicom-node status`, re-queued by
-`dicom-node resend JOB`). When every delivery of a job is final the job is done or failed.
+`dicom-node resend JOB`). When every delivery of a job is final the job is done or failed, and the
+`on_deliveries_final` callback is told (the node passes its retention: `delete_after_delivery`).
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 from pydicom import uid as U
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification as VerificationSOPClass
+from pynetdicom.sop_class import Verification as VerificationSOPClass  # type: ignore[attr-defined]  # made at import
 
 from dicom_node.config import Config, Destination, parse_destination
 from dicom_node.durability.spool import Spool
-from dicom_node.durability.state import DeliveryState, JobRow, JobState, State
+from dicom_node.durability.state import DeliveryRow, DeliveryState, JobRow, JobState, State, stage_durations
 from dicom_node.engine.background import BackgroundLoop
-from dicom_node.engine.worker import stage_durations
 from dicom_node.log import get_logger
 from dicom_node.network.tls import client_ssl_context
 
@@ -80,7 +80,8 @@ def send_files(paths: Iterable[Path], dest: Destination, *, calling_aet: str = "
             raise SendError(f"{dest}: TLS destination needs a Config with [tls] cert/key/ca")
         tls_args = (client_ssl_context(config), None)
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
+        # pynetdicom annotates tls_args as (context, str); the server_hostname None (no SNI) is valid for ssl
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)  # type: ignore[arg-type]
     except Exception as e:  # socket errors surface here on some platforms
         raise SendError(f"{dest}: association failed: {type(e).__name__}: {e}") from None
     if not assoc.is_established:
@@ -106,7 +107,7 @@ def echo(dest: Destination, *, calling_aet: str = "ECHOSCU", config: Config | No
     ae = _client_ae(config, calling_aet)
     ae.add_requested_context(VerificationSOPClass)
     tls_args = (client_ssl_context(config), None) if dest.tls and config else None
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)  # type: ignore[arg-type]
     if not assoc.is_established:
         raise SendError(f"{dest}: association {'rejected' if assoc.is_rejected else 'failed'}")
     try:
@@ -124,12 +125,14 @@ class Sender(BackgroundLoop):
 
     def __init__(self, config: Config, state: State, spool: Spool, *,
                  on_failure: Callable[[str], None] | None = None,
+                 on_deliveries_final: Callable[[JobRow, int | None], None] | None = None,
                  on_finished: Callable[[JobRow, float | None], None] | None = None,
                  on_rerun: Callable[[int], None] | None = None) -> None:
         self.config = config
         self.state = state
         self.spool = spool
         self.on_failure = on_failure
+        self.on_deliveries_final = on_deliveries_final  # (finished job, re-run job id or None)
         self.on_finished = on_finished
         self.on_rerun = on_rerun
         self.log = get_logger("dicom_node.network.send")
@@ -154,7 +157,7 @@ class Sender(BackgroundLoop):
         for job in self.state.jobs(JobState.SENDING):
             self._maybe_finish(job)
 
-    def _attempt(self, d) -> None:
+    def _attempt(self, d: DeliveryRow) -> None:
         files = sorted(self.spool.job_outbox(d.job_id).glob("*.dcm"))
         log = self.log.bind(job_id=d.job_id, destination=d.destination, attempt=d.attempts + 1)
         try:
@@ -184,18 +187,17 @@ class Sender(BackgroundLoop):
             job.id, JobState.DONE if ok else JobState.FAILED,
             error=None if ok else "; ".join(f"{d.destination}: {d.last_error}" for d in ds if d.state is DeliveryState.FAILED))
         start = finished.times.get("received")
-        ttr = (finished.times["finished"] - start) if ok and start else None
+        end = finished.times.get("finished")  # set by finish_job
+        ttr = (end - start) if ok and start and end is not None else None
         self.log.info("job_finished", job_id=job.id, series_uid=job.series_uid, state=finished.state.value,
                       revision=job.revision, rerun_job_id=rerun, **_durations(finished.times))
-        if ok and self.config.spool.delete_after_delivery and rerun is None:
-            n = self.spool.delete_series(job.study_uid, job.series_uid)
-            self.state.mark_series_purged(job.series_uid)
-            self.log.info("spool_purged", series_uid=job.series_uid, instances=n, reason="delete_after_delivery")
+        if self.on_deliveries_final:
+            self.on_deliveries_final(finished, rerun)
         if self.on_finished:
             self.on_finished(finished, ttr)
         if rerun and self.on_rerun:
             self.on_rerun(rerun)
 
 
-def _durations(times) -> dict:
+def _durations(times: Mapping[str, float | None]) -> dict[str, float]:
     return stage_durations({**times, "sent": times.get("finished")})

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 
 import pytest
 import tomllib
 
 from dicom_node.config import ConfigError, configuration_markdown, default_config_toml, load_config
 from dicom_node.durability.spool import DiskFull, InvalidUid, Spool, validate_uid
-from dicom_node.durability.state import InstanceRow, JobState, SeriesState, State, TransitionError
+from dicom_node.durability.state import (
+    MACHINES,
+    SERIES_MACHINE,
+    TRANSITIONS,
+    DeliveryState,
+    InstanceRow,
+    JobState,
+    SeriesState,
+    State,
+    TransitionError,
+)
 from dicom_node.engine.selection import SeriesHeader, select_series
 from dicom_node.network.send import backoff_delay
 
@@ -38,6 +50,42 @@ def test_job_state_machine_rejects_illegal_transitions(tmp_path):
     st.finish_job(job, JobState.DONE)
     with pytest.raises(TransitionError, match="none \\(final\\)"):
         st.transition(job, JobState.QUEUED)
+
+
+def test_series_and_delivery_changes_are_checked_by_their_tables(tmp_path):
+    st = State(tmp_path / "s.sqlite")
+    st.add_instance(_row("1.2.3.1"))
+    with pytest.raises(TransitionError, match=r"series 1\.2\.3: cannot go from receiving to done; "
+                                              r"allowed: \['complete', 'receiving'\]"):
+        SERIES_MACHINE.check("1.2.3", SeriesState.RECEIVING, SeriesState.DONE)
+    job = st.create_job("1.2.3", "1.2")
+    st.add_deliveries(job, ["A@h:1", "B@h:2"])
+    a, b = st.deliveries(job)
+    assert st.record_delivery(a.id, ok=False, error="refused", next_try_at=1.0).state is DeliveryState.PENDING
+    assert st.record_delivery(a.id, ok=False, error="refused", give_up=True).state is DeliveryState.FAILED
+    assert st.record_delivery(b.id, ok=True).state is DeliveryState.DONE
+    with pytest.raises(TransitionError, match=rf"delivery {b.id}: cannot go from done to pending; allowed: none"):
+        st.record_delivery(b.id, ok=False, error="late")
+    assert st.reset_deliveries(job) == 1  # only the failed one
+    assert [(d.state, d.attempts) for d in st.deliveries(job)] == [(DeliveryState.PENDING, 0), (DeliveryState.DONE, 1)]
+    with pytest.raises(KeyError, match="job 99: no such job"):
+        st.transition(99, JobState.RUNNING)
+
+
+def test_every_state_change_goes_through_the_transition_table():
+    """The only `UPDATE ... SET state` is the generic one in `_move`; jobs are inserted in one place."""
+    assert set(TRANSITIONS) == {"series", "job", "delivery"}
+    for m in MACHINES:
+        assert set(m.allowed) == set(m.states), f"{m.entity}: every state needs a row in the table"
+    root = Path(__file__).resolve().parents[2] / "dicom_node"
+    state_updates, job_inserts = [], []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        where = str(path.relative_to(root))
+        state_updates += [(where, m.group(0)) for m in re.finditer(r"UPDATE\s+\S+\s+SET\s+state\b", text)]
+        job_inserts += [where for _ in re.finditer(r"INSERT\s+INTO\s+jobs\b", text)]
+    assert state_updates == [("durability/state.py", "UPDATE {m.table} SET state")]
+    assert job_inserts == ["durability/state.py"]
 
 
 def test_claim_order_is_priority_then_age(tmp_path):
