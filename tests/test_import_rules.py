@@ -2,7 +2,8 @@
 
 1. `dicom_node` never imports `training`, `export` or `torch`; only `dicom_node.tools` (the demo)
    may import `phantoms`.
-2. `phantoms` never imports `torch`, `training` or `export`.
+2. `phantoms` never imports `torch`, `training` or `export`; the stages below the engine
+   (`network`, `durability`, `imaging`) never import the engine (and imaging nothing but numpy code).
 3. No module takes a private name from another module (`from x import _y`).
 
 `import_violations` is the checker; the last tests feed it small trees that break each rule, so a
@@ -28,6 +29,13 @@ FORBIDDEN: dict[str, dict[str, str]] = {
                    "export": "the node never imports the export package",
                    "torch": "the node runs on onnxruntime only",
                    "phantoms": "only dicom_node.tools (the demo) uses phantoms"},
+    # the stages below the engine know nothing of it: the engine drives them, not the reverse
+    "dicom_node.network": {"dicom_node.engine": "network is driven by the engine, never the reverse"},
+    "dicom_node.durability": {"dicom_node.engine": "durability is driven by the engine, never the reverse",
+                              "dicom_node.network": "durability knows nothing of the network"},
+    "dicom_node.imaging": {"dicom_node.engine": "imaging is numpy only, shared with training",
+                           "dicom_node.network": "imaging is numpy only, shared with training",
+                           "dicom_node.model": "imaging is numpy only, shared with training"},
     "phantoms": {"torch": "phantoms are numpy + pydicom only",
                  "training": "training imports phantoms, not the reverse",
                  "export": "phantoms know nothing of export"},
@@ -58,6 +66,10 @@ def _imports(root: Path, path: Path) -> list[tuple[int, str, list[str]]]:
     return out
 
 
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
 def import_violations(root: Path, packages: tuple[str, ...] = PACKAGES) -> list[str]:
     """One line per broken rule: file:line, what it imports, and which rule that breaks."""
     found = []
@@ -68,13 +80,13 @@ def import_violations(root: Path, packages: tuple[str, ...] = PACKAGES) -> list[
             module = _module_name(root, path)
             for line, target, names in _imports(root, path):
                 where = f"{path.relative_to(root)}:{line}"
-                top = target.split(".")[0]
                 for scope, rules in FORBIDDEN.items():
-                    if module != scope and not module.startswith(scope + "."):
+                    if not _within(module, scope):
                         continue
-                    allowed = set().union(*(v for k, v in ALLOWED.items() if module == k or module.startswith(k + ".")))
-                    if top in rules and top not in allowed:
-                        found.append(f"{where}: {module} imports {target} ({rules[top]})")
+                    allowed = set().union(*(v for k, v in ALLOWED.items() if _within(module, k)))
+                    for banned, why in rules.items():
+                        if _within(target, banned) and banned not in allowed:
+                            found.append(f"{where}: {module} imports {target} ({why})")
                 for name in names:
                     if name.startswith("_") and not name.startswith("__") and target != module:
                         found.append(f"{where}: {module} takes private name {name} from {target}")
@@ -102,6 +114,9 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
     ({"dicom_node/__init__.py": "", "dicom_node/results/__init__.py": "",
       "dicom_node/results/sr.py": "from phantoms import generate_study\n"},
      "dicom_node/results/sr.py:1: dicom_node.results.sr imports phantoms (only dicom_node.tools (the demo) uses phantoms)"),
+    ({"dicom_node/__init__.py": "", "dicom_node/network/__init__.py": "",
+      "dicom_node/network/send.py": "from dicom_node.engine.background import BackgroundLoop\n"},
+     "dicom_node/network/send.py:1: dicom_node.network.send imports dicom_node.engine.background (network is driven by the engine, never the reverse)"),
     ({"phantoms/__init__.py": "", "phantoms/study.py": "import torch.nn\n"},
      "phantoms/study.py:1: phantoms.study imports torch.nn (phantoms are numpy + pydicom only)"),
     ({"phantoms/__init__.py": "", "phantoms/variants.py": "from .dicom import _file_meta\n"},

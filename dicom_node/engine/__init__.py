@@ -4,6 +4,7 @@
 - `background`: the small stoppable loop every periodic task runs on.
 - `completion`: series complete after a quiet period; `selection` decides which series are analysed.
 - `retention`: spool and outbox clean-up after delivery.
+- `delivery`: sends each finished job's results to its destinations, with retries.
 - `worker`: runs jobs (the job body, a `JobBody`, is `dicom_node.pipeline.JOB_BODY` by default).
 - `metrics`: Prometheus `/metrics` and `/healthz`.
 """

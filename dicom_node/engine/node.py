@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 from dicom_node.durability.spool import Spool
 from dicom_node.durability.state import JobState, State
 from dicom_node.engine.completion import CompletionScheduler
+from dicom_node.engine.delivery import Sender
 from dicom_node.engine.metrics import MetricsServer, NodeMetrics
 from dicom_node.engine.retention import Retention
 from dicom_node.engine.worker import JobBody, Worker, destinations_for
 from dicom_node.log import get_logger
 from dicom_node.network.receive import Receiver
-from dicom_node.network.send import Sender
 
 if TYPE_CHECKING:
     from types import TracebackType
