@@ -115,7 +115,8 @@ def run_job(ctx: JobContext) -> JobResult:
     results = analyse_series(ctx.instance_paths, predictor, _options(ctx), predecessor_sr_uid=predecessor, mark=mark)
     inference_s = timings.get("inferred", 0.0) - timings.get("preprocessed", 0.0)
     log.info("results_built", job_id=ctx.job_id, series_uid=ctx.series_uid, revision=ctx.revision,
-             objects=len(results.datasets()), provider=predictor.execution_provider,
+             objects=len(results.datasets()), sr_uid=str(results.sr.SOPInstanceUID),
+             key_slices=[k.z for k in results.key_slices], provider=predictor.execution_provider,
              preprocess_s=round(timings.get("preprocessed", 0.0), 3), inference_s=round(inference_s, 3),
              total_s=round(time.perf_counter() - t0, 3))
     return JobResult(datasets=tuple(results.datasets()), result_uids=results.sop_instance_uids,

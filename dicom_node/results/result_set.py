@@ -15,14 +15,12 @@ the KOS (only with `send_kos`) the number after that and "<description> - key im
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 
 from dicom_node.config import ResultsConfig
-from dicom_node.log import get_logger
 
 if TYPE_CHECKING:
     from dicom_node.imaging.preprocess import Windows
@@ -32,7 +30,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ResultOptions", "ResultSet", "build_results"]
 
-_log = get_logger("dicom_node.results")
 _DEFAULT = ResultsConfig()
 
 
@@ -130,7 +127,6 @@ def build_results(series: CtSeries, windows: Windows, prediction: Prediction, bu
     from dicom_node.results.sr import BundleInfo, build_sr, device_observer_context
     from dicom_node.results.uids import result_uid
 
-    t0 = time.perf_counter()
     bundle = BundleInfo.from_prediction(prediction) if bundle_info is None else BundleInfo.from_manifest(bundle_info)
     src, model, rev = series.series_instance_uid, bundle.model_uid, options.revision
     keys = select_key_slices(series, windows, prediction, k=options.key_slices)
@@ -161,7 +157,4 @@ def build_results(series: CtSeries, windows: Windows, prediction: Prediction, bu
                         title=options.kos_title, observer_device_context=device_observer_context(bundle),
                         series_description=options.kos_series_description)
     result = ResultSet(sr=sr, heatmap_scs=scs, summary_sc=summary, kos=kos, key_slices=keys)
-    _log.debug("result_objects_built", series_uid=src, model_uid=model, revision=rev, sr_uid=str(sr.SOPInstanceUID),
-               objects=len(result.datasets()), key_slices=[k.z for k in keys],
-               duration_s=round(time.perf_counter() - t0, 3))
     return result
