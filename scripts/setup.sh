@@ -3,7 +3,8 @@
 #  - Debian packages (dcmtk, dicom3tools, orthanc, gdcm tools) when running as root and missing;
 #  - a virtualenv in .venv with torch 2.13.0 (CPU build from local disk) installed BEFORE the extras,
 #    so that no multi-GB CUDA build is pulled in;
-#  - the project itself in editable mode with the extras for the node, training, export and tests.
+#  - the project itself in editable mode with the extras for the node, training, export and tests,
+#    at the versions of constraints.txt (the ones the suite was last run with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -31,11 +32,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
 fi
-stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+stamp="$VENV/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing torch==2.13.0 (CPU build) and the project with extras [cpu,train,export,test]"
   "$VENV/bin/pip" install -q torch==2.13.0
-  "$VENV/bin/pip" install -q -e ".[cpu,train,export,test]"
+  "$VENV/bin/pip" install -q -c constraints.txt -e ".[cpu,train,export,test]"
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi
