@@ -1,5 +1,6 @@
 """`dicom-node` command line: `render`, the node's operational commands (`serve`, `echo`, `send`,
-`status`, `resend`, `complete`, `config`, from `dicom_node.node_commands`) and `demo`.
+`status`, `resend`, `complete`, `config`, from `dicom_node.node_commands`), `demo` and `analyse`
+(from `dicom_node.tools.analyse`).
 
 Each subcommand imports what it needs when it runs, so `dicom-node --help` stays fast.
 """
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_render(subparsers)
     _add_node(subparsers)
     _add_demo(subparsers)
+    _add_analyse(subparsers)
     return parser
 
 
@@ -29,6 +31,13 @@ def _add_node(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     from dicom_node.node_commands import add_node_commands
 
     add_node_commands(subparsers)
+
+
+def _add_analyse(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """analyse (dicom_node.tools.analyse: the parser lives with the command)."""
+    from dicom_node.tools.analyse import add_parser
+
+    add_parser(subparsers)
 
 
 def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
