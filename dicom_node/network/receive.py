@@ -10,10 +10,17 @@ Failure statuses (each with a `store_refused` log event naming the reason):
 * 0xA900 Data Set does not match SOP Class: no pixel data, or the dataset's SOP Class/Instance UID
   differs from the C-STORE request.
 * 0xC000 Cannot understand: the dataset cannot be parsed, or a UID is missing or malformed.
+
+Duplicates (a SOP Instance UID already stored) are answered 0x0000 and change nothing. They are
+logged once per series and association, not per instance: `instance_duplicate` for the first one
+of a series, then one `instances_duplicate` with `count` (all of that series' duplicates in the
+association, the first included) when the association is released, aborted or its connection
+closes.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,6 +114,9 @@ class Receiver:
         self.counters = _Counters(on_stored, on_refused)
         self.log = get_logger("dicom_node.network.receive")
         self.server: ThreadedAssociationServer | None = None
+        # duplicates per association (the pynetdicom Association object) and series: counted, logged at its end
+        self._duplicates: dict[object, dict[str, int]] = {}
+        self._duplicates_lock = threading.Lock()
 
     # --- AE ---------------------------------------------------------------------------------------
     def build_ae(self) -> AE:
@@ -134,6 +144,7 @@ class Receiver:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
@@ -178,10 +189,30 @@ class Receiver:
                          called_aet=rq.primitive.called_ae_title if rq.primitive else None)
 
     def _on_released(self, event: Event) -> None:
+        self._report_duplicates(event, "released")
         self.log.info("association_released", calling_aet=event.assoc.requestor.ae_title)
 
     def _on_aborted(self, event: Event) -> None:
+        self._report_duplicates(event, "aborted")
         self.log.warning("association_aborted", calling_aet=event.assoc.requestor.ae_title)
+
+    def _on_closed(self, event: Event) -> None:
+        self._report_duplicates(event, "closed")  # nothing left when released or aborted before
+
+    # --- duplicates: counted per association and series -------------------------------------------
+    def _count_duplicate(self, event: Event, series_uid: str) -> int:
+        """Count one duplicate of `series_uid` in this association; returns the count so far."""
+        with self._duplicates_lock:
+            per_series = self._duplicates.setdefault(event.assoc, {})
+            per_series[series_uid] = per_series.get(series_uid, 0) + 1
+            return per_series[series_uid]
+
+    def _report_duplicates(self, event: Event, ended: str) -> None:
+        with self._duplicates_lock:
+            per_series = self._duplicates.pop(event.assoc, {})
+        for series_uid, count in per_series.items():
+            self.log.info("instances_duplicate", series_uid=series_uid, count=count,
+                          calling_aet=event.assoc.requestor.ae_title, ended=ended)
 
     def _on_echo(self, event: Event) -> int:
         self.log.info("echo", calling_aet=event.assoc.requestor.ae_title)
@@ -223,7 +254,10 @@ class Receiver:
             return self._refuse("dataset_mismatch" if problem.startswith("no pixel") else "cannot_understand", problem,
                                 sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
         if self.state.has_instance(sop_uid):
-            self.log.info("instance_duplicate", sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
+            if self._count_duplicate(event, series) == 1:
+                self.log.info("instance_duplicate", sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling,
+                              note="already stored: answered success, nothing changes; further duplicates of this "
+                                   "series in this association are counted in instances_duplicate when it ends")
             return STATUS["success"]
         data = event.encoded_dataset(include_meta=True)
         try:
