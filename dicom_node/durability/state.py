@@ -14,6 +14,14 @@ last transactions on power loss, which would break "an acknowledged instance is 
 The cost is one WAL fsync per commit, measured by benchmarks/receive.py.
 
 One connection per thread (`threading.local`); every method is one short transaction.
+
+Schema versions: `PRAGMA user_version` is the schema version; `MIGRATIONS` lists the steps in
+order (1 = the tables of the unversioned schema, which installed nodes have at version 0) and
+opening a `State` applies every step from the file's version to `SCHEMA_VERSION`, each in its own
+transaction, after copying an existing database to `<file>.v<version>.bak` (SQLite's backup API:
+a consistent copy of a WAL database). A file newer than `SCHEMA_VERSION` raises
+`StateSchemaError` and is left untouched. A schema change is a new step at the end of
+`MIGRATIONS`, never an edit of an old one.
 """
 
 from __future__ import annotations
@@ -29,10 +37,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+from dicom_node.log import get_logger
+
 __all__ = ["State", "SeriesState", "JobState", "DeliveryState", "InstanceRow", "SeriesRow", "JobRow",
            "DeliveryRow", "TransitionError", "StateMachine", "SERIES_TRANSITIONS", "JOB_TRANSITIONS",
            "DELIVERY_TRANSITIONS", "SERIES_MACHINE", "JOB_MACHINE", "DELIVERY_MACHINE", "MACHINES", "TRANSITIONS",
-           "JOB_STAGES", "stage_durations"]
+           "JOB_STAGES", "stage_durations", "Migration", "MIGRATIONS", "SCHEMA_VERSION", "StateSchemaError"]
 
 
 class SeriesState(str, Enum):
@@ -234,6 +244,89 @@ CREATE TABLE IF NOT EXISTS deliveries (
 """
 
 
+@dataclass(frozen=True)
+class Migration:
+    """One schema step: the statements that take a version-(`version` - 1) database to `version`."""
+
+    version: int
+    what: str
+    statements: tuple[str, ...]
+
+
+def _statements(script: str) -> tuple[str, ...]:
+    return tuple(sql.strip() for sql in script.split(";") if sql.strip())
+
+
+#: the schema steps, in order; append, never edit a released one
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "tables and indexes of the unversioned schema (version 0 files already have them)",
+              _statements(_SCHEMA)),
+    Migration(2, "index deliveries(state, next_try_at) for the sender's due and next-try queries",
+              ("CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_try_at)",)),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
+assert [m.version for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1)), "MIGRATIONS: versions 1, 2, ... in order"
+
+
+class StateSchemaError(RuntimeError):
+    """The state database cannot be brought to this code's schema; the message names file, versions and fix."""
+
+
+def _user_version(c: sqlite3.Connection) -> int:
+    v: int = c.execute("PRAGMA user_version").fetchone()[0]
+    return v
+
+
+def _backup_path(path: Path, version: int) -> Path:
+    """`state.sqlite.v0.bak`, or `.v0.2.bak`, ... when an earlier back-up of that version is there."""
+    bak, n = path.with_name(f"{path.name}.v{version}.bak"), 1
+    while bak.exists():
+        n += 1
+        bak = path.with_name(f"{path.name}.v{version}.{n}.bak")
+    return bak
+
+
+def _migrate(c: sqlite3.Connection, path: Path) -> None:
+    """Bring the database on `c` to SCHEMA_VERSION (see the module docstring); no-op when it is there."""
+    found = _user_version(c)
+    if found > SCHEMA_VERSION:
+        raise StateSchemaError(
+            f"state database {path} has schema version {found}, newer than this dicom-node knows "
+            f"(newest {SCHEMA_VERSION}); upgrade dicom-node to the release that wrote it, or restore a back-up "
+            f"made before that upgrade (e.g. {path.name}.v{SCHEMA_VERSION}.bak next to it)")
+    if found == SCHEMA_VERSION:
+        return
+    existing = c.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] > 0
+    backup = None
+    if existing:
+        backup = _backup_path(path, found)
+        try:
+            dst = sqlite3.connect(backup)
+            try:
+                c.backup(dst)
+            finally:
+                dst.close()
+        except (sqlite3.Error, OSError) as e:
+            backup.unlink(missing_ok=True)
+            raise StateSchemaError(
+                f"state database {path}: cannot write the back-up {backup} before migrating schema version {found} "
+                f"to {SCHEMA_VERSION} ({e}); free disk space or fix the folder's permissions and start again") from None
+    for m in MIGRATIONS[found:]:
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            if _user_version(c) < m.version:  # another process may have taken this step meanwhile
+                for sql in m.statements:
+                    c.execute(sql)
+                c.execute(f"PRAGMA user_version={m.version}")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+    if existing:
+        get_logger("dicom_node.durability.state").info(
+            "state_migrated", path=str(path), from_version=found, to_version=SCHEMA_VERSION, backup=str(backup))
+
+
 def _job(r: sqlite3.Row) -> JobRow:
     return JobRow(r["id"], r["series_uid"], r["study_uid"], JobState(r["state"]), r["attempts"], r["priority"],
                   r["revision"], bool(r["rerun_requested"]), tuple(json.loads(r["predecessor_result_uids"])),
@@ -268,7 +361,11 @@ class State:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._conn().executescript(_SCHEMA)
+        try:
+            _migrate(self._conn(), self.path)
+        except BaseException:
+            self.close()
+            raise
 
     # --- connection -------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
