@@ -18,12 +18,27 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dicom-node",
         description="PE-detection DICOM node (research use only, not a medical device).",
     )
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the package version and the model bundle (name, version) the node loads; "
+                             "`--version --config FILE` for the bundle of that configuration")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_render(subparsers)
     _add_node(subparsers)
     _add_demo(subparsers)
     _add_analyse(subparsers)
     return parser
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        from dicom_node.node_commands import version_text
+
+        print(version_text())
+        parser.exit(0)
 
 
 def _add_node(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -53,13 +68,13 @@ def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
                     "synthetic data only: research use, never on patients.",
     )
     p.add_argument("--out", default="demo-output", metavar="DIR",
-                   help="where results (DICOM) and PNG renderings are written (default: ./demo-output, replaced)")
-    p.add_argument("--bundle", default="", metavar="DIR", help="model bundle to use (default: the bundled demo model)")
+                   help="where results (DICOM) and PNG renderings are written (replaced)")
+    p.add_argument("--bundle", default="", metavar="DIR", help="model bundle to use (empty: the bundled demo model)")
     p.add_argument("--no-orthanc", action="store_true", help="use the built-in storage SCP even if Orthanc is installed")
     p.add_argument("--quiet-period", type=float, default=2.0, metavar="SECONDS",
-                   help="series completion quiet period for the demo node (default: 2)")
+                   help="series completion quiet period for the demo node")
     p.add_argument("--timeout", type=float, default=240.0, metavar="SECONDS",
-                   help="give up waiting for results after this long (default: 240)")
+                   help="give up waiting for results after this long")
     p.add_argument("--verbose", action="store_true", help="show the node's log events")
     p.set_defaults(func=_cmd_demo)
 
@@ -82,7 +97,7 @@ def _add_render(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
                     "(indented content tree with codes, values and units).",
     )
     p.add_argument("files", nargs="+", metavar="FILE", help="DICOM files written by the node (SR, SC, KOS)")
-    p.add_argument("--out", default="rendered", metavar="DIR", help="output folder (default: ./rendered)")
+    p.add_argument("--out", default="rendered", metavar="DIR", help="output folder")
     p.set_defaults(func=_cmd_render)
 
 
@@ -102,6 +117,12 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--version"] or (len(argv) == 3 and argv[:2] == ["--version", "--config"]):
+        from dicom_node.node_commands import version_text
+
+        print(version_text(argv[2] if len(argv) == 3 else None))
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

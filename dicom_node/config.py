@@ -3,7 +3,8 @@
 Precedence (last wins): built-in defaults < TOML file < environment < CLI overrides.
 
 * TOML: top-level keys are the node's own (`ae_title`, `port`, ...); sections `[timeouts]`,
-  `[tls]`, `[retry]`, `[spool]`, `[worker]`, `[selection]`, `[results]`, `[inference]`, `[log]`;
+  `[tls]`, `[retry]`, `[spool]`, `[worker]`, `[selection]`, `[results]`, `[inference]`, `[log]`,
+  `[health]`;
   arrays of tables `[[destinations]]` and `[[peers]]`.
 * Environment: `DICOM_NODE_<KEY>` for top-level keys (`DICOM_NODE_PORT=11112`) and
   `DICOM_NODE_<SECTION>_<KEY>` for section keys (`DICOM_NODE_RETRY_MAX_ATTEMPTS=5`).
@@ -32,7 +33,7 @@ import tomllib
 __all__ = [
     "Config", "ConfigError", "Destination", "TimeoutConfig", "TlsConfig", "RetryConfig",
     "SpoolConfig", "WorkerConfig", "SelectionConfig", "ResultsConfig", "InferenceConfig",
-    "LogConfig", "load_config", "parse_destination", "default_config_toml",
+    "LogConfig", "HealthConfig", "load_config", "parse_destination", "default_config_toml",
     "configuration_markdown", "ENV_PREFIX",
 ]
 
@@ -155,6 +156,11 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    delivery_failure_s: float = field(default=600.0, metadata=_doc("/healthz turns unhealthy (503) when every delivery to a destination has failed for this many seconds (0 = never)"))
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole node configuration (see module docstring for sources and precedence)."""
 
@@ -183,6 +189,7 @@ class Config:
     results: ResultsConfig = field(default_factory=ResultsConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     @property
     def data_path(self) -> Path:
@@ -362,6 +369,8 @@ def _validate(c: Config) -> None:
          "one of auto, fp32, fp16")
     if c.inference.bundle:
         need(Path(c.inference.bundle).is_dir(), "inference.bundle", c.inference.bundle, "an existing bundle directory or empty for the demo model")
+    need(c.health.delivery_failure_s >= 0, "health.delivery_failure_s", c.health.delivery_failure_s,
+         "a number of seconds >= 0 (0 = deliveries never make /healthz unhealthy)")
     need(c.log.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log.level", c.log.level, "DEBUG, INFO, WARNING or ERROR")
 
 

@@ -13,12 +13,13 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dicom_node.config import Config
+    from dicom_node.config import Config, Destination
     from dicom_node.durability.state import State
 
-__all__ = ["add_node_commands"]
+__all__ = ["add_node_commands", "version_text"]
 
 _CONFIG_HELP = "TOML configuration file (every key: `dicom-node config --defaults`, docs/configuration.md)"
+_PIPELINE_JOB = "dicom_node.pipeline:run_job"
 
 
 def _common(p: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
@@ -41,37 +42,53 @@ def add_node_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
                    help="send results here (repeatable; replaces [[destinations]]; append +tls for TLS)")
     p.add_argument("--quiet-period", type=float, metavar="SECONDS", help="series complete after this quiet time")
     p.add_argument("--bundle", metavar="DIR", help="model bundle directory (inference.bundle)")
-    p.add_argument("--metrics-port", type=int, help="HTTP port for /metrics and /healthz (0 = off)")
-    p.add_argument("--job", metavar="MODULE:FUNCTION", default="dicom_node.pipeline:run_job",
-                   help="job function run_job(JobContext) -> JobResult (default: the product pipeline)")
+    p.add_argument("--metrics-port", type=int, help="HTTP port for /metrics, /healthz and /readyz (0 = off)")
+    p.add_argument("--job", metavar="MODULE:FUNCTION", default=_PIPELINE_JOB,
+                   help="job function run_job(JobContext) -> JobResult; the default is the product pipeline")
     p.set_defaults(func=_cmd_serve)
 
     p = subparsers.add_parser("echo", help="C-ECHO a DICOM peer (is it reachable and does it accept us?)",
-                              description="Send a C-ECHO to AE@HOST:PORT and print the status.")
+                              description="Send a C-ECHO to AE@HOST:PORT and print the status; a failure names its "
+                                          "cause (connection refused, timed out, TLS, association rejected and why).")
     _common(p, data_dir=False)
-    p.add_argument("peer", metavar="AE@HOST:PORT")
-    p.add_argument("--calling-aet", default="ECHOSCU")
+    p.add_argument("peer", metavar="AE@HOST:PORT", help="the peer (append +tls for DICOM TLS with the [tls] files)")
+    p.add_argument("--calling-aet", metavar="AE",
+                   help="calling AE title; the default is ae_title of --config (PENODE without one)")
     p.set_defaults(func=_cmd_echo)
 
     p = subparsers.add_parser("send", help="C-STORE DICOM files to a peer",
-                              description="Send files (or every .dcm under folders) to AE@HOST:PORT over one association.")
+                              description="Send files (and every file under folders) to AE@HOST:PORT over one "
+                                          "association. Files are recognised by content (DICM preamble), whatever "
+                                          "their extension; files that are not DICOM are listed as skipped. Exit 0 "
+                                          "when every instance was stored, 1 when any store failed, 2 when nothing "
+                                          "was sendable.")
     _common(p, data_dir=False)
-    p.add_argument("paths", nargs="+", metavar="PATH")
-    p.add_argument("--to", required=True, metavar="AE@HOST:PORT")
-    p.add_argument("--calling-aet", default="STORESCU")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files or folders (searched recursively)")
+    p.add_argument("--to", required=True, metavar="AE@HOST:PORT", help="the peer (append +tls for DICOM TLS)")
+    p.add_argument("--calling-aet", metavar="AE",
+                   help="calling AE title; the default is ae_title of --config (PENODE without one)")
     p.set_defaults(func=_cmd_send)
 
-    p = subparsers.add_parser("status", help="list series, jobs and failed deliveries",
-                              description="Read the node's state database (works while the node runs).")
+    p = subparsers.add_parser("status", help="list jobs: study, series, state, result, deliveries, errors",
+                              description="Read the node's state database (works while the node runs) and print one "
+                                          "row per job: study and series (UID suffixes), when it was received, its "
+                                          "state, its result (SR UID suffix) or error, each destination with its "
+                                          "delivery state, the last error, and for failed jobs the exact resend "
+                                          "command.")
     _common(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help="machine-readable output: one object per job")
     p.set_defaults(func=_cmd_status)
 
     p = subparsers.add_parser("resend", help="re-queue a failed job's deliveries (or the job itself)",
-                              description="Failed deliveries of JOB become pending with fresh attempts; a job that "
-                                          "failed before building results is queued again. The running node picks it up.")
+                              description="Failed deliveries of JOB become pending with fresh attempts, addressed to "
+                                          "the destination as configured now (matched by AE title), or to --to; a "
+                                          "job that failed before building results is queued again. The running "
+                                          "node picks it up.")
     _common(p)
     p.add_argument("job_id", type=int, metavar="JOB")
+    p.add_argument("--to", metavar="AE@HOST:PORT",
+                   help="send to this address instead (replaces the failed delivery with the same AE title, or the "
+                        "only failed one)")
     p.set_defaults(func=_cmd_resend)
 
     p = subparsers.add_parser("complete", help="declare a series complete now (skip the quiet period)",
@@ -84,6 +101,29 @@ def add_node_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     _common(p)
     p.add_argument("--defaults", action="store_true", help="print a TOML file with every key, its default and meaning")
     p.set_defaults(func=_cmd_config)
+
+
+def version_text(config_path: str | None = None) -> str:
+    """`dicom-node --version`: the package version and the model bundle the node would load (name, version)."""
+    from pathlib import Path
+
+    from dicom_node import __version__
+    from dicom_node.config import ConfigError, load_config
+    from dicom_node.model.bundle import MANIFEST_NAME, default_bundle_path
+
+    lines = [f"dicom-node {__version__}"]
+    try:
+        bundle = load_config(config_path).inference.bundle
+    except ConfigError as e:
+        return "\n".join(lines + [f"model bundle: unknown (configuration error: {e})"])
+    path = Path(bundle) if bundle else default_bundle_path()
+    where = f"inference.bundle {path}" if bundle else f"bundled demo model {path}"
+    try:
+        manifest = json.loads((path / MANIFEST_NAME).read_text())
+        lines.append(f"model bundle: {manifest['name']} {manifest['version']} ({where})")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        lines.append(f"model bundle: unreadable {path / MANIFEST_NAME} ({type(e).__name__}: {e}) ({where})")
+    return "\n".join(lines)
 
 
 def _load(args: argparse.Namespace, **overrides: Any) -> Config:
@@ -110,18 +150,18 @@ def _state(args: argparse.Namespace) -> tuple[Config, State]:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from dicom_node.durability.state import StateSchemaError
     from dicom_node.engine.node import Node, NodeError, default_job_body
     from dicom_node.engine.worker import JobBody
     from dicom_node.log import configure_logging
 
-    cfg = _load(args, ae_title=args.ae_title, host=args.host, port=args.port, destinations=args.destination,
-                quiet_period_s=args.quiet_period, metrics_port=args.metrics_port,
-                **({"inference.bundle": args.bundle} if args.bundle is not None else {}))
+    overrides = dict(ae_title=args.ae_title, host=args.host, port=args.port, destinations=args.destination,
+                     quiet_period_s=args.quiet_period, metrics_port=args.metrics_port,
+                     **({"inference.bundle": args.bundle} if args.bundle is not None else {}))
+    cfg = _load(args, **overrides)
     configure_logging(json=cfg.log.json, level=cfg.log.level, stream=sys.stdout)
     module, _, attr = args.job.partition(":")
     try:
-        if args.job == "dicom_node.pipeline:run_job":
+        if args.job == _PIPELINE_JOB:
             body = default_job_body()  # run_job with its prepare step
         else:
             body = JobBody.of(getattr(importlib.import_module(module), attr))
@@ -131,7 +171,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     import signal
 
+    from dicom_node.config import load_config
+
+    def reload_config() -> Config:  # same sources as at start: the file, the environment, these flags
+        return load_config(args.config, overrides={**({"data_dir": args.data_dir} if args.data_dir else {}), **overrides})
+
+    def relog(new: Config) -> None:
+        configure_logging(json=new.log.json, level=new.log.level, stream=sys.stdout)
+
+    node.reloader, node.on_reloaded = reload_config, relog
     signal.signal(signal.SIGTERM, lambda *_: node.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: node.request_reload())
     try:
         node.start(block=True)
     except NodeError as e:
@@ -140,17 +190,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_config(args: argparse.Namespace) -> tuple[Config, str]:
+    """The configuration (file, environment) and the calling AE title: --calling-aet, else ae_title."""
+    cfg = _load(args)
+    return cfg, args.calling_aet or cfg.ae_title
+
+
 def _cmd_echo(args: argparse.Namespace) -> int:
     from dicom_node.config import ConfigError, parse_destination
     from dicom_node.network.send import SendError, echo
 
+    cfg, calling = _client_config(args)
     try:
-        status = echo(parse_destination(args.peer, "peer"), calling_aet=args.calling_aet,
-                      config=_load(args) if args.config else None)
+        status = echo(parse_destination(args.peer, "peer"), calling_aet=calling, config=cfg)
     except (ConfigError, SendError) as e:
         print(f"dicom-node echo: {e}", file=sys.stderr)
         return 1
-    print(f"C-ECHO {args.peer}: status 0x{status:04X}")
+    print(f"C-ECHO {args.peer} as {calling}: status 0x{status:04X}")
     return 0 if status == 0 else 1
 
 
@@ -158,56 +214,142 @@ def _cmd_send(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from dicom_node.config import ConfigError, parse_destination
-    from dicom_node.network.send import SendError, send_files
+    from dicom_node.network.send import SendError, read_instances, send_datasets
 
-    files: list[Path] = []
-    for p in map(Path, args.paths):
-        files += sorted(p.rglob("*.dcm")) if p.is_dir() else [p]
     try:
-        res = send_files(files, parse_destination(args.to, "--to"), calling_aet=args.calling_aet,
-                         config=_load(args) if args.config else None)
-    except (ConfigError, SendError) as e:
+        dest = parse_destination(args.to, "--to")
+    except ConfigError as e:
+        print(f"dicom-node send: {e}", file=sys.stderr)
+        return 2
+    cfg, calling = _client_config(args)
+    found, skipped = read_instances([Path(p) for p in args.paths])
+    for sk in skipped:
+        print(f"skipped {sk.path}: {sk.reason}", file=sys.stderr)
+    if not found:
+        print(f"dicom-node send: nothing to send: no DICOM instance among {', '.join(args.paths)} "
+              f"({len(skipped)} file(s) skipped); pass DICOM files or folders holding them", file=sys.stderr)
+        return 2
+    try:
+        res = send_datasets([ds for _, ds in found], dest, calling_aet=calling, config=cfg)
+    except SendError as e:
+        if e.failed:
+            print(f"sent {e.sent} of {len(found)} instance(s) to {dest}; failed:", file=sys.stderr)
+            paths = {str(ds.SOPInstanceUID): path for path, ds in found}
+            from dicom_node.network.send import status_text
+
+            for uid, code in e.failed:
+                print(f"  {paths.get(uid, uid)}: {status_text(code)}", file=sys.stderr)
         print(f"dicom-node send: {e}", file=sys.stderr)
         return 1
-    print(f"sent {res.sent} instance(s) to {res.destination} in {res.seconds:.2f} s")
+    print(f"sent {res.sent} instance(s) to {res.destination} in {res.seconds:.2f} s"
+          + (f" ({len(skipped)} file(s) skipped)" if skipped else ""))
     return 0
+
+
+def _suffix(uid: str | None, n: int = 8) -> str:
+    if not uid:
+        return "-"
+    return uid if len(uid) <= n + 2 else ".." + uid[-n:]
+
+
+def _when(t: float | None) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _resend_command(args: argparse.Namespace, job_id: int) -> str:
+    import shlex
+    from pathlib import Path
+
+    parts = ["dicom-node", "resend", str(job_id)]
+    if args.config:
+        parts += ["--config", str(Path(args.config).resolve())]
+    if args.data_dir:
+        parts += ["--data-dir", str(Path(args.data_dir).resolve())]
+    return " ".join(shlex.quote(x) for x in parts)
+
+
+def _delivery_text(state: str, attempts: int) -> str:
+    if state == "done":
+        return "delivered"
+    if state == "failed":
+        return f"failed after {attempts} attempt(s)"
+    return f"retrying ({attempts} failed attempt(s))" if attempts else "pending"
+
+
+def _status_rows(args: argparse.Namespace, st: State) -> list[dict[str, Any]]:
+    from dicom_node.durability.state import DeliveryState, JobState
+
+    rows = []
+    by_job: dict[int, list[Any]] = {}
+    for d in st.deliveries():
+        by_job.setdefault(d.job_id, []).append(d)
+    for j in st.jobs():
+        ds = by_job.get(j.id, [])
+        errors = [d.last_error.removeprefix(f"{d.destination}: ") for d in ds
+                  if d.last_error and d.state is not DeliveryState.DONE]
+        last_error = errors[-1] if errors else (j.error if j.state is JobState.FAILED else None)
+        rows.append({
+            "job_id": j.id, "study_uid": j.study_uid, "series_uid": j.series_uid, "revision": j.revision,
+            "received_at": _when(j.times.get("received")), "state": j.state.value,
+            "sr_uid": j.result_uids[0] if j.result_uids else None, "result_uids": list(j.result_uids),
+            "error": j.error,
+            "destinations": [{"destination": d.destination, "state": d.state.value, "attempts": d.attempts,
+                              "delivery": _delivery_text(d.state.value, d.attempts), "last_error": d.last_error}
+                             for d in ds],
+            "last_error": last_error,
+            "resend_command": _resend_command(args, j.id) if j.state is JobState.FAILED else None})
+    return rows
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from dicom_node.durability.state import DeliveryState, JobState
-
     _cfg, st = _state(args)
     counts = st.job_counts()
-    failed_jobs = st.jobs(JobState.FAILED)
-    failed_deliveries = st.deliveries(state=DeliveryState.FAILED)
-    pending = st.deliveries(state=DeliveryState.PENDING)
-    series = st.all_series()
+    rows = _status_rows(args, st)
+    with_job = {r["series_uid"] for r in rows}
+    other = [s for s in st.all_series() if s.series_uid not in with_job]
     if args.json:
-        print(json.dumps({
-            "jobs": counts,
-            "series": [{"series_uid": s.series_uid, "state": s.state.value, "instances": s.n_instances,
-                        "skip_reason": s.skip_reason} for s in series],
-            "failed_jobs": [{"id": j.id, "series_uid": j.series_uid, "revision": j.revision, "error": j.error} for j in failed_jobs],
-            "failed_deliveries": [{"job_id": d.job_id, "destination": d.destination, "attempts": d.attempts,
-                                   "last_error": d.last_error} for d in failed_deliveries],
-            "pending_deliveries": len(pending)}, indent=2))
+        print(json.dumps({"counts": counts, "jobs": rows,
+                          "series_without_job": [{"series_uid": s.series_uid, "study_uid": s.study_uid,
+                                                  "state": s.state.value, "instances": s.n_instances,
+                                                  "skip_reason": s.skip_reason} for s in other]}, indent=2))
         return 0
     print("jobs: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-    print(f"series: {len(series)}  (" + ", ".join(f"{s.series_uid} {s.state.value}"
-                                                + (f" [{s.skip_reason}]" if s.skip_reason else "") for s in series[-10:]) + ")")
-    for j in failed_jobs:
-        print(f"FAILED job {j.id} series {j.series_uid} rev {j.revision}: {j.error}")
-    for d in failed_deliveries:
-        print(f"FAILED delivery job {d.job_id} -> {d.destination} after {d.attempts} attempts: {d.last_error}")
-    if failed_jobs:
-        print("re-send with: dicom-node resend JOB")
+    if rows:
+        head = ("JOB", "STUDY", "SERIES", "RECEIVED", "STATE", "RESULT", "DESTINATIONS", "LAST ERROR")
+        table = [head] + [(
+            str(r["job_id"]), _suffix(r["study_uid"]), _suffix(r["series_uid"]), r["received_at"], r["state"],
+            f"SR {_suffix(r['sr_uid'])}" if r["sr_uid"] else ("error" if r["state"] == "failed" else "-"),
+            ", ".join(f"{d['destination']} {d['delivery']}" for d in r["destinations"]) or "-",
+            _clip(r["last_error"]) if r["last_error"] else "-") for r in rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
+        for row in table:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    for r in rows:
+        if r["resend_command"]:
+            print(f"job {r['job_id']} failed; re-send with: {r['resend_command']}")
+    for s in other:
+        print(f"series {s.series_uid} ({s.n_instances} instance(s)): {s.state.value}"
+              + (f", {s.skip_reason}" if s.skip_reason else ""))
     return 0
 
 
-def _cmd_resend(args: argparse.Namespace) -> int:
-    from dicom_node.durability.state import JobState
+def _clip(text: str, n: int = 120) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
 
-    _cfg, st = _state(args)
+
+def _address(d: Destination) -> str:
+    """How a delivery row stores a destination: AE@HOST:PORT, +tls for TLS."""
+    return str(d) + ("+tls" if d.tls else "")
+
+
+def _cmd_resend(args: argparse.Namespace) -> int:
+    from dicom_node.config import ConfigError, parse_destination
+    from dicom_node.durability.state import DeliveryState, JobState
+
+    cfg, st = _state(args)
     job = st.job(args.job_id)
     if job is None:
         print(f"dicom-node resend: job {args.job_id} does not exist; `dicom-node status` lists jobs", file=sys.stderr)
@@ -215,10 +357,40 @@ def _cmd_resend(args: argparse.Namespace) -> int:
     if job.state is not JobState.FAILED:
         print(f"dicom-node resend: job {job.id} is {job.state.value}, not failed; nothing to do", file=sys.stderr)
         return 1
+    try:
+        override = parse_destination(args.to, "--to") if args.to else None
+    except ConfigError as e:
+        print(f"dicom-node resend: {e}", file=sys.stderr)
+        return 2
+    failed = st.deliveries(job.id, DeliveryState.FAILED)
+    configured = {d.ae_title: d for d in (*cfg.destinations, *cfg.peers)}
+    targets: dict[int, str] = {}
+    if override is not None:
+        same = [d for d in failed if parse_destination(d.destination).ae_title == override.ae_title]
+        chosen = same or (failed if len(failed) == 1 else [])
+        if not chosen:
+            print(f"dicom-node resend: --to {args.to}: job {job.id} has {len(failed)} failed deliveries "
+                  f"({', '.join(d.destination for d in failed) or 'none'}) and none with AE title {override.ae_title}; "
+                  "give the AE title of the one to replace", file=sys.stderr)
+            return 2
+        targets = {d.id: _address(override) for d in chosen}
+    else:
+        for d in failed:
+            now = configured.get(parse_destination(d.destination).ae_title)
+            if now is None:
+                print(f"job {job.id}: {d.destination} is no longer configured; re-sending to the stored address "
+                      "(pass --to AE@HOST:PORT to change it)")
+            elif _address(now) != d.destination:
+                targets[d.id] = _address(now)
+    for d in failed:
+        if d.id in targets and targets[d.id] != d.destination:
+            st.retarget_delivery(d.id, targets[d.id])
+            print(f"job {job.id}: {d.destination} -> {targets[d.id]}")
     n = st.reset_deliveries(job.id)
     if st.deliveries(job.id) and job.result_uids:
         st.transition(job.id, JobState.SENDING, stage="resend")
-        print(f"job {job.id}: {n} delivery(ies) pending again")
+        print(f"job {job.id}: {n} delivery(ies) pending again: "
+              + ", ".join(d.destination for d in st.deliveries(job.id, DeliveryState.PENDING)))
     else:
         st.transition(job.id, JobState.QUEUED, stage="requeued")
         print(f"job {job.id}: queued to run again")

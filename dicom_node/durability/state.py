@@ -564,6 +564,14 @@ class State:
                 _move(c, DELIVERY_MACHINE, delivery_id, DeliveryState.PENDING, "attempts=0, next_try_at=?", (t,))
             return len(failed)
 
+    def retarget_delivery(self, delivery_id: int, destination: str) -> None:
+        """Point a failed delivery at another address (`resend` after a destination moved); not a state change."""
+        with self._tx() as c:
+            n = c.execute("UPDATE deliveries SET destination=? WHERE id=? AND state=?",
+                          (destination, delivery_id, DeliveryState.FAILED.value)).rowcount
+            if n != 1:
+                raise DELIVERY_MACHINE.missing(delivery_id)
+
     def retry_now(self) -> None:
         """Make every pending delivery due now (used at start-up)."""
         with self._tx() as c:

@@ -6,14 +6,18 @@ association (`dicom_node.network.send.send_files`). A failed attempt is retried 
 kept as failed (listed by `dicom-node status`, re-queued by `dicom-node resend JOB`). When every
 delivery of a job is final the job is done or failed, and the `on_deliveries_final` callback is
 told (the node passes its retention: `delete_after_delivery`).
+
+`failing()` says, per destination, since when every attempt has failed (cleared by the next
+success); the node's `/healthz` turns unhealthy when that is longer than `[health] delivery_failure_s`.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 
-from dicom_node.config import Config, parse_destination
+from dicom_node.config import Config, Destination, parse_destination
 from dicom_node.durability.spool import Spool
 from dicom_node.durability.state import DeliveryRow, DeliveryState, JobRow, JobState, State, stage_durations
 from dicom_node.engine.background import BackgroundLoop
@@ -42,7 +46,14 @@ class Sender(BackgroundLoop):
         self.on_finished = on_finished
         self.on_rerun = on_rerun
         self.log = get_logger("dicom_node.engine.delivery")
+        self._failing: dict[str, tuple[float, str]] = {}  # destination -> (first failure since last success, last error)
+        self._failing_lock = threading.Lock()
         super().__init__()
+
+    def failing(self) -> dict[str, tuple[float, str]]:
+        """{destination: (unix time of its first failed attempt since its last success, last error)}."""
+        with self._failing_lock:
+            return dict(self._failing)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -67,22 +78,35 @@ class Sender(BackgroundLoop):
         files = sorted(self.spool.job_outbox(d.job_id).glob("*.dcm"))
         log = self.log.bind(job_id=d.job_id, destination=d.destination, attempt=d.attempts + 1)
         try:
-            res = send_files(files, parse_destination(d.destination), calling_aet=self.config.ae_title, config=self.config)
+            res = send_files(files, self._destination(d.destination), calling_aet=self.config.ae_title, config=self.config)
         except Exception as e:
             err = str(e)[:500]
             give_up = d.attempts + 1 >= self.config.retry.max_attempts
             delay = backoff_delay(d.attempts + 1, self.config.retry.base_delay_s, self.config.retry.max_delay_s)
             self.state.record_delivery(d.id, ok=False, error=err, next_try_at=time.time() + delay, give_up=give_up)
+            with self._failing_lock:
+                self._failing[d.destination] = (self._failing.get(d.destination, (time.time(), ""))[0], err)
             if self.on_failure:
                 self.on_failure(d.destination)
+            cause = getattr(e, "cause", type(e).__name__)
             if give_up:
-                log.error("delivery_failed", error=err, final=True, attempts=d.attempts + 1)
+                log.error("delivery_failed", error=err, cause=cause, final=True, attempts=d.attempts + 1)
             else:
-                log.warning("delivery_retry", error=err, retry_in_s=round(delay, 2))
+                log.warning("delivery_retry", error=err, cause=cause, retry_in_s=round(delay, 2))
             return
         self.state.record_delivery(d.id, ok=True)
+        with self._failing_lock:
+            self._failing.pop(d.destination, None)
         log.info("results_sent", instances=res.sent, s=round(res.seconds, 3),
                  warnings=[f"0x{s:04X}" for s in res.statuses if s != 0])
+
+    def _destination(self, text: str) -> Destination:
+        """The stored AE@HOST:PORT, with TLS when it is a configured TLS destination or peer (rows store no +tls)."""
+        d = parse_destination(text)
+        for c in (*self.config.destinations, *self.config.peers):
+            if (c.ae_title, c.host, c.port) == (d.ae_title, d.host, d.port) and c.tls and not d.tls:
+                return c
+        return d
 
     def _maybe_finish(self, job: JobRow) -> None:
         ds = self.state.deliveries(job.id)

@@ -1,4 +1,9 @@
-"""Prometheus metrics and a health endpoint on `metrics_port` (`/metrics`, `/healthz`).
+"""Prometheus metrics, health and readiness on `metrics_port` (`/metrics`, `/healthz`, `/readyz`).
+
+`/healthz` answers 200 with a JSON body while the node is healthy and 503 with the same body, whose
+`reasons` say why, when it is not (`Node.health`: spool disk below `min_free_disk_mb`, deliveries to
+a destination failing for longer than `[health] delivery_failure_s`, the SCP not listening).
+`/readyz` answers 200 once the job body is prepared (the model bundle loaded) and 503 before.
 
 Metrics (own registry, prefix `dicom_node_`): instances_received_total, bytes_received_total,
 stores_refused_total{reason}, jobs{state} (read from the state database at scrape time),
@@ -74,20 +79,27 @@ class NodeMetrics:
 
 
 class MetricsServer:
-    """Tiny HTTP server: GET /metrics (Prometheus text) and GET /healthz (JSON, 200 when healthy)."""
+    """Tiny HTTP server: GET /metrics (Prometheus text), GET /healthz and GET /readyz (JSON; 200 when
+    `ok` / `ready` is true in what `health` / `ready` return, else 503).
 
-    def __init__(self, metrics: NodeMetrics, host: str, port: int, health: Callable[[], dict[str, Any]]) -> None:
+    The port is bound in the constructor, so a port in use fails there (OSError), before anything else."""
+
+    def __init__(self, metrics: NodeMetrics, host: str, port: int, health: Callable[[], dict[str, Any]],
+                 ready: Callable[[], dict[str, Any]] | None = None) -> None:
         m, h = metrics, health
+        r = ready or (lambda: {"ready": True})
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
-                if self.path.split("?")[0] == "/metrics":
+                path = self.path.split("?")[0]
+                if path == "/metrics":
                     body, ctype, code = m.render(), CONTENT_TYPE_LATEST, 200
-                elif self.path.split("?")[0] == "/healthz":
-                    info = h()
-                    body, ctype, code = json.dumps(info).encode(), "application/json", 200 if info.get("ok") else 503
+                elif path in ("/healthz", "/readyz"):
+                    info = h() if path == "/healthz" else r()
+                    good = info.get("ok") if path == "/healthz" else info.get("ready")
+                    body, ctype, code = json.dumps(info).encode(), "application/json", 200 if good else 503
                 else:
-                    body, ctype, code = b"not found: try /metrics or /healthz\n", "text/plain", 404
+                    body, ctype, code = b"not found: try /metrics, /healthz or /readyz\n", "text/plain", 404
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))

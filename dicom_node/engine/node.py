@@ -5,8 +5,18 @@
     ...
     node.stop()                           # or node.request_stop() to end a blocking start(block=True)
 
-`start` first runs the job body's `prepare(config)` (the product pipeline loads, verifies and
-warms up the model bundle there) and refuses to start with `NodeError` when it fails.
+`start` first opens the metrics port (when `metrics_port` is set; `/readyz` answers 503 until the
+job body is prepared), then runs the job body's `prepare(config)` (the product pipeline loads,
+verifies and warms up the model bundle there), then opens the DICOM port. Each failure (a port in
+use, a bundle that does not load) is a `NodeError` naming the key, the value and the fix, raised
+before `scp_listening` for the metrics port, and nothing is left running.
+
+`health()` (served as `/healthz`) is unhealthy, with `reasons`, when the spool disk has less free
+space than `min_free_disk_mb`, when every delivery to a destination has failed for longer than
+`[health] delivery_failure_s`, or when the SCP is not listening after start. `reload(config)`
+applies the keys that can change while running (`LIVE_KEYS`: destinations, selection, allow-list,
+retry, health, quiet period, log level) and reports the others as needing a restart; `dicom-node
+serve` calls it on SIGHUP.
 
 Start-up recovery (before the SCP accepts anything): stray temp files are removed; jobs that were
 running go back to the queue (their deterministic result UIDs make a re-run overwrite, never
@@ -17,8 +27,11 @@ are selected again; receiving series complete after their quiet period as usual.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from dicom_node.durability.spool import Spool
@@ -37,7 +50,11 @@ if TYPE_CHECKING:
     from dicom_node.config import Config
     from dicom_node.engine.worker import RunJob
 
-__all__ = ["Node", "NodeError", "default_job_body", "recover"]
+__all__ = ["LIVE_KEYS", "Node", "NodeError", "default_job_body", "recover"]
+
+#: keys (or `section.` prefixes) `Node.reload` applies without a restart
+LIVE_KEYS = ("destinations", "peers", "send_back_to_sender", "allowed_calling_aets", "quiet_period_s", "selection.",
+             "retry.", "health.", "log.level")
 
 
 class NodeError(RuntimeError):
@@ -102,7 +119,13 @@ class Node:
         self.receiver = Receiver(config, self.spool, self.state, on_stored=self.metrics.stored, on_refused=self.metrics.refused)
         self.metrics_server: MetricsServer | None = None
         self._stopped = threading.Event()
+        self._reload = threading.Event()
+        self._prepared = False
         self.started_at: float | None = None
+        #: `start(block=True)` calls this on `request_reload()` and applies its Config with `reload`
+        self.reloader: Callable[[], Config] | None = None
+        #: told the applied Config after a reload (`dicom-node serve` re-applies the log level)
+        self.on_reloaded: Callable[[Config], None] | None = None
 
     def _wake_worker(self, job_id: int) -> None:
         self.worker.wake(job_id)
@@ -126,44 +149,116 @@ class Node:
         Only sets an event, so it is safe from a signal handler (`dicom-node serve` on SIGTERM)."""
         self._stopped.set()
 
+    def request_reload(self) -> None:
+        """Ask a blocking `start(block=True)` to reload the configuration (`reloader`); signal-safe."""
+        self._reload.set()
+
     def health(self) -> dict[str, Any]:
-        ok = self.receiver.server is not None and not self._stopped.is_set()
+        """The `/healthz` body: `ok`, and `reasons` (one line each) when not ok."""
+        cfg = self.config
+        now = time.time()
+        reasons: list[str] = []
+        if self._stopped.is_set():
+            reasons.append("the node is stopping")
+        elif self.started_at is not None and self.receiver.server is None:
+            reasons.append(f"the DICOM SCP is not listening on port {self.port}")
         free = self.spool.free_mb()
+        if free < cfg.min_free_disk_mb:
+            reasons.append(f"spool disk {cfg.data_dir}: {free:.0f} MiB free, below min_free_disk_mb "
+                           f"{cfg.min_free_disk_mb}; free space or move data_dir")
+        failing = {}
+        for dest, (since, err) in sorted(self.sender.failing().items()):
+            failing[dest] = {"failing_s": round(now - since, 1), "last_error": err}
+            if cfg.health.delivery_failure_s and now - since > cfg.health.delivery_failure_s:
+                reasons.append(f"deliveries to {dest} have failed for {now - since:.0f} s (more than "
+                               f"health.delivery_failure_s {cfg.health.delivery_failure_s:g}); last error: {err}")
         counts = self.state.job_counts()
         self.state.close()
-        return {"ok": ok and free >= self.config.min_free_disk_mb, "ae_title": self.config.ae_title, "port": self.port,
-                "free_disk_mb": round(free), "min_free_disk_mb": self.config.min_free_disk_mb, "jobs": counts,
-                "uptime_s": round(time.time() - (self.started_at or time.time()), 1)}
+        return {"ok": not reasons, "reasons": reasons, "ready": self._prepared, "ae_title": cfg.ae_title,
+                "port": self.port, "free_disk_mb": round(free), "min_free_disk_mb": cfg.min_free_disk_mb,
+                "failing_destinations": failing, "jobs": counts,
+                "uptime_s": round(now - (self.started_at or now), 1)}
+
+    def ready(self) -> dict[str, Any]:
+        """The `/readyz` body: `ready` once the job body is prepared (model loaded) and the SCP listens."""
+        ready = self._prepared and self.receiver.server is not None and not self._stopped.is_set()
+        reason = ("" if ready else "stopping" if self._stopped.is_set() else
+                  "the job body (model bundle) is being prepared" if not self._prepared else "the SCP is not listening yet")
+        return {"ready": ready, **({"reason": reason} if reason else {})}
+
+    def reload(self, new: Config) -> dict[str, list[str]]:
+        """Apply the `LIVE_KEYS` of `new`; return {"changed": keys applied, "restart_needed": other changed keys}."""
+        old_flat, new_flat = _flat(dataclasses.asdict(self.config)), _flat(dataclasses.asdict(new))
+        changed = sorted(k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k) != new_flat.get(k))
+        live = [k for k in changed if any(k == p or (p.endswith(".") and k.startswith(p)) for p in LIVE_KEYS)]
+        top = sorted({k.split("[")[0] for k in live})
+        cfg = self.config.replace(**{k: _get_dotted(dataclasses.asdict(new), k) for k in top})
+        for component in (self, self.sender, self.worker, self.completion, self.retention, self.receiver):
+            component.config = cfg
+        return {"changed": sorted(set(top)), "restart_needed": sorted({k.split("[")[0] for k in changed} - set(top))}
+
+    def _reload_now(self) -> None:
+        if self.reloader is None:
+            return
+        try:
+            res = self.reload(self.reloader())
+        except Exception as e:  # a bad file must not stop a running node
+            self.log.error("config_reload_failed", error=f"{type(e).__name__}: {e}"[:500],
+                           fix="correct the file and send SIGHUP again; the running configuration is unchanged")
+            return
+        if self.on_reloaded:
+            self.on_reloaded(self.config)
+        self.log.info("config_reloaded", changed=res["changed"], restart_needed=res["restart_needed"],
+                      destinations=[str(d) for d in self.config.destinations])
 
     def start(self, block: bool = False) -> Node:
+        c = self.config
+        if c.metrics_port:  # bound first: a busy metrics port fails before anything listens or runs
+            try:
+                self.metrics_server = MetricsServer(self.metrics, c.metrics_host, c.metrics_port, self.health,
+                                                    self.ready).start()
+            except OSError as e:
+                self.state.close()
+                raise NodeError(_port_error("metrics_port", c.metrics_host, c.metrics_port, e, "--metrics-port")) from None
         # The job body may need set-up that must fail at start, not at the first study: the product
         # pipeline loads and verifies the model bundle, checks require_gpu and warms the graphs up.
         try:
             self.job_body.prepare(self.config)
         except Exception as e:
-            self.state.close()
+            self._abort_start()
             raise NodeError(f"cannot start: {e}") from e
+        self._prepared = True
         counts = recover(self.config, self.state, self.spool)
         self.log.info("node_recovered", **counts)
+        try:
+            self.receiver.start()
+        except OSError as e:
+            self._abort_start()
+            raise NodeError(_port_error("port", c.host, c.port, e, "--port")) from None
         self.sender.start()
         self.worker.start()
         self.completion.start()
         self.retention.start()
-        self.receiver.start()
-        if self.config.metrics_port:
-            self.metrics_server = MetricsServer(self.metrics, self.config.metrics_host, self.config.metrics_port,
-                                                self.health).start()
         self.started_at = time.time()
         self.log.info("node_started", ae_title=self.config.ae_title, port=self.port, metrics_port=self.metrics_port,
                       destinations=[str(d) for d in self.config.destinations], quiet_period_s=self.config.quiet_period_s)
         if block:
             try:
-                self._stopped.wait()
+                while not self._stopped.wait(0.5):
+                    if self._reload.is_set():
+                        self._reload.clear()
+                        self._reload_now()
             except KeyboardInterrupt:
                 pass
             finally:
                 self.stop()
         return self
+
+    def _abort_start(self) -> None:
+        if self.metrics_server:
+            self.metrics_server.stop()
+            self.metrics_server = None
+        self.state.close()
 
     def stop(self) -> None:
         if self.receiver.server is None and self._stopped.is_set():
@@ -185,3 +280,27 @@ class Node:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def _port_error(key: str, host: str, port: int, e: OSError, flag: str) -> str:
+    if e.errno == errno.EADDRINUSE:
+        return (f"{key}: {port} is already in use on {host} (another node, PACS or server listens there); stop it "
+                f"or set {key} ({flag}) to a free port")
+    return f"{key}: {port} cannot be opened on {host} ({e.strerror or e}); set {key} ({flag}) to another port or fix the host"
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{"retry.max_attempts": 8, "destinations": [...], ...} from a dataclasses.asdict() dict."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _get_dotted(d: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        d = d[part]
+    return d

@@ -9,6 +9,9 @@ heatmap Secondary Captures and the KOS:
 3. within each kept window, the model-space heatmap is mapped back to the original slices the
    window covers (`dicom_node.imaging.preprocess.heatmap_to_slices`) and `hottest_slice` picks
    the slice with the strongest heatmap.
+
+`KeySlice.hottest_point` is the (row, column) of the heatmap maximum on the key slice: the point the
+SR marks with an image-region SCOORD (and `phantoms.truth.hottest_point` measures against truth).
 """
 
 from __future__ import annotations
@@ -56,6 +59,12 @@ class KeySlice:
     score: float
     peak: float
     heatmap: np.ndarray
+
+    @property
+    def hottest_point(self) -> tuple[int, int]:
+        """(row, column) of the heatmap maximum on this slice (the first one in row-major order on a tie)."""
+        row, col = np.unravel_index(int(np.argmax(self.heatmap)), self.heatmap.shape)
+        return int(row), int(col)
 
 
 def window_scores(prediction: Prediction) -> np.ndarray:

@@ -2,11 +2,16 @@
 
 The SR's image library and evidence, the KOS's references and each heatmap SC's source image are
 built from these, so all of them name the same SOP instances with the same geometry.
+
+`source_image_datasets` builds them once per `CtSeries` object (later calls for the same object,
+e.g. the SR's evidence and the KOS, get the same list back while the series is alive); treat the
+datasets as read-only.
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +22,9 @@ if TYPE_CHECKING:
 
 __all__ = ["source_image_dataset", "source_image_datasets"]
 
+#: id(series) -> (weak reference to that series, its datasets); an entry leaves when its series is collected
+_BUILT: dict[int, tuple[weakref.ref[CtSeries], list[Dataset]]] = {}
+
 
 def source_image_datasets(series: CtSeries) -> list[Dataset]:
     """Header-only datasets of every slice of the series (for evidence lists and image libraries).
@@ -24,9 +32,26 @@ def source_image_datasets(series: CtSeries) -> list[Dataset]:
     Built from `series.ref_dataset` (slice 0) with each slice's SOP Instance UID, instance number
     and ImagePositionPatient (slice 0 position moved along the slice normal by `positions_mm`).
     The header is copied once; the per-slice datasets share its unchanged elements (read-only).
+    Built once per series object: a second call for the same series returns the same list.
     """
+    key = id(series)
+    hit = _BUILT.get(key)
+    if hit is not None and hit[0]() is series:
+        return hit[1]
     base = _copy_header(series.ref_dataset)
-    return [source_image_dataset(series, z, base=base) for z in range(len(series.sop_instance_uids))]
+    datasets = [source_image_dataset(series, z, base=base) for z in range(len(series.sop_instance_uids))]
+    _BUILT[key] = (weakref.ref(series, _Forget(key)), datasets)
+    return datasets
+
+
+class _Forget:
+    """Weak-reference callback: drop the datasets of a collected series."""
+
+    def __init__(self, key: int) -> None:
+        self.key = key
+
+    def __call__(self, _ref: weakref.ref[CtSeries]) -> None:
+        _BUILT.pop(self.key, None)
 
 
 def source_image_dataset(series: CtSeries, z: int, *, base: Dataset | None = None) -> Dataset:

@@ -1,54 +1,58 @@
-"""The findings as a Comprehensive 3D SR, TID 1500 Measurement Report (highdicom).
+"""The findings as a Comprehensive 3D SR, TID 1500 Measurement Report (highdicom), built around the clinical statement.
 
-Structure (what a TID 1500 viewer such as OHIF or 3D Slicer shows)::
+Structure, in reading order (what dsr2html, OHIF or 3D Slicer show top to bottom)::
 
     Imaging Measurement Report (DCM 126000)                          CONTAINER, TID 1500
       Language of Content = English
       Observer Type = Device; Device Observer UID / Name "dicom-node PE" / Manufacturer /
         Model Name = bundle name / Serial Number = bundle version
       Procedure Reported = LN 24627-2 "CT Chest" and 99PENODE CTPA "CT pulmonary angiography"
-      Image Library: every analysed slice of the CT series
-      Imaging Measurements
-        Measurement Group (x10, one per label, in dicom_node.labels.ALL_LABELS order)
-          Tracking Identifier = the label name, Tracking Unique Identifier (deterministic)
-          Finding = SCT 59282003 "Pulmonary embolism"
-          Finding Site (central / left / right only)
-          Algorithm Name / Version / Parameters (TID 4019; model UID, provider, preprocessing)
-          Probability (DCM 122157) = p  {probability}
-          Threshold Value (DCM 122411) = t  {probability}
-          <label concept> = Present (SCT 52101004) | Absent (SCT 2667000)
-          Source images = the key slices (PE group only)
       Qualitative Evaluations (UMLS C0034375)
+        Impression (DCM 121073) = "AI suggests pulmonary embolism: present, central and right, acute;
+                                   RV/LV ratio >= 1 likely"  |  "AI suggests no pulmonary embolism; ..."
         Comment (DCM 121106) = dicom_node.RESEARCH_USE_STATEMENT
+      Image Library (TID 1600): one group, the key slices (the only images the content references)
+      Imaging Measurements
+        Measurement Group "pulmonary_embolism"                         TID 1501
+          Tracking Identifier / Tracking Unique Identifier (deterministic)
+          Finding = SCT 59282003 Pulmonary embolism
+          Finding Site = Pulmonary trunk / Left / Right pulmonary artery  (each location called present)
+          Algorithm Name / Version / Parameters (TID 4019)
+          Probability (DCM 122157) / Threshold Value (DCM 122411) of pe_present_on_window
+          Probability / Threshold Value {Finding Site = site} of central_pe, leftsided_pe, rightsided_pe
+          Probability / Threshold Value {PE acuity = Chronic | Acute on chronic} of chronic_pe,
+            acute_and_chronic_pe
+          Pulmonary embolism = Present (SCT 52101004) | Absent (SCT 272519000)
+          PE acuity = Acute | Chronic | Acute on chronic             (PE present only)
+          Source images = the key slices
+        Measurement Group "pulmonary_embolism region k" (x key slices in a positive window; PE present only)
+          Tracking Identifier / Tracking Unique Identifier            TID 1410
+          Image Region = SCOORD POINT (column, row) at the hottest heatmap pixel of the key slice,
+            SELECTED FROM that slice
+          Finding = Pulmonary embolism; Algorithm identification
+          Probability = the window's PE probability, INFERRED FROM the same POINT; Threshold Value
+        Measurement Group "rv_lv_ratio_gte_1" / "rv_lv_ratio_lt_1"   Finding = RV/LV diameter ratio >= 1 / < 1
+          Probability / Threshold Value; <finding> = Present | Absent
+        Measurement Group "exam_quality"                             Finding = DCM 111101 Image Quality
+          Probability / Threshold Value of indeterminate; Image Quality = Indeterminate | Diagnostic quality
+        Measurement Group "negative_exam_for_pe"                     Finding = 99PENODE NEGEXAM
+          Probability / Threshold Value; Negative exam for PE = Present | Absent
 
-VerificationFlag UNVERIFIED, CompletionFlag PARTIAL, PreliminaryFlag PRELIMINARY.
+Every label keeps its probability, threshold and call; `dicom_node.results.codes.LABEL_CODING` says
+where each one lives (group, NUM modifier, the CODE item that means "present"), and the demo's
+reader (`dicom_node.tools.demo.read_findings`) reads it back with the same table. The TID 1500
+rows are all present; the Qualitative Evaluations container comes before the Image Library so
+that a reader meets the impression and the research-use statement before any image reference.
 
-Codes (all defined in `dicom_node.results.codes`; a private code only where no standard code was
-found; scheme 99PENODE is declared in the CodingSchemeIdentificationSequence):
-
-=====================  ==========================  =================================================
-label                  concept (qualitative eval.)  notes
-=====================  ==========================  =================================================
-pe_present_on_window   SCT 59282003 Pulmonary       study-level "PE present on any window"
-                       embolism
-negative_exam_for_pe   99PENODE NEGEXAM             no single standard concept "exam negative for PE"
-indeterminate          SCT 82334004 Indeterminate   qualifier value (CID 4220), finding = PE
-chronic_pe             SCT 90734009 Chronic         qualifier value (CID 6130), finding = PE
-acute_and_chronic_pe   99PENODE ACUCHR              "Acute on chronic": no standard qualifier found
-central_pe             SCT 26216008 Central         + Finding Site SCT 45341000 Pulmonary trunk
-leftsided_pe           SCT 7771000 Left             + Finding Site SCT 50408007 Left pulmonary artery
-rightsided_pe          SCT 24028007 Right           + Finding Site SCT 78480002 Right pulmonary artery
-rv_lv_ratio_gte_1      99PENODE RVLVGE1             RV/LV diameter ratio >= 1 (no standard code)
-rv_lv_ratio_lt_1       99PENODE RVLVLT1             RV/LV diameter ratio < 1 (no standard code)
-=====================  ==========================  =================================================
-
-Procedure reported: LOINC 24627-2 "CT Chest" (in DICOM CID 7000/LOINC) is the standard code we
-could verify offline; a LOINC/RadLex code specific to CT pulmonary angiography could not be
-verified here, so the private 99PENODE CTPA code refines it (both are listed).
+VerificationFlag UNVERIFIED, CompletionFlag PARTIAL, PreliminaryFlag PRELIMINARY. Evidence
+(CurrentRequestedProcedureEvidenceSequence) lists every analysed slice; the Image Library only
+the images the content tree references. A private code (scheme 99PENODE, declared in the
+CodingSchemeIdentificationSequence) only where no DCMR code was found: docs/results.md lists
+every code with its source.
 
 UIDs are deterministic (`dicom_node.results.uids.result_uid`): the same source series, model UID, revision and object
-kind always give the same UID, so a re-run replaces rather than duplicates; revision > 0 adds
-a Predecessor Documents Sequence pointing at the previous SR.
+kind always give the same UID (tracking UIDs too), so a re-run replaces rather than duplicates;
+revision > 0 adds a Predecessor Documents Sequence pointing at the previous SR.
 """
 
 from __future__ import annotations
@@ -66,10 +70,18 @@ from dicom_node import RESEARCH_USE_STATEMENT, __version__
 from dicom_node.labels import ALL_LABELS, WINDOW_LABEL, consistency_violations
 from dicom_node.results.codes import (
     ABSENT,
+    ACUTE,
+    ACUTE_ON_CHRONIC,
+    CHRONIC,
     COMMENT,
-    LABEL_CODES,
+    DIAGNOSTIC_QUALITY,
+    FINDING_GROUPS,
+    FINDING_SITE,
+    IMPRESSION,
+    INDETERMINATE,
+    LABEL_CODING,
+    PE_ACUITY,
     PE_FINDING,
-    PRESENT,
     PROBABILITY,
     PROBABILITY_UNIT,
     PROCEDURE_CODES,
@@ -96,7 +108,9 @@ __all__ = [
     "build_sr",
     "check_prediction",
     "device_observer_context",
+    "impression",
     "predecessor_reference",
+    "region_point",
 ]
 
 DEVICE_NAME = "dicom-node PE"
@@ -248,45 +262,38 @@ def build_sr(
     if key_slices is None:
         key_slices = select_key_slices(series, windows, prediction, k=k)
 
-    images = source_image_datasets(series)
+    images = source_image_datasets(series)  # evidence: every analysed slice (built once per series)
     sop_class = images[0].SOPClassUID
+    library = [images[z] for z in dict.fromkeys(ks.z for ks in key_slices)]  # what the content references
     algo = algorithm_identification(bundle, prediction)
-    probs = prediction.label_probabilities()
+    labels = {k: bool(v) for k, v in prediction.labels.items()}
+    track = _TrackingUids(series.series_instance_uid, bundle.model_uid, revision)
+    sources = [hd.sr.SourceImageForMeasurementGroup(sop_class, ks.sop_instance_uid) for ks in key_slices]
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]
     groups = []
-    for label in ALL_LABELS:
-        concept, site = LABEL_CODES[label]
-        measurements = [
-            hd.sr.Measurement(name=PROBABILITY, value=round(probs[label], 6), unit=PROBABILITY_UNIT),
-            hd.sr.Measurement(name=THRESHOLD, value=round(float(prediction.thresholds[label]), 6),
-                              unit=PROBABILITY_UNIT),
-        ]
-        evaluation = hd.sr.QualitativeEvaluation(name=concept, value=PRESENT if prediction.labels[label] else ABSENT)
-        sources = None
-        if label == WINDOW_LABEL:
-            sources = [hd.sr.SourceImageForMeasurementGroup(sop_class, ks.sop_instance_uid) for ks in key_slices]
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=result_uid("tracking", series.series_instance_uid, bundle.model_uid, revision, label),
-                identifier=label),
-            finding_type=PE_FINDING,
-            finding_sites=[hd.sr.FindingSite(site)] if site is not None else None,
-            algorithm_id=algo,
-            measurements=measurements,
-            qualitative_evaluations=[evaluation],
-            source_images=sources,
-        ))
+    for finding, (tracking, _main) in FINDING_GROUPS.items():
+        groups.append(_finding_group(finding, tracking, prediction, labels, algo, track,
+                                     sources if finding == PE_FINDING else None))
+        if finding == PE_FINDING and labels[WINDOW_LABEL]:
+            positive = np.asarray(prediction.window_positive, bool)
+            groups += [_region_group(ks, sop_class, prediction, algo, track) for ks in key_slices
+                       if positive[ks.window_index]]
 
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device_observer_context(bundle)),
         procedure_reported=list(PROCEDURE_CODES),
         imaging_measurements=groups,
-        referenced_images=images,
+        referenced_images=library,
     )
     root = report[0]
     statement = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS")
-    statement.ContentSequence = PydicomSequence([hd.sr.TextContentItem(name=COMMENT, value=RESEARCH_USE_STATEMENT,
-                                                       relationship_type="CONTAINS")])
-    root.ContentSequence.append(statement)
+    statement.ContentSequence = PydicomSequence([
+        hd.sr.TextContentItem(name=IMPRESSION, value=impression(labels), relationship_type="CONTAINS"),
+        hd.sr.TextContentItem(name=COMMENT, value=RESEARCH_USE_STATEMENT, relationship_type="CONTAINS"),
+    ])
+    # reading order: the statement right after the procedure reported, before the Image Library
+    first_container = next(i for i, item in enumerate(root.ContentSequence) if item.ValueType == "CONTAINER")
+    root.ContentSequence.insert(first_container, statement)
 
     sr = hd.sr.Comprehensive3DSR(
         evidence=images,
@@ -309,3 +316,130 @@ def build_sr(
     sr.SoftwareVersions = [f"dicom-node {__version__}", f"{bundle.name} {bundle.version}"[:64]]  # type: ignore[assignment]
     sr.CodingSchemeIdentificationSequence = [private_scheme_item()]
     return sr
+
+
+@dataclass(frozen=True)
+class _TrackingUids:
+    source_series_uid: str
+    model_uid: str
+    revision: int
+
+    def __call__(self, identifier: str) -> hd.sr.TrackingIdentifier:
+        import highdicom as hd
+
+        uid = result_uid("tracking", self.source_series_uid, self.model_uid, self.revision, identifier)
+        return hd.sr.TrackingIdentifier(uid=uid, identifier=identifier)
+
+
+def impression(labels: Mapping[str, bool]) -> str:
+    """The one-line reading at the top of the SR, from the (consistent) label calls.
+
+    PE present: "AI suggests pulmonary embolism: present, <central / left / right joined by 'and'>,
+    <acute | chronic | acute on chronic>; RV/LV ratio >= 1 likely" (or "< 1 likely"); otherwise
+    "AI suggests no pulmonary embolism; exam quality adequate", or "...; exam indeterminate
+    (quality not adequate to exclude pulmonary embolism)" when the exam is called indeterminate.
+    """
+    if labels[WINDOW_LABEL]:
+        sites = [name for label, name in (("central_pe", "central"), ("leftsided_pe", "left"),
+                                          ("rightsided_pe", "right")) if labels[label]]
+        acuity = ("chronic" if labels["chronic_pe"] else "acute on chronic" if labels["acute_and_chronic_pe"]
+                  else "acute")
+        parts = ["present", *([" and ".join(sites)] if sites else []), acuity]
+        text = "AI suggests pulmonary embolism: " + ", ".join(parts)
+        if labels["rv_lv_ratio_gte_1"]:
+            text += "; RV/LV ratio >= 1 likely"
+        elif labels["rv_lv_ratio_lt_1"]:
+            text += "; RV/LV ratio < 1 likely"
+        return text
+    if labels["indeterminate"]:
+        return "AI suggests no pulmonary embolism; exam indeterminate (quality not adequate to exclude pulmonary embolism)"
+    return "AI suggests no pulmonary embolism; exam quality adequate"
+
+
+def region_point(ks: KeySlice) -> tuple[float, float]:
+    """(column, row) image coordinates of the centre of the key slice's hottest heatmap pixel.
+
+    DICOM SCOORD convention (PS3.3 C.18.6.1.1): the top left corner of the top left pixel is
+    (0, 0), so the centre of pixel (row r, column c) is (c + 0.5, r + 0.5).
+    """
+    row, col = ks.hottest_point
+    return col + 0.5, row + 0.5
+
+
+def _probability_pair(label: str, prediction: Prediction, probs: Mapping[str, float]) -> list[hd.sr.Measurement]:
+    """Probability and Threshold Value NUMs of one label, with its HAS CONCEPT MOD (`LabelCoding.modifier`)."""
+    import highdicom as hd
+
+    coding = LABEL_CODING[label]
+    site = [hd.sr.FindingSite(coding.modifier[1])] if coding.modifier and coding.modifier[0] == FINDING_SITE else None
+    out = [hd.sr.Measurement(name=name, value=round(float(value), 6), unit=PROBABILITY_UNIT, finding_sites=site)
+           for name, value in ((PROBABILITY, probs[label]), (THRESHOLD, prediction.thresholds[label]))]
+    if coding.modifier and coding.modifier[0] != FINDING_SITE:
+        for m in out:
+            item = m[0]
+            if "ContentSequence" not in item:
+                item.ContentSequence = hd.sr.ContentSequence()
+            item.ContentSequence.append(hd.sr.CodeContentItem(name=coding.modifier[0], value=coding.modifier[1],
+                                                              relationship_type="HAS CONCEPT MOD"))
+    return out
+
+
+def _finding_group(finding: Any, tracking: str, prediction: Prediction, labels: Mapping[str, bool],
+                   algo: hd.sr.AlgorithmIdentification, track: _TrackingUids,
+                   sources: list[hd.sr.SourceImageForMeasurementGroup] | None,
+                   ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The TID 1501 group of one finding: every label coded under it (see `LABEL_CODING`)."""
+    import highdicom as hd
+
+    members = [label for label in ALL_LABELS if LABEL_CODING[label].finding == finding]
+    probs = prediction.label_probabilities()
+    measurements = [m for label in members for m in _probability_pair(label, prediction, probs)]
+    sites, evaluations = [], []
+    for label in members:
+        name, value = LABEL_CODING[label].present
+        if name == FINDING_SITE:
+            if labels[label]:
+                sites.append(hd.sr.FindingSite(value))
+        elif name != PE_ACUITY:
+            negative = DIAGNOSTIC_QUALITY if value == INDETERMINATE else ABSENT
+            evaluations.append(hd.sr.QualitativeEvaluation(name=name, value=value if labels[label] else negative))
+    if finding == PE_FINDING and labels[WINDOW_LABEL]:
+        acuity = CHRONIC if labels["chronic_pe"] else ACUTE_ON_CHRONIC if labels["acute_and_chronic_pe"] else ACUTE
+        evaluations.append(hd.sr.QualitativeEvaluation(name=PE_ACUITY, value=acuity))
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=track(tracking),
+        finding_type=finding,
+        finding_sites=sites or None,
+        algorithm_id=algo,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+        source_images=sources,
+    )
+
+
+def _region_group(ks: KeySlice, sop_class: str, prediction: Prediction, algo: hd.sr.AlgorithmIdentification,
+                  track: _TrackingUids) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group of one key slice: a POINT at its hottest heatmap pixel, the window's probability."""
+    import highdicom as hd
+
+    point = np.array([region_point(ks)], dtype=np.float64)
+    source = hd.sr.SourceImageForRegion(sop_class, ks.sop_instance_uid)
+    probability = hd.sr.Measurement(name=PROBABILITY, value=round(ks.window_probability, 6), unit=PROBABILITY_UNIT)
+    threshold = hd.sr.Measurement(name=THRESHOLD, value=round(float(prediction.thresholds[WINDOW_LABEL]), 6),
+                                  unit=PROBABILITY_UNIT)
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=track(f"{FINDING_GROUPS[PE_FINDING][0]} region {ks.rank + 1}"),
+        referenced_region=hd.sr.ImageRegion("POINT", point, source),
+        finding_type=PE_FINDING,
+        algorithm_id=algo,
+        measurements=[probability, threshold],
+    )
+    # The probability is also INFERRED FROM the same POINT (TID 300 row "Image or Spatial Coordinates"):
+    # OHIF's adapters take a TID 1410 group's geometry from its first NUM. highdicom's TID 1410 API does
+    # not take coordinates on a measurement, so the item is added to the NUM here.
+    num = next(item for item in group[0].ContentSequence
+               if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == PROBABILITY.value)
+    if "ContentSequence" not in num:
+        num.ContentSequence = hd.sr.ContentSequence()
+    num.ContentSequence.append(hd.sr.CoordinatesForMeasurement("POINT", point, source))
+    return group

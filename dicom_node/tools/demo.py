@@ -25,12 +25,21 @@ from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
 from dicom_node import RESEARCH_USE_STATEMENT
 from dicom_node.labels import ALL_LABELS
 from dicom_node.log import configure_logging, get_logger
-from dicom_node.results.codes import PRESENT, PROBABILITY, THRESHOLD, TRACKING_IDENTIFIER
+from dicom_node.results.codes import (
+    FINDING,
+    FINDING_GROUPS,
+    LABEL_CODING,
+    PROBABILITY,
+    THRESHOLD,
+    TRACKING_IDENTIFIER,
+    same_code,
+)
 
 if TYPE_CHECKING:
     from dicom_node.tools.pacs import LocalStorageScp, OrthancPeer
@@ -65,25 +74,54 @@ class Finding:
 
 
 def read_findings(sr: Dataset) -> dict[str, Finding]:
-    """Read our TID 1500 SR back: one `Finding` per label (tracking identifier = label name)."""
-    found: dict[str, Finding] = {}
+    """Read our TID 1500 SR back: one `Finding` per label, by `dicom_node.results.codes.LABEL_CODING`.
 
-    def concept(item: Dataset) -> str:
-        return str(item.ConceptNameCodeSequence[0].CodeValue)
+    Only the finding groups count (Tracking Identifier one of `FINDING_GROUPS`); in each, a label's
+    Probability / Threshold Value NUMs are the ones with its HAS CONCEPT MOD (none for the group's
+    main label), and it is present when the group holds its `present` CODE item.
+    """
+    found: dict[str, Finding] = {}
+    trackers = {tracking for tracking, _ in FINDING_GROUPS.values()}
+
+    def codes_of(item: Dataset) -> tuple[Dataset, Dataset] | None:
+        if item.get("ValueType") != "CODE" or "ConceptCodeSequence" not in item:
+            return None
+        return item.ConceptNameCodeSequence[0], item.ConceptCodeSequence[0]
+
+    def is_pair(pair: tuple[Dataset, Dataset] | None, name: Code, value: Code) -> bool:
+        return pair is not None and same_code(pair[0], name) and same_code(pair[1], value)
+
+    def read_group(group: list[Dataset]) -> None:
+        finding = next((p[1] for p in map(codes_of, group) if p is not None and same_code(p[0], FINDING)), None)
+        if finding is None:
+            return
+        codes_here = [codes_of(c) for c in group]
+        for label, coding in LABEL_CODING.items():
+            if not same_code(finding, coding.finding):
+                continue
+            nums: dict[str, float] = {}
+            for c in group:
+                if c.get("ValueType") != "NUM" or not c.get("MeasuredValueSequence"):
+                    continue
+                mods = [codes_of(m) for m in c.get("ContentSequence", []) if m.get("RelationshipType") == "HAS CONCEPT MOD"]
+                mods = [m for m in mods if m is not None]
+                matches = (not mods) if coding.modifier is None else any(is_pair(m, *coding.modifier) for m in mods)
+                if matches:
+                    nums[str(c.ConceptNameCodeSequence[0].CodeValue)] = float(c.MeasuredValueSequence[0].NumericValue)
+            present = any(is_pair(p, *coding.present) for p in codes_here)
+            found[label] = Finding(label, nums.get(PROBABILITY.value, float("nan")),
+                                   nums.get(THRESHOLD.value, float("nan")), present)
 
     def walk(items: Sequence) -> None:
         for item in items:
             if item.get("ValueType") == "CONTAINER" and "ContentSequence" in item:
                 group = list(item.ContentSequence)
                 label = next((str(c.TextValue) for c in group if c.get("ValueType") == "TEXT"
-                              and concept(c) == TRACKING_IDENTIFIER.value), None)
-                if label in ALL_LABELS:
-                    nums = {concept(c): float(c.MeasuredValueSequence[0].NumericValue)
-                            for c in group if c.get("ValueType") == "NUM" and c.get("MeasuredValueSequence")}
-                    values = [c.ConceptCodeSequence[0].CodeValue for c in group if c.get("ValueType") == "CODE"]
-                    found[label] = Finding(label, nums.get(PROBABILITY.value, float("nan")),
-                                           nums.get(THRESHOLD.value, float("nan")), PRESENT.value in values)
-                walk(group)
+                              and str(c.ConceptNameCodeSequence[0].CodeValue) == TRACKING_IDENTIFIER.value), None)
+                if label in trackers:
+                    read_group(group)
+                else:
+                    walk(group)
 
     walk(sr.ContentSequence)
     return found

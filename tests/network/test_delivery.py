@@ -1,10 +1,12 @@
 """Result delivery into a real Orthanc: results arrive once, retries after the destination comes up,
-exhausted retries are kept and resent by the CLI, warning statuses count, late instances re-run."""
+exhausted retries are kept and resent by the CLI, warning statuses count, late instances re-run;
+a failed delivery names its real cause (refused, timed out, rejected and why, TLS, C-STORE statuses)."""
 
 from __future__ import annotations
 
 import io
 import json
+import socket
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -14,7 +16,9 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import SecondaryCaptureImageStorage
 
 from dicom_node.cli import main as cli_main
+from dicom_node.config import Destination, load_config
 from dicom_node.durability.state import DeliveryState, JobState
+from dicom_node.network.send import SendError, send_files
 from nodekit import phantom_series, storescu, wait_until
 from peers import OrthancPeer, free_port
 
@@ -55,7 +59,7 @@ def test_destination_down_then_up_delivers_after_retries(make_node, tmp_path):
         (d,) = node.state.deliveries()
         assert d.state is DeliveryState.DONE and d.attempts >= 3
         retries = [json.loads(line) for line in (tmp_path / "node.log").read_text().splitlines() if "delivery_retry" in line]
-        assert len(retries) == d.attempts - 1 and "association" in retries[0]["error"]
+        assert len(retries) == d.attempts - 1 and "connection refused" in retries[0]["error"]
     finally:
         orthanc.stop()
 
@@ -69,9 +73,9 @@ def test_exhausted_retries_are_kept_listed_and_resent(make_node, tmp_path):
     out = io.StringIO()
     with redirect_stdout(out):
         assert cli_main(["status", "--data-dir", str(tmp_path / "data"), "--json"]) == 0
-    status = json.loads(out.getvalue())
-    assert status["failed_deliveries"][0]["job_id"] == job.id and status["failed_deliveries"][0]["attempts"] == 2
-    assert status["failed_jobs"][0]["id"] == job.id
+    (row,) = json.loads(out.getvalue())["jobs"]
+    assert row["job_id"] == job.id and row["state"] == "failed"
+    assert row["destinations"][0]["state"] == "failed" and row["destinations"][0]["attempts"] == 2
     orthanc = OrthancPeer(tmp_path / "orthanc", dicom_port=port).start()
     try:
         with redirect_stdout(io.StringIO()):
@@ -122,3 +126,114 @@ def test_late_instances_rerun_once_with_predecessor(make_node, orthanc, tmp_path
     assert comments[second.result_uids[0]] == {"revision": 2, "predecessors": list(first.result_uids), "instances": 24}
     assert comments[first.result_uids[0]]["instances"] == 20
     assert sorted(Path(p).name for p in marker.glob("started-*")) == [f"started-{first.id}-1", f"started-{second.id}-2"]
+
+
+# --- the real cause of a failed delivery ---------------------------------------------------------
+
+def _sc_files(tmp_path, n: int = 8):
+    return sorted(phantom_series(tmp_path / "in", n_slices=n))
+
+
+def test_a_destination_on_a_closed_port_is_reported_as_connection_refused(make_node, tmp_path):
+    port = free_port()
+    with pytest.raises(SendError) as e:
+        send_files(_sc_files(tmp_path), Destination("ORTHANC", "127.0.0.1", port))
+    assert e.value.cause == "connection_refused"
+    assert f"connection refused by 127.0.0.1:{port}" in str(e.value) and "aborted" not in str(e.value)
+    node = make_node([f"ORTHANC@127.0.0.1:{port}"], **{"retry.max_attempts": 1})
+    assert storescu(node.port, phantom_series(tmp_path / "in2", n_slices=20)).returncode == 0
+    wait_until(lambda: node.state.jobs(JobState.FAILED), 30, "job failed")
+    (d,) = node.state.deliveries()
+    assert "connection refused" in d.last_error
+    (ev,) = [json.loads(line) for line in (tmp_path / "node.log").read_text().splitlines() if "delivery_failed" in line]
+    assert ev["cause"] == "connection_refused"
+
+
+def test_a_peer_that_does_not_answer_the_connection_is_reported_as_timed_out(tmp_path):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname(), timeout=2)  # the backlog is full from now on
+    try:
+        cfg = load_config(None, environ={}, overrides={"timeouts.acse_s": 1.0})
+        with pytest.raises(SendError) as e:
+            send_files(_sc_files(tmp_path), Destination("SLOW", "127.0.0.1", listener.getsockname()[1]), config=cfg)
+    finally:
+        filler.close()
+        listener.close()
+    assert e.value.cause == "timed_out" and "timed out after 1 s" in str(e.value)
+
+
+def test_a_rejected_association_names_the_result_source_and_reason(tmp_path):
+    ae = AE(ae_title="REALPACS")
+    ae.add_supported_context(SecondaryCaptureImageStorage)
+    ae.require_called_aet = True
+    server = ae.start_server(("127.0.0.1", 0), block=False)
+    try:
+        with pytest.raises(SendError) as e:
+            send_files(_sc_files(tmp_path), Destination("WRONGAE", "127.0.0.1", server.server_address[1]))
+    finally:
+        server.shutdown()
+    assert e.value.cause == "rejected"
+    assert "association rejected (Rejected Permanent; source: Service User; reason: Called AE title not recognised)" \
+        in str(e.value)
+
+
+def test_every_instance_the_peer_refuses_is_named_with_its_c_store_status(tmp_path):
+    files = _sc_files(tmp_path)
+    refused = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files[::2]}
+    stored = []
+
+    def on_store(event):
+        uid = str(event.request.AffectedSOPInstanceUID)
+        if uid in refused:
+            return 0xA700
+        stored.append(uid)
+        return 0x0000
+
+    ae = AE(ae_title="FULLPACS")
+    ae.add_supported_context(pydicom.dcmread(files[0], stop_before_pixels=True).SOPClassUID)
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        with pytest.raises(SendError) as e:
+            send_files(files, Destination("FULLPACS", "127.0.0.1", server.server_address[1]))
+    finally:
+        server.shutdown()
+    assert e.value.cause == "store_failed" and {u for u, _ in e.value.failed} == refused
+    assert {c for _, c in e.value.failed} == {0xA700} and e.value.sent == len(files) - len(refused) == len(stored)
+    assert f"C-STORE failed for {len(refused)} of {len(files)} instance(s)" in str(e.value)
+    for uid in refused:
+        assert f"{uid}: 0xA700 (Refused: Out of Resources)" in str(e.value)
+
+
+def test_a_tls_destination_that_does_not_speak_tls_is_reported_as_a_failed_tls_handshake(tmp_path):
+    pytest.importorskip("cryptography")
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    (tmp_path / "node.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    (tmp_path / "node.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    ae = AE(ae_title="PLAINPACS")
+    ae.add_supported_context(SecondaryCaptureImageStorage)
+    server = ae.start_server(("127.0.0.1", 0), block=False)
+    dest = f"PLAINPACS@127.0.0.1:{server.server_address[1]}+tls"
+    try:
+        cfg = load_config(None, environ={}, overrides={"tls.cert": str(tmp_path / "node.pem"),
+                                                      "tls.key": str(tmp_path / "node.key"),
+                                                      "tls.ca": str(tmp_path / "node.pem"), "destinations": [dest]})
+        with pytest.raises(SendError) as e:
+            send_files(_sc_files(tmp_path), cfg.destinations[0], config=cfg)
+    finally:
+        server.shutdown()
+    assert e.value.cause == "tls_failed" and "TLS handshake failed" in str(e.value)

@@ -23,7 +23,7 @@ from dicom_node.imaging.series import load_series
 from dicom_node.labels import ALL_LABELS, STUDY_LABELS, WINDOW_LABEL, consistency_violations, make_consistent
 from dicom_node.model.inference import Prediction
 from dicom_node.results import ResultOptions, build_results
-from dicom_node.results.codes import LABEL_CODES
+from dicom_node.results.codes import FINDING_GROUPS, LABEL_CODING
 from dicom_node.results.key_slices import select_key_slices
 from dicom_node.results.sc import pe_window_grey, render_overlay
 from dicom_node.results.sr import BundleInfo, ReportError, build_sr
@@ -168,9 +168,11 @@ def test_round_trip_and_highdicom_read_back(case):
     parsed = hd.sr.Comprehensive3DSR.from_dataset(sr)
     assert parsed.SOPInstanceUID == result.sr.SOPInstanceUID
     groups = parsed.content.get_image_measurement_groups()
-    assert [g.tracking_identifier for g in groups] == list(ALL_LABELS)
+    finding_groups = [tracking for tracking, _ in FINDING_GROUPS.values()]
+    assert [g.tracking_identifier for g in groups if g.tracking_identifier in finding_groups] == finding_groups
     pe = parsed.content.get_image_measurement_groups(tracking_uid=groups[0].tracking_uid)[0]
-    assert [m.name.meaning for m in pe.get_measurements()] == ["Probability", "Threshold Value"]
+    pe_labels = [k for k in ALL_LABELS if LABEL_CODING[k].finding == LABEL_CODING[WINDOW_LABEL].finding]
+    assert [m.name.meaning for m in pe.get_measurements()] == ["Probability", "Threshold Value"] * len(pe_labels)
     assert [s.referenced_sop_instance_uid for s in pe.source_images] == [k.sop_instance_uid for k in result.key_slices]
     kos = hd.ko.KeyObjectSelectionDocument.from_dataset(_round_trip(result.kos))
     refs = {r.ReferencedSOPInstanceUID for s in kos.CurrentRequestedProcedureEvidenceSequence
@@ -198,33 +200,53 @@ def test_sr_content_tree(case):
     params = {i.TextValue for i in items if _name(i) == "Algorithm Parameters"}
     assert f"model_uid={BUNDLE.model_uid}" in params
 
+    # one group per finding (tracking identifier = FINDING_GROUPS), every label inside the group of its finding
     groups = [i for i in items if _name(i) == "Measurement Group"]
-    assert len(groups) == 10
+    by_tracking = {next(c.TextValue for c in g.ContentSequence if _name(c) == "Tracking Identifier"): g for g in groups}
+    assert [t for t in by_tracking if "region" not in t] == [t for t, _ in FINDING_GROUPS.values()]
     seen = {}
-    for g in groups:
-        children = list(g.ContentSequence)
-        label = next(c.TextValue for c in children if _name(c) == "Tracking Identifier")
-        nums = {_name(c): c.MeasuredValueSequence[0] for c in children if c.ValueType == "NUM"}
-        assert nums["Probability"].MeasurementUnitsCodeSequence[0].CodeValue == "{probability}"
-        concept = LABEL_CODES[label][0]
-        evaluation = next(c for c in children if c.ValueType == "CODE"
-                          and c.ConceptNameCodeSequence[0].CodeValue == concept.value)
-        seen[label] = (float(nums["Probability"].NumericValue), float(nums["Threshold Value"].NumericValue),
-                       evaluation.ConceptCodeSequence[0].CodeValue)
+    for finding, (tracking, _main) in FINDING_GROUPS.items():
+        children = list(by_tracking[tracking].ContentSequence)
+        found = next(c for c in children if _name(c) == "Finding").ConceptCodeSequence[0]
+        assert (found.CodeValue, found.CodingSchemeDesignator) == (finding.value, finding.scheme_designator)
+        codes = {(c.ConceptNameCodeSequence[0].CodeValue, c.ConceptCodeSequence[0].CodeValue)
+                 for c in children if c.ValueType == "CODE"}
+        for label, coding in LABEL_CODING.items():
+            if coding.finding != finding:
+                continue
+            nums = {}
+            for c in children:
+                if c.ValueType != "NUM":
+                    continue
+                mods = [(m.ConceptNameCodeSequence[0].CodeValue, m.ConceptCodeSequence[0].CodeValue)
+                        for m in c.get("ContentSequence", []) if m.RelationshipType == "HAS CONCEPT MOD"]
+                want = [] if coding.modifier is None else [(coding.modifier[0].value, coding.modifier[1].value)]
+                if mods == want:
+                    assert c.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "{probability}"
+                    nums[_name(c)] = float(c.MeasuredValueSequence[0].NumericValue)
+            present = (coding.present[0].value, coding.present[1].value) in codes
+            seen[label] = (nums["Probability"], nums["Threshold Value"], present)
     assert set(seen) == set(ALL_LABELS)
     expected_p = {WINDOW_LABEL: float(np.max(pred.window_probs)), **pred.study_probs}
     for label, (p, t, present) in seen.items():
         assert p == pytest.approx(expected_p[label], abs=1e-6)
         assert t == pytest.approx(pred.thresholds[label])
-        assert present == ("52101004" if pred.labels[label] else "2667000")
-    assert (seen[WINDOW_LABEL][2] == "52101004") == (kind == "positive")
+        assert present == pred.labels[label], label
+    pe_call = {c.ConceptCodeSequence[0].CodeValue for c in by_tracking["pulmonary_embolism"].ContentSequence
+               if c.ValueType == "CODE" and _name(c) == "Pulmonary embolism"}
+    assert pe_call == ({"52101004"} if kind == "positive" else {"272519000"})
 
     sources = [i for i in items if i.ValueType == "IMAGE" and _name(i) == "Source of Measurement"]
     ref_uids = [s.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for s in sources]
     assert ref_uids == [k.sop_instance_uid for k in result.key_slices]
     assert set(ref_uids) <= set(series.sop_instance_uids)
-    library = [i for i in items if i.ValueType == "IMAGE" and _name(i) == "Source"]
-    assert {s.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for s in library} == set(series.sop_instance_uids)
+    # the Image Library lists the images the content references (the key slices), the evidence every slice
+    library = [i for i in items if i.ValueType == "IMAGE" and _name(i) == "Source"
+               and "ContentSequence" in i and any(_name(c) == "Modality" for c in i.ContentSequence)]
+    assert {s.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for s in library} == set(ref_uids)
+    evidence = {r.ReferencedSOPInstanceUID for e in sr.CurrentRequestedProcedureEvidenceSequence
+                for se in e.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
+    assert evidence == set(series.sop_instance_uids)
 
 
 def test_uids_are_deterministic_and_depend_on_model(positive):
@@ -349,7 +371,7 @@ def test_render_cli_writes_png_and_text(positive, tmp_path):
     pngs, txts = sorted(out.glob("*.png")), sorted(out.glob("*.txt"))
     assert len(pngs) == 4 and len(txts) == 2
     sr_text = (out / f"{result.sr.SOPInstanceUID}.txt").read_text()
-    for needle in ("Verification UNVERIFIED", "Tracking Identifier (112039, DCM) = \"central_pe\"",
+    for needle in ("Verification UNVERIFIED", "Tracking Identifier (112039, DCM) = \"pulmonary_embolism\"",
                    "Probability (122157, DCM) = ", "[{probability}]", "Pulmonary embolism (59282003, SCT) = Present",
                    "Algorithm Version (111003, DCM) = \"0.3.1\"", RESEARCH_USE_STATEMENT[:20]):
         assert needle in sr_text, needle
