@@ -29,6 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where the help does not already say the default and X means something."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False or action.required:
+            return text
+        return super()._get_help_string(action)
+
+
 def _add_phantom(subparsers: _Subparsers) -> None:
     from phantoms import SMALLEST_EMBOLUS_VESSELS  # numpy + pydicom only, no torch
 
@@ -43,7 +53,7 @@ def _add_phantom(subparsers: _Subparsers) -> None:
             "The same --seed always gives the same files."
         ),
         epilog="example: dicom-node-train phantom --out /tmp/p --studies 20 --seed 1 --rows 128 --cols 128 --slices 140 --slice-thickness 2.5",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsOnce,
     )
     p.add_argument("--out", required=True, help="output directory (created if missing)")
     p.add_argument("--studies", type=int, default=20, help="number of studies to generate")
@@ -106,9 +116,22 @@ _FLOW = (
 )
 
 
-def _add_run_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
-    p.add_argument("--data", required=data_required, default=None,
-                   help="RSNA-layout data directory: DATA/train.csv + DATA/train/<study>/<series>/<sop>.dcm")
+#: the flags beyond --out/--preset/--config/--device/--workers/--log-json that each subcommand uses
+_RUN_FLAGS: dict[str, frozenset[str]] = {
+    "fit": frozenset({"data", "pretrained", "progress"}),
+    "cache": frozenset({"data", "progress"}),
+    "phase1": frozenset({"pretrained", "progress"}),
+    "features": frozenset({"progress"}),
+    "phase2": frozenset({"progress"}),
+    "evaluate": frozenset(),
+}
+
+
+def _add_run_args(p: argparse.ArgumentParser, command: str) -> None:
+    flags = _RUN_FLAGS[command]
+    if "data" in flags:
+        p.add_argument("--data", required=True,
+                       help="RSNA-layout data directory: DATA/train.csv + DATA/train/<study>/<series>/<sop>.dcm")
     p.add_argument("--out", required=True, help="run directory RUN (config.json, split.json, cache/, phase1/, features/, phase2/, report.json)")
     p.add_argument("--preset", choices=("paper", "tiny"), default=None,
                    help="settings: 'paper' = Ma et al. 2022 (224/192 px, batch 16, 20 + 200 epochs); 'tiny' = narrow "
@@ -116,10 +139,12 @@ def _add_run_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
     p.add_argument("--config", default=None, help="TOML/JSON file overriding preset settings, e.g. [phase1] epochs = 2")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the config's)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers and cache processes (default: the config's)")
-    p.add_argument("--pretrained", default=None, metavar="PATH",
-                   help="local Kinetics-400 r3d_18 state_dict to start phase 1 from (torchvision parameter names; "
-                        "never downloaded). Without it phase 1 starts from random weights, with a warning")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars (log events only)")
+    if "pretrained" in flags:
+        p.add_argument("--pretrained", default=None, metavar="PATH",
+                       help="local Kinetics-400 r3d_18 state_dict to start phase 1 from (torchvision parameter names; "
+                            "never downloaded). Without it phase 1 starts from random weights, with a warning")
+    if "progress" in flags:
+        p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars (log events only)")
     p.add_argument("--log-json", action="store_true", help="log events as JSON lines")
 
 
@@ -133,7 +158,7 @@ def _add_fit(subparsers: _Subparsers) -> None:
                 "  dicom-node-train fit --data P --out R --resume      # after an interruption\n"
                 "  torchrun --nproc_per_node=4 -m training.cli fit --data D --out R --preset paper --device cuda"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_run_args(p, data_required=True)
+    _add_run_args(p, "fit")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out: skip finished steps, continue a phase from its last.pt "
                         "(without it, an --out that already holds a run is refused)")
@@ -152,7 +177,7 @@ _STEP_HELP = {
 def _add_steps(subparsers: _Subparsers) -> None:
     for step, help_text in _STEP_HELP.items():
         p = subparsers.add_parser(step, help=help_text, description=help_text + ". " + _FLOW)
-        _add_run_args(p, data_required=step == "cache")
+        _add_run_args(p, step)
         p.set_defaults(func=_run_step, step=step)
 
 
@@ -163,12 +188,13 @@ def _start(args: argparse.Namespace, *, new_run: bool) -> tuple[TrainConfig, Dis
 
     configure_logging(json=args.log_json)
     config = resolve_config(args.out, args.preset, args.config, device=args.device, workers=args.workers,
-                            new_run=new_run, pretrained=args.pretrained)
+                            new_run=new_run, pretrained=getattr(args, "pretrained", None))
     return config, setup(config.device)
 
 
 def _run_fit(args: argparse.Namespace) -> int:
     from training.config import ConfigError
+    from training.data import DataError
     from training.distributed import teardown
     from training.fit import RunError, fit
 
@@ -179,6 +205,9 @@ def _run_fit(args: argparse.Namespace) -> int:
         return 2
     try:
         fit(args.data, args.out, config, progress=not args.no_progress, ctx=ctx)
+    except DataError as exc:  # raised before anything is written to --out
+        print(f"dicom-node-train fit: {exc}", file=sys.stderr)
+        return 2
     finally:
         teardown(ctx)
     if ctx.is_main:
@@ -188,6 +217,7 @@ def _run_fit(args: argparse.Namespace) -> int:
 
 def _run_step(args: argparse.Namespace) -> int:
     from training.config import ConfigError
+    from training.data import DataError
     from training.distributed import teardown
     from training.fit import RunError, run_step
 
@@ -197,7 +227,11 @@ def _run_step(args: argparse.Namespace) -> int:
         print(f"dicom-node-train {args.step}: {exc}", file=sys.stderr)
         return 2
     try:
-        run_step(args.step, config, args.data, args.out, ctx, progress=not args.no_progress)
+        run_step(args.step, config, getattr(args, "data", None), args.out, ctx,
+                 progress=not getattr(args, "no_progress", False))
+    except DataError as exc:  # bad --data, found before anything is written
+        print(f"dicom-node-train {args.step}: {exc}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, RunError, ValueError) as exc:
         print(f"dicom-node-train {args.step}: {exc}", file=sys.stderr)
         return 1
@@ -206,9 +240,30 @@ def _run_step(args: argparse.Namespace) -> int:
     return 0
 
 
+#: option -> the _RUN_FLAGS key it belongs to
+_FLAG_OF = {"--data": "data", "--pretrained": "pretrained", "--no-progress": "progress"}
+
+
+def _not_used_here(command: str | None, extra: list[str]) -> str | None:
+    """One line for a run option given to a subcommand that does not use it (`evaluate --pretrained`)."""
+    for arg in extra:
+        flag = _FLAG_OF.get(arg.split("=", 1)[0])
+        if command in _RUN_FLAGS and flag is not None:
+            users = ", ".join(c for c, flags in _RUN_FLAGS.items() if flag in flags)
+            return (f"dicom-node-train {command}: {arg.split('=', 1)[0]} is not used by {command} (only by {users}); "
+                    f"drop it (`dicom-node-train {command} --help` lists its options)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        message = _not_used_here(getattr(args, "command", None), extra)
+        if message is None:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        print(message, file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PAPER_SPLIT",
+    "DataError",
+    "check_rsna_data",
     "cache_stamp",
     "StudyRecord",
     "Split",
@@ -85,23 +87,51 @@ class StudyRecord:
         return dict(self.slice_labels)
 
 
+class DataError(ValueError):
+    """The RSNA-layout data folder is missing or malformed; the message names the file and the fix."""
+
+
+_LAYOUT = "expected the RSNA layout DATA/train.csv + DATA/train/<study>/<series>/<sop>.dcm"
+
+
 def read_rsna_labels(data_dir: str | os.PathLike[str]) -> dict[str, StudyRecord]:
-    """Read DATA/train.csv into one `StudyRecord` per study (sorted by study UID)."""
-    path = Path(data_dir) / "train.csv"
+    """Read DATA/train.csv into one `StudyRecord` per study (sorted by study UID).
+
+    Raises `DataError` (one line: the file, what is wrong, what was expected) when the folder or
+    train.csv is missing or unreadable, a column is missing, a label is not a number, or there
+    are no rows."""
+    data = Path(data_dir)
+    if not data.is_dir():
+        raise DataError(f"{data}: no such data folder; {_LAYOUT} (`dicom-node-train phantom --out DIR` writes one)")
+    path = data / "train.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no train.csv; expected the RSNA layout DATA/train.csv + DATA/train/<study>/<series>/<sop>.dcm")
+        raise DataError(f"{path}: no train.csv; {_LAYOUT}")
+    required = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "pe_present_on_image", *STUDY_LABELS)
     rows: dict[str, dict[str, Any]] = {}  # series: [str], slices: [(sop, label)], labels: tuple | None
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "pe_present_on_image", *STUDY_LABELS} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: missing columns {sorted(missing)}; expected the RSNA-STR train.csv columns")
-        for r in reader:
-            study = rows.setdefault(r["StudyInstanceUID"], {"series": [], "slices": [], "labels": None})
-            study["series"].append(r["SeriesInstanceUID"])
-            study["slices"].append((r["SOPInstanceUID"], int(float(r["pe_present_on_image"]))))
-            if study["labels"] is None:
-                study["labels"] = tuple(int(float(r[k])) for k in STUDY_LABELS)
+    try:
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = set(required) - set(reader.fieldnames or ())
+            if missing:
+                raise DataError(f"{path}: missing columns {sorted(missing)}; expected the RSNA-STR train.csv columns")
+            for r in reader:
+                try:
+                    label = int(float(r["pe_present_on_image"]))
+                    labels = tuple(int(float(r[k])) for k in STUDY_LABELS)
+                except (TypeError, ValueError):
+                    bad = next(k for k in ("pe_present_on_image", *STUDY_LABELS) if not _is_number(r[k]))
+                    raise DataError(f"{path} line {reader.line_num}: {bad} = {r[bad]!r} is not a number; "
+                                    "expected 0 or 1 in every label column") from None
+                if not all(r[k] for k in required[:3]):
+                    raise DataError(f"{path} line {reader.line_num}: empty StudyInstanceUID, SeriesInstanceUID or "
+                                    "SOPInstanceUID; expected one row per slice with its UIDs")
+                study = rows.setdefault(r["StudyInstanceUID"], {"series": [], "slices": [], "labels": None})
+                study["series"].append(r["SeriesInstanceUID"])
+                study["slices"].append((r["SOPInstanceUID"], label))
+                if study["labels"] is None:
+                    study["labels"] = labels
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot be read ({type(e).__name__}: {e}); {_LAYOUT}") from None
     out: dict[str, StudyRecord] = {}
     for uid in sorted(rows):
         s = rows[uid]
@@ -109,8 +139,30 @@ def read_rsna_labels(data_dir: str | os.PathLike[str]) -> dict[str, StudyRecord]
         slices = tuple(sl for sl, se in zip(s["slices"], s["series"]) if se == series)
         out[uid] = StudyRecord(uid, series, slices, s["labels"])
     if not out:
-        raise ValueError(f"{path}: no rows; expected one row per slice")
+        raise DataError(f"{path}: no rows, so no study; expected one row per slice")
     return out
+
+
+def _is_number(v: str | None) -> bool:
+    try:
+        float(v or "empty")
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def check_rsna_data(data_dir: str | os.PathLike[str] | None) -> dict[str, StudyRecord]:
+    """The checks the cache step makes before it writes anything: `read_rsna_labels` plus DATA/train/.
+
+    Returns the records; raises `DataError` (one line) for a missing --data, folder, file, column
+    or study."""
+    if data_dir is None:
+        raise DataError(f"the cache step needs --data DIR; {_LAYOUT}")
+    records = read_rsna_labels(data_dir)
+    images = Path(data_dir) / "train"
+    if not images.is_dir():
+        raise DataError(f"{images}: no such folder, so no DICOM for the {len(records)} studies of train.csv; {_LAYOUT}")
+    return records
 
 
 # ---------------------------------------------------------------------------------------- split

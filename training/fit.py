@@ -11,7 +11,9 @@ A run directory RUN holds everything one run makes::
     RUN/report.json      + report.md, roc_*.png, predictions_test.npz
 
 `fit` skips every step whose done marker exists and continues an interrupted phase from its
-last.pt, so the same command after a crash picks up where it stopped.
+last.pt, so the same command after a crash picks up where it stopped. The cache step checks its
+inputs (`training.data.check_rsna_data`: the folder, train.csv and its columns, at least one
+study) before anything is written to RUN, so a wrong --data leaves no config.json behind.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicom_node.log import get_logger
 from training.config import ConfigError, TrainConfig, config_from_dict, config_to_dict, load_config
 from training.distributed import DistContext, barrier, setup
+
+if TYPE_CHECKING:
+    from training.data import StudyRecord  # training.data imports torch: only inside the steps
 
 __all__ = ["STEPS", "RunError", "resolve_config", "step_done", "run_step", "fit"]
 
@@ -107,15 +112,22 @@ def step_done(step: str, run_dir: str | os.PathLike[str]) -> bool:
 
 def run_step(step: str, config: TrainConfig, data_dir: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str],
              ctx: DistContext, *, progress: bool = True) -> dict[str, Any]:
-    """Run one step (resuming a phase from its last.pt when there is one)."""
+    """Run one step (resuming a phase from its last.pt when there is one).
+
+    The cache step raises `training.data.DataError` for bad --data before RUN is touched."""
     run = Path(run_dir)
+    records = None
+    if step == "cache":
+        from training.data import check_rsna_data
+        records = check_rsna_data(data_dir)  # every rank: the same files, so the same verdict
     if ctx.is_main:
         run.mkdir(parents=True, exist_ok=True)
         _save_config(config, run)
     barrier(ctx)
     t0 = time.perf_counter()
     if step == "cache":
-        result = _cache_step(config, data_dir, run, ctx, progress)
+        assert data_dir is not None and records is not None  # check_rsna_data passed
+        result = _cache_step(config, data_dir, records, run, ctx, progress)
     elif step == "phase1":
         from training.phase1 import train_phase1
         result = train_phase1(config, run, ctx, resume=True, progress=progress)
@@ -136,15 +148,12 @@ def run_step(step: str, config: TrainConfig, data_dir: str | os.PathLike[str] | 
     return result
 
 
-def _cache_step(config: TrainConfig, data_dir: str | os.PathLike[str] | None, run: Path, ctx: DistContext,
-                progress: bool) -> dict[str, Any]:
-    from training.data import build_cache, load_split, make_split, read_rsna_labels, save_split
+def _cache_step(config: TrainConfig, data_dir: str | os.PathLike[str], records: dict[str, StudyRecord], run: Path,
+                ctx: DistContext, progress: bool) -> dict[str, Any]:
+    from training.data import build_cache, load_split, make_split, save_split
 
-    if data_dir is None:
-        raise RunError("the cache step needs --data DIR (the RSNA layout: DIR/train.csv, DIR/train/...)")
     summary: dict[str, Any] = {}
     if ctx.is_main:  # one process preprocesses (with its own worker pool); the others wait
-        records = read_rsna_labels(data_dir)
         split_path = run / "split.json"
         if not split_path.is_file():
             split = make_split(records, config.seed, config.split)
