@@ -150,6 +150,7 @@ def _state(args: argparse.Namespace) -> tuple[Config, State]:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.durability.state import StateSchemaError
     from dicom_node.engine.node import Node, NodeError, default_job_body
     from dicom_node.engine.worker import JobBody
     from dicom_node.log import configure_logging
@@ -166,7 +167,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         else:
             body = JobBody.of(getattr(importlib.import_module(module), attr))
         node = Node(cfg, run_job=body)
-    except (NodeError, ImportError, AttributeError) as e:
+    except (NodeError, StateSchemaError, ImportError, AttributeError) as e:
         print(f"dicom-node serve: {e}", file=sys.stderr)
         return 2
     import signal
