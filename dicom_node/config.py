@@ -136,6 +136,8 @@ class ResultsConfig:
     series_description: str = field(default="PE detection (research use only)", metadata=_doc("SeriesDescription of result series"))
     send_kos: bool = field(default=False, metadata=_doc("Also send a Key Object Selection pointing at the key slices"))
     top_k_heatmaps: int = field(default=3, metadata=_doc("Number of Grad-CAM Secondary Capture images sent"))
+    heatmaps_for_negative: bool = field(default=False, metadata=_doc("Also send heatmap Secondary Captures for a study called PE absent (their captions say \"below threshold: not a finding\")"))
+    omit_weak_labels: bool = field(default=False, metadata=_doc("Leave labels the bundle marks weak (validation AUROC below its floor) out of the SR instead of reporting them marked \"not validated\""))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,9 @@ __all__ = [
     "WINDOW_LABEL",
     "STUDY_LABELS",
     "ALL_LABELS",
+    "DISPLAY_NAMES",
+    "PE_FINDING_LABELS",
+    "display_name",
     "QA_COLUMNS",
     "CSV_COLUMNS",
     "IMAGE_WEIGHT",
@@ -40,6 +43,32 @@ STUDY_LABELS: tuple[str, ...] = (
     "rv_lv_ratio_lt_1",
 )
 ALL_LABELS: tuple[str, ...] = (WINDOW_LABEL, *STUDY_LABELS)
+
+#: label -> the clinical name shown to people (heatmap captions, the summary chart, docs); the one home
+#: of these names. Raw label ids stay in machine-readable places (manifest, SR tracking identifiers).
+DISPLAY_NAMES: dict[str, str] = {
+    WINDOW_LABEL: "PE (any window)",
+    "negative_exam_for_pe": "Negative exam for PE",
+    "indeterminate": "Indeterminate exam",
+    "chronic_pe": "Chronic PE",
+    "acute_and_chronic_pe": "Acute and chronic PE",
+    "central_pe": "Central PE",
+    "leftsided_pe": "Left-sided PE",
+    "rightsided_pe": "Right-sided PE",
+    "rv_lv_ratio_gte_1": "RV/LV ratio >= 1",
+    "rv_lv_ratio_lt_1": "RV/LV ratio < 1",
+}
+if tuple(DISPLAY_NAMES) != ALL_LABELS:  # a new label needs its clinical name here
+    raise RuntimeError(f"DISPLAY_NAMES lists {tuple(DISPLAY_NAMES)}; expected ALL_LABELS {ALL_LABELS}")
+
+#: labels whose "present" call is a PE finding (drawn in red); the others (negative exam,
+#: indeterminate) say there is no PE to report and are drawn in a neutral colour
+PE_FINDING_LABELS: frozenset[str] = frozenset(ALL_LABELS) - {"negative_exam_for_pe", "indeterminate"}
+
+
+def display_name(label: str) -> str:
+    """The clinical name of `label` (`DISPLAY_NAMES`); an unknown label is shown as its id."""
+    return DISPLAY_NAMES.get(label, label)
 
 #: Study-level columns of train.csv that are not scored (quality flags).
 QA_COLUMNS: tuple[str, ...] = ("qa_motion", "qa_contrast", "flow_artifact", "true_filling_defect_not_pe")

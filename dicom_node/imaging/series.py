@@ -100,6 +100,9 @@ class CtSeries:
     frame_numbers: tuple[int, ...] = ()
     image_positions: np.ndarray | None = None  # (Z, 3) ImagePositionPatient per slice
     duplicates_removed: int = 0
+    #: InstanceNumber of the source instance of each slice (None where the instance has none or an unreadable one);
+    #: for Enhanced CT every frame of one instance shares its number (`frame_numbers` tells the frames apart)
+    instance_numbers: tuple[int | None, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -461,6 +464,15 @@ def _fill_hu(uid: str, slices: list[_Slice], rows: int, cols: int) -> np.ndarray
     return hu
 
 
+def _instance_number(ds: Dataset) -> int | None:
+    """InstanceNumber (0020,0013) of an instance as an int, None when absent, empty or not a number."""
+    value = ds.get("InstanceNumber")
+    try:
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _ref_dataset(ds: Dataset) -> Dataset:
     ref = Dataset()
     for elem in ds:
@@ -518,6 +530,7 @@ def load_series(source: SeriesSource, *, series_uid: str | None = None, min_slic
         frame_numbers=tuple(s.frame for s in slices),
         image_positions=np.array([s.position for s in slices], dtype=np.float64),
         duplicates_removed=removed,
+        instance_numbers=tuple(_instance_number(s.ds) for s in slices),
     )
     _log.info(
         "series_loaded",

@@ -5,6 +5,15 @@ This module is the ONE place that decides whether a bundle is acceptable. The no
 calls `verify_bundle(path, run_graphs=True)`, which also runs both graphs on random input of the
 declared shapes. Every refusal is a `BundleError` that names the file or manifest key and why.
 
+Weak labels: a bundle exported by `dicom-node-export bundle --weak-auroc-floor F` (default 0.70)
+records `weak_labels` (the labels whose validation AUROC is below F, missing or undefined) and
+`weak_auroc_floor` in its manifest. For an older bundle without them, `weak_labels` is computed at
+load from `metrics.validation_auroc` with `DEFAULT_WEAK_AUROC_FLOOR` when the manifest has it, and
+is None (unknown) otherwise; `weak_labels_source` says which ("manifest", "metrics", "unknown").
+The results mark those labels ("low confidence, not validated"); `label_validation_of` reads the
+same from whatever the results get as the bundle (a manifest, its JSON dict, or an object with
+the attributes).
+
 No torch here (the node never imports torch); onnxruntime is imported only to run graphs.
 """
 
@@ -13,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,11 +31,15 @@ from typing import Any, TypeVar, cast, overload
 import numpy as np
 
 from dicom_node.imaging.preprocess import PREPROCESSING_VERSION, PreprocessConfig
-from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL
+from dicom_node.labels import ALL_LABELS, STUDY_LABELS, WINDOW_LABEL
 
 __all__ = [
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
+    "DEFAULT_WEAK_AUROC_FLOOR",
+    "LabelValidation",
+    "label_validation_of",
+    "weak_labels_below",
     "KNOWN_PREPROCESSING_VERSIONS",
     "SUPPORTED_OPSETS",
     "STAGE1_INPUTS",
@@ -52,6 +66,9 @@ KNOWN_PREPROCESSING_VERSIONS: frozenset[str] = frozenset({PREPROCESSING_VERSION}
 #: ONNX default-domain opsets the node accepts (onnxruntime >= 1.18 runs all of them)
 SUPPORTED_OPSETS = range(13, 22)
 
+#: labels whose validation AUROC is below this (or undefined) are weak: shown, marked "not validated"
+DEFAULT_WEAK_AUROC_FLOOR = 0.70
+
 STAGE1_INPUTS = ("windows",)
 STAGE1_OUTPUTS = ("features", "window_logit", "heatmap")
 STAGE2_INPUTS = ("features", "mask")
@@ -60,6 +77,80 @@ STAGE2_OUTPUTS = ("window_logits", "study_logits", "attention")
 
 class BundleError(ValueError):
     """The bundle cannot be used; the message names the bundle, the file or key, and why."""
+
+
+def weak_labels_below(validation_auroc: Mapping[str, Any], floor: float = DEFAULT_WEAK_AUROC_FLOOR) -> tuple[str, ...]:
+    """The labels (in `ALL_LABELS` order) whose AUROC in `validation_auroc` is below `floor`, missing,
+    null or NaN: a label without a validation figure is not validated either."""
+    if not 0.0 <= float(floor) <= 1.0:
+        raise ValueError(f"weak AUROC floor {floor}; expected a value in [0, 1]")
+    out = []
+    for label in ALL_LABELS:
+        v = validation_auroc.get(label)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(float(v)) or float(v) < floor:
+            out.append(label)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class LabelValidation:
+    """Which labels are weak (validation AUROC below `floor`); `weak` None = unknown (no validation figures).
+
+    `source`: "manifest" (recorded at export), "metrics" (computed at load from the manifest's
+    `metrics.validation_auroc`) or "unknown".
+    """
+
+    weak: tuple[str, ...] | None = None
+    floor: float = DEFAULT_WEAK_AUROC_FLOOR
+    source: str = "unknown"
+
+    @property
+    def known(self) -> bool:
+        return self.weak is not None
+
+    def is_weak(self, label: str) -> bool:
+        """True only for a label known to be weak (unknown validation is not called weak here; see `known`)."""
+        return self.weak is not None and label in self.weak
+
+
+def _validation_from(weak: Any, floor: Any, metrics: Any, where: str) -> LabelValidation:
+    """The manifest's recorded `weak_labels`/`weak_auroc_floor`, else computed from `metrics.validation_auroc`."""
+    if floor is None:
+        floor = DEFAULT_WEAK_AUROC_FLOOR
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 <= float(floor) <= 1.0:
+        raise BundleError(f"{where}: weak_auroc_floor = {floor!r}; expected a number in [0, 1]")
+    if weak is not None:
+        if not isinstance(weak, (list, tuple)) or any(w not in ALL_LABELS for w in weak):
+            raise BundleError(f"{where}: weak_labels = {weak!r}; expected a list of labels of {list(ALL_LABELS)}")
+        return LabelValidation(tuple(w for w in ALL_LABELS if w in weak), float(floor), "manifest")
+    val = metrics.get("validation_auroc") if isinstance(metrics, Mapping) else None
+    if isinstance(val, Mapping):
+        return LabelValidation(weak_labels_below(val, float(floor)), float(floor), "metrics")
+    return LabelValidation(None, float(floor), "unknown")
+
+
+def label_validation_of(bundle: Any) -> LabelValidation:
+    """The `LabelValidation` of what the results get as the bundle: a `BundleManifest`, a `Bundle`,
+    the manifest's JSON dict, or any object with `weak_labels` (and optionally `weak_auroc_floor`);
+    None or anything else: unknown."""
+    if isinstance(bundle, LabelValidation):
+        return bundle
+    if isinstance(bundle, Bundle):
+        bundle = bundle.manifest
+    if isinstance(bundle, BundleManifest):
+        return bundle.label_validation
+    if isinstance(bundle, Mapping):
+        try:
+            return _validation_from(bundle.get("weak_labels"), bundle.get("weak_auroc_floor"), bundle.get("metrics"),
+                                    MANIFEST_NAME)
+        except BundleError:
+            return LabelValidation()
+    weak = getattr(bundle, "weak_labels", None)
+    if weak is not None:
+        floor = getattr(bundle, "weak_auroc_floor", None)
+        return LabelValidation(tuple(w for w in ALL_LABELS if w in tuple(weak)),
+                               DEFAULT_WEAK_AUROC_FLOOR if floor is None else float(floor), "manifest")
+    return LabelValidation()
 
 
 @dataclass(frozen=True)
@@ -110,6 +201,15 @@ class BundleManifest:
     fp16: dict[str, GraphSpec] = field(default_factory=dict)
     export_checks: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    #: labels whose validation AUROC is below `weak_auroc_floor` (or undefined); None = unknown (see module doc)
+    weak_labels: tuple[str, ...] | None = None
+    weak_auroc_floor: float = DEFAULT_WEAK_AUROC_FLOOR
+    #: "manifest" (recorded at export, written by `to_json`), "metrics" (computed at load) or "unknown"
+    weak_labels_source: str = "unknown"
+
+    @property
+    def label_validation(self) -> LabelValidation:
+        return LabelValidation(self.weak_labels, self.weak_auroc_floor, self.weak_labels_source)
 
     @property
     def heatmap_shape(self) -> tuple[int, int, int]:
@@ -142,6 +242,9 @@ class BundleManifest:
             "versions": dict(self.versions),
             "metrics": self.metrics,
             "export_checks": self.export_checks,
+            # only what was recorded: a value computed at load from an older manifest is not written back
+            **({"weak_labels": list(self.weak_labels) if self.weak_labels is not None else None,
+                "weak_auroc_floor": self.weak_auroc_floor} if self.weak_labels_source == "manifest" else {}),
         }
 
 
@@ -299,6 +402,8 @@ def _parse_manifest(data: Any, where: str) -> BundleManifest:
     for g in (stage1, stage2, *fp16.values()):
         if g.file not in files:
             raise BundleError(f"{where}: graph file {g.file} has no sha256 in 'files'")
+    metrics = _req(data, "metrics", dict, where)
+    validation = _validation_from(data.get("weak_labels"), data.get("weak_auroc_floor"), metrics, where)
     seq = _req(data, "sequence_length", int, where)
     feat = _req(data, "feature_dim", int, where)
     win_shape = stage1.inputs[0].shape
@@ -328,10 +433,13 @@ def _parse_manifest(data: Any, where: str) -> BundleManifest:
         stage2=stage2,
         files=dict(files),
         versions={str(k): str(v) for k, v in _req(data, "versions", dict, where).items()},
-        metrics=_req(data, "metrics", dict, where),
+        metrics=metrics,
         fp16=fp16,
         export_checks=data.get("export_checks") or {},
         schema_version=schema,
+        weak_labels=validation.weak,
+        weak_auroc_floor=validation.floor,
+        weak_labels_source=validation.source,
     )
 
 

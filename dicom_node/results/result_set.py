@@ -11,6 +11,15 @@ Numbering and names have one home, the `[results]` section of the config
 `series_description`, the heatmap and summary SCs the next number and "<description> - heatmaps",
 the KOS (only with `send_kos`) the number after that and "<description> - key images".
 `ResultOptions()` is exactly what a node with the default configuration builds.
+
+A study called PE absent gets no heatmap SCs unless `heatmaps_for_negative` (`[results]
+heatmaps_for_negative`); when it gets them, their captions say "below threshold: not a finding".
+The SR, the summary SC and the KOS are built either way.
+
+Weak labels (validation AUROC below the bundle's floor, `dicom_node.model.bundle.LabelValidation`)
+are read from `bundle_info` and marked on the heatmap and summary SCs; `omit_weak_labels`
+(`[results] omit_weak_labels`) is the SR's choice to leave their measurement groups out (default:
+report them, marked not validated).
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 from pydicom.dataset import Dataset
 
 from dicom_node.config import ResultsConfig
+from dicom_node.labels import WINDOW_LABEL
+from dicom_node.model.bundle import LabelValidation, label_validation_of
 
 if TYPE_CHECKING:
     from dicom_node.imaging.preprocess import Windows
@@ -58,6 +69,8 @@ class ResultOptions:
     hot_fraction: float = 0.5
     summary: bool = True
     institution_name: str | None = None
+    heatmaps_for_negative: bool = _DEFAULT.heatmaps_for_negative
+    omit_weak_labels: bool = _DEFAULT.omit_weak_labels
 
     def __post_init__(self) -> None:
         if self.key_slices < 1:
@@ -80,18 +93,29 @@ class ResultOptions:
             kos=results.send_kos,
             kos_series_number=results.series_number + 2,
             kos_series_description=_kos_description(results.series_description),
+            heatmaps_for_negative=results.heatmaps_for_negative,
+            omit_weak_labels=results.omit_weak_labels,
         )
 
 
 @dataclass(frozen=True)
 class ResultSet:
-    """The objects to send back into the study, and their UIDs."""
+    """The objects to send back into the study, and their UIDs.
+
+    `validation`: the bundle's weak labels (None weak list = unknown), as marked on the SCs.
+    """
 
     sr: Dataset
     heatmap_scs: tuple[Dataset, ...]
     summary_sc: Dataset | None
     kos: Dataset | None
     key_slices: tuple[KeySlice, ...]
+    validation: LabelValidation = LabelValidation()
+
+    @property
+    def weak_labels(self) -> tuple[str, ...] | None:
+        """Labels the bundle marks weak (validation AUROC below its floor); None = unknown."""
+        return self.validation.weak
 
     def datasets(self) -> list[Dataset]:
         """All objects, SR first."""
@@ -128,8 +152,10 @@ def build_results(series: CtSeries, windows: Windows, prediction: Prediction, bu
     from dicom_node.results.uids import result_uid
 
     bundle = BundleInfo.from_prediction(prediction) if bundle_info is None else BundleInfo.from_manifest(bundle_info)
+    validation = label_validation_of(bundle_info)  # weak labels; the SR's use of them: docs/results.md
     src, model, rev = series.series_instance_uid, bundle.model_uid, options.revision
     keys = select_key_slices(series, windows, prediction, k=options.key_slices)
+    positive = bool(prediction.labels.get(WINDOW_LABEL))
     sr = build_sr(series, windows, prediction, bundle_manifest_info=bundle, key_slices=keys,
                   series_number=options.sr_series_number, series_description=options.sr_series_description,
                   revision=rev, predecessor=predecessor, institution_name=options.institution_name)
@@ -139,8 +165,11 @@ def build_results(series: CtSeries, windows: Windows, prediction: Prediction, bu
                          series_instance_uid=sc_series, sop_instance_uid=result_uid("sc", src, model, rev, ks.rank),
                          series_number=options.sc_series_number, instance_number=ks.rank + 1,
                          manufacturer=bundle.manufacturer, hot_fraction=options.hot_fraction,
-                         series_description=options.sc_series_description)
+                         series_description=options.sc_series_description,
+                         threshold=float(prediction.thresholds[WINDOW_LABEL]), study_positive=positive,
+                         validation=validation)
         for ks in keys
+        if positive or options.heatmaps_for_negative  # a study called PE absent: no heatmaps unless asked for
     )
     summary = None
     if options.summary:
@@ -148,7 +177,7 @@ def build_results(series: CtSeries, windows: Windows, prediction: Prediction, bu
                                    sop_instance_uid=result_uid("sc-summary", src, model, rev),
                                    series_number=options.sc_series_number, instance_number=len(scs) + 1,
                                    manufacturer=bundle.manufacturer, reference_z=keys[0].z,
-                                   series_description=options.sc_series_description)
+                                   series_description=options.sc_series_description, validation=validation)
     kos = None
     if options.kos:
         kos = build_kos(series, keys, series_instance_uid=result_uid("kos-series", src, model, rev),
@@ -156,5 +185,5 @@ def build_results(series: CtSeries, windows: Windows, prediction: Prediction, bu
                         series_number=options.kos_series_number, manufacturer=bundle.manufacturer,
                         title=options.kos_title, observer_device_context=device_observer_context(bundle),
                         series_description=options.kos_series_description)
-    result = ResultSet(sr=sr, heatmap_scs=scs, summary_sc=summary, kos=kos, key_slices=keys)
+    result = ResultSet(sr=sr, heatmap_scs=scs, summary_sc=summary, kos=kos, key_slices=keys, validation=validation)
     return result
