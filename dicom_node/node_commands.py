@@ -139,14 +139,18 @@ def _load(args: argparse.Namespace, **overrides: Any) -> Config:
 
 
 def _state(args: argparse.Namespace) -> tuple[Config, State]:
-    from dicom_node.durability.state import State
+    from dicom_node.durability.state import State, StateSchemaError
 
     cfg = _load(args)
     path = cfg.data_path / "state.sqlite"
     if not path.exists():
         print(f"dicom-node: no state database at {path}; pass --data-dir or --config of the node", file=sys.stderr)
         raise SystemExit(2)
-    return cfg, State(path)
+    try:
+        return cfg, State(path)
+    except StateSchemaError as e:  # a database written by a newer dicom-node: one line, never a traceback
+        print(f"dicom-node: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -169,3 +169,19 @@ def test_dicom_node_serve_on_a_newer_database_exits_2_with_one_line(tmp_path):
         f"(newest {SCHEMA_VERSION}); upgrade dicom-node to the release that wrote it, or restore a back-up made "
         f"before that upgrade (e.g. state.sqlite.v{SCHEMA_VERSION}.bak next to it)"]
     assert _version(db) == 7
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["resend", "1"], ["complete", "1.2.3"]])
+def test_commands_that_read_a_newer_database_exit_2_with_one_line(tmp_path, command):
+    db = _installed_node(tmp_path)
+    State(db).close()
+    c = sqlite3.connect(db)
+    c.execute("PRAGMA user_version=7")
+    c.close()
+    r = subprocess.run([sys.executable, "-m", "dicom_node.cli", *command, "--data-dir", str(db.parent)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    (line,) = r.stderr.splitlines()
+    assert f"state database {db} has schema version 7, newer than this dicom-node knows" in line
+    assert _version(db) == 7
