@@ -286,7 +286,8 @@ def build_sr(
         referenced_images=library,
     )
     root = report[0]
-    statement = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS")
+    statement = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS",
+                                           is_content_continuous=False)  # two statements, not one text
     statement.ContentSequence = PydicomSequence([
         hd.sr.TextContentItem(name=IMPRESSION, value=impression(labels), relationship_type="CONTAINS"),
         hd.sr.TextContentItem(name=COMMENT, value=RESEARCH_USE_STATEMENT, relationship_type="CONTAINS"),

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_results import _case
-from test_sr_content import positive  # noqa: F401  (fixture)
 
 from phantoms import write_study
 
@@ -43,9 +42,9 @@ def _parse(script: Path, sr: Path, cts: list[Path]) -> dict:
     return json.loads(r.stdout)
 
 
-def test_adapters_turn_pe_regions_into_annotations_on_the_key_slices(adapters, positive, tmp_path):  # noqa: F811
-    series, _, pred, result = positive
-    study, _, _ = _case("positive", 11)  # the same phantom as the `positive` fixture
+def test_adapters_turn_pe_regions_into_annotations_on_the_key_slices(adapters, pe_case, tmp_path):
+    series, _, pred, result = pe_case
+    study, _, _ = _case("positive", 11)  # the same phantom as the `pe_case` fixture
     cts = write_study(study, tmp_path / "ct")
     sr = tmp_path / "sr.dcm"
     result.sr.save_as(sr, enforce_file_format=True)

@@ -1,6 +1,6 @@
 """The SR's content built around the clinical statement (issue 17 items 1 and 2).
 
-Reading order (impression, research-use statement, then the groups), one group per finding with
+Cases: the `pe_case` / `no_pe_case` fixtures of tests/results/conftest.py. Reading order (impression, research-use statement, then the groups), one group per finding with
 its own concept, the PE region SCOORDs at the hottest heatmap pixel of each key slice, tracking
 UIDs, the image library, and the validators (dciodvfy, dsrdump, Orthanc) on the new tree.
 """
@@ -10,21 +10,8 @@ from __future__ import annotations
 import subprocess
 from dataclasses import replace
 
-import numpy as np
 import pytest
-from test_results import (
-    BUNDLE,
-    DCIODVFY,
-    DSRDUMP,
-    WITH_KOS,
-    _case,
-    _embolus_point,
-    _heatmaps_at,
-    _prediction,
-    _round_trip,
-    needs_dicom3tools,
-    needs_dsrdump,
-)
+from test_results import BUNDLE, DCIODVFY, DSRDUMP, WITH_KOS, _round_trip, needs_dicom3tools, needs_dsrdump
 
 from dicom_node import RESEARCH_USE_STATEMENT
 from dicom_node.labels import WINDOW_LABEL
@@ -32,28 +19,6 @@ from dicom_node.results import build_results
 from dicom_node.results.codes import FINDING_GROUPS, IMPRESSION, LABEL_CODING, PE_FINDING
 from dicom_node.results.sr import impression, region_point
 from dicom_node.tools.demo import read_findings
-
-
-@pytest.fixture(scope="module")
-def positive():
-    """A PE-positive phantom whose two hottest windows (embolus and one more) are called positive."""
-    study, series, windows = _case("positive", 11)
-    point = _embolus_point(study.embolus_mask)
-    win = int(windows.geometry.original_to_model(*point)[0])
-    other = (win + 4) % len(windows.slice_uids)
-    z2 = int(np.clip(point[0] + (other - win) * 4, 0, series.hu.shape[0] - 1))
-    points = [point, (z2, point[1] + 10, point[2] - 12)]
-    pred = _prediction(series, windows, positive=True, heatmaps=_heatmaps_at(windows, points),
-                       hot_windows=(win, int(windows.geometry.original_to_model(*points[1])[0])))
-    return series, windows, pred, build_results(series, windows, pred, BUNDLE, WITH_KOS)
-
-
-@pytest.fixture(scope="module")
-def negative():
-    _, series, windows = _case("negative", 12)
-    hm = np.random.default_rng(3).uniform(0, 1, (len(windows.slice_uids), 2, 6, 6)).astype(np.float32)
-    pred = _prediction(series, windows, positive=False, heatmaps=hm)
-    return series, windows, pred, build_results(series, windows, pred, BUNDLE, WITH_KOS)
 
 
 def _name(item) -> str:
@@ -76,8 +41,8 @@ def _finding(children):
     return next(c.ConceptCodeSequence[0] for c in children if _name(c) == "Finding")
 
 
-def test_impression_then_research_statement_before_any_image_reference(positive, negative):
-    for _, _, pred, result in (positive, negative):
+def test_impression_then_research_statement_before_any_image_reference(pe_case, no_pe_case):
+    for _, _, pred, result in (pe_case, no_pe_case):
         sr = _round_trip(result.sr)
         items = list(_walk(sr.ContentSequence))
         texts = [i for i in items if i.ValueType == "TEXT" and _name(i) in ("Impression", "Comment")]
@@ -99,8 +64,8 @@ def test_impression_wording():
     assert "indeterminate" in impression({**base, "indeterminate": True})
 
 
-def test_one_group_per_finding_with_its_concept(positive, negative):
-    for _, _, pred, result in (positive, negative):
+def test_one_group_per_finding_with_its_concept(pe_case, no_pe_case):
+    for _, _, pred, result in (pe_case, no_pe_case):
         groups = _groups(_round_trip(result.sr))
         for finding, (tracking, _) in FINDING_GROUPS.items():
             got = _finding(groups[tracking])
@@ -119,8 +84,8 @@ def test_one_group_per_finding_with_its_concept(positive, negative):
             k: (pytest.approx(probs[k], abs=1e-6), pytest.approx(pred.thresholds[k]), pred.labels[k]) for k in probs}
 
 
-def test_region_scoords_at_the_hottest_point_of_each_positive_key_slice(positive, negative):
-    series, _, pred, result = positive
+def test_region_scoords_at_the_hottest_point_of_each_positive_key_slice(pe_case, no_pe_case):
+    series, _, pred, result = pe_case
     groups = _groups(_round_trip(result.sr))
     regions = {t: c for t, c in groups.items() if "region" in t}
     expected = [ks for ks in result.key_slices if pred.window_positive[ks.window_index]]
@@ -141,11 +106,11 @@ def test_region_scoords_at_the_hottest_point_of_each_positive_key_slice(positive
         inferred = next(c for c in num.ContentSequence if c.ValueType == "SCOORD")
         assert [float(v) for v in inferred.GraphicData] == [x, y]
     # a study called PE absent marks no region
-    assert not [t for t in _groups(negative[3].sr) if "region" in t]
+    assert not [t for t in _groups(no_pe_case[3].sr) if "region" in t]
 
 
-def test_tracking_uids_unique_and_deterministic(positive):
-    series, windows, pred, result = positive
+def test_tracking_uids_unique_and_deterministic(pe_case):
+    series, windows, pred, result = pe_case
 
     def uids(sr) -> list[str]:
         return [c.UID for c in _walk(sr.ContentSequence) if _name(c) == "Tracking Unique Identifier"]
@@ -158,8 +123,8 @@ def test_tracking_uids_unique_and_deterministic(positive):
     assert not set(uids(other.sr)) & set(first)
 
 
-def test_image_library_lists_the_referenced_images_only(positive):
-    series, _, _, result = positive
+def test_image_library_lists_the_referenced_images_only(pe_case):
+    series, _, _, result = pe_case
     sr = _round_trip(result.sr)
     library = next(i for i in sr.ContentSequence if _name(i) == "Image Library")
     entries = [e for g in library.ContentSequence for e in g.ContentSequence if e.ValueType == "IMAGE"]
@@ -172,8 +137,8 @@ def test_image_library_lists_the_referenced_images_only(positive):
 
 @needs_dicom3tools
 @needs_dsrdump
-def test_dciodvfy_clean_and_dsrdump_reads(positive, negative, tmp_path):
-    for name, (_, _, _, result) in (("positive", positive), ("negative", negative)):
+def test_dciodvfy_clean_and_dsrdump_reads(pe_case, no_pe_case, tmp_path):
+    for name, (_, _, _, result) in (("positive", pe_case), ("negative", no_pe_case)):
         path = tmp_path / f"{name}.dcm"
         result.sr.save_as(path, enforce_file_format=True)
         out = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
@@ -183,7 +148,7 @@ def test_dciodvfy_clean_and_dsrdump_reads(positive, negative, tmp_path):
 
 
 @pytest.mark.orthanc
-def test_orthanc_stores_the_sr(orthanc, positive, negative):
+def test_orthanc_stores_the_sr(orthanc, pe_case, no_pe_case):
     from pynetdicom import AE
     from pynetdicom.sop_class import Comprehensive3DSRStorage
 
@@ -192,7 +157,7 @@ def test_orthanc_stores_the_sr(orthanc, positive, negative):
     assoc = ae.associate("127.0.0.1", orthanc.dicom_port, ae_title=orthanc.aet)
     assert assoc.is_established
     try:
-        statuses = [assoc.send_c_store(r.sr).Status for *_, r in (positive, negative)]
+        statuses = [assoc.send_c_store(r.sr).Status for *_, r in (pe_case, no_pe_case)]
     finally:
         assoc.release()
     assert statuses == [0, 0]
