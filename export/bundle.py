@@ -5,6 +5,13 @@ vs torch at batch sizes 1 and 8), optionally adds float16 variants, writes `MODE
 `manifest.json` (sha256 of every file, a fresh model UID), then re-loads the result with the
 node's own `dicom_node.model.bundle.verify_bundle` so nothing is written that the node would refuse.
 The bundle is built in a temporary sibling directory and renamed into place at the end.
+
+Weak labels: the labels whose validation AUROC (the report's `validation.auroc`, kept in the
+manifest as `metrics.validation_auroc`) is below `weak_auroc_floor` (default 0.70) or undefined are
+written to the manifest as `weak_labels` (with `weak_auroc_floor`) and listed in the model card;
+without validation figures `weak_labels` is null (unknown). The model card records the export
+command shell-quoted (`portable_command`): absolute paths become relative to the working directory
+or placeholders (`<RUN_DIR>`, `<OUT_DIR>`, ...), so the card names no machine-specific path.
 """
 
 from __future__ import annotations
@@ -12,10 +19,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +34,7 @@ from dicom_node.imaging.preprocess import PreprocessConfig
 from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL
 from dicom_node.log import get_logger
 from dicom_node.model.bundle import (
+    DEFAULT_WEAK_AUROC_FLOOR,
     MANIFEST_NAME,
     SCHEMA_VERSION,
     BundleManifest,
@@ -32,6 +42,7 @@ from dicom_node.model.bundle import (
     VerifyReport,
     sha256_file,
     verify_bundle,
+    weak_labels_below,
 )
 
 if TYPE_CHECKING:  # torch and training load only when a bundle is made
@@ -41,7 +52,7 @@ if TYPE_CHECKING:  # torch and training load only when a bundle is made
     from training.models import SequenceModel, VideoResNet
 
 __all__ = ["ExportResult", "write_bundle", "load_checkpoint_models", "read_report", "bundle_from_checkpoints",
-           "bundle_from_run", "describe_data", "MODEL_CARD_NAME"]
+           "bundle_from_run", "describe_data", "portable_command", "portable_path", "MODEL_CARD_NAME"]
 
 log = get_logger("export.bundle")
 MODEL_CARD_NAME = "MODEL_CARD.md"
@@ -76,6 +87,92 @@ def _sci(v: Any) -> str:
     return f"{v:.2e}" if isinstance(v, (int, float)) else "n/a"
 
 
+#: options of `dicom-node-export bundle` whose absolute path (outside the working directory) is shown as a placeholder
+PATH_PLACEHOLDERS: dict[str, str] = {"--run": "<RUN_DIR>", "--out": "<OUT_DIR>", "--stage1": "<STAGE1_CKPT>",
+                                     "--stage2": "<STAGE2_CKPT>", "--report": "<REPORT>"}
+
+
+def portable_path(value: str | os.PathLike[str], *, cwd: Path, anchors: Mapping[Path, str] = {},
+                  placeholder: str = "<PATH>") -> str:
+    """`value` without machine-specific absolute paths: a relative path stays as it is; an absolute one
+    under `cwd` becomes relative to it; under an anchor directory `<ANCHOR>/rest`; otherwise `placeholder`."""
+    path = Path(value)
+    if not path.is_absolute():
+        return str(value)
+    path = Path(os.path.normpath(path))
+    for base, name in (*anchors.items(), (Path(os.path.normpath(cwd)), "")):
+        base = Path(os.path.normpath(base))
+        if path == base or base in path.parents:
+            rest = path.relative_to(base).as_posix()
+            if not name:
+                return rest or "."
+            return name if rest == "." else f"{name}/{rest}"
+    return placeholder
+
+
+def portable_command(argv: Sequence[str], *, prog: str = "dicom-node-export", cwd: str | os.PathLike[str] | None = None) -> str:
+    """The command line `prog argv...`, shell-quoted (`shlex.join`), with absolute paths made portable.
+
+    The value of a path option (`PATH_PLACEHOLDERS`) that is absolute becomes relative to `cwd`
+    (default: the working directory) when under it, `<RUN_DIR>/...` when under an absolute `--run`
+    directory, else the option's placeholder; other options' values (names, descriptions) are kept.
+    """
+    here = Path(cwd) if cwd is not None else Path.cwd()
+    args = list(argv)
+    anchors: dict[Path, str] = {}
+    for i, a in enumerate(args):
+        run = a.partition("=")[2] if a.startswith("--run=") else (args[i + 1] if a == "--run" and i + 1 < len(args) else "")
+        if run and Path(run).is_absolute() and not _under(Path(run), here):
+            anchors[Path(run)] = PATH_PLACEHOLDERS["--run"]
+
+    def shown(value: str, opt: str) -> str:
+        if opt not in PATH_PLACEHOLDERS:
+            return value
+        return portable_path(value, cwd=here, anchors=anchors, placeholder=PATH_PLACEHOLDERS[opt])
+
+    out = [prog]
+    pending: str | None = None  # the option whose value is the next argument
+    for a in args:
+        if pending is not None:
+            out.append(shown(a, pending))
+            pending = None
+        elif a.startswith("--") and "=" in a:
+            opt, _, val = a.partition("=")
+            out.append(f"{opt}={shown(val, opt)}")
+        else:
+            out.append(a)
+            pending = a if a.startswith("--") else None
+    return shlex.join(out)
+
+
+def _under(path: Path, base: Path) -> bool:
+    path, base = Path(os.path.normpath(path)), Path(os.path.normpath(base))
+    return path == base or base in path.parents
+
+
+def _portable_source(source: Mapping[str, Any], cwd: Path) -> dict[str, Any]:
+    """The source record with its paths made portable like the command (run dir -> <RUN_DIR>)."""
+    run = source.get("run")
+    anchors = {Path(run): "<RUN_DIR>"} if isinstance(run, str) and Path(run).is_absolute() and not _under(Path(run), cwd) else {}
+    out: dict[str, Any] = {}
+    for k, v in source.items():
+        if k in ("run", "stage1", "stage2", "report") and isinstance(v, str):
+            out[k] = portable_path(v, cwd=cwd, anchors=anchors, placeholder=PATH_PLACEHOLDERS.get(f"--{k}", "<PATH>"))
+        else:
+            out[k] = v
+    return out
+
+
+def _weak_section(weak: tuple[str, ...] | None, floor: float) -> str:
+    if weak is None:
+        return ("Unknown: the evaluation report has no validation AUROC, so no label is known to be validated. "
+                "The node marks label validation as unknown.")
+    if not weak:
+        return f"None: every label has a validation AUROC of at least {floor:.2f}."
+    return (f"Validation AUROC below {floor:.2f} (or undefined): {', '.join(weak)}. These labels are reported by the "
+            "node but marked \"low confidence, not validated\" (`weak_labels` in manifest.json).")
+
+
 def _fp16_line(checks: dict) -> str:
     f = checks.get("fp16")
     if not f:
@@ -87,9 +184,13 @@ def _fp16_line(checks: dict) -> str:
 
 def _model_card(*, name: str, version: str, model_uid: str, created: str, metrics: dict, thresholds: dict,
                 preprocess: PreprocessConfig, sequence_length: int, feature_dim: int, checks: dict,
-                commands: list[str], source: dict) -> str:
+                commands: list[str], source: dict, weak_labels: tuple[str, ...] | None = None,
+                weak_auroc_floor: float = DEFAULT_WEAK_AUROC_FLOOR) -> str:
     auroc = metrics.get("test_auroc") or {}
-    rows = "\n".join(f"| {k} | {_fmt(auroc.get(k))} | {thresholds[k]:.3f} |" for k in (WINDOW_LABEL, *STUDY_LABELS))
+    val = metrics.get("validation_auroc") or {}
+    rows = "\n".join(f"| {k} | {_fmt(val.get(k))} | {_fmt(auroc.get(k))} | {thresholds[k]:.3f} | "
+                     f"{'weak' if weak_labels and k in weak_labels else ''} |".replace("|  |", "| |")
+                     for k in (WINDOW_LABEL, *STUDY_LABELS))
     p1, p2 = checks.get("stage1", {}), checks.get("stage2", {})
     cmd = "\n".join(commands) if commands else "(not recorded)"
     return f"""# Model card: {name} {version}
@@ -111,10 +212,13 @@ GAP -> linear head) and a sequence model with nine attention heads over {sequenc
 ## Data
 {metrics.get("data") or "Not recorded in the training run."}
 
-## Metrics (test split) and decision thresholds (chosen on validation data)
-| label | test AUROC | threshold |
-|---|---|---|
+## Metrics and decision thresholds (chosen on validation data)
+| label | validation AUROC | test AUROC | threshold | validation |
+|---|---|---|---|---|
 {rows}
+
+## Weak labels
+{_weak_section(weak_labels, weak_auroc_floor)}
 
 ## Limits
 - Metrics hold only for data like the data above; they say nothing about real patients unless that data was real CTPA.
@@ -155,11 +259,14 @@ def write_bundle(
     parity_batches: tuple[int, ...] = (1, 8),
     force: bool = False,
     stage1_conv_rewrite: str | None = "gather",
+    weak_auroc_floor: float = DEFAULT_WEAK_AUROC_FLOOR,
 ) -> ExportResult:
     """Export, check and write a bundle directory at `out` (which must not exist, be empty, or `force`).
 
     `stage1_conv_rewrite`: how stage 1's Conv3d are exported (`export.conv_rewrite`: "gather",
     the default, as Conv2d with BatchNorm folded; None as plain Conv3d, for comparison).
+    `weak_auroc_floor`: labels whose `metrics["validation_auroc"]` is below it (or missing) are written as
+    `weak_labels`; without `validation_auroc` in `metrics`, `weak_labels` is null (unknown).
     """
     import torch
     from pydicom.uid import generate_uid
@@ -176,6 +283,8 @@ def write_bundle(
     )
 
     out = Path(out)
+    if not 0.0 <= float(weak_auroc_floor) <= 1.0:
+        raise ValueError(f"weak AUROC floor {weak_auroc_floor}; expected a value in [0, 1]")
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"bundle output {out} exists and is not empty; choose a new --out or pass --force")
     notes: list[str] = []
@@ -230,10 +339,14 @@ def write_bundle(
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         model_uid = generate_uid()
         metrics = dict(metrics or {})
+        val_auroc = metrics.get("validation_auroc")
+        weak = weak_labels_below(val_auroc, weak_auroc_floor) if isinstance(val_auroc, Mapping) else None
+        source = _portable_source(source or {}, Path.cwd())
         (tmp / MODEL_CARD_NAME).write_text(_model_card(
             name=name, version=version, model_uid=model_uid, created=created, metrics=metrics,
             thresholds=thresholds, preprocess=preprocess, sequence_length=sequence_length,
-            feature_dim=feature_dim, checks=checks, commands=list(commands or []), source=source or {}),
+            feature_dim=feature_dim, checks=checks, commands=list(commands or []), source=source,
+            weak_labels=weak, weak_auroc_floor=float(weak_auroc_floor)),
             encoding="utf-8")
         files = {f: sha256_file(tmp / f) for f in
                  (STAGE1_FILE, STAGE2_FILE, *(STAGE1_FP16_FILE, STAGE2_FP16_FILE)[: 2 if fp16 else 0], MODEL_CARD_NAME)}
@@ -245,7 +358,8 @@ def write_bundle(
             sequence_length=sequence_length, feature_dim=feature_dim, opset=opset,
             stage1=GraphSpec(STAGE1_FILE, in1, out1), stage2=GraphSpec(STAGE2_FILE, in2, out2),
             files=files, versions=_versions(), metrics=metrics, fp16=fp16_specs,
-            export_checks={**checks, "warnings": notes, "source": source or {}}, schema_version=SCHEMA_VERSION,
+            export_checks={**checks, "warnings": notes, "source": source}, schema_version=SCHEMA_VERSION,
+            weak_labels=weak, weak_auroc_floor=float(weak_auroc_floor), weak_labels_source="manifest",
         )
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
         verify_bundle(tmp, run_graphs=True)
@@ -306,6 +420,11 @@ def read_report(path: str | Path | None) -> tuple[dict[str, float], dict[str, An
     test = report.get("test") or {}
     metrics: dict[str, Any] = {"test_auroc": {k: float(v) for k, v in (test.get("auroc") or {}).items()
                                               if isinstance(v, (int, float))}}
+    validation = report.get("validation")
+    if isinstance(validation, dict) and isinstance(validation.get("auroc"), dict):
+        # a null (undefined) AUROC is left out: that label counts as not validated (weak)
+        metrics["validation_auroc"] = {k: float(v) for k, v in validation["auroc"].items()
+                                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for key in ("data", "dataset", "data_description"):
         if report.get(key):
             metrics["data"] = report[key] if isinstance(report[key], str) else json.dumps(report[key])
@@ -339,7 +458,8 @@ def describe_data(run: str | Path | None, metrics: dict[str, Any], description: 
 def bundle_from_checkpoints(stage1: str | Path, stage2: str | Path, report: str | Path | None, out: str | Path, *,
                             name: str, version: str, fp16: bool = False, opset: int = 17, force: bool = False,
                             commands: list[str] | None = None, data_description: str | None = None,
-                            run: str | Path | None = None) -> ExportResult:
+                            run: str | Path | None = None,
+                            weak_auroc_floor: float = DEFAULT_WEAK_AUROC_FLOOR) -> ExportResult:
     from training.checkpoint import git_revision
 
     m1, m2, cfg, ck1, ck2 = load_checkpoint_models(stage1, stage2)
@@ -351,8 +471,8 @@ def bundle_from_checkpoints(stage1: str | Path, stage2: str | Path, report: str 
               "stage1_best": ck1.get("best"), "stage2_best": ck2.get("best")}
     return write_bundle(m1, m2, out, name=name, version=version, preprocess=cfg.preprocess,
                         sequence_length=cfg.phase2.seq_len, thresholds=thresholds, metrics=metrics, opset=opset,
-                        fp16=fp16, commands=commands or ["dicom-node-export " + " ".join(sys.argv[1:])],
-                        source=source, force=force)
+                        fp16=fp16, commands=commands or [portable_command(sys.argv[1:])],
+                        source=source, force=force, weak_auroc_floor=weak_auroc_floor)
 
 
 def bundle_from_run(run: str | Path, out: str | Path, *, name: str, version: str, **kw: Any) -> ExportResult:

@@ -55,12 +55,16 @@ examples:
     p.add_argument("--fp16", action="store_true", help="also write float16 graphs (stage1.fp16.onnx, stage2.fp16.onnx) "
                                                        "for GPUs; checked at 1e-2 on probabilities")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--weak-auroc-floor", type=float, default=0.70, metavar="AUROC",
+                   help="labels whose validation AUROC (report.json validation.auroc) is below this, or undefined, are "
+                        "written to manifest.json as weak_labels and marked 'low confidence, not validated' by the "
+                        "node (default 0.70)")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
     p.set_defaults(func=_cmd_bundle)
 
 
 def _cmd_bundle(args: argparse.Namespace) -> int:
-    from export.bundle import bundle_from_checkpoints, bundle_from_run
+    from export.bundle import bundle_from_checkpoints, bundle_from_run, portable_command
 
     if args.run is None and (args.stage1 is None or args.stage2 is None):
         print("dicom-node-export bundle: give --run RUN, or both --stage1 CKPT and --stage2 CKPT", file=sys.stderr)
@@ -68,9 +72,13 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     if args.run is not None and (args.stage1 or args.stage2):
         print("dicom-node-export bundle: give either --run or --stage1/--stage2, not both", file=sys.stderr)
         return 2
-    command = "dicom-node-export " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    if not 0.0 <= args.weak_auroc_floor <= 1.0:
+        print(f"dicom-node-export bundle: --weak-auroc-floor {args.weak_auroc_floor}; expected a value in [0, 1]",
+              file=sys.stderr)
+        return 2
+    command = portable_command(sys.argv[1:] if args.argv is None else args.argv)
     kw: dict[str, Any] = dict(name=args.name, version=args.version, fp16=args.fp16, opset=args.opset, force=args.force,
-              commands=[command], data_description=args.data_description)
+              commands=[command], data_description=args.data_description, weak_auroc_floor=args.weak_auroc_floor)
     try:
         if args.run is not None:
             result = bundle_from_run(args.run, args.out, **kw)
@@ -86,6 +94,9 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     if "fp16" in checks:
         print(f"  float16 (max abs diff on probabilities): stage1 {checks['fp16']['stage1']['worst_logit_diff']:.2e}, "
               f"stage2 {checks['fp16']['stage2']['worst_logit_diff']:.2e}")
+    weak = result.manifest.weak_labels
+    print(f"  weak labels (validation AUROC < {result.manifest.weak_auroc_floor:.2f}): "
+          + ("unknown (no validation AUROC in the report)" if weak is None else ", ".join(weak) or "none"))
     for w in result.warnings:
         print(f"  warning: {w}")
     return 0
