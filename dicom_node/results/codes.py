@@ -29,6 +29,7 @@ __all__ = [
     "FINDING",
     "FINDING_GROUPS",
     "FINDING_SITE",
+    "IMAGE_LIBRARY_ENTRY",
     "IMAGE_QUALITY",
     "IMAGE_REGION",
     "IMPRESSION",
@@ -101,6 +102,8 @@ RV_LV_LT_1 = Code("RVLVLT1", PRIVATE_SCHEME, "RV/LV diameter ratio < 1")
 PULMONARY_TRUNK = Code("45341000", SCT, "Pulmonary trunk")
 LEFT_PULMONARY_ARTERY = Code("50408007", SCT, "Left pulmonary artery")
 RIGHT_PULMONARY_ARTERY = Code("78480002", SCT, "Right pulmonary artery")
+#: concept name of a TID 1601 Image Library Entry (as highdicom writes it)
+IMAGE_LIBRARY_ENTRY = Code("260753009", SCT, "Source")
 #: TID 1410 row "Image Region" (the SCOORD of a PE region group)
 IMAGE_REGION = Code("111030", DCM, "Image Region")
 

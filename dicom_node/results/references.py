@@ -39,7 +39,8 @@ def source_image_datasets(series: CtSeries) -> list[Dataset]:
     if hit is not None and hit[0]() is series:
         return hit[1]
     base = _copy_header(series.ref_dataset)
-    datasets = [source_image_dataset(series, z, base=base) for z in range(len(series.sop_instance_uids))]
+    positions = _positions(series)
+    datasets = [_slice_dataset(series, z, base, positions[z]) for z in range(len(series.sop_instance_uids))]
     _BUILT[key] = (weakref.ref(series, _Forget(key)), datasets)
     return datasets
 
@@ -57,14 +58,23 @@ class _Forget:
 def source_image_dataset(series: CtSeries, z: int, *, base: Dataset | None = None) -> Dataset:
     """Header-only dataset of slice `z` (see `source_image_datasets`)."""
     base = _copy_header(series.ref_dataset) if base is None else base
+    return _slice_dataset(series, z, base, _positions(series)[z])
+
+
+def _positions(series: CtSeries) -> np.ndarray:
+    """(Z, 3) ImagePositionPatient of every slice: slice 0's moved along the normal by `positions_mm`."""
     row, col = np.array(series.image_orientation[:3], float), np.array(series.image_orientation[3:], float)
     normal = np.cross(row, col)
     first = np.array(series.image_position_first, float)
     pos = np.asarray(series.positions_mm, float)
+    return first[None, :] + normal[None, :] * (pos - pos[0])[:, None]
+
+
+def _slice_dataset(series: CtSeries, z: int, base: Dataset, position: np.ndarray) -> Dataset:
     ds = Dataset(dict(base._dict))  # own mapping over the shared elements; the ones set below are new objects
     ds.add_new(0x00080018, "UI", series.sop_instance_uids[z])  # SOPInstanceUID
     ds.add_new(0x00200013, "IS", z + 1)  # InstanceNumber
-    ds.add_new(0x00200032, "DS", [float(v) for v in first + normal * (pos[z] - pos[0])])  # ImagePositionPatient
+    ds.add_new(0x00200032, "DS", [float(v) for v in position])  # ImagePositionPatient
     ds.add_new(0x0020000E, "UI", series.series_instance_uid)  # SeriesInstanceUID
     ds.add_new(0x0020000D, "UI", series.study_instance_uid)  # StudyInstanceUID
     if "FrameOfReferenceUID" not in ds and series.frame_of_reference_uid:

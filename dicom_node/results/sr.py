@@ -11,7 +11,8 @@ Structure, in reading order (what dsr2html, OHIF or 3D Slicer show top to bottom
         Impression (DCM 121073) = "AI suggests pulmonary embolism: present, central and right, acute;
                                    RV/LV ratio >= 1 likely"  |  "AI suggests no pulmonary embolism; ..."
         Comment (DCM 121106) = dicom_node.RESEARCH_USE_STATEMENT
-      Image Library (TID 1600): one group, the key slices (the only images the content references)
+      Image Library (TID 1600): one group, an entry (no descriptors) per key slice: the only images
+        the content references
       Imaging Measurements
         Measurement Group "pulmonary_embolism"                         TID 1501
           Tracking Identifier / Tracking Unique Identifier (deterministic)
@@ -29,7 +30,7 @@ Structure, in reading order (what dsr2html, OHIF or 3D Slicer show top to bottom
           Tracking Identifier / Tracking Unique Identifier            TID 1410
           Image Region = SCOORD POINT (column, row) at the hottest heatmap pixel of the key slice,
             SELECTED FROM that slice
-          Finding = Pulmonary embolism; Algorithm identification
+          Finding = Pulmonary embolism
           Probability = the window's PE probability, INFERRED FROM the same POINT; Threshold Value
         Measurement Group "rv_lv_ratio_gte_1" / "rv_lv_ratio_lt_1"   Finding = RV/LV diameter ratio >= 1 / < 1
           Probability / Threshold Value; <finding> = Present | Absent
@@ -77,6 +78,7 @@ from dicom_node.results.codes import (
     DIAGNOSTIC_QUALITY,
     FINDING_GROUPS,
     FINDING_SITE,
+    IMAGE_LIBRARY_ENTRY,
     IMPRESSION,
     INDETERMINATE,
     LABEL_CODING,
@@ -108,6 +110,7 @@ __all__ = [
     "build_sr",
     "check_prediction",
     "device_observer_context",
+    "image_library",
     "impression",
     "predecessor_reference",
     "region_point",
@@ -264,7 +267,7 @@ def build_sr(
 
     images = source_image_datasets(series)  # evidence: every analysed slice (built once per series)
     sop_class = images[0].SOPClassUID
-    library = [images[z] for z in dict.fromkeys(ks.z for ks in key_slices)]  # what the content references
+    library = [images[z] for z in dict.fromkeys(ks.z for ks in key_slices)]  # the images the content references
     algo = algorithm_identification(bundle, prediction)
     labels = {k: bool(v) for k, v in prediction.labels.items()}
     track = _TrackingUids(series.series_instance_uid, bundle.model_uid, revision)
@@ -276,14 +279,13 @@ def build_sr(
                                      sources if finding == PE_FINDING else None))
         if finding == PE_FINDING and labels[WINDOW_LABEL]:
             positive = np.asarray(prediction.window_positive, bool)
-            groups += [_region_group(ks, sop_class, prediction, algo, track) for ks in key_slices
+            groups += [_region_group(ks, sop_class, prediction, track) for ks in key_slices
                        if positive[ks.window_index]]
 
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device_observer_context(bundle)),
         procedure_reported=list(PROCEDURE_CODES),
         imaging_measurements=groups,
-        referenced_images=library,
     )
     root = report[0]
     statement = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS",
@@ -292,9 +294,10 @@ def build_sr(
         hd.sr.TextContentItem(name=IMPRESSION, value=impression(labels), relationship_type="CONTAINS"),
         hd.sr.TextContentItem(name=COMMENT, value=RESEARCH_USE_STATEMENT, relationship_type="CONTAINS"),
     ])
-    # reading order: the statement right after the procedure reported, before the Image Library
+    # reading order: the statement right after the procedure reported, then the Image Library
     first_container = next(i for i, item in enumerate(root.ContentSequence) if item.ValueType == "CONTAINER")
     root.ContentSequence.insert(first_container, statement)
+    root.ContentSequence.insert(first_container + 1, image_library(library))
 
     sr = hd.sr.Comprehensive3DSR(
         evidence=images,
@@ -317,6 +320,26 @@ def build_sr(
     sr.SoftwareVersions = [f"dicom-node {__version__}", f"{bundle.name} {bundle.version}"[:64]]  # type: ignore[assignment]
     sr.CodingSchemeIdentificationSequence = [private_scheme_item()]
     return sr
+
+
+def image_library(datasets: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
+    """TID 1600 Image Library: one Image Library Group with an IMAGE entry (TID 1601) per dataset.
+
+    The entries carry no Image Library Entry Descriptors (TID 1602: optional at group and entry
+    level); a viewer finds each image's geometry in the image itself, which is in the same study.
+    highdicom's `ImageLibrary` writes some 17 descriptors per entry.
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    group = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type="CONTAINS")
+    group.ContentSequence = hd.sr.ContentSequence([
+        hd.sr.ImageContentItem(name=IMAGE_LIBRARY_ENTRY, referenced_sop_class_uid=ds.SOPClassUID,
+                               referenced_sop_instance_uid=ds.SOPInstanceUID, relationship_type="CONTAINS")
+        for ds in datasets])
+    library = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibrary, relationship_type="CONTAINS")
+    library.ContentSequence = hd.sr.ContentSequence([group])
+    return library
 
 
 @dataclass(frozen=True)
@@ -418,7 +441,7 @@ def _finding_group(finding: Any, tracking: str, prediction: Prediction, labels: 
     )
 
 
-def _region_group(ks: KeySlice, sop_class: str, prediction: Prediction, algo: hd.sr.AlgorithmIdentification,
+def _region_group(ks: KeySlice, sop_class: str, prediction: Prediction,
                   track: _TrackingUids) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """TID 1410 group of one key slice: a POINT at its hottest heatmap pixel, the window's probability."""
     import highdicom as hd
@@ -431,8 +454,7 @@ def _region_group(ks: KeySlice, sop_class: str, prediction: Prediction, algo: hd
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=track(f"{FINDING_GROUPS[PE_FINDING][0]} region {ks.rank + 1}"),
         referenced_region=hd.sr.ImageRegion("POINT", point, source),
-        finding_type=PE_FINDING,
-        algorithm_id=algo,
+        finding_type=PE_FINDING,  # the algorithm is named once, in the PE finding group this region belongs to
         measurements=[probability, threshold],
     )
     # The probability is also INFERRED FROM the same POINT (TID 300 row "Image or Spatial Coordinates"):

@@ -241,8 +241,8 @@ def test_sr_content_tree(case):
     assert ref_uids == [k.sop_instance_uid for k in result.key_slices]
     assert set(ref_uids) <= set(series.sop_instance_uids)
     # the Image Library lists the images the content references (the key slices), the evidence every slice
-    library = [i for i in items if i.ValueType == "IMAGE" and _name(i) == "Source"
-               and "ContentSequence" in i and any(_name(c) == "Modality" for c in i.ContentSequence)]
+    library_item = next(i for i in sr.ContentSequence if _name(i) == "Image Library")
+    library = [e for g in library_item.ContentSequence for e in g.ContentSequence if e.ValueType == "IMAGE"]
     assert {s.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for s in library} == set(ref_uids)
     evidence = {r.ReferencedSOPInstanceUID for e in sr.CurrentRequestedProcedureEvidenceSequence
                 for se in e.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
