@@ -2,7 +2,7 @@
 
 `pe_case` / `no_pe_case`: (series, windows, prediction, ResultSet) of a PE-positive phantom whose two
 hottest windows are called positive, and of a PE-negative phantom, with hand-made predictions
-(`test_results._prediction`); built by `sr_cases`.
+(`test_results.hand_made_prediction`); built by `sr_cases`.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_results import _case
+from test_results import phantom_case
 
 from phantoms import write_study
 
@@ -44,7 +44,7 @@ def _parse(script: Path, sr: Path, cts: list[Path]) -> dict:
 
 def test_adapters_turn_pe_regions_into_annotations_on_the_key_slices(adapters, pe_case, tmp_path):
     series, _, pred, result = pe_case
-    study, _, _ = _case("positive", 11)  # the same phantom as the `pe_case` fixture
+    study, _, _ = phantom_case("positive", 11)  # the same phantom as the `pe_case` fixture
     cts = write_study(study, tmp_path / "ct")
     sr = tmp_path / "sr.dcm"
     result.sr.save_as(sr, enforce_file_format=True)

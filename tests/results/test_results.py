@@ -43,14 +43,14 @@ BUNDLE = BundleInfo(name="pe-demo", version="0.3.1", model_uid="2.25.1234567890"
                     parameters=("preprocessing_version=1",))
 
 
-def _case(kind: str, seed: int):
+def phantom_case(kind: str, seed: int):
     study = generate_study(seed, PhantomConfig(rows=128, cols=128, n_slices=64, slice_thickness_mm=2.5), kind=kind)
     series = load_series(study_datasets(study))
     windows = preprocess(series, CONFIG)
     return study, series, windows
 
 
-def _heatmaps_at(windows, points, shape=(2, 6, 6)) -> np.ndarray:
+def heatmaps_at(windows, points, shape=(2, 6, 6)) -> np.ndarray:
     """(N, t, h, w) heatmaps, zero except one hot cell per original voxel point (z, y, x)."""
     g = windows.geometry
     t, h, w = shape
@@ -64,7 +64,7 @@ def _heatmaps_at(windows, points, shape=(2, 6, 6)) -> np.ndarray:
     return hm
 
 
-def _prediction(series, windows, *, positive: bool, heatmaps: np.ndarray, hot_windows=(), model_uid=BUNDLE.model_uid):
+def hand_made_prediction(series, windows, *, positive: bool, heatmaps: np.ndarray, hot_windows=(), model_uid=BUNDLE.model_uid):
     n = len(windows.slice_uids)
     rng = np.random.default_rng(5)
     wp = rng.uniform(0.02, 0.2, n)
@@ -91,7 +91,7 @@ def _prediction(series, windows, *, positive: bool, heatmaps: np.ndarray, hot_wi
     )
 
 
-def _embolus_point(mask: np.ndarray) -> tuple[int, int, int]:
+def embolus_point(mask: np.ndarray) -> tuple[int, int, int]:
     """An embolus voxel near the centroid of the slice with the largest embolus area."""
     z = int(np.argmax(mask.sum(axis=(1, 2))))
     ys, xs = np.nonzero(mask[z])
@@ -101,18 +101,18 @@ def _embolus_point(mask: np.ndarray) -> tuple[int, int, int]:
 
 @pytest.fixture(scope="module")
 def positive():
-    study, series, windows = _case("positive", 11)
-    point = _embolus_point(study.embolus_mask)
+    study, series, windows = phantom_case("positive", 11)
+    point = embolus_point(study.embolus_mask)
     win = int(windows.geometry.original_to_model(*point)[0])
-    pred = _prediction(series, windows, positive=True, heatmaps=_heatmaps_at(windows, [point]), hot_windows=(win,))
+    pred = hand_made_prediction(series, windows, positive=True, heatmaps=heatmaps_at(windows, [point]), hot_windows=(win,))
     return study, series, windows, pred, point
 
 
 @pytest.fixture(scope="module")
 def negative():
-    study, series, windows = _case("negative", 12)
+    study, series, windows = phantom_case("negative", 12)
     hm = np.random.default_rng(3).uniform(0, 1, (len(windows.slice_uids), 2, 6, 6)).astype(np.float32)
-    pred = _prediction(series, windows, positive=False, heatmaps=hm)
+    pred = hand_made_prediction(series, windows, positive=False, heatmaps=hm)
     return study, series, windows, pred, None
 
 
@@ -123,7 +123,7 @@ def case(request, positive, negative):
     return request.param, series, windows, pred, build_results(series, windows, pred, BUNDLE, WITH_KOS)
 
 
-def _round_trip(ds) -> pydicom.Dataset:
+def round_trip(ds) -> pydicom.Dataset:
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     buf.seek(0)
@@ -164,7 +164,7 @@ def test_every_object_passes_dciodvfy_and_sr_dsrdump(case, tmp_path):
 
 def test_round_trip_and_highdicom_read_back(case):
     _, series, _, _, result = case
-    sr = _round_trip(result.sr)
+    sr = round_trip(result.sr)
     parsed = hd.sr.Comprehensive3DSR.from_dataset(sr)
     assert parsed.SOPInstanceUID == result.sr.SOPInstanceUID
     groups = parsed.content.get_image_measurement_groups()
@@ -174,12 +174,12 @@ def test_round_trip_and_highdicom_read_back(case):
     pe_labels = [k for k in ALL_LABELS if LABEL_CODING[k].finding == LABEL_CODING[WINDOW_LABEL].finding]
     assert [m.name.meaning for m in pe.get_measurements()] == ["Probability", "Threshold Value"] * len(pe_labels)
     assert [s.referenced_sop_instance_uid for s in pe.source_images] == [k.sop_instance_uid for k in result.key_slices]
-    kos = hd.ko.KeyObjectSelectionDocument.from_dataset(_round_trip(result.kos))
+    kos = hd.ko.KeyObjectSelectionDocument.from_dataset(round_trip(result.kos))
     refs = {r.ReferencedSOPInstanceUID for s in kos.CurrentRequestedProcedureEvidenceSequence
             for se in s.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
     assert refs == {k.sop_instance_uid for k in result.key_slices}
     for sc in result.heatmap_scs:
-        back = _round_trip(sc)
+        back = round_trip(sc)
         assert np.array_equal(back.pixel_array, sc.pixel_array)
         assert back.StudyInstanceUID == series.study_instance_uid
         assert back.PatientID == series.ref_dataset.PatientID
@@ -188,7 +188,7 @@ def test_round_trip_and_highdicom_read_back(case):
 
 def test_sr_content_tree(case):
     kind, series, _, pred, result = case
-    sr = _round_trip(result.sr)
+    sr = round_trip(result.sr)
     assert sr.VerificationFlag == "UNVERIFIED"
     assert sr.StudyInstanceUID == series.study_instance_uid and sr.PatientID == series.ref_dataset.PatientID
     assert sr.SeriesInstanceUID != series.series_instance_uid and sr.SeriesNumber == 9901
@@ -265,7 +265,7 @@ def test_revision_references_predecessor(positive):
     first = build_sr(series, windows, pred, bundle_manifest_info=BUNDLE, **SR_SERIES)
     with pytest.raises(ReportError, match="revision 1 needs predecessor"):
         build_sr(series, windows, pred, bundle_manifest_info=BUNDLE, **SR_SERIES, revision=1)
-    second = _round_trip(build_sr(series, windows, pred, bundle_manifest_info=BUNDLE, **SR_SERIES, revision=1, predecessor=first))
+    second = round_trip(build_sr(series, windows, pred, bundle_manifest_info=BUNDLE, **SR_SERIES, revision=1, predecessor=first))
     assert second.SOPInstanceUID != first.SOPInstanceUID
     ref = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID
@@ -318,12 +318,12 @@ def test_heatmap_hits_embolus_hit_and_miss(positive):
     study, series, windows, pred, point = positive
     g = windows.geometry
     full = (g.window_slices, g.crop, g.crop)  # model-space resolution: the peak maps back onto the voxel
-    hit = replace(pred, heatmaps=_heatmaps_at(windows, [point], shape=full))
+    hit = replace(pred, heatmaps=heatmaps_at(windows, [point], shape=full))
     assert heatmap_hits_embolus(select_key_slices(series, windows, hit), study.embolus_mask)
     z, y, x = point
     far = (z, y, x + 30 if x + 30 < series.hu.shape[2] - 10 else x - 30)  # 30 px (~8 cm) to the side
     assert not study.embolus_mask[far[0], max(far[1] - 8, 0):far[1] + 8, max(far[2] - 8, 0):far[2] + 8].any()
-    miss = replace(pred, heatmaps=_heatmaps_at(windows, [far], shape=full))
+    miss = replace(pred, heatmaps=heatmaps_at(windows, [far], shape=full))
     assert not heatmap_hits_embolus(select_key_slices(series, windows, miss), study.embolus_mask)
 
 

@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import replace
 
 import pytest
-from test_results import BUNDLE, DCIODVFY, DSRDUMP, WITH_KOS, _round_trip, needs_dicom3tools, needs_dsrdump
+from test_results import BUNDLE, DCIODVFY, DSRDUMP, WITH_KOS, needs_dicom3tools, needs_dsrdump, round_trip
 
 from dicom_node import RESEARCH_USE_STATEMENT
 from dicom_node.labels import WINDOW_LABEL
@@ -43,7 +43,7 @@ def _finding(children):
 
 def test_impression_then_research_statement_before_any_image_reference(pe_case, no_pe_case):
     for _, _, pred, result in (pe_case, no_pe_case):
-        sr = _round_trip(result.sr)
+        sr = round_trip(result.sr)
         items = list(_walk(sr.ContentSequence))
         texts = [i for i in items if i.ValueType == "TEXT" and _name(i) in ("Impression", "Comment")]
         assert [_name(t) for t in texts] == ["Impression", "Comment"]
@@ -66,7 +66,7 @@ def test_impression_wording():
 
 def test_one_group_per_finding_with_its_concept(pe_case, no_pe_case):
     for _, _, pred, result in (pe_case, no_pe_case):
-        groups = _groups(_round_trip(result.sr))
+        groups = _groups(round_trip(result.sr))
         for finding, (tracking, _) in FINDING_GROUPS.items():
             got = _finding(groups[tracking])
             assert (got.CodeValue, got.CodingSchemeDesignator) == (finding.value, finding.scheme_designator)
@@ -86,7 +86,7 @@ def test_one_group_per_finding_with_its_concept(pe_case, no_pe_case):
 
 def test_region_scoords_at_the_hottest_point_of_each_positive_key_slice(pe_case, no_pe_case):
     series, _, pred, result = pe_case
-    groups = _groups(_round_trip(result.sr))
+    groups = _groups(round_trip(result.sr))
     regions = {t: c for t, c in groups.items() if "region" in t}
     expected = [ks for ks in result.key_slices if pred.window_positive[ks.window_index]]
     assert len(expected) >= 2 and len(regions) == len(expected)
@@ -125,7 +125,7 @@ def test_tracking_uids_unique_and_deterministic(pe_case):
 
 def test_image_library_lists_the_referenced_images_only(pe_case):
     series, _, _, result = pe_case
-    sr = _round_trip(result.sr)
+    sr = round_trip(result.sr)
     library = next(i for i in sr.ContentSequence if _name(i) == "Image Library")
     entries = [e for g in library.ContentSequence for e in g.ContentSequence if e.ValueType == "IMAGE"]
     referenced = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in _walk(sr.ContentSequence)
