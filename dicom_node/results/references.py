@@ -73,13 +73,20 @@ def _positions(series: CtSeries) -> np.ndarray:
 def _slice_dataset(series: CtSeries, z: int, base: Dataset, position: np.ndarray) -> Dataset:
     ds = Dataset(dict(base._dict))  # own mapping over the shared elements; the ones set below are new objects
     ds.add_new(0x00080018, "UI", series.sop_instance_uids[z])  # SOPInstanceUID
-    ds.add_new(0x00200013, "IS", z + 1)  # InstanceNumber
+    ds.add_new(0x00200013, "IS", _instance_number(series, z))  # InstanceNumber: the source's own
     ds.add_new(0x00200032, "DS", [float(v) for v in position])  # ImagePositionPatient
     ds.add_new(0x0020000E, "UI", series.series_instance_uid)  # SeriesInstanceUID
     ds.add_new(0x0020000D, "UI", series.study_instance_uid)  # StudyInstanceUID
     if "FrameOfReferenceUID" not in ds and series.frame_of_reference_uid:
         ds.add_new(0x00200052, "UI", series.frame_of_reference_uid)
     return ds
+
+
+def _instance_number(series: CtSeries, z: int) -> int:
+    """The slice's own InstanceNumber as received; z + 1 only for a source that had none."""
+    numbers = series.instance_numbers
+    own = numbers[z] if z < len(numbers) else None
+    return z + 1 if own is None else int(own)
 
 
 def _copy_header(ref: Dataset) -> Dataset:

@@ -158,7 +158,8 @@ def build_results(series: CtSeries, windows: Windows, prediction: Prediction, bu
     positive = bool(prediction.labels.get(WINDOW_LABEL))
     sr = build_sr(series, windows, prediction, bundle_manifest_info=bundle, key_slices=keys,
                   series_number=options.sr_series_number, series_description=options.sr_series_description,
-                  revision=rev, predecessor=predecessor, institution_name=options.institution_name)
+                  revision=rev, predecessor=predecessor, institution_name=options.institution_name,
+                  validation=validation, omit_weak_labels=options.omit_weak_labels)
     sc_series = result_uid("sc-series", src, model, rev)
     scs = tuple(
         build_heatmap_sc(series, ks, probability=ks.window_probability,

@@ -98,6 +98,7 @@ if TYPE_CHECKING:
 
     from dicom_node.imaging.preprocess import Windows
     from dicom_node.imaging.series import CtSeries
+    from dicom_node.model.bundle import LabelValidation
     from dicom_node.model.inference import Prediction
     from dicom_node.results.key_slices import KeySlice
 
@@ -237,12 +238,25 @@ def build_sr(
     revision: int = 0,
     predecessor: Dataset | None = None,
     institution_name: str | None = None,
+    validation: LabelValidation | None = None,
+    omit_weak_labels: bool = False,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Comprehensive 3D SR for one analysed CT series.
 
-    `key_slices` (from `dicom_node.results.kos.select_key_slices`) are referenced as source images of
-    the PE measurement group; when omitted the top-`k` are selected here. `predecessor` (the earlier
-    SR dataset, or `previous_sr_reference(...)`) is required when `revision > 0`.
+    Parameters
+    ----------
+    key_slices
+        From `dicom_node.results.key_slices.select_key_slices`: referenced as source images of the PE
+        measurement group (and its regions); when omitted the top-`k` are selected here.
+    predecessor
+        The earlier SR dataset, or `predecessor_reference(...)`; required when `revision > 0`.
+    validation
+        The bundle's weak labels (`dicom_node.model.bundle.label_validation_of`). A group holding a
+        weak label says so in a Comment ("low confidence, not validated"); unknown validation is
+        stated once, after the research-use statement.
+    omit_weak_labels
+        Leave the weak labels' probabilities (and groups left empty by that) out of the report; the
+        PE label itself is never left out, only marked. The statement names what was left out.
     """
     import highdicom as hd
 
@@ -274,9 +288,21 @@ def build_sr(
     sources = [hd.sr.SourceImageForMeasurementGroup(sop_class, ks.sop_instance_uid) for ks in key_slices]
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]
     groups = []
+    weak = set(validation.weak or ()) if validation is not None else set()
+    floor = validation.floor if validation is not None else 0.0
+    left_out = {label for label in weak if omit_weak_labels and label != WINDOW_LABEL}
     for finding, (tracking, _main) in FINDING_GROUPS.items():
-        groups.append(_finding_group(finding, tracking, prediction, labels, algo, track,
-                                     sources if finding == PE_FINDING else None))
+        members = [label for label in ALL_LABELS if LABEL_CODING[label].finding == finding and label not in left_out]
+        if not members:
+            continue  # every label of this finding is weak and left out
+        group = _finding_group(finding, tracking, prediction, labels, algo, track,
+                               sources if finding == PE_FINDING else None, members)
+        marked = [label for label in members if label in weak]
+        if marked:
+            group[0].ContentSequence.append(hd.sr.TextContentItem(
+                name=COMMENT, relationship_type="CONTAINS",
+                value=f"low confidence, not validated (validation AUROC below {floor:.2f}): " + ", ".join(marked)))
+        groups.append(group)
         if finding == PE_FINDING and labels[WINDOW_LABEL]:
             positive = np.asarray(prediction.window_positive, bool)
             groups += [_region_group(ks, sop_class, prediction, track) for ks in key_slices
@@ -293,6 +319,8 @@ def build_sr(
     statement.ContentSequence = PydicomSequence([
         hd.sr.TextContentItem(name=IMPRESSION, value=impression(labels), relationship_type="CONTAINS"),
         hd.sr.TextContentItem(name=COMMENT, value=RESEARCH_USE_STATEMENT, relationship_type="CONTAINS"),
+        *(hd.sr.TextContentItem(name=COMMENT, value=text, relationship_type="CONTAINS")
+          for text in weak_label_statements(validation, omit_weak_labels)),
     ])
     # reading order: the statement right after the procedure reported, then the Image Library
     first_container = next(i for i, item in enumerate(root.ContentSequence) if item.ValueType == "CONTAINER")
@@ -320,6 +348,22 @@ def build_sr(
     sr.SoftwareVersions = [f"dicom-node {__version__}", f"{bundle.name} {bundle.version}"[:64]]  # type: ignore[assignment]
     sr.CodingSchemeIdentificationSequence = [private_scheme_item()]
     return sr
+
+
+def weak_label_statements(validation: LabelValidation | None, omit_weak_labels: bool) -> list[str]:
+    """The document-level Comments on label validation, after the research-use statement."""
+    if validation is None:
+        return []
+    if not validation.known:
+        return ["label validation unknown: the bundle records no validation AUROC"]
+    if not validation.weak:
+        return []
+    floor = f"{validation.floor:.2f}"
+    out = [f"low-confidence outputs, not validated (validation AUROC below {floor}): {', '.join(validation.weak)}"]
+    left_out = [label for label in validation.weak if omit_weak_labels and label != WINDOW_LABEL]
+    if left_out:
+        out.append(f"left out of this report as configured ([results] omit_weak_labels): {', '.join(left_out)}")
+    return out
 
 
 def image_library(datasets: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
@@ -411,11 +455,10 @@ def _probability_pair(label: str, prediction: Prediction, probs: Mapping[str, fl
 def _finding_group(finding: Any, tracking: str, prediction: Prediction, labels: Mapping[str, bool],
                    algo: hd.sr.AlgorithmIdentification, track: _TrackingUids,
                    sources: list[hd.sr.SourceImageForMeasurementGroup] | None,
-                   ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """The TID 1501 group of one finding: every label coded under it (see `LABEL_CODING`)."""
+                   members: Sequence[str]) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The TID 1501 group of one finding: its `members` (the labels coded under it, `LABEL_CODING`)."""
     import highdicom as hd
 
-    members = [label for label in ALL_LABELS if LABEL_CODING[label].finding == finding]
     probs = prediction.label_probabilities()
     measurements = [m for label in members for m in _probability_pair(label, prediction, probs)]
     sites, evaluations = [], []

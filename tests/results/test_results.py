@@ -35,8 +35,10 @@ needs_dicom3tools = pytest.mark.skipif(not Path(DCIODVFY).exists(), reason="dico
 needs_dsrdump = pytest.mark.skipif(not Path(DSRDUMP).exists(), reason="dcmtk not installed")
 
 CONFIG = PreprocessConfig(resize=64, crop=48)
-#: the node sends a KOS only with [results] send_kos; these tests build and check all four kinds
-WITH_KOS = ResultOptions(kos=True)
+#: the node sends a KOS only with [results] send_kos, and heatmaps for a study called PE absent only with
+#: [results] heatmaps_for_negative; these tests build and check every kind of object for both cases
+#: (the defaults themselves: tests/results/test_sc_captions.py)
+WITH_KOS = ResultOptions(kos=True, heatmaps_for_negative=True)
 SR_SERIES = {"series_number": ResultOptions().sr_series_number,
              "series_description": ResultOptions().sr_series_description}
 BUNDLE = BundleInfo(name="pe-demo", version="0.3.1", model_uid="2.25.1234567890",
@@ -195,7 +197,9 @@ def test_sr_content_tree(case):
     items = list(_items(sr))
     texts = {_name(i): i.TextValue for i in items if i.ValueType == "TEXT" and _name(i) != "Tracking Identifier"}
     assert texts["Algorithm Name"] == BUNDLE.name and texts["Algorithm Version"] == BUNDLE.version
-    assert texts["Comment"] == RESEARCH_USE_STATEMENT
+    comments = [i.TextValue for i in items if i.ValueType == "TEXT" and _name(i) == "Comment"]
+    assert comments[0] == RESEARCH_USE_STATEMENT  # the first Comment; then what is known of label validation
+    assert comments[1:] == ["label validation unknown: the bundle records no validation AUROC"]
     assert texts["Device Observer Model Name"] == BUNDLE.name
     params = {i.TextValue for i in items if _name(i) == "Algorithm Parameters"}
     assert f"model_uid={BUNDLE.model_uid}" in params

@@ -46,11 +46,13 @@ def test_impression_then_research_statement_before_any_image_reference(pe_case, 
         sr = round_trip(result.sr)
         items = list(_walk(sr.ContentSequence))
         texts = [i for i in items if i.ValueType == "TEXT" and _name(i) in ("Impression", "Comment")]
-        assert [_name(t) for t in texts] == ["Impression", "Comment"]
+        # then the validation note (these cases' bundle records no validation AUROC), before any image too
+        assert [_name(t) for t in texts] == ["Impression", "Comment", "Comment"]
+        assert texts[2].TextValue == "label validation unknown: the bundle records no validation AUROC"
         assert texts[0].ConceptNameCodeSequence[0].CodeValue == IMPRESSION.value
         assert texts[1].TextValue == RESEARCH_USE_STATEMENT
         first_image = next(n for n, i in enumerate(items) if i.ValueType in ("IMAGE", "SCOORD"))
-        assert items.index(texts[1]) < first_image and items.index(texts[0]) < first_image
+        assert max(items.index(t) for t in texts) < first_image
         assert texts[0].TextValue == impression(pred.labels)
 
 
@@ -162,3 +164,47 @@ def test_orthanc_stores_the_sr(orthanc, pe_case, no_pe_case):
         assoc.release()
     assert statuses == [0, 0]
     assert sorted(orthanc.instance_tags(i)["Modality"] for i in orthanc.instances()) == ["SR", "SR"]
+
+
+def _texts(sr) -> list[str]:
+    """Impression and Comment texts in document order (not the observer context's names)."""
+    return [str(i.TextValue) for i in _walk(sr.ContentSequence)
+            if i.ValueType == "TEXT" and _name(i) in ("Impression", "Comment")]
+
+
+def test_weak_labels_are_marked_in_their_group_and_named_after_the_research_statement(pe_case):
+    series, windows, pred, _ = pe_case
+    manifest = {"name": BUNDLE.name, "version": BUNDLE.version, "model_uid": BUNDLE.model_uid,
+                "weak_labels": ["chronic_pe", "rv_lv_ratio_lt_1"], "weak_auroc_floor": 0.7}
+    sr = round_trip(build_results(series, windows, pred, manifest, WITH_KOS).sr)
+    statement = _texts(sr)[:3]
+    assert statement[1] == RESEARCH_USE_STATEMENT
+    assert statement[2] == ("low-confidence outputs, not validated (validation AUROC below 0.70): "
+                            "chronic_pe, rv_lv_ratio_lt_1")
+    groups = _groups(sr)
+    notes = {name: [str(c.TextValue) for c in children if c.ValueType == "TEXT" and _name(c) == "Comment"]
+             for name, children in groups.items()}
+    pe_group = FINDING_GROUPS[PE_FINDING][0]
+    assert notes[pe_group] == ["low confidence, not validated (validation AUROC below 0.70): chronic_pe"]
+    rv_lt = next(name for name in groups if "lt_1" in name or "< 1" in name)
+    assert notes[rv_lt] == ["low confidence, not validated (validation AUROC below 0.70): rv_lv_ratio_lt_1"]
+    assert sum(len(v) for v in notes.values()) == 2  # no other group claims low confidence
+    assert set(read_findings(sr)) == set(LABEL_CODING)  # marked, not hidden: every label still reported
+
+
+def test_omit_weak_labels_leaves_them_out_and_says_so_but_never_the_pe_label(pe_case):
+    series, windows, pred, _ = pe_case
+    manifest = {"name": BUNDLE.name, "version": BUNDLE.version, "model_uid": BUNDLE.model_uid,
+                "weak_labels": [WINDOW_LABEL, "rv_lv_ratio_lt_1"], "weak_auroc_floor": 0.7}
+    sr = round_trip(build_results(series, windows, pred, manifest, replace(WITH_KOS, omit_weak_labels=True)).sr)
+    assert "left out of this report as configured ([results] omit_weak_labels): rv_lv_ratio_lt_1" in _texts(sr)
+    found = read_findings(sr)
+    assert WINDOW_LABEL in found and "rv_lv_ratio_lt_1" not in found
+    assert set(found) == set(LABEL_CODING) - {"rv_lv_ratio_lt_1"}
+
+
+def test_unknown_validation_is_stated_once(pe_case):
+    series, windows, pred, result = pe_case
+    manifest = {"name": BUNDLE.name, "version": BUNDLE.version, "model_uid": BUNDLE.model_uid}
+    sr = round_trip(build_results(series, windows, pred, manifest, WITH_KOS).sr)
+    assert _texts(sr).count("label validation unknown: the bundle records no validation AUROC") == 1

@@ -127,19 +127,24 @@ def test_outputs_exist_pass_dciodvfy_and_pngs_are_written(folder):
         files = [out / f for f in s["outputs"]]
         assert all(f.is_file() for f in files), s["outputs"]
         names = {f.name for f in files}
-        assert {"SR.dcm", "SR.txt", "SC_summary.dcm", "SC_summary.png", "SC_heatmap_1.dcm", "SC_heatmap_1.png",
-                "KO.dcm", "KO.txt"} <= names
+        assert {"SR.dcm", "SR.txt", "SC_summary.dcm", "SC_summary.png", "KO.dcm", "KO.txt"} <= names
+        pe = next(c for c in s["labels"] if c["label"] == "pe_present_on_window")["call"] == "present"
+        if pe:
+            assert {"SC_heatmap_1.dcm", "SC_heatmap_1.png"} <= names
+        else:  # a study called PE absent gets no heatmaps ([results] heatmaps_for_negative = false)
+            assert not any(n.startswith("SC_heatmap") for n in names), names
         assert all(f.parent.name == s["series_instance_uid"] for f in files)
         sr = pydicom.dcmread(out / s["series_instance_uid"] / "SR.dcm")
         assert str(sr.StudyInstanceUID) == s["study_instance_uid"] and sr.Modality == "SR"
     dcms = sorted(out.rglob("*.dcm"))
-    assert len(dcms) == 2 * 6  # SR, 3 heatmaps, summary, KOS (--kos) per series
+    # SR, summary, KOS (--kos) per series, and 3 heatmaps for the series called PE present only
+    assert len(dcms) == 6 + 3
     for p in dcms:
         assert pydicom.dcmread(p).preamble is not None  # Part 10 file
         res = subprocess.run([DCIODVFY, str(p)], capture_output=True, text=True)
         errors = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("Error")]
         assert not errors, f"{p.relative_to(out)}: {errors}"
-    assert len(list(out.rglob("*.png"))) == 2 * 4
+    assert len(list(out.rglob("*.png"))) == 2 + 3  # a summary per series, the positive series's 3 heatmaps
     assert (out / ANALYSE_MARKER).is_file()
 
 
