@@ -13,7 +13,7 @@ demo: setup
 
 # lint and types first: a refactor that breaks an annotation or an import fails in seconds, not after the suite
 lint: setup
-	$(VENV)/bin/ruff check dicom_node phantoms training export tests benchmarks scripts
+	$(VENV)/bin/ruff check dicom_node dicom_node_phantoms dicom_node_training dicom_node_export tests benchmarks scripts
 	$(VENV)/bin/mypy
 
 test: lint

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     from dicom_node.pipeline import get_predictor
     from dicom_node.results.key_slices import select_key_slices
     from dicom_node.tools.demo import DEMO_PHANTOM
-    from phantoms import PhantomConfig, generate_study, heatmap_hits_embolus, hottest_point, study_datasets
+    from dicom_node_phantoms import PhantomConfig, generate_study, heatmap_hits_embolus, hottest_point, study_datasets
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--studies", type=int, default=40)

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/inference.py --models tiny --repeats 5
     .venv/bin/python benchmarks/inference.py --models paper --repeats 1 --compare-conv3d
 
-Stage 1 is exported with every Conv3d rewritten as Conv2d (`export.conv_rewrite`, the bundle
+Stage 1 is exported with every Conv3d rewritten as Conv2d (`dicom_node_export.conv_rewrite`, the bundle
 default); `--compare-conv3d` also times a bundle exported with plain Conv3d ("ort-cpu-conv3d")
 in the same run.
 
@@ -57,7 +57,7 @@ def _preprocess(name: str):
 def _models(name: str):
     import torch
 
-    from training.models import r3d_18, sequence_model
+    from dicom_node_training.models import r3d_18, sequence_model
 
     width, hidden, _, _ = MODELS[name]
     torch.manual_seed(0)
@@ -101,7 +101,7 @@ def worker(engine: str, name: str, bundle: str, repeats: int, threads_opt: int |
         import torch
 
         from dicom_node.model.sequence import to_fixed_length
-        from training.models import cam
+        from dicom_node_training.models import cam
 
         dev = torch.device("cuda" if engine == "torch-cuda" else "cpu")
         m1, m2 = (m.to(dev) for m in _models(name))
@@ -140,7 +140,7 @@ def worker(engine: str, name: str, bundle: str, repeats: int, threads_opt: int |
 
 
 def _build_bundle(name: str, out: Path, conv_rewrite: str | None = "gather") -> None:
-    from export.bundle import write_bundle
+    from dicom_node_export.bundle import write_bundle
 
     m1, m2 = _models(name)
     with warnings.catch_warnings():

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 def site_group(emboli) -> str:
     """'central/acute', 'lobar or smaller/acute+chronic', ... for a study's (vessel, kind) emboli."""
-    from phantoms.anatomy import CENTRAL_KINDS
+    from dicom_node_phantoms.anatomy import CENTRAL_KINDS
 
     where = "central" if any(v in CENTRAL_KINDS for v, _ in emboli) else "lobar or smaller"
     return f"{where}/{'+'.join(sorted({k for _, k in emboli}))}"
@@ -36,8 +36,8 @@ def site_group(emboli) -> str:
 
 def main(argv=None) -> int:
     from benchmarks.train_phantom import add_phantom_arguments, phantom_config
-    from phantoms import dataset_plan, generate_study, phantom_study_uid
-    from training.data import load_split
+    from dicom_node_phantoms import dataset_plan, generate_study, phantom_study_uid
+    from dicom_node_training.data import load_split
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path, help="the --out folder of benchmarks/train_phantom.py (OUT/run)")

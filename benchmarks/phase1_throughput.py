@@ -6,7 +6,7 @@
 
 It writes a synthetic on-disk cache in the format `dicom-node-train cache` writes (uint8 windows
 of the preset's resize, random content and labels: the speed of a training step does not depend
-on them), then runs `training.phase1.train_phase1` itself, unchanged, for `--epochs` epochs of
+on them), then runs `dicom_node_training.phase1.train_phase1` itself, unchanged, for `--epochs` epochs of
 `--steps` optimiser steps each (the preset's batch size, crop and rotation augmentation, Adam,
 mixed precision on CUDA when the preset asks for it, the DataLoader with `--workers` workers).
 Each epoch's `train_windows_per_s` (training part only, validation excluded) is printed; the
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 def write_synthetic_cache(run: Path, *, studies: int, windows: int, resize: int, slices: int, preprocess: dict,
                           seed: int = 0) -> None:
     """RUN/cache/<uid>.npy + .json and RUN/split.json: all studies but two train, two validate."""
-    from training.data import Split, save_split, write_cache_entry
+    from dicom_node_training.data import Split, save_split, write_cache_entry
 
     rng = np.random.default_rng(seed)
     cache = run / "cache"
@@ -48,8 +48,8 @@ def write_synthetic_cache(run: Path, *, studies: int, windows: int, resize: int,
 
 def measure(preset: str, run: Path, *, epochs: int, steps: int, workers: int, amp: bool, device: str,
             batch_size: int | None = None) -> list[dict]:
-    from training.config import load_config
-    from training.phase1 import train_phase1
+    from dicom_node_training.config import load_config
+    from dicom_node_training.phase1 import train_phase1
 
     cfg = load_config(preset)
     batch = batch_size or cfg.phase1.batch_size
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from dicom_node.log import configure_logging
-    from training.config import load_config
-    from training.data import cache_stamp
+    from dicom_node_training.config import load_config
+    from dicom_node_training.data import cache_stamp
 
     configure_logging(level="WARNING")
     cfg = load_config(args.preset)

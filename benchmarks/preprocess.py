@@ -82,7 +82,7 @@ def _measure(series_dir: Path) -> int:
 
 
 def _ensure_study(root: Path, seed: int, size: int, slices: int, thickness: float) -> tuple[Path, float | None, float | None]:
-    from phantoms import PhantomConfig, generate_study, write_study
+    from dicom_node_phantoms import PhantomConfig, generate_study, write_study
 
     marker = root / "series_dir.txt"
     if marker.exists() and Path(marker.read_text().strip()).is_dir():

@@ -29,7 +29,7 @@ def phantom_files(data: Path, n_slices: int, size: int) -> list[Path]:
     files = sorted(data.rglob("*.dcm"))
     if len(files) == n_slices:
         return files
-    import phantoms as phantom
+    import dicom_node_phantoms as phantom
 
     study = phantom.generate_study(1, phantom.PhantomConfig(rows=size, cols=size, n_slices=n_slices))
     return sorted(phantom.write_study(study, data))

@@ -44,7 +44,7 @@ def inputs(slices: int, size: int) -> tuple[Any, Any, Any, Any]:
     from dicom_node.imaging.preprocess import preprocess
     from dicom_node.imaging.series import load_series
     from dicom_node.pipeline import get_predictor
-    from phantoms import PhantomConfig, generate_study, study_datasets
+    from dicom_node_phantoms import PhantomConfig, generate_study, study_datasets
 
     study = generate_study(11, PhantomConfig(rows=size, cols=size, n_slices=slices, slice_thickness_mm=1.25),
                            kind="positive")

@@ -31,7 +31,7 @@ TARGETS = {
 
 def add_phantom_arguments(ap: argparse.ArgumentParser) -> None:
     """The phantom data set's options (also used by benchmarks/misses_by_site.py to rebuild its studies)."""
-    from phantoms import SMALLEST_EMBOLUS_VESSELS
+    from dicom_node_phantoms import SMALLEST_EMBOLUS_VESSELS
 
     ap.add_argument("--studies", type=int, default=600, help="phantom studies (issue 4 asks for at least 200)")
     ap.add_argument("--seed", type=int, default=2022)
@@ -48,7 +48,7 @@ def add_phantom_arguments(ap: argparse.ArgumentParser) -> None:
 
 def phantom_config(args: argparse.Namespace):
     """`PhantomConfig` of the options added by `add_phantom_arguments`."""
-    from phantoms import PhantomConfig
+    from dicom_node_phantoms import PhantomConfig
 
     return PhantomConfig(rows=args.rows, cols=args.rows, n_slices=args.slices, slice_thickness_mm=args.slice_thickness,
                          smallest_embolus_vessel=args.smallest_embolus_vessel, mediastinal_fat_mm=args.mediastinal_fat)
@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from dicom_node.labels import ALL_LABELS
     from dicom_node.log import configure_logging
-    from phantoms import generate_dataset
-    from training.distributed import setup
-    from training.fit import STEPS, resolve_config, run_step, step_done
+    from dicom_node_phantoms import generate_dataset
+    from dicom_node_training.distributed import setup
+    from dicom_node_training.fit import STEPS, resolve_config, run_step, step_done
 
     configure_logging(level="WARNING")
     out = Path(args.out)

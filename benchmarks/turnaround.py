@@ -34,7 +34,7 @@ GOALS = {"demo": 3.0, "paper": 45.0}  # demo: issue 17 item 5 (was 10 s)
 
 
 def phantom_series(root: Path, slices: int, size: int) -> list[Path]:
-    from phantoms import PhantomConfig, generate_study, write_study
+    from dicom_node_phantoms import PhantomConfig, generate_study, write_study
 
     study = generate_study(11, PhantomConfig(rows=size, cols=size, n_slices=slices, slice_thickness_mm=1.25),
                            kind="positive")
@@ -46,8 +46,8 @@ def paper_bundle(out: Path) -> Path:
 
     from dicom_node.imaging.preprocess import PreprocessConfig
     from dicom_node.labels import ALL_LABELS
-    from export.bundle import write_bundle
-    from training.models import r3d_18, sequence_model
+    from dicom_node_export.bundle import write_bundle
+    from dicom_node_training.models import r3d_18, sequence_model
 
     torch.manual_seed(0)
     with warnings.catch_warnings():

@@ -5,7 +5,7 @@
 
 The block between `<!-- BEGIN GENERATED: options ... -->` and `<!-- END GENERATED: options -->`
 lists every subcommand with its arguments, defaults and help, read from each module's
-`build_parser()` (`dicom_node.cli`, `training.cli`, `export.cli`); the explanations and examples
+`build_parser()` (`dicom_node.cli`, `dicom_node_training.cli`, `dicom_node_export.cli`); the explanations and examples
 above it are written by hand. `iter_commands()` is also what tests/test_docs.py walks, so a
 subcommand added later is found without editing the test.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "cli.md"
-CLIS = (("dicom-node", "dicom_node.cli"), ("dicom-node-train", "training.cli"), ("dicom-node-export", "export.cli"))
+CLIS = (("dicom-node", "dicom_node.cli"), ("dicom-node-train", "dicom_node_training.cli"), ("dicom-node-export", "dicom_node_export.cli"))
 
 
 def parsers() -> list[tuple[str, argparse.ArgumentParser]]:

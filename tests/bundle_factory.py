@@ -17,7 +17,7 @@ TINY_HIDDEN = 8
 def tiny_models(seed: int = 0, width: int = TINY_WIDTH, hidden: int = TINY_HIDDEN):
     import torch
 
-    from training.models import r3d_18, sequence_model
+    from dicom_node_training.models import r3d_18, sequence_model
 
     torch.manual_seed(seed)
     with warnings.catch_warnings():
@@ -37,7 +37,7 @@ def tiny_models(seed: int = 0, width: int = TINY_WIDTH, hidden: int = TINY_HIDDE
 
 
 def build_tiny_bundle(out: Path, *, seed: int = 0, fp16: bool = False, thresholds=None, metrics=None, **kw):
-    from export.bundle import write_bundle
+    from dicom_node_export.bundle import write_bundle
 
     m1, m2 = tiny_models(seed)
     with warnings.catch_warnings():

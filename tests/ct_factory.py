@@ -12,15 +12,15 @@ from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittle
 
 @functools.lru_cache(maxsize=8)
 def small_study(seed: int = 3, size: int = 64, n_slices: int = 24, thickness_mm: float = 2.5):
-    """A small `phantoms.generate_study` study (cached: treat it as read-only)."""
-    from phantoms import PhantomConfig, generate_study
+    """A small `dicom_node_phantoms.generate_study` study (cached: treat it as read-only)."""
+    from dicom_node_phantoms import PhantomConfig, generate_study
 
     return generate_study(seed, PhantomConfig(rows=size, cols=size, n_slices=n_slices, slice_thickness_mm=thickness_mm))
 
 
 def phantom_datasets(**kw) -> list[Dataset]:
     """Fresh (mutable) CT Image datasets of `small_study(**kw)`, in slice order."""
-    from phantoms import study_datasets
+    from dicom_node_phantoms import study_datasets
 
     return study_datasets(small_study(**kw))
 

@@ -88,7 +88,7 @@ SC_JOB = JobBody(run=sc_job)
 def phantom_series(root: Path, *, seed: int = 7, n_slices: int = 24, rows: int = 64, variant: str | None = None,
                    patient: bool = True) -> list[Path]:
     """A small phantom CTPA series (PatientName/ID/BirthDate set to the known test values)."""
-    import phantoms as phantom
+    import dicom_node_phantoms as phantom
 
     study = phantom.generate_study(seed, phantom.PhantomConfig(rows=rows, cols=rows, n_slices=n_slices))
     if patient:
@@ -97,7 +97,7 @@ def phantom_series(root: Path, *, seed: int = 7, n_slices: int = 24, rows: int =
         study = dataclasses.replace(study, patient_name=PATIENT_NAME, patient_id=PATIENT_ID,
                                     patient_birth_date=PATIENT_BIRTH)
     if variant:
-        from phantoms.variants import write_variant
+        from dicom_node_phantoms.variants import write_variant
 
         return write_variant(study, root, variant)
     return phantom.write_study(study, root)

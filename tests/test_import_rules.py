@@ -19,16 +19,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("dicom_node", "phantoms", "training", "export")
+PACKAGES = ("dicom_node", "dicom_node_phantoms", "dicom_node_training", "dicom_node_export")
 #: where the private-name rule holds too: everything that imports the packages
 SCRIPTS = ("benchmarks", "scripts", "tests")
 
 #: package (or sub-package) -> top-level packages it must never import, and why
 FORBIDDEN: dict[str, dict[str, str]] = {
-    "dicom_node": {"training": "the node never imports the training package",
-                   "export": "the node never imports the export package",
+    "dicom_node": {"dicom_node_training": "the node never imports the training package",
+                   "dicom_node_export": "the node never imports the export package",
                    "torch": "the node runs on onnxruntime only",
-                   "phantoms": "only dicom_node.tools (the demo) uses phantoms"},
+                   "dicom_node_phantoms": "only dicom_node.tools (the demo) uses phantoms"},
     # the stages below the engine know nothing of it: the engine drives them, not the reverse
     "dicom_node.network": {"dicom_node.engine": "network is driven by the engine, never the reverse"},
     "dicom_node.durability": {"dicom_node.engine": "durability is driven by the engine, never the reverse",
@@ -36,12 +36,12 @@ FORBIDDEN: dict[str, dict[str, str]] = {
     "dicom_node.imaging": {"dicom_node.engine": "imaging is numpy only, shared with training",
                            "dicom_node.network": "imaging is numpy only, shared with training",
                            "dicom_node.model": "imaging is numpy only, shared with training"},
-    "phantoms": {"torch": "phantoms are numpy + pydicom only",
-                 "training": "training imports phantoms, not the reverse",
-                 "export": "phantoms know nothing of export"},
+    "dicom_node_phantoms": {"torch": "phantoms are numpy + pydicom only",
+                            "dicom_node_training": "training imports phantoms, not the reverse",
+                            "dicom_node_export": "phantoms know nothing of export"},
 }
 #: sub-packages allowed what their package is not
-ALLOWED: dict[str, set[str]] = {"dicom_node.tools": {"phantoms"}}
+ALLOWED: dict[str, set[str]] = {"dicom_node.tools": {"dicom_node_phantoms"}}
 
 
 def _module_name(root: Path, path: Path) -> str:
@@ -107,8 +107,8 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
 
 @pytest.mark.parametrize(("files", "expected"), [
     ({"dicom_node/__init__.py": "", "dicom_node/engine/__init__.py": "",
-      "dicom_node/engine/node.py": "def f():\n    from training.phase1 import train_phase1\n"},
-     "dicom_node/engine/node.py:2: dicom_node.engine.node imports training.phase1 (the node never imports the training package)"),
+      "dicom_node/engine/node.py": "def f():\n    from dicom_node_training.phase1 import train_phase1\n"},
+     "dicom_node/engine/node.py:2: dicom_node.engine.node imports dicom_node_training.phase1 (the node never imports the training package)"),
     ({"dicom_node/__init__.py": "", "dicom_node/model/__init__.py": "", "dicom_node/model/inference.py": "import torch\n"},
      "dicom_node/model/inference.py:1: dicom_node.model.inference imports torch (the node runs on onnxruntime only)"),
     ({"dicom_node/__init__.py": "", "dicom_node/results/__init__.py": "",
@@ -117,10 +117,10 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
     ({"dicom_node/__init__.py": "", "dicom_node/network/__init__.py": "",
       "dicom_node/network/send.py": "from dicom_node.engine.background import BackgroundLoop\n"},
      "dicom_node/network/send.py:1: dicom_node.network.send imports dicom_node.engine.background (network is driven by the engine, never the reverse)"),
-    ({"phantoms/__init__.py": "", "phantoms/study.py": "import torch.nn\n"},
-     "phantoms/study.py:1: phantoms.study imports torch.nn (phantoms are numpy + pydicom only)"),
-    ({"phantoms/__init__.py": "", "phantoms/variants.py": "from .dicom import _file_meta\n"},
-     "phantoms/variants.py:1: phantoms.variants takes private name _file_meta from phantoms.dicom"),
+    ({"dicom_node_phantoms/__init__.py": "", "dicom_node_phantoms/study.py": "import torch.nn\n"},
+     "dicom_node_phantoms/study.py:1: dicom_node_phantoms.study imports torch.nn (phantoms are numpy + pydicom only)"),
+    ({"dicom_node_phantoms/__init__.py": "", "dicom_node_phantoms/variants.py": "from .dicom import _file_meta\n"},
+     "dicom_node_phantoms/variants.py:1: dicom_node_phantoms.variants takes private name _file_meta from dicom_node_phantoms.dicom"),
 ])
 def test_the_checker_sees_each_broken_rule(tmp_path, files, expected):
     assert import_violations(_tree(tmp_path, files)) == [expected]

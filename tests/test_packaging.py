@@ -33,8 +33,8 @@ def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
     return []
 
 
-@pytest.mark.parametrize("script,module", [("dicom-node", "dicom_node.cli"), ("dicom-node-train", "training.cli"),
-                                           ("dicom-node-export", "export.cli")])
+@pytest.mark.parametrize("script,module", [("dicom-node", "dicom_node.cli"), ("dicom-node-train", "dicom_node_training.cli"),
+                                           ("dicom-node-export", "dicom_node_export.cli")])
 def test_every_console_script_and_subcommand_has_help(script, module):
     import importlib
 
@@ -102,3 +102,13 @@ def test_the_wheel_with_the_cpu_extra_runs_the_demo_in_a_fresh_virtualenv(wheel,
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "results for both studies came back" in r.stdout
     assert len(list((out / "results").glob("SR_*.dcm"))) == 2
+
+
+@pytest.mark.parametrize(("script", "expected"), [
+    ("dicom-node", "model bundle: pe-demo-tiny"), ("dicom-node-train", "(torch "), ("dicom-node-export", ", onnx "),
+])
+def test_every_console_script_answers_version(script, expected):
+    exe = Path(sys.executable).parent / script
+    r = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{script} {dicom_node.__version__}") and expected in r.stdout, r.stdout

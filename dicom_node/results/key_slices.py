@@ -11,7 +11,7 @@ heatmap Secondary Captures and the KOS:
    the slice with the strongest heatmap.
 
 `KeySlice.hottest_point` is the (row, column) of the heatmap maximum on the key slice: the point the
-SR marks with an image-region SCOORD (and `phantoms.truth.hottest_point` measures against truth).
+SR marks with an image-region SCOORD (and `dicom_node_phantoms.truth.hottest_point` measures against truth).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`dicom-node demo`: the whole product on two synthetic studies, start to finish.
 
-1. generates a PE-positive and a PE-negative synthetic CTPA study (phantoms.study: numpy and
+1. generates a PE-positive and a PE-negative synthetic CTPA study (dicom_node_phantoms.study: numpy and
    pydicom only, no torch);
 2. starts a receiving PACS: a real Orthanc when it is installed, else a storage SCP of our own;
 3. starts the node with the bundled demo model (or `--bundle`), sending results to that PACS;
@@ -128,7 +128,7 @@ def read_findings(sr: Dataset) -> dict[str, Finding]:
 
 
 def _make_studies(out: Path) -> list[DemoStudy]:
-    from phantoms import PhantomConfig, generate_study, write_study  # numpy + pydicom only
+    from dicom_node_phantoms import PhantomConfig, generate_study, write_study  # numpy + pydicom only
 
     cfg = PhantomConfig(**DEMO_PHANTOM)
     studies = []

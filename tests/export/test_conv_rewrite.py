@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from export.conv_rewrite import Conv3dAs2d, fold_batchnorm, rewrite_conv3d
-from export.onnx_export import check_parity_stage1, export_stage1
-from training.models import r3d_18
+from dicom_node_export.conv_rewrite import Conv3dAs2d, fold_batchnorm, rewrite_conv3d
+from dicom_node_export.onnx_export import check_parity_stage1, export_stage1
+from dicom_node_training.models import r3d_18
 
 CONVS = {
     # name: (in, out, kernel, stride, padding, dilation, bias)

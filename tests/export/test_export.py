@@ -14,8 +14,8 @@ import torch
 from bundle_factory import TINY_HIDDEN, TINY_PREPROCESS, TINY_WIDTH, tiny_models
 from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL
 from dicom_node.model.bundle import BundleError, load_bundle
-from export.cli import main
-from export.onnx_export import (
+from dicom_node_export.cli import main
+from dicom_node_export.onnx_export import (
     ExportError,
     Stage1Graph,
     check_parity_stage1,
@@ -100,9 +100,9 @@ def test_parity_check_fails_on_a_different_model(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """A run directory laid out like training.fit makes it, with random-weight checkpoints."""
-    from training.checkpoint import save_checkpoint
-    from training.config import PRESETS, config_to_dict
+    """A run directory laid out like dicom_node_training.fit makes it, with random-weight checkpoints."""
+    from dicom_node_training.checkpoint import save_checkpoint
+    from dicom_node_training.config import PRESETS, config_to_dict
 
     run = tmp_path_factory.mktemp("run")
     cfg = PRESETS["tiny"]
@@ -125,7 +125,7 @@ def tiny_run(tmp_path_factory) -> Path:
 def exported(tiny_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "b1"
     rc = main(["bundle", "--run", str(tiny_run), "--out", str(out), "--name", "pe-tiny", "--version", "1.2.3",
-               "--data-description", "synthetic phantoms (phantoms.study)"])
+               "--data-description", "synthetic phantoms (dicom_node_phantoms.study)"])
     assert rc == 0
     return out
 
@@ -137,7 +137,7 @@ def test_bundle_from_run_then_verify(exported, tiny_run, capsys):
     assert m.thresholds == pytest.approx(report["thresholds"])
     assert m.metrics["test_auroc"][WINDOW_LABEL] == pytest.approx(0.5)
     assert "indeterminate" not in m.metrics["test_auroc"]  # null in the report: no figure rather than a fake one
-    assert m.metrics["data"] == "synthetic phantoms (phantoms.study); 20 studies: 12 train / 4 validation / 4 test"
+    assert m.metrics["data"] == "synthetic phantoms (dicom_node_phantoms.study); 20 studies: 12 train / 4 validation / 4 test"
     assert m.preprocessing == TINY_PREPROCESS and m.sequence_length == 40 and m.feature_dim == 8 * TINY_WIDTH
     assert m.stage1.inputs[0].shape == ("batch", 3, 10, 24, 24)
     assert m.export_checks["stage1"]["worst_logit_diff"] <= 1e-4

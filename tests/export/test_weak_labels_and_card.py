@@ -14,8 +14,8 @@ import pytest
 from bundle_factory import TINY_HIDDEN, TINY_PREPROCESS, TINY_WIDTH, tiny_models
 from dicom_node.labels import ALL_LABELS, WINDOW_LABEL
 from dicom_node.model.bundle import load_bundle
-from export.bundle import portable_command, portable_path, read_report
-from export.cli import main
+from dicom_node_export.bundle import portable_command, portable_path, read_report
+from dicom_node_export.cli import main
 
 
 def test_portable_command_quotes_and_hides_absolute_paths(tmp_path):
@@ -43,8 +43,8 @@ def test_read_report_keeps_validation_auroc(tmp_path):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    from training.checkpoint import save_checkpoint
-    from training.config import PRESETS, config_to_dict
+    from dicom_node_training.checkpoint import save_checkpoint
+    from dicom_node_training.config import PRESETS, config_to_dict
 
     run = tmp_path_factory.mktemp("run with space")
     cfg = PRESETS["tiny"]
@@ -66,7 +66,7 @@ def run_dir(tmp_path_factory) -> Path:
 def test_export_writes_weak_labels_and_a_portable_model_card(run_dir, tmp_path, capsys):
     out = tmp_path / "bundle"
     rc = main(["bundle", "--run", str(run_dir), "--out", str(out), "--name", "pe-tiny", "--version", "1.0.0",
-               "--data-description", "synthetic phantoms (phantoms.study)", "--weak-auroc-floor", "0.8"])
+               "--data-description", "synthetic phantoms (dicom_node_phantoms.study)", "--weak-auroc-floor", "0.8"])
     assert rc == 0
     assert "weak labels (validation AUROC < 0.80): indeterminate, chronic_pe, acute_and_chronic_pe" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
@@ -82,7 +82,7 @@ def test_export_writes_weak_labels_and_a_portable_model_card(run_dir, tmp_path, 
     command = card.split("Commands:\n\n```\n", 1)[1].split("\n```", 1)[0]
     argv = shlex.split(command)
     assert argv[:4] == ["dicom-node-export", "bundle", "--run", "<RUN_DIR>"]
-    assert argv[argv.index("--data-description") + 1] == "synthetic phantoms (phantoms.study)"
+    assert argv[argv.index("--data-description") + 1] == "synthetic phantoms (dicom_node_phantoms.study)"
     assert argv[argv.index("--out") + 1] in ("<OUT_DIR>", str(out.relative_to(Path.cwd())) if out.is_relative_to(Path.cwd()) else "<OUT_DIR>")
     assert str(tmp_path) not in card and str(run_dir) not in card
     assert '"run": "<RUN_DIR>"' in card and '"stage1": "<RUN_DIR>/phase1/best.pt"' in card

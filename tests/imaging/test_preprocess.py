@@ -21,8 +21,8 @@ from dicom_node.imaging.preprocess import (
     preprocess,
 )
 from dicom_node.imaging.series import load_series
-from phantoms.anatomy import Tissue
-from phantoms.variants import write_variant
+from dicom_node_phantoms.anatomy import Tissue
+from dicom_node_phantoms.variants import write_variant
 
 TINY = PreprocessConfig(resize=64, crop=56)
 

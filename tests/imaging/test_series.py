@@ -14,7 +14,7 @@ from pydicom.uid import RLELossless, generate_uid
 
 from ct_factory import make_enhanced, make_series, phantom_datasets, small_study
 from dicom_node.imaging.series import CtSeries, SeriesError, group_series, load_series
-from phantoms.variants import COMPRESSED, VARIANTS, write_variant
+from dicom_node_phantoms.variants import COMPRESSED, VARIANTS, write_variant
 
 HU = small_study().hu  # (24, 64, 64) int16 phantom, 2.5 mm slices
 

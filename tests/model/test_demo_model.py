@@ -31,7 +31,7 @@ def test_demo_model_flags_positive_and_clears_negative_phantom(tmp_path, kind, p
     from dicom_node.imaging.series import load_series
     from dicom_node.model.inference import Predictor
     from dicom_node.tools.demo import DEMO_PHANTOM
-    from phantoms import PhantomConfig, generate_study, study_seed, write_study
+    from dicom_node_phantoms import PhantomConfig, generate_study, study_seed, write_study
 
     bundle = load_bundle(DEMO)
     study = generate_study(study_seed(424242, 0 if positive else 1), PhantomConfig(**DEMO_PHANTOM), kind=kind)

@@ -133,7 +133,7 @@ def test_predictor_stage1_matches_torch(tiny_bundle):
     """Batched stage 1 in the Predictor gives the torch model's window logits and CAM maps."""
     import torch
 
-    from training.models import cam
+    from dicom_node_training.models import cam
 
     m1, _ = tiny_models(0)
     w = make_windows(11, seed=3)

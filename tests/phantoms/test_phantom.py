@@ -13,7 +13,7 @@ import pytest
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 
 from dicom_node.labels import CSV_COLUMNS, QA_COLUMNS, STUDY_LABELS, consistency_violations
-from phantoms import (
+from dicom_node_phantoms import (
     COMPRESSED,
     VARIANTS,
     PhantomConfig,
@@ -25,7 +25,7 @@ from phantoms import (
     write_study,
     write_variant,
 )
-from training.cli import main as train_main
+from dicom_node_training.cli import main as train_main
 
 SMALL = PhantomConfig(rows=96, cols=96, n_slices=48, slice_thickness_mm=2.5)
 PE_PROPERTIES = ("chronic_pe", "acute_and_chronic_pe", "central_pe", "leftsided_pe", "rightsided_pe",

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from test_results import phantom_case
 
-from phantoms import write_study
+from dicom_node_phantoms import write_study
 
 OHIF = Path(__file__).parent / "ohif"
 NODE, NPM = shutil.which("node"), shutil.which("npm")

@@ -27,7 +27,7 @@ from dicom_node.results.codes import FINDING_GROUPS, LABEL_CODING
 from dicom_node.results.key_slices import select_key_slices
 from dicom_node.results.sc import pe_window_grey, render_overlay
 from dicom_node.results.sr import BundleInfo, ReportError, build_sr
-from phantoms import PhantomConfig, generate_study, heatmap_hits_embolus, study_datasets
+from dicom_node_phantoms import PhantomConfig, generate_study, heatmap_hits_embolus, study_datasets
 
 DCIODVFY = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
 DSRDUMP = shutil.which("dsrdump") or "/usr/bin/dsrdump"

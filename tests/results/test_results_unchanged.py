@@ -50,7 +50,7 @@ def build(tmp: Path) -> dict[str, list]:
     from dicom_node.pipeline import analyse_series, get_predictor
     from dicom_node.results import ResultOptions
     from dicom_node.tools.demo import DEMO_PHANTOM
-    from phantoms import PhantomConfig, generate_study, write_study
+    from dicom_node_phantoms import PhantomConfig, generate_study, write_study
 
     study = generate_study(20261125, PhantomConfig(**DEMO_PHANTOM), kind="positive")
     predictor = get_predictor(intra_op_threads=1)

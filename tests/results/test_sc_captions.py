@@ -38,7 +38,7 @@ from dicom_node.results.sc import (
     render_overlay,
 )
 from dicom_node.results.sr import BundleInfo
-from phantoms import PhantomConfig, generate_study, study_datasets, write_study
+from dicom_node_phantoms import PhantomConfig, generate_study, study_datasets, write_study
 
 DCIODVFY = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
 needs_dicom3tools = pytest.mark.skipif(not Path(DCIODVFY).exists(), reason="dicom3tools not installed")

@@ -43,7 +43,7 @@ def _headers(folder: Path) -> dict[str, pydicom.Dataset]:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from phantoms import PhantomConfig, generate_study, write_variant
+    from dicom_node_phantoms import PhantomConfig, generate_study, write_variant
 
     root = tmp_path_factory.mktemp("analyse")
     inp = root / "in"
@@ -197,7 +197,7 @@ def test_rerun_into_marked_out_dir_replaces_only_its_own_files(tmp_path, folder)
 
 
 def test_a_failing_series_is_listed_and_exits_1(tmp_path):
-    from phantoms import PhantomConfig, generate_study, write_variant
+    from dicom_node_phantoms import PhantomConfig, generate_study, write_variant
 
     study = generate_study(7, PhantomConfig(**DEMO_PHANTOM), kind="negative")
     write_variant(study, tmp_path / "in", "missing-slice")  # a gap in the slices: the loader refuses it

@@ -23,9 +23,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-from training.checkpoint import load_checkpoint
-from training.config import load_config
-from training.data import Split, WindowDataset, load_cache_index, save_split, write_cache_entry
+from dicom_node_training.checkpoint import load_checkpoint
+from dicom_node_training.config import load_config
+from dicom_node_training.data import Split, WindowDataset, load_cache_index, save_split, write_cache_entry
 
 WORLD = 2
 STEPS = 2
@@ -60,8 +60,8 @@ def _ddp_worker(rank: int, run: str, port: int, study_label_weight: float) -> No
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from training.distributed import setup, teardown
-    from training.phase1 import train_phase1
+    from dicom_node_training.distributed import setup, teardown
+    from dicom_node_training.phase1 import train_phase1
 
     ctx = setup("cpu")
     try:
@@ -79,8 +79,8 @@ def _free_port() -> int:
 def _reference(run: Path, study_label_weight: float) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Single process, same global batches, each rank's half forwarded separately (with the
     study-label head and its loss when `study_label_weight` > 0)."""
-    from training.models import r3d_18
-    from training.phase1 import make_deterministic
+    from dicom_node_training.models import r3d_18
+    from dicom_node_training.phase1 import make_deterministic
 
     config = _config(study_label_weight)
     torch.set_num_threads(1)
@@ -145,7 +145,7 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path, study_label_weight
     assert diffs[worst] < 1e-4, f"{worst} differs by {diffs[worst]:.2e}"
 
     # the comparison is not vacuous: training moved the weights away from their initialisation
-    from training.models import r3d_18
+    from dicom_node_training.models import r3d_18
 
     torch.manual_seed(3)
     fresh = r3d_18(num_outputs=1, width=8).state_dict()

@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from dicom_node.labels import ALL_LABELS, IMAGE_WEIGHT, STUDY_LABEL_WEIGHTS, STUDY_LABELS, WINDOW_LABEL
-from training.evaluate import (
+from dicom_node_training.evaluate import (
     SplitPredictions,
     auroc,
     auroc_ci_bootstrap,
@@ -22,7 +22,7 @@ from training.evaluate import (
     write_report,
     youden_threshold,
 )
-from training.loss import phase1_loss, sequence_loss, weighted_log_loss
+from dicom_node_training.loss import phase1_loss, sequence_loss, weighted_log_loss
 
 W_K = np.array([STUDY_LABEL_WEIGHTS[k] for k in STUDY_LABELS])
 
@@ -234,7 +234,7 @@ def test_split_predictions_from_logits_and_validation():
 
 
 def test_window_threshold_is_chosen_at_the_study_level():
-    from training.evaluate import study_flag_arrays, youden_threshold
+    from dicom_node_training.evaluate import study_flag_arrays, youden_threshold
 
     rng = np.random.default_rng(11)
     val, test = _random_split(rng, 60, shift=0.1), _random_split(rng, 80)

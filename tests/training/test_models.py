@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dicom_node.model.sequence import SEQUENCE_LENGTH, from_fixed_length, to_fixed_length
-from training.models import (
+from dicom_node_training.models import (
     PretrainedWeightsError,
     cam,
     fold_weight_norm,

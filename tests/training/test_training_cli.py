@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from phantoms import PhantomConfig, generate_dataset
-from training.cli import build_parser, main
+from dicom_node_phantoms import PhantomConfig, generate_dataset
+from dicom_node_training.cli import build_parser, main
 
 FIT = ["--preset", "tiny", "--device", "cpu", "--workers", "0", "--no-progress"]
 
@@ -99,7 +99,7 @@ def test_fit_refuses_bad_data_in_one_line_before_writing_anything(phantom_data, 
 
 def test_the_real_command_prints_the_input_error_as_one_line_without_a_traceback(tmp_path):
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "training.cli", "fit", "--data", str(tmp_path / "nowhere"),
+    r = subprocess.run([sys.executable, "-m", "dicom_node_training.cli", "fit", "--data", str(tmp_path / "nowhere"),
                         "--out", str(run), *FIT], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     assert r.stderr.splitlines() == [f"dicom-node-train fit: {tmp_path / 'nowhere'}: no such data folder; expected the "
@@ -165,7 +165,7 @@ def test_help_shows_each_default_once():
 
 
 def test_a_phantom_data_set_passes_the_input_checks(phantom_data):
-    from training.data import check_rsna_data
+    from dicom_node_training.data import check_rsna_data
 
     records = check_rsna_data(phantom_data)
     assert len(records) == 2 and all(r.slice_labels for r in records.values())

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from training.config import PRESETS, ConfigError, config_from_dict, config_to_dict, load_config
+from dicom_node_training.config import PRESETS, ConfigError, config_from_dict, config_to_dict, load_config
 
 
 def test_paper_preset_holds_the_published_settings():
@@ -79,9 +79,9 @@ def test_unknown_preset_and_file_errors(tmp_path):
 def test_pretrained_flag_sets_phase1_weights_and_refuses_missing_file(tmp_path):
     import torch
 
-    from training.config import ConfigError
-    from training.fit import resolve_config
-    from training.models import r3d_18
+    from dicom_node_training.config import ConfigError
+    from dicom_node_training.fit import resolve_config
+    from dicom_node_training.models import r3d_18
 
     weights = tmp_path / "r3d_18_k400.pth"
     torch.save(r3d_18(width=16, pretrained=None).state_dict(), weights)
@@ -96,7 +96,7 @@ def test_pretrained_flag_sets_phase1_weights_and_refuses_missing_file(tmp_path):
 def test_balanced_sampler_draws_the_asked_positive_share_and_shards_by_rank():
     import numpy as np
 
-    from training.phase1 import BalancedSampler
+    from dicom_node_training.phase1 import BalancedSampler
 
     labels = np.zeros(1000)
     labels[:50] = 1
@@ -139,7 +139,7 @@ def test_study_max_auroc_scores_each_study_by_its_highest_window():
 
     import numpy as np
 
-    from training.phase1 import study_max_auroc
+    from dicom_node_training.phase1 import study_max_auroc
 
     # study a (positive window 1), b (positive window 0), c and d (no positive window)
     ds = SimpleNamespace(index=[("a", 0), ("a", 1), ("b", 0), ("c", 0), ("c", 1), ("d", 0)],
@@ -155,7 +155,7 @@ def test_study_max_auroc_scores_each_study_by_its_highest_window():
 def test_level_matched_negatives_follow_the_positive_windows_heights():
     import numpy as np
 
-    from training.phase1 import BalancedSampler
+    from dicom_node_training.phase1 import BalancedSampler
 
     # 100 studies of 10 windows; positives only at heights 0.3-0.5 (like emboli at the pulmonary arteries)
     levels = np.tile((np.arange(10) + 0.5) / 10, 100)
@@ -186,7 +186,7 @@ def test_level_matched_negatives_follow_the_positive_windows_heights():
 
 
 def test_learning_rate_schedules():
-    from training.phase1 import lr_at
+    from dicom_node_training.phase1 import lr_at
 
     tiny = load_config("tiny").phase1
     assert tiny.lr_schedule == "cosine"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dicom_node.labels import ALL_LABELS, STUDY_LABELS
-from phantoms import PhantomConfig, generate_dataset
-from training.cli import main
+from dicom_node_phantoms import PhantomConfig, generate_dataset
+from dicom_node_training.cli import main
 
 FAST = "[phase1]\nepochs = 1\nwindows_per_epoch = 32\n[phase2]\nepochs = 2\n"
 
@@ -62,8 +62,8 @@ def test_fit_writes_checkpoints_and_report(fitted):
 def test_study_label_head_changes_what_the_backbone_learns(fitted, tmp_path):
     """Same seed and data, two optimiser steps: with study_label_weight > 0 the study labels' loss
     reaches the window model's weights; with 0 (the paper) no head is made or saved."""
-    from training.config import load_config
-    from training.phase1 import train_phase1
+    from dicom_node_training.config import load_config
+    from dicom_node_training.phase1 import train_phase1
 
     _, run = fitted
     models = {}
@@ -84,7 +84,7 @@ def test_study_label_head_changes_what_the_backbone_learns(fitted, tmp_path):
 
 
 def test_window_dataset_can_carry_the_study_labels(fitted):
-    from training.data import WindowDataset, load_cache_index
+    from dicom_node_training.data import WindowDataset, load_cache_index
 
     _, run = fitted
     entries = load_cache_index(run)
@@ -112,9 +112,9 @@ def test_resume_skips_finished_work(fitted):
 
 def test_phase1_and_phase2_losses_fall_on_a_fixed_batch(fitted):
     """Overfit check: a few optimiser steps on one fixed batch lower the training loss."""
-    from training.data import SequenceDataset, WindowDataset, load_cache_index
-    from training.loss import phase1_loss, sequence_loss
-    from training.models import r3d_18, sequence_model
+    from dicom_node_training.data import SequenceDataset, WindowDataset, load_cache_index
+    from dicom_node_training.loss import phase1_loss, sequence_loss
+    from dicom_node_training.models import r3d_18, sequence_model
 
     _, run = fitted
     torch.manual_seed(0)

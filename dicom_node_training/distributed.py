@@ -1,6 +1,6 @@
 """One process or many: torchrun / DistributedDataParallel set-up shared by the training steps.
 
-`torchrun --nproc_per_node=G [--nnodes=M ...] -m training.cli fit --data D --out R` starts G
+`torchrun --nproc_per_node=G [--nnodes=M ...] -m dicom_node_training.cli fit --data D --out R` starts G
 processes per node with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in the
 environment; `setup` reads them and joins the process group (nccl on CUDA, gloo on CPU). Without
 those variables everything runs in one process and the helpers below are no-ops.

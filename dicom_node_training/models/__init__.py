@@ -1,6 +1,6 @@
 """Phase-1 (R3D-18 window encoder) and phase-2 (TCN/GRU + attention) models."""
 
-from training.models.r3d import (
+from dicom_node_training.models.r3d import (
     PretrainedWeightsError,
     VideoResNet,
     WindowOutput,
@@ -9,7 +9,7 @@ from training.models.r3d import (
     r3d_18,
     window_heatmap,
 )
-from training.models.sequence import (
+from dicom_node_training.models.sequence import (
     SequenceModel,
     SequenceOutput,
     fold_weight_norm,

@@ -4,7 +4,7 @@
 
 Every variant writes under `root/<StudyUID>/<SeriesUID>/` and is a function of the study alone
 (its own random draws are seeded from `study.seed`), so a test that fails on one variant fails
-the same way on every run. The compressed variants are `phantoms.dicom.write_compressed` under a
+the same way on every run. The compressed variants are `dicom_node_phantoms.dicom.write_compressed` under a
 short name; the others bend one thing the loader must cope with (a missing or duplicated slice,
 file names and instance numbers that disagree with the positions, an oblique orientation, a
 localizer and a second series in the same study, one Enhanced CT multi-frame instance).
@@ -28,7 +28,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from phantoms.dicom import (
+from dicom_node_phantoms.dicom import (
     add_file_meta,
     base_dataset,
     decimal_string,
@@ -38,7 +38,7 @@ from phantoms.dicom import (
     study_datasets_slice,
     write_compressed,
 )
-from phantoms.geometry import HU_INTERCEPT, PhantomStudy, phantom_uid
+from dicom_node_phantoms.geometry import HU_INTERCEPT, PhantomStudy, phantom_uid
 
 __all__ = ["VARIANTS", "COMPRESSED", "write_variant", "enhanced_dataset"]
 

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from dicom_node.labels import sigmoid
 from dicom_node.model.bundle import STAGE1_INPUTS, STAGE1_OUTPUTS, STAGE2_INPUTS, STAGE2_OUTPUTS, TensorSpec
-from export.conv_rewrite import rewrite_conv3d
-from training.models import cam, fold_weight_norm
+from dicom_node_export.conv_rewrite import rewrite_conv3d
+from dicom_node_training.models import cam, fold_weight_norm
 
 if TYPE_CHECKING:
     import onnx
@@ -148,7 +148,7 @@ def export_stage1(model: nn.Module, path: Path, *, window_slices: int, crop: int
     """Export stage 1; returns the torch `Stage1Graph` of the ORIGINAL model, for the parity checks.
 
     `conv_rewrite` ("gather", default; "concat" or "sum") exports every Conv3d as Conv2d with BatchNorm
-    folded (`export.conv_rewrite`; same outputs, several times faster on onnxruntime CPU);
+    folded (`dicom_node_export.conv_rewrite`; same outputs, several times faster on onnxruntime CPU);
     None exports the plain Conv3d graph.
     """
     graph = Stage1Graph(model).eval()

@@ -9,7 +9,7 @@ the nine study labels:
 * thresholds chosen on VALIDATION by maximising Youden's J = sensitivity + specificity - 1
   (ties -> the lowest such threshold, i.e. the higher sensitivity); a prediction is positive
   when ``p >= threshold``; sensitivity and specificity at that threshold on TEST;
-* the competition's weighted log loss (:func:`training.loss.weighted_log_loss`);
+* the competition's weighted log loss (:func:`dicom_node_training.loss.weighted_log_loss`);
 * the share of test studies whose raw thresholded labels break the RSNA consistency rules,
   before and after :func:`dicom_node.labels.make_consistent`.
 
@@ -32,7 +32,7 @@ from scipy.stats import rankdata
 
 from dicom_node.labels import ALL_LABELS, STUDY_LABELS, WINDOW_LABEL, consistency_violations, make_consistent, sigmoid
 from dicom_node.model.sequence import from_fixed_length
-from training.loss import weighted_log_loss
+from dicom_node_training.loss import weighted_log_loss
 
 __all__ = [
     "SplitPredictions",

@@ -31,17 +31,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 
 from dicom_node.labels import STUDY_LABELS
 from dicom_node.log import get_logger
-from training.checkpoint import git_revision, load_checkpoint, resume_state, save_checkpoint
-from training.config import Phase1Config, TrainConfig, config_to_dict
-from training.data import WindowDataset, load_cache_index, load_split, seed_worker
-from training.distributed import DistContext, gather, setup, shard
-from training.evaluate import auroc, study_maxima
-from training.models import r3d_18
-from training.models.r3d import WindowOutput
+from dicom_node_training.checkpoint import git_revision, load_checkpoint, resume_state, save_checkpoint
+from dicom_node_training.config import Phase1Config, TrainConfig, config_to_dict
+from dicom_node_training.data import WindowDataset, load_cache_index, load_split, seed_worker
+from dicom_node_training.distributed import DistContext, gather, setup, shard
+from dicom_node_training.evaluate import auroc, study_maxima
+from dicom_node_training.models import r3d_18
+from dicom_node_training.models.r3d import WindowOutput
 
 __all__ = ["BalancedSampler", "StudyLabelHead", "study_max_auroc", "train_phase1", "extract_features", "predict_windows", "make_deterministic", "autocast_for", "lr_at"]
 
-log = get_logger("training.phase1")
+log = get_logger("dicom_node_training.phase1")
 
 
 def make_deterministic(seed: int, device: torch.device) -> None:

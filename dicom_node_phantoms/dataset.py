@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from dicom_node.labels import CSV_COLUMNS
-from phantoms.dicom import write_study
-from phantoms.geometry import DEFAULT_CONFIG, PhantomConfig, PhantomStudy
-from phantoms.study import generate_study
+from dicom_node_phantoms.dicom import write_study
+from dicom_node_phantoms.geometry import DEFAULT_CONFIG, PhantomConfig, PhantomStudy
+from dicom_node_phantoms.study import generate_study
 
 __all__ = ["csv_rows", "dataset_plan", "generate_dataset", "study_seed"]
 

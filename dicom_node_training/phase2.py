@@ -23,19 +23,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from dicom_node.log import get_logger
-from training.checkpoint import git_revision, load_checkpoint, resume_state, save_checkpoint
-from training.config import TrainConfig, config_to_dict
-from training.data import SequenceDataset, load_cache_index, load_split, seed_worker
-from training.distributed import DistContext, gather, setup, shard
-from training.evaluate import SplitPredictions, auroc, evaluate, write_report
-from training.loss import sequence_loss
-from training.models import sequence_model
-from training.models.sequence import SequenceOutput
-from training.phase1 import make_deterministic
+from dicom_node_training.checkpoint import git_revision, load_checkpoint, resume_state, save_checkpoint
+from dicom_node_training.config import TrainConfig, config_to_dict
+from dicom_node_training.data import SequenceDataset, load_cache_index, load_split, seed_worker
+from dicom_node_training.distributed import DistContext, gather, setup, shard
+from dicom_node_training.evaluate import SplitPredictions, auroc, evaluate, write_report
+from dicom_node_training.loss import sequence_loss
+from dicom_node_training.models import sequence_model
+from dicom_node_training.models.sequence import SequenceOutput
+from dicom_node_training.phase1 import make_deterministic
 
 __all__ = ["train_phase2", "predict_split", "evaluate_run", "build_sequence_model"]
 
-log = get_logger("training.phase2")
+log = get_logger("dicom_node_training.phase2")
 
 
 def _feature_dim(feat_dir: Path, uid: str) -> int:
@@ -214,7 +214,7 @@ def evaluate_run(config: TrainConfig, run_dir: str | os.PathLike[str], ctx: Dist
                  n_resamples: int = 1000) -> dict[str, Any]:
     """Best phase-2 model on validation and test -> RUN/report.json, report.md, ROC plots.
 
-    Thresholds come from validation only (see `training.evaluate`). The phase-1 window AUROC on
+    Thresholds come from validation only (see `dicom_node_training.evaluate`). The phase-1 window AUROC on
     test is added under `phase1.test_auroc_window` for comparison with the phase-2 window head.
     """
     ctx = ctx or setup(config.device)

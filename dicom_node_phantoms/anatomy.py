@@ -3,8 +3,8 @@
 Everything is built in patient millimetres (LPS: +x patient left, +y posterior, +z superior) on a
 (Z, Y, X) voxel grid and drawn on bounding boxes only: large structures as per-slice ellipses,
 vessels and emboli as chains of tapered capsules whose occupancy (0..1, a one-voxel partial-volume
-ramp) is computed from the distance to the centreline. `phantoms.study` turns the result into
-labelled studies, `phantoms.dicom` into DICOM files.
+ramp) is computed from the distance to the centreline. `dicom_node_phantoms.study` turns the result into
+labelled studies, `dicom_node_phantoms.dicom` into DICOM files.
 
 `build_anatomy` calls one function per structure (`draw_body`, `draw_lungs`, `draw_heart`,
 `draw_aorta`, `pulmonary_artery_tree`, `draw_lung_vessels`, `draw_pulmonary_arteries`,

@@ -105,7 +105,7 @@ class Phase2Config:
     lr_decay_every: int = 20  # ... every this many optimiser steps
     batch_size: int = 64
     epochs: int = 200
-    loss_normalization: Literal["paper", "competition"] = "paper"  # see training.loss
+    loss_normalization: Literal["paper", "competition"] = "paper"  # see dicom_node_training.loss
 
 
 @dataclass(frozen=True)

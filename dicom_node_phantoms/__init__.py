@@ -8,9 +8,9 @@ never imports it.
 # phantoms module; dicom imports geometry; study imports geometry and anatomy; variants imports
 # dicom and geometry; dataset imports study, dicom and geometry. Each name below is defined in
 # exactly one of them and re-exported here, so callers need not know which.
-from phantoms.anatomy import CENTRAL_KINDS, VESSEL_KINDS, Tissue
-from phantoms.dataset import csv_rows, dataset_plan, generate_dataset, study_seed
-from phantoms.dicom import (
+from dicom_node_phantoms.anatomy import CENTRAL_KINDS, VESSEL_KINDS, Tissue
+from dicom_node_phantoms.dataset import csv_rows, dataset_plan, generate_dataset, study_seed
+from dicom_node_phantoms.dicom import (
     COMPRESSED_SYNTAXES,
     add_file_meta,
     base_dataset,
@@ -19,7 +19,7 @@ from phantoms.dicom import (
     write_compressed,
     write_study,
 )
-from phantoms.geometry import (
+from dicom_node_phantoms.geometry import (
     DEFAULT_CONFIG,
     HU_INTERCEPT,
     SMALLEST_EMBOLUS_VESSELS,
@@ -28,9 +28,9 @@ from phantoms.geometry import (
     phantom_study_uid,
     phantom_uid,
 )
-from phantoms.study import generate_study
-from phantoms.truth import heatmap_hits_embolus, hottest_point
-from phantoms.variants import COMPRESSED, VARIANTS, enhanced_dataset, write_variant
+from dicom_node_phantoms.study import generate_study
+from dicom_node_phantoms.truth import heatmap_hits_embolus, hottest_point
+from dicom_node_phantoms.variants import COMPRESSED, VARIANTS, enhanced_dataset, write_variant
 
 __all__ = [
     # geometry

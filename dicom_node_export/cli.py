@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dicom_node import tool_versions
+
 if TYPE_CHECKING:
     _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -19,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dicom-node-export",
         description="Export trained weights to a verified ONNX model bundle for the node, and verify bundles.",
     )
+    parser.add_argument("--version", action="version",
+                        version=tool_versions("dicom-node-export", ("torch", "onnx", "onnxruntime")),
+                        help="print the package version and the torch/onnx/onnxruntime it would export with, then exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_bundle(sub)
     _add_verify(sub)
@@ -51,7 +56,7 @@ examples:
     p.add_argument("--out", type=Path, required=True, help="bundle directory to create (must not exist or be empty)")
     p.add_argument("--name", required=True, help="bundle name shown in results and logs, e.g. pe-r3d18-tcn")
     p.add_argument("--version", required=True, help="bundle version, e.g. 1.0.0")
-    p.add_argument("--data-description", help="what the metrics come from, e.g. 'synthetic phantoms (phantoms.study)'")
+    p.add_argument("--data-description", help="what the metrics come from, e.g. 'synthetic phantoms (dicom_node_phantoms.study)'")
     p.add_argument("--fp16", action="store_true", help="also write float16 graphs (stage1.fp16.onnx, stage2.fp16.onnx) "
                                                        "for GPUs; checked at 1e-2 on probabilities")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
@@ -64,7 +69,7 @@ examples:
 
 
 def _cmd_bundle(args: argparse.Namespace) -> int:
-    from export.bundle import bundle_from_checkpoints, bundle_from_run, portable_command
+    from dicom_node_export.bundle import bundle_from_checkpoints, bundle_from_run, portable_command
 
     if args.run is None and (args.stage1 is None or args.stage2 is None):
         print("dicom-node-export bundle: give --run RUN, or both --stage1 CKPT and --stage2 CKPT", file=sys.stderr)
@@ -117,7 +122,7 @@ def _add_verify(sub: _Subparsers) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from export.verify import BundleError, verify
+    from dicom_node_export.verify import BundleError, verify
 
     try:
         report = verify(args.bundle, run_graphs=not args.no_run)

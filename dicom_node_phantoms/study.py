@@ -7,19 +7,19 @@ numpy + scipy + pydicom only (no torch). One seed gives one study, always the sa
     study.embolus_mask  # (Z, Y, X) bool
     study.slice_labels  # (Z,) pe_present_on_image
     study.study_labels  # every RSNA study column incl. QA flags
-    write_study(study, Path("out/train"))   # phantoms.dicom
+    write_study(study, Path("out/train"))   # dicom_node_phantoms.dicom
 
 "Always the same" is bit for bit: pixel data, UIDs and every element, for as long as the seed
 and the config are the same. The study draws every random number from one generator seeded with
-`seed`, in a fixed order (case kind, contrast, anatomy in `phantoms.anatomy`, mimic, emboli,
+`seed`, in a fixed order (case kind, contrast, anatomy in `dicom_node_phantoms.anatomy`, mimic, emboli,
 noise, position, patient), so any change to the order or count of draws changes every study
 after it; keep new draws at the end, or on a generator of their own.
 
 Label semantics follow the RSNA-STR challenge: `central_pe` when an embolus sits in the main,
 left or right pulmonary artery; `leftsided_pe`/`rightsided_pe` when one sits on that side (the
 left/right PA trunk counts for its side as well as central). Geometry and identity live in
-`phantoms.geometry`, the DICOM files in `phantoms.dicom`, test variants in `phantoms.variants`
-and the RSNA-style data set (`train/`, `train.csv`, `masks/`) in `phantoms.dataset`.
+`dicom_node_phantoms.geometry`, the DICOM files in `dicom_node_phantoms.dicom`, test variants in `dicom_node_phantoms.variants`
+and the RSNA-style data set (`train/`, `train.csv`, `masks/`) in `dicom_node_phantoms.dataset`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,16 @@ from __future__ import annotations
 import numpy as np
 
 from dicom_node.labels import QA_COLUMNS, STUDY_LABELS
-from phantoms.anatomy import CENTRAL_KINDS, Canvas, Embolus, build_anatomy, paint_emboli, paint_mimic, place_emboli
-from phantoms.geometry import (
+from dicom_node_phantoms.anatomy import (
+    CENTRAL_KINDS,
+    Canvas,
+    Embolus,
+    build_anatomy,
+    paint_emboli,
+    paint_mimic,
+    place_emboli,
+)
+from dicom_node_phantoms.geometry import (
     DEFAULT_CONFIG,
     HU_INTERCEPT,
     PhantomConfig,

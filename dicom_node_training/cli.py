@@ -8,9 +8,11 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from dicom_node import tool_versions
+
 if TYPE_CHECKING:  # the command line imports torch only inside the subcommands that need it
-    from training.config import TrainConfig
-    from training.distributed import DistContext
+    from dicom_node_training.config import TrainConfig
+    from dicom_node_training.distributed import DistContext
 
     _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -22,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dicom-node-train",
         description="Train and evaluate the two-phase PE model (Ma et al. 2022) on RSNA-layout data; generate synthetic CTPA phantoms.",
     )
+    parser.add_argument("--version", action="version", version=tool_versions("dicom-node-train", ("torch",)),
+                        help="print the package version and the torch it would train with, then exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_phantom(subparsers)
     _add_fit(subparsers)
@@ -40,7 +44,7 @@ class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _add_phantom(subparsers: _Subparsers) -> None:
-    from phantoms import SMALLEST_EMBOLUS_VESSELS  # numpy + pydicom only, no torch
+    from dicom_node_phantoms import SMALLEST_EMBOLUS_VESSELS  # numpy + pydicom only, no torch
 
     p = subparsers.add_parser(
         "phantom",
@@ -82,7 +86,7 @@ def _run_phantom(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from phantoms import PhantomConfig, generate_dataset
+    from dicom_node_phantoms import PhantomConfig, generate_dataset
 
     try:
         config = PhantomConfig(rows=args.rows, cols=args.cols, n_slices=args.slices,
@@ -112,7 +116,7 @@ _FLOW = (
     "phase2 (TCN/GRU + attention on sequences of 40, best validation loss kept) -> evaluate "
     "(RUN/report.json, report.md, ROC plots). `fit` runs them all and skips finished steps; each step "
     "is also its own subcommand on the same --out. Multi-GPU / multi-node: "
-    "torchrun --nproc_per_node=G -m training.cli fit|phase1|... (DDP; rank 0 writes)."
+    "torchrun --nproc_per_node=G -m dicom_node_training.cli fit|phase1|... (DDP; rank 0 writes)."
 )
 
 
@@ -156,7 +160,7 @@ def _add_fit(subparsers: _Subparsers) -> None:
                 "  dicom-node-train phantom --out P --studies 40 --rows 128 --cols 128 --slices 140 --slice-thickness 2.5\n"
                 "  dicom-node-train fit --data P --out R --preset tiny\n"
                 "  dicom-node-train fit --data P --out R --resume      # after an interruption\n"
-                "  torchrun --nproc_per_node=4 -m training.cli fit --data D --out R --preset paper --device cuda"),
+                "  torchrun --nproc_per_node=4 -m dicom_node_training.cli fit --data D --out R --preset paper --device cuda"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_args(p, "fit")
     p.add_argument("--resume", action="store_true",
@@ -183,8 +187,8 @@ def _add_steps(subparsers: _Subparsers) -> None:
 
 def _start(args: argparse.Namespace, *, new_run: bool) -> tuple[TrainConfig, DistContext]:
     from dicom_node.log import configure_logging
-    from training.distributed import setup
-    from training.fit import resolve_config
+    from dicom_node_training.distributed import setup
+    from dicom_node_training.fit import resolve_config
 
     configure_logging(json=args.log_json)
     config = resolve_config(args.out, args.preset, args.config, device=args.device, workers=args.workers,
@@ -193,10 +197,10 @@ def _start(args: argparse.Namespace, *, new_run: bool) -> tuple[TrainConfig, Dis
 
 
 def _run_fit(args: argparse.Namespace) -> int:
-    from training.config import ConfigError
-    from training.data import DataError
-    from training.distributed import teardown
-    from training.fit import RunError, fit
+    from dicom_node_training.config import ConfigError
+    from dicom_node_training.data import DataError
+    from dicom_node_training.distributed import teardown
+    from dicom_node_training.fit import RunError, fit
 
     try:
         config, ctx = _start(args, new_run=not args.resume)
@@ -216,10 +220,10 @@ def _run_fit(args: argparse.Namespace) -> int:
 
 
 def _run_step(args: argparse.Namespace) -> int:
-    from training.config import ConfigError
-    from training.data import DataError
-    from training.distributed import teardown
-    from training.fit import RunError, run_step
+    from dicom_node_training.config import ConfigError
+    from dicom_node_training.data import DataError
+    from dicom_node_training.distributed import teardown
+    from dicom_node_training.fit import RunError, run_step
 
     try:
         config, ctx = _start(args, new_run=False)

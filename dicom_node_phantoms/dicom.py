@@ -10,7 +10,7 @@ to every phantom ever written. Stored value = HU + 1024 (`HU_INTERCEPT`), 12 bit
 Lossless compression uses pydicom's encoders (RLE, JPEG-LS via pyjpegls/pylibjpeg, JPEG 2000 via
 pylibjpeg-openjpeg) and falls back to dcmtk (`dcmcjpls`, `dcmcrle`) or GDCM (`gdcmconv --j2k`);
 JPEG lossless (process 14, SV1) always uses dcmtk's `dcmcjpeg`. The helpers `base_dataset`,
-`decimal_string` and `add_file_meta` are public so that `phantoms.variants` builds its odd series
+`decimal_string` and `add_file_meta` are public so that `dicom_node_phantoms.variants` builds its odd series
 from the same attributes.
 """
 
@@ -33,7 +33,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from phantoms.geometry import HU_INTERCEPT, PhantomStudy
+from dicom_node_phantoms.geometry import HU_INTERCEPT, PhantomStudy
 
 __all__ = [
     "decimal_string",

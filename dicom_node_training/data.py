@@ -1,6 +1,6 @@
 """RSNA-layout data for training: labels, the study split, the preprocessed cache, torch datasets.
 
-Layout read (the RSNA-STR Pulmonary Embolism challenge's, also written by `phantoms.dataset`)::
+Layout read (the RSNA-STR Pulmonary Embolism challenge's, also written by `dicom_node_phantoms.dataset`)::
 
     DATA/train.csv                                   one row per slice (CSV_COLUMNS)
     DATA/train/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
@@ -62,7 +62,7 @@ __all__ = [
     "seed_worker",
 ]
 
-log = get_logger("training.data")
+log = get_logger("dicom_node_training.data")
 
 #: Train / validation / test studies of Ma et al. 2022 (proportions used for any dataset size).
 PAPER_SPLIT: tuple[int, int, int] = (5292, 1000, 1000)

@@ -5,7 +5,7 @@
     phantom_uid(7, "sop", 1, 0)   # any other UID of the study, from the seed and a path of parts
 
 `PhantomConfig` says what to generate and rejects values the generator cannot honour;
-`PhantomStudy` is what `phantoms.study.generate_study` returns. Every UID is a function of the
+`PhantomStudy` is what `dicom_node_phantoms.study.generate_study` returns. Every UID is a function of the
 seed alone (a name-based UUID under the 2.25 root), so the same seed gives the same UIDs on every
 machine and a caller can know a study's UID before (or instead of) generating it.
 """
@@ -98,7 +98,7 @@ class PhantomStudy:
     seed: int
     hu: np.ndarray  # (Z, Y, X) int16
     embolus_mask: np.ndarray  # (Z, Y, X) bool
-    tissue: np.ndarray  # (Z, Y, X) uint8, `phantoms.anatomy.Tissue` codes
+    tissue: np.ndarray  # (Z, Y, X) uint8, `dicom_node_phantoms.anatomy.Tissue` codes
     slice_labels: np.ndarray  # (Z,) int, pe_present_on_image
     study_labels: dict[str, int]  # STUDY_LABELS + QA_COLUMNS
     kind: str  # positive | negative | indeterminate

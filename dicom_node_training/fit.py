@@ -12,7 +12,7 @@ A run directory RUN holds everything one run makes::
 
 `fit` skips every step whose done marker exists and continues an interrupted phase from its
 last.pt, so the same command after a crash picks up where it stopped. The cache step checks its
-inputs (`training.data.check_rsna_data`: the folder, train.csv and its columns, at least one
+inputs (`dicom_node_training.data.check_rsna_data`: the folder, train.csv and its columns, at least one
 study) before anything is written to RUN, so a wrong --data leaves no config.json behind.
 """
 
@@ -27,15 +27,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_node.log import get_logger
-from training.config import ConfigError, TrainConfig, config_from_dict, config_to_dict, load_config
-from training.distributed import DistContext, barrier, setup
+from dicom_node_training.config import ConfigError, TrainConfig, config_from_dict, config_to_dict, load_config
+from dicom_node_training.distributed import DistContext, barrier, setup
 
 if TYPE_CHECKING:
-    from training.data import StudyRecord  # training.data imports torch: only inside the steps
+    from dicom_node_training.data import StudyRecord  # dicom_node_training.data imports torch: only inside the steps
 
 __all__ = ["STEPS", "RunError", "resolve_config", "step_done", "run_step", "fit"]
 
-log = get_logger("training.fit")
+log = get_logger("dicom_node_training.fit")
 
 STEPS: tuple[str, ...] = ("cache", "phase1", "features", "phase2", "evaluate")
 _RUNTIME_KEYS = ("device", "num_workers", "amp")  # may differ between invocations of one run
@@ -114,11 +114,11 @@ def run_step(step: str, config: TrainConfig, data_dir: str | os.PathLike[str] | 
              ctx: DistContext, *, progress: bool = True) -> dict[str, Any]:
     """Run one step (resuming a phase from its last.pt when there is one).
 
-    The cache step raises `training.data.DataError` for bad --data before RUN is touched."""
+    The cache step raises `dicom_node_training.data.DataError` for bad --data before RUN is touched."""
     run = Path(run_dir)
     records = None
     if step == "cache":
-        from training.data import check_rsna_data
+        from dicom_node_training.data import check_rsna_data
         records = check_rsna_data(data_dir)  # every rank: the same files, so the same verdict
     if ctx.is_main:
         run.mkdir(parents=True, exist_ok=True)
@@ -129,16 +129,16 @@ def run_step(step: str, config: TrainConfig, data_dir: str | os.PathLike[str] | 
         assert data_dir is not None and records is not None  # check_rsna_data passed
         result = _cache_step(config, data_dir, records, run, ctx, progress)
     elif step == "phase1":
-        from training.phase1 import train_phase1
+        from dicom_node_training.phase1 import train_phase1
         result = train_phase1(config, run, ctx, resume=True, progress=progress)
     elif step == "features":
-        from training.phase1 import extract_features
+        from dicom_node_training.phase1 import extract_features
         result = extract_features(config, run, ctx, progress=progress)
     elif step == "phase2":
-        from training.phase2 import train_phase2
+        from dicom_node_training.phase2 import train_phase2
         result = train_phase2(config, run, ctx, resume=True, progress=progress)
     elif step == "evaluate":
-        from training.phase2 import evaluate_run
+        from dicom_node_training.phase2 import evaluate_run
         result = evaluate_run(config, run, ctx)
     else:
         raise ValueError(f"step {step!r}: expected one of {', '.join(STEPS)}")
@@ -150,7 +150,7 @@ def run_step(step: str, config: TrainConfig, data_dir: str | os.PathLike[str] | 
 
 def _cache_step(config: TrainConfig, data_dir: str | os.PathLike[str], records: dict[str, StudyRecord], run: Path,
                 ctx: DistContext, progress: bool) -> dict[str, Any]:
-    from training.data import build_cache, load_split, make_split, save_split
+    from dicom_node_training.data import build_cache, load_split, make_split, save_split
 
     summary: dict[str, Any] = {}
     if ctx.is_main:  # one process preprocesses (with its own worker pool); the others wait

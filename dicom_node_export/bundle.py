@@ -1,6 +1,6 @@
 """Trained checkpoints -> a verified model bundle directory for the node.
 
-`write_bundle` exports both graphs (`export.onnx_export`), checks them (onnx.checker, onnxruntime
+`write_bundle` exports both graphs (`dicom_node_export.onnx_export`), checks them (onnx.checker, onnxruntime
 vs torch at batch sizes 1 and 8), optionally adds float16 variants, writes `MODEL_CARD.md` and
 `manifest.json` (sha256 of every file, a fresh model UID), then re-loads the result with the
 node's own `dicom_node.model.bundle.verify_bundle` so nothing is written that the node would refuse.
@@ -48,13 +48,13 @@ from dicom_node.model.bundle import (
 if TYPE_CHECKING:  # torch and training load only when a bundle is made
     from torch import nn
 
-    from training.config import TrainConfig
-    from training.models import SequenceModel, VideoResNet
+    from dicom_node_training.config import TrainConfig
+    from dicom_node_training.models import SequenceModel, VideoResNet
 
 __all__ = ["ExportResult", "write_bundle", "load_checkpoint_models", "read_report", "bundle_from_checkpoints",
            "bundle_from_run", "describe_data", "portable_command", "portable_path", "MODEL_CARD_NAME"]
 
-log = get_logger("export.bundle")
+log = get_logger("dicom_node_export.bundle")
 MODEL_CARD_NAME = "MODEL_CARD.md"
 STAGE1_FILE, STAGE2_FILE = "stage1.onnx", "stage2.onnx"
 STAGE1_FP16_FILE, STAGE2_FP16_FILE = "stage1.fp16.onnx", "stage2.fp16.onnx"
@@ -263,7 +263,7 @@ def write_bundle(
 ) -> ExportResult:
     """Export, check and write a bundle directory at `out` (which must not exist, be empty, or `force`).
 
-    `stage1_conv_rewrite`: how stage 1's Conv3d are exported (`export.conv_rewrite`: "gather",
+    `stage1_conv_rewrite`: how stage 1's Conv3d are exported (`dicom_node_export.conv_rewrite`: "gather",
     the default, as Conv2d with BatchNorm folded; None as plain Conv3d, for comparison).
     `weak_auroc_floor`: labels whose `metrics["validation_auroc"]` is below it (or missing) are written as
     `weak_labels`; without `validation_auroc` in `metrics`, `weak_labels` is null (unknown).
@@ -271,7 +271,7 @@ def write_bundle(
     import torch
     from pydicom.uid import generate_uid
 
-    from export.onnx_export import (
+    from dicom_node_export.onnx_export import (
         FP16_PROB_TOLERANCE,
         check_parity_stage1,
         check_parity_stage2,
@@ -382,15 +382,15 @@ def load_checkpoint_models(
     stage1_ckpt: str | Path, stage2_ckpt: str | Path,
 ) -> tuple[VideoResNet, SequenceModel, TrainConfig, dict[str, Any], dict[str, Any]]:
     """Rebuild the phase-1 and phase-2 models from their checkpoints -> (r3d, sequence, TrainConfig, ck1, ck2)."""
-    from training.checkpoint import load_checkpoint
-    from training.config import config_from_dict
-    from training.models import r3d_18, sequence_model
+    from dicom_node_training.checkpoint import load_checkpoint
+    from dicom_node_training.config import config_from_dict
+    from dicom_node_training.models import r3d_18, sequence_model
 
     ck1, ck2 = load_checkpoint(stage1_ckpt), load_checkpoint(stage2_ckpt)
     for path, ck in ((stage1_ckpt, ck1), (stage2_ckpt, ck2)):
         if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
             raise ValueError(f"checkpoint {path}: expected a training checkpoint dict with 'model' and 'config' "
-                             f"(training.checkpoint); got keys {sorted(ck) if isinstance(ck, dict) else type(ck).__name__}")
+                             f"(dicom_node_training.checkpoint); got keys {sorted(ck) if isinstance(ck, dict) else type(ck).__name__}")
     cfg1 = config_from_dict(ck1["config"])
     cfg2 = config_from_dict(ck2["config"])
     if cfg1.phase1.width != cfg2.phase1.width or cfg1.preprocess != cfg2.preprocess:
@@ -460,7 +460,7 @@ def bundle_from_checkpoints(stage1: str | Path, stage2: str | Path, report: str 
                             commands: list[str] | None = None, data_description: str | None = None,
                             run: str | Path | None = None,
                             weak_auroc_floor: float = DEFAULT_WEAK_AUROC_FLOOR) -> ExportResult:
-    from training.checkpoint import git_revision
+    from dicom_node_training.checkpoint import git_revision
 
     m1, m2, cfg, ck1, ck2 = load_checkpoint_models(stage1, stage2)
     thresholds, metrics, _ = read_report(report)
