@@ -112,8 +112,8 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
     ({"dicom_node/__init__.py": "", "dicom_node/model/__init__.py": "", "dicom_node/model/inference.py": "import torch\n"},
      "dicom_node/model/inference.py:1: dicom_node.model.inference imports torch (the node runs on onnxruntime only)"),
     ({"dicom_node/__init__.py": "", "dicom_node/results/__init__.py": "",
-      "dicom_node/results/sr.py": "from phantoms import generate_study\n"},
-     "dicom_node/results/sr.py:1: dicom_node.results.sr imports phantoms (only dicom_node.tools (the demo) uses phantoms)"),
+      "dicom_node/results/sr.py": "from dicom_node_phantoms import generate_study\n"},
+     "dicom_node/results/sr.py:1: dicom_node.results.sr imports dicom_node_phantoms (only dicom_node.tools (the demo) uses phantoms)"),
     ({"dicom_node/__init__.py": "", "dicom_node/network/__init__.py": "",
       "dicom_node/network/send.py": "from dicom_node.engine.background import BackgroundLoop\n"},
      "dicom_node/network/send.py:1: dicom_node.network.send imports dicom_node.engine.background (network is driven by the engine, never the reverse)"),
@@ -128,5 +128,5 @@ def test_the_checker_sees_each_broken_rule(tmp_path, files, expected):
 
 def test_the_demo_may_use_phantoms(tmp_path):
     root = _tree(tmp_path, {"dicom_node/__init__.py": "", "dicom_node/tools/__init__.py": "",
-                            "dicom_node/tools/demo.py": "from phantoms import generate_study\n"})
+                            "dicom_node/tools/demo.py": "from dicom_node_phantoms import generate_study\n"})
     assert import_violations(root) == []

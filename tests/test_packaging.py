@@ -65,8 +65,15 @@ def _metadata(wheel: Path) -> tuple[set[str], str]:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    import shutil
+
+    # build from a copy of the sources: a build/ folder left in the checkout by an earlier build would
+    # put packages into the wheel that the sources no longer have
+    src = tmp_path_factory.mktemp("src") / "dicom-node"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "node_modules", "__pycache__", ".*_cache", "dist"))
     dist = tmp_path_factory.mktemp("dist")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)],
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(src)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     (whl,) = dist.glob("*.whl")
