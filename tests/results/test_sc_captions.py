@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from test_results import hand_made_prediction
 
 from dicom_node.config import ResultsConfig
 from dicom_node.imaging.preprocess import PreprocessConfig, preprocess
 from dicom_node.imaging.series import load_series
-from dicom_node.labels import ALL_LABELS, DISPLAY_NAMES, STUDY_LABELS, WINDOW_LABEL, make_consistent
+from dicom_node.labels import DISPLAY_NAMES, WINDOW_LABEL
 from dicom_node.model.bundle import LabelValidation
 from dicom_node.model.inference import Prediction
 from dicom_node.results import ResultOptions, build_results
@@ -52,31 +53,10 @@ _CAPTION = re.compile(r"Burned-in caption \((\d+) px font, (\d+) lines\): (.*?)(
 
 
 def _prediction(series, windows, *, positive: bool, hot_window: int | None = None) -> Prediction:
-    n = len(windows.slice_uids)
-    rng = np.random.default_rng(5)
-    wp = rng.uniform(0.02, 0.2, n)
-    heatmaps = rng.uniform(0, 1, (n, 2, 6, 6)).astype(np.float32)
-    if hot_window is not None:
-        wp[hot_window] = 0.93
-    sp = {k: 0.1 for k in STUDY_LABELS}
-    if positive:
-        sp.update(rightsided_pe=0.8, central_pe=0.3, rv_lv_ratio_lt_1=0.7, rv_lv_ratio_gte_1=0.3)
-    else:
-        sp.update(negative_exam_for_pe=0.9)
-    thresholds = {k: 0.5 for k in ALL_LABELS}
-    thresholds[WINDOW_LABEL] = 0.45
-    c = make_consistent(wp, sp, thresholds)
-    att = rng.uniform(0.5, 1.0, (9, n))
-    if hot_window is not None:
-        att[:, hot_window] += 3.0
-    att /= att.sum(axis=1, keepdims=True)
-    return Prediction(
-        series_instance_uid=series.series_instance_uid, window_probs=wp, study_probs=sp, attention=att,
-        heatmaps=heatmaps, thresholds=thresholds, window_positive=c.window_positive,
-        labels={WINDOW_LABEL: bool(c.window_positive.any()), **c.study},
-        model_name=BUNDLE.name, model_version=BUNDLE.version, model_uid=BUNDLE.model_uid,
-        execution_provider="CPUExecutionProvider",
-    )
+    """test_results' hand-made prediction with a uniform random heatmap on every window."""
+    heatmaps = np.random.default_rng(5).uniform(0, 1, (len(windows.slice_uids), 2, 6, 6)).astype(np.float32)
+    return hand_made_prediction(series, windows, positive=positive, heatmaps=heatmaps,
+                                hot_windows=() if hot_window is None else (hot_window,))
 
 
 def _case(kind: str, seed: int, tmp: Path):
