@@ -30,21 +30,20 @@ from typing import Any
 import pydicom
 from pydicom import uid as U
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification as VerificationSOPClass  # type: ignore[attr-defined]  # made at import
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 
 from dicom_node.config import Config, Destination
+from dicom_node.imaging.files import SkippedFile, read_dicom_files
 from dicom_node.network.tls import client_ssl_context
 
-__all__ = ["DELIVERED_STATUSES", "SendError", "SendResult", "Skipped", "backoff_delay", "echo", "read_instances",
+__all__ = ["DELIVERED_STATUSES", "SendError", "SendResult", "backoff_delay", "echo", "read_instances",
            "send_datasets", "send_files", "status_text"]
 
 DELIVERED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 _DEFAULT_CONNECT_S = 30.0
-_DICOMDIR = "1.2.840.10008.1.3.10"
 
 
 class SendError(RuntimeError):
@@ -68,14 +67,6 @@ class SendResult:
     seconds: float
 
 
-@dataclass(frozen=True)
-class Skipped:
-    """A file `read_instances` did not send, and why."""
-
-    path: Path
-    reason: str
-
-
 def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
     """Delay before retry number `attempt` (1-based): capped exponential with +-25 % jitter."""
     d = min(max_s, base_s * 2 ** max(0, attempt - 1))
@@ -94,39 +85,16 @@ def status_text(code: int) -> str:
     return f"0x{code:04X}" + (f" ({meaning})" if meaning else "")
 
 
-def read_instances(paths: Iterable[Path]) -> tuple[list[tuple[Path, Dataset]], list[Skipped]]:
-    """Read every file by content (DICM preamble, `dcmread(force=False)`), whatever its extension.
-
-    Folders are walked recursively. Returns the storable instances and the files skipped with the
-    reason (not DICOM, unreadable, a DICOMDIR, no SOP Class/Instance UID)."""
+def read_instances(paths: Iterable[Path]) -> tuple[list[tuple[Path, Dataset]], list[SkippedFile]]:
+    """Every storable instance under `paths` and the files skipped with the reason
+    (`dicom_node.imaging.files.read_dicom_files`: by content, whatever the extension)."""
     found: list[tuple[Path, Dataset]] = []
-    skipped: list[Skipped] = []
-    for p in paths:
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file())
-            if not files:
-                skipped.append(Skipped(p, "empty folder"))
-        elif p.exists():
-            files = [p]
+    skipped: list[SkippedFile] = []
+    for item in read_dicom_files(paths):
+        if isinstance(item, SkippedFile):
+            skipped.append(item)
         else:
-            skipped.append(Skipped(p, "no such file or folder"))
-            continue
-        for f in files:
-            try:
-                ds = pydicom.dcmread(f, force=False)
-            except InvalidDicomError:
-                skipped.append(Skipped(f, "not a DICOM file (no DICM preamble)"))
-                continue
-            except Exception as e:  # truncated or corrupt data elements, permissions
-                skipped.append(Skipped(f, f"unreadable DICOM ({type(e).__name__}: {e})"))
-                continue
-            meta = getattr(ds, "file_meta", None)
-            if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == _DICOMDIR:
-                skipped.append(Skipped(f, "a DICOMDIR (media directory), not an instance"))
-            elif "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
-                skipped.append(Skipped(f, "no SOPClassUID/SOPInstanceUID (not a storable instance)"))
-            else:
-                found.append((f, ds))
+            found.append(item)
     return found, skipped
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_node import RESEARCH_USE_STATEMENT
+from dicom_node.imaging.files import SkippedFile
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -65,7 +65,6 @@ __all__ = [
     "KeySliceRecord",
     "LabelCall",
     "SeriesReport",
-    "SkippedFile",
     "analyse_folder",
     "main",
     "prepare_out_dir",
@@ -83,14 +82,6 @@ _SCAN_PROGRESS_EVERY = 500
 
 class AnalyseError(ValueError):
     """A bad argument (input folder, output folder, config, bundle); the message names it and the fix."""
-
-
-@dataclass(frozen=True)
-class SkippedFile:
-    """A file under INPUT_DIR that is not an instance of any series (path relative to INPUT_DIR)."""
-
-    path: str
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -251,35 +242,23 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def _scan(input_dir: Path, out_dir: Path, say: Callable[[str], None]) -> tuple[dict[str, list[_Instance]], list[SkippedFile]]:
     """Read every file's header; group the instances by SeriesInstanceUID (input order: sorted paths)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    from dicom_node.imaging.files import read_dicom_files
 
     groups: dict[str, list[_Instance]] = {}
     skipped: list[SkippedFile] = []
     out_resolved = out_dir.resolve()
-    files: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(input_dir):
-        here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not _inside((here / d).resolve(), out_resolved))
-        files += [here / f for f in sorted(filenames)]
-    for i, path in enumerate(files, 1):
-        rel = path.relative_to(input_dir).as_posix()
+    items = read_dicom_files([input_dir], stop_before_pixels=True,
+                             prune=lambda d: _inside(d.resolve(), out_resolved))  # never scan our own output
+    for i, item in enumerate(items, 1):
         if i % _SCAN_PROGRESS_EVERY == 0:
-            say(f"  scanned {i}/{len(files)} files ...")
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except InvalidDicomError:
-            skipped.append(SkippedFile(rel, "not a DICOM file (no DICM prefix)"))
+            say(f"  scanned {i} files ...")
+        if isinstance(item, SkippedFile):
+            skipped.append(SkippedFile(item.path.relative_to(input_dir), item.reason))
             continue
-        except Exception as e:  # truncated or corrupt header, unreadable file
-            skipped.append(SkippedFile(rel, f"unreadable DICOM header ({type(e).__name__}: {str(e)[:160]})"))
-            continue
-        if "DirectoryRecordSequence" in ds:
-            skipped.append(SkippedFile(rel, "DICOMDIR (media directory, not an instance)"))
-            continue
+        path, ds = item
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         if not uid:
-            skipped.append(SkippedFile(rel, "DICOM without SeriesInstanceUID"))
+            skipped.append(SkippedFile(path.relative_to(input_dir), "DICOM without SeriesInstanceUID"))
             continue
         try:
             number = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") not in (None, "") else None
@@ -404,7 +383,7 @@ def _findings_json(report: AnalysisReport, config: Config, kos: bool | None) -> 
                     "refused": report.count("refused"), "failed": report.count("failed"),
                     "skipped_files": len(report.skipped_files), "seconds": round(report.seconds, 3)},
         "series": [s.to_json() for s in report.series],
-        "skipped_files": [asdict(f) for f in report.skipped_files],
+        "skipped_files": [{"path": f.path.as_posix(), "reason": f.reason} for f in report.skipped_files],
     }
 
 
