@@ -114,7 +114,11 @@ def configure_logging(*, json: bool = False, level: str = "INFO", stream: TextIO
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     ))
     logging.basicConfig(level=lvl, handlers=[handler], force=True)
-    logging.captureWarnings(True)  # warnings.warn(...) -> logger "py.warnings", level warning
+    # warnings.warn(...) -> logger "py.warnings", level warning. Off then on: captureWarnings(True) does
+    # nothing when an earlier configuration turned it on, even if warnings.showwarning was put back since
+    # (warnings.catch_warnings does that, e.g. around every test of a test runner).
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.DEBUG if lvl <= logging.DEBUG else logging.WARNING)
     structlog.configure(
