@@ -6,7 +6,7 @@ series into a typed `Prediction`: stage 1 in batches -> fixed-length sequence
 (`dicom_node.model.sequence`) -> stage 2 -> sigmoid -> back to the N windows -> RSNA consistency rules
 at the manifest's thresholds.
 
-`Prediction` is the contract between inference, explain, report and secondary_capture.
+`Prediction` is the contract between inference and the results (`dicom_node.results`: key slices, SR, SCs, KOS).
 """
 
 from __future__ import annotations
