@@ -542,7 +542,13 @@ def heatmap_to_slices(windows_or_geometry: Windows | Geometry, window_index: int
         i1 = np.minimum(i0 + 1, g.crop - 1)
         maps.append((i0, i1, (qc - i0).astype(np.float32), valid))
     (yi0, yi1, wy, vy), (xi0, xi1, wx, vx) = maps
-    valid = (vy[:, None] & vx[None, :]).astype(np.float32)
+    # The valid pixels (inside the lung box and the crop) form one rectangle: both coordinates are
+    # monotonic in the original pixel index. Interpolate there only; the rest of the slice is zero.
+    ys, xs = np.flatnonzero(vy), np.flatnonzero(vx)
+    r0, r1 = (int(ys[0]), int(ys[-1]) + 1) if ys.size else (0, 0)
+    c0, c1 = (int(xs[0]), int(xs[-1]) + 1) if xs.size else (0, 0)
+    yi0, yi1, wy = yi0[r0:r1], yi1[r0:r1], wy[r0:r1, None]
+    xi0, xi1, wx = xi0[c0:c1], xi1[c0:c1], wx[None, c0:c1]
     out = []
     for z in g.window_slice_indices()[window_index]:
         s = z / g._scale(0) - g.lung_box[0] - window_index * g.window_slices
@@ -550,7 +556,8 @@ def heatmap_to_slices(windows_or_geometry: Windows | Geometry, window_index: int
         s0 = min(int(math.floor(s)), g.window_slices - 1)
         s1 = min(s0 + 1, g.window_slices - 1)
         plane = hm[s0] * (1 - (s - s0)) + hm[s1] * (s - s0)
-        rows = plane[yi0] * (1 - wy[:, None]) + plane[yi1] * wy[:, None]
-        img = rows[:, xi0] * (1 - wx[None, :]) + rows[:, xi1] * wx[None, :]
-        out.append((int(z), (img * valid).astype(np.float32)))
+        rows = plane[yi0] * (1 - wy) + plane[yi1] * wy
+        img = np.zeros((Y, X), dtype=np.float32)
+        img[r0:r1, c0:c1] = rows[:, xi0] * (1 - wx) + rows[:, xi1] * wx
+        out.append((int(z), img))
     return out
