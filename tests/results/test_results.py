@@ -331,27 +331,20 @@ def test_heatmap_hits_embolus_hit_and_miss(positive):
     assert not heatmap_hits_embolus(select_key_slices(series, windows, miss), study.embolus_mask)
 
 
+def store_in_orthanc(orthanc, datasets) -> list[int]:
+    """C-STORE status of each dataset, sent to the Orthanc peer by the node's own SCU in one association."""
+    from dicom_node.config import Destination
+    from dicom_node.network.send import send_datasets
+
+    return list(send_datasets(datasets, Destination(orthanc.aet, "127.0.0.1", orthanc.dicom_port)).statuses)
+
+
 @pytest.mark.orthanc
 def test_orthanc_stores_all_results(orthanc, positive, negative):
-    from pynetdicom import AE
-    from pynetdicom.sop_class import (
-        Comprehensive3DSRStorage,
-        KeyObjectSelectionDocumentStorage,
-        SecondaryCaptureImageStorage,
-    )
-
     datasets = []
     for _, series, windows, pred, _ in (positive, negative):
         datasets += build_results(series, windows, pred, BUNDLE, WITH_KOS).datasets()
-    ae = AE(ae_title="PENODE")
-    for ctx in (Comprehensive3DSRStorage, KeyObjectSelectionDocumentStorage, SecondaryCaptureImageStorage):
-        ae.add_requested_context(ctx, "1.2.840.10008.1.2.1")
-    assoc = ae.associate("127.0.0.1", orthanc.dicom_port, ae_title=orthanc.aet)
-    assert assoc.is_established
-    try:
-        statuses = [assoc.send_c_store(ds).Status for ds in datasets]
-    finally:
-        assoc.release()
+    statuses = store_in_orthanc(orthanc, datasets)
     assert statuses == [0] * len(datasets)
     tags = [orthanc.instance_tags(i) for i in orthanc.instances()]
     assert len(tags) == 12

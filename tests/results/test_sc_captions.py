@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from test_results import hand_made_prediction
+from test_results import hand_made_prediction, store_in_orthanc
 
 from dicom_node.config import ResultsConfig
 from dicom_node.imaging.preprocess import PreprocessConfig, preprocess
@@ -233,19 +233,9 @@ def test_scs_pass_dciodvfy(positive, negative, tmp_path):
 
 @pytest.mark.orthanc
 def test_orthanc_stores_the_scs(orthanc, positive, negative):
-    from pynetdicom import AE
-    from pynetdicom.sop_class import SecondaryCaptureImageStorage
-
     datasets = build_results(*positive[:3], WEAK_BUNDLE, ResultOptions()).datasets()[1:]
     datasets += build_results(*negative[:3], BUNDLE, ResultOptions(heatmaps_for_negative=True)).datasets()[1:]
-    ae = AE(ae_title="PENODE")
-    ae.add_requested_context(SecondaryCaptureImageStorage, "1.2.840.10008.1.2.1")
-    assoc = ae.associate("127.0.0.1", orthanc.dicom_port, ae_title=orthanc.aet)
-    assert assoc.is_established
-    try:
-        statuses = [assoc.send_c_store(ds).Status for ds in datasets]
-    finally:
-        assoc.release()
+    statuses = store_in_orthanc(orthanc, datasets)
     assert statuses == [0] * len(datasets)
     stored = {t["SOPInstanceUID"]: t for t in (orthanc.instance_tags(i) for i in orthanc.instances())}
     for ds in datasets:
