@@ -83,6 +83,11 @@ class Phase1Config:
     #: which epoch's model phase 1 keeps for the features: "best" = the best validation window AUROC
     #: (the paper; validation loss when the validation windows hold one class), "last" = the last epoch
     keep: Literal["best", "last"] = "best"
+    #: lambda of the attention loss (Shi et al. 2020, eq. 3): L = L_cls + lambda * continuous Dice between the
+    #: window's CAM (normalised by its maximum) and the embolus mask pooled to the CAM's cells; needs masks
+    #: (DATA/masks/<StudyInstanceUID>.npz, docs/training.md); windows without one are left out of it. 0 = off
+    #: (the paper: RSNA has no masks)
+    attention_loss_weight: float = 0.0
 
     @property
     def feature_dim(self) -> int:
@@ -125,7 +130,8 @@ PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(),
     "tiny": TrainConfig(
         phase1=Phase1Config(width=16, lr=1e-3, lr_schedule="cosine", batch_size=8, epochs=30, positive_fraction=0.3,
-                            windows_per_epoch=4000, level_matched_negatives=0.5, study_label_weight=0.5, keep="last"),
+                            windows_per_epoch=4000, level_matched_negatives=0.5, study_label_weight=0.5, keep="last",
+                            attention_loss_weight=1.0),
         # 436 phantom training studies in batches of 16 are 28 steps an epoch: the paper's decay every
         # 20 steps would cut the learning rate 10x by epoch 16 and stall phase 2 (docs/benchmarks.md, run J)
         phase2=Phase2Config(hidden=64, batch_size=16, epochs=100, lr_decay_every=200),
@@ -229,6 +235,9 @@ def validate(config: TrainConfig) -> TrainConfig:
                           "set positive_fraction, or level_matched_negatives = 0")
     if not p1.study_label_weight >= 0.0:
         raise ConfigError(f"config phase1.study_label_weight: must be >= 0 (0 = window label only), got {p1.study_label_weight!r}")
+    if not p1.attention_loss_weight >= 0.0:
+        raise ConfigError(f"config phase1.attention_loss_weight: must be >= 0 (0 = off, 1 = Shi et al.'s lambda), "
+                          f"got {p1.attention_loss_weight!r}")
     if not 0.0 <= p1.rotation_deg <= 180.0:
         raise ConfigError(f"config phase1.rotation_deg: must be in [0, 180], got {p1.rotation_deg}")
     for where, v in (("phase2.dropout", p2.dropout),):

@@ -10,6 +10,14 @@ Everything the run derives lives under RUN::
     RUN/split.json                 study-level train/validation/test split (seeded)
     RUN/cache/<study>.npy          windows at resize size, uint8 (N, 3, 10, R, R) = round(255 * x)
     RUN/cache/<study>.json         window labels, study labels, shape, preprocessing config
+    RUN/cache/<study>.mask.npz     when DATA/masks/<study>.npz exists: the embolus mask in model space
+                                   (`dicom_node.imaging.preprocess.mask_to_windows`) of the windows that
+                                   hold any of it, and which windows have a known mask (attention loss)
+
+Masks (optional, for ``phase1.attention_loss_weight``): ``DATA/masks/<StudyInstanceUID>.npz`` with
+``mask`` (Z, Y, X) bool and ``sop_uids`` (Z,) naming each mask slice (the phantoms write both); an
+optional ``annotated`` (Z,) bool marks the slices that were annotated at all (sparse annotation,
+e.g. every 10 mm as in Shi et al. 2020): windows covering no annotated slice have no known mask.
 
 The cache is built once (process pool, tqdm bar) with the node's own preprocessing
 (`dicom_node.imaging.series.load_series` + `dicom_node.imaging.preprocess.prepare`), so the model trains on
@@ -233,6 +241,8 @@ class CacheEntry:
     window_labels: np.ndarray  # (N,) int
     study_labels: np.ndarray  # (9,) float32 in STUDY_LABELS order
     resize: int
+    #: RUN/cache/<study>.mask.npz, or None when the study has no mask
+    mask_path: Path | None = None
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -251,22 +261,53 @@ def _cache_one(data_dir: str, cache_dir: str, record: StudyRecord, pp_config: Pr
     try:
         series = load_series(Path(data_dir) / "train" / uid / record.series_uid)
         windows = prepare(series, pp_config, slice_labels=record.slice_label_map())
+        mask_file = Path(data_dir) / "masks" / f"{uid}.npz"
+        masks = _window_masks(mask_file, series, windows, pp_config) if mask_file.is_file() else None
     except Exception as exc:  # one bad study must not stop the cache; it is reported and skipped
         return uid, f"{type(exc).__name__}: {exc}", 0, time.perf_counter() - t0
     arr = np.clip(np.rint(np.asarray(windows.array, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
     labels = np.zeros(arr.shape[0], dtype=np.int64) if windows.labels is None else np.asarray(windows.labels, dtype=np.int64)
-    write_cache_entry(Path(cache_dir), uid, record.series_uid, arr, labels, record.study_labels, cache_stamp(pp_config))
+    write_cache_entry(Path(cache_dir), uid, record.series_uid, arr, labels, record.study_labels, cache_stamp(pp_config),
+                      masks=masks)
     return uid, None, int(arr.nbytes), time.perf_counter() - t0
 
 
+def _window_masks(path: Path, series: Any, windows: Any, pp_config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """DATA/masks/<study>.npz -> ((N, D, R, R) bool model-space mask, (N,) bool mask known per window)."""
+    from dicom_node.imaging.preprocess import mask_to_windows
+
+    with np.load(path) as f:
+        mask, sop_uids = f["mask"], [str(u) for u in f["sop_uids"]]
+        annotated = f["annotated"].astype(bool) if "annotated" in f.files else np.ones(len(sop_uids), dtype=bool)
+    where = {u: i for i, u in enumerate(sop_uids)}
+    missing = [u for u in series.sop_instance_uids if u not in where]
+    if missing or mask.shape != series.hu.shape:
+        raise DataError(f"{path}: mask of shape {mask.shape} naming {len(sop_uids)} slices does not cover the series' "
+                        f"{len(series.sop_instance_uids)} slices of {tuple(series.hu.shape[1:])} (e.g. {missing[:1]} missing); "
+                        "write one mask slice per SOP Instance UID (`sop_uids`), or remove the file")
+    order = [where[u] for u in series.sop_instance_uids]  # mask slices in the series' sorted order
+    model_mask = mask_to_windows(series, mask[order], windows.geometry, pp_config)
+    known = np.array([bool(annotated[[order[i] for i in idx]].any()) if idx else False
+                      for idx in windows.slice_indices], dtype=bool)
+    return model_mask, known
+
+
 def write_cache_entry(cache_dir: Path, study_uid: str, series_uid: str, windows: np.ndarray, window_labels: Iterable[Any],
-                      study_labels: Iterable[Any], preprocess: dict[str, Any]) -> None:
+                      study_labels: Iterable[Any], preprocess: dict[str, Any],
+                      masks: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """One study of the cache: `<study>.npy` (N, 3, D, R, R) uint8 windows and `<study>.json` (UIDs, shape,
     labels, the preprocessing it was made with), each written atomically, the .json last: its presence
-    marks the study done. The one writer of the format `load_cache_index` reads."""
+    marks the study done; with `masks` ((N, D, R, R) bool, (N,) bool known) also `<study>.mask.npz`.
+    The one writer of the format `load_cache_index` reads."""
     tmp = cache_dir / f"{study_uid}.tmp.npy"
     np.save(tmp, windows)
     os.replace(tmp, cache_dir / f"{study_uid}.npy")
+    if masks is not None:
+        mask, known = masks
+        hot = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))
+        tmp_mask = cache_dir / f"{study_uid}.mask.tmp.npz"
+        np.savez_compressed(tmp_mask, windows=hot, mask=mask[hot], known=known, shape=np.array(mask.shape))
+        os.replace(tmp_mask, cache_dir / f"{study_uid}.mask.npz")
     meta = {
         "study_uid": study_uid,
         "series_uid": series_uid,
@@ -274,6 +315,7 @@ def write_cache_entry(cache_dir: Path, study_uid: str, series_uid: str, windows:
         "window_labels": [int(v) for v in window_labels],
         "study_labels": [float(v) for v in study_labels],
         "preprocess": preprocess,
+        "mask": masks is not None,
     }
     _write_json_atomic(cache_dir / f"{study_uid}.json", meta)
 
@@ -358,7 +400,8 @@ def load_cache_index(run_dir: str | os.PathLike[str], study_uids: Collection[str
         out[m["study_uid"]] = CacheEntry(
             study_uid=m["study_uid"], series_uid=m["series_uid"], array_path=cache / f"{m['study_uid']}.npy",
             n_windows=int(m["shape"][0]), window_labels=np.asarray(m["window_labels"], dtype=np.int64),
-            study_labels=np.asarray(m["study_labels"], dtype=np.float32), resize=int(m["shape"][-1]))
+            study_labels=np.asarray(m["study_labels"], dtype=np.float32), resize=int(m["shape"][-1]),
+            mask_path=cache / f"{m['study_uid']}.mask.npz" if m.get("mask") else None)
     if study_uids is None:
         return out
     missing = [u for u in study_uids if u not in out]
@@ -383,7 +426,9 @@ def rotate_and_crop(x: torch.Tensor, crop: int, angle_deg: float, offset: tuple[
 
 class WindowDataset(Dataset):
     """Phase 1: one item = one 10-slice window (3, 10, crop, crop) float32 and its label (and, with
-    `study_labels=True`, its study's nine labels (9,) float32, for `phase1.study_label_weight`).
+    `study_labels=True`, its study's nine labels (9,) float32, for `phase1.study_label_weight`; then,
+    with `masks=True`, the window's embolus mask (10, crop, crop) float32 0/1, rotated and cropped with
+    the window, and 1.0 / 0.0 for whether the mask is known, for `phase1.attention_loss_weight`).
 
     Training (`augment=True`): random in-plane rotation within +-`max_rotation_deg` and a random
     `crop` x `crop` crop of the resize x resize window. Evaluation: the centre crop, as the node's
@@ -392,9 +437,18 @@ class WindowDataset(Dataset):
     """
 
     def __init__(self, entries: dict[str, CacheEntry], crop: int, *, augment: bool, seed: int = 0,
-                 max_rotation_deg: float = 15.0, random_crop: bool = True, study_labels: bool = False):
+                 max_rotation_deg: float = 15.0, random_crop: bool = True, study_labels: bool = False,
+                 masks: bool = False):
         self.entries = entries
         self.study_labels = study_labels  # items are (x, label, the study's nine labels) when True
+        self.masks = masks  # ... then (mask, mask known) when True
+        #: study -> ((N,) bool mask known per window, {window: (D, R, R) bool mask of the windows holding any})
+        self._masks: dict[str, tuple[np.ndarray, dict[int, np.ndarray]]] = {}
+        if masks:
+            for uid, e in entries.items():
+                if e.mask_path is not None:
+                    with np.load(e.mask_path) as f:
+                        self._masks[uid] = (f["known"].astype(bool), {int(w): m for w, m in zip(f["windows"], f["mask"])})
         self.crop = int(crop)
         self.augment = augment
         self.random_crop = random_crop
@@ -436,9 +490,27 @@ class WindowDataset(Dataset):
             o = (size - self.crop) // 2
             offset = (o, o)
         x = rotate_and_crop(x, self.crop, angle, offset).contiguous()
+        item: tuple[torch.Tensor, ...] = (x, torch.tensor(self.labels[i]))
         if self.study_labels:
-            return x, torch.tensor(self.labels[i]), torch.from_numpy(self.entries[uid].study_labels.astype(np.float32))
-        return x, torch.tensor(self.labels[i])
+            item += (torch.from_numpy(self.entries[uid].study_labels.astype(np.float32)),)
+        if self.masks:
+            item += self._mask_item(uid, w, angle, offset)
+        return item
+
+    @property
+    def studies_with_masks(self) -> int:
+        """How many studies have a mask (only counted with `masks=True`)."""
+        return len(self._masks)
+
+    def _mask_item(self, uid: str, w: int, angle: float, offset: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        known, hot = self._masks.get(uid, (None, {}))
+        if w not in hot:
+            depth = int(self._array(uid).shape[2])
+            return torch.zeros((depth, self.crop, self.crop)), torch.tensor(float(known is not None and known[w]))
+        m = torch.from_numpy(hot[w].astype(np.float32))[None]  # (1, D, R, R): one "channel", moved with the window
+        # a thin clot must survive the bilinear rotation: keep every pixel it reaches by a quarter
+        m = rotate_and_crop(m, self.crop, angle, offset)[0] > 0.25
+        return m.float().contiguous(), torch.tensor(float(known is not None and known[w]))
 
 
 def seed_worker(worker_id: int) -> None:

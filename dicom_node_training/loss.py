@@ -1,6 +1,10 @@
 """Losses of Ma et al. 2022 and the RSNA-STR competition metric.
 
-Phase 1 (:func:`phase1_loss`): mean binary cross-entropy over the windows of a batch.
+Phase 1 (:func:`phase1_loss`): mean binary cross-entropy over the windows of a batch. With
+``phase1.attention_loss_weight`` = lambda > 0 the attention loss of Shi et al. 2020 (eq. 3) is added,
+L = L_cls + lambda * L_cdc (:func:`attention_dice_loss`): the window's class activation map,
+normalised by its maximum, against the embolus mask pooled to the map's cells (empty for negative
+windows), as a continuous Dice loss; windows without a mask contribute nothing.
 
 Phase 2 (:func:`sequence_loss`), for a batch of M studies with N_i valid steps each
 (``mask``; padded steps contribute nothing):
@@ -39,7 +43,7 @@ from torch.nn import functional as F
 
 from dicom_node.labels import IMAGE_WEIGHT, STUDY_LABEL_WEIGHTS, STUDY_LABELS
 
-__all__ = ["phase1_loss", "sequence_loss", "weighted_log_loss", "study_label_weights"]
+__all__ = ["phase1_loss", "attention_dice_loss", "sequence_loss", "weighted_log_loss", "study_label_weights"]
 
 _EPS = 1e-15
 
@@ -52,6 +56,37 @@ def study_label_weights() -> np.ndarray:
 def phase1_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean binary cross-entropy over the windows of a batch (paper, L_1st)."""
     return F.binary_cross_entropy_with_logits(logits.reshape(-1), labels.reshape(-1).to(logits.dtype))
+
+
+def attention_dice_loss(cam: Tensor, mask: Tensor, has_mask: Tensor, smooth: float = 1.0) -> Tensor:
+    """Continuous Dice loss between class activation maps and cell masks (Shi et al. 2020, eq. 3).
+
+    Parameters
+    ----------
+    cam
+        (B, t, h, w) non-negative class activation maps of the positive class, differentiable.
+    mask
+        (B, t, h, w) 0/1 embolus mask pooled to the same cells (all zero for a negative window).
+    has_mask
+        (B,) 1 where the window's mask is known, 0 where it is not (the window is left out).
+    smooth
+        Added to numerator and denominator: an all-zero map against an all-zero mask scores 1,
+        so negative windows are pushed towards an empty map rather than to an undefined ratio.
+
+    Each map is divided by its own maximum (when non-zero), then
+    ``1 - (2 sum(a m) + smooth) / (sum(a) + sum(m) + smooth)``; the mean over the windows with a
+    mask is returned (0 when the batch has none, keeping the graph).
+    """
+    if cam.shape != mask.shape:
+        raise ValueError(f"attention_dice_loss: cam {tuple(cam.shape)} and mask {tuple(mask.shape)} differ; "
+                         "pool the mask to the CAM's cells (CamGrid.pool_mask)")
+    a = cam.float().flatten(1)
+    peak = a.amax(dim=1, keepdim=True)
+    a = a / torch.where(peak > 0, peak, torch.ones_like(peak))
+    m = mask.to(a.dtype).flatten(1)
+    dice = (2 * (a * m).sum(1) + smooth) / (a.sum(1) + m.sum(1) + smooth)
+    w = has_mask.to(a.dtype).reshape(-1)
+    return ((1 - dice) * w).sum() / w.sum().clamp(min=1.0)
 
 
 def sequence_loss(

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from numpy.typing import ArrayLike
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
+from dicom_node.imaging.cam_grid import CamGrid
 from dicom_node.labels import STUDY_LABELS
 from dicom_node.log import get_logger
 from dicom_node_training.checkpoint import git_revision, load_checkpoint, resume_state, save_checkpoint
@@ -36,8 +37,9 @@ from dicom_node_training.config import Phase1Config, TrainConfig, config_to_dict
 from dicom_node_training.data import WindowDataset, load_cache_index, load_split, seed_worker
 from dicom_node_training.distributed import DistContext, gather, setup, shard
 from dicom_node_training.evaluate import auroc, study_maxima
+from dicom_node_training.loss import attention_dice_loss
 from dicom_node_training.models import r3d_18
-from dicom_node_training.models.r3d import WindowOutput
+from dicom_node_training.models.r3d import WindowOutput, cam, cam_grid
 
 __all__ = ["BalancedSampler", "StudyLabelHead", "study_max_auroc", "train_phase1", "extract_features", "predict_windows", "make_deterministic", "autocast_for", "lr_at"]
 
@@ -135,6 +137,24 @@ class BalancedSampler(Sampler[int]):
         return iter(idx[self.rank::self.world].tolist())
 
 
+class AttentionCells:
+    """Pools a batch of window masks (B, D, H, W) to the CAM's cells (B, t, h, w) with the network's own
+    cell centres (`CamGrid.membership`), so the attention loss asks for heat where the node will draw it."""
+
+    def __init__(self, grid: CamGrid, device: torch.device) -> None:
+        self.grid, self.device = grid, device
+        self._members: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
+
+    def pool(self, mask: torch.Tensor, cells: tuple[int, ...]) -> torch.Tensor:
+        key = (*mask.shape[1:], *cells)
+        if key not in self._members:
+            self._members[key] = tuple(
+                torch.from_numpy(self.grid.membership(a, n_cells, n_in).astype(np.float32)).to(self.device)
+                for a, (n_cells, n_in) in enumerate(zip(cells, mask.shape[1:])))
+        mt, mh, mw = self._members[key]
+        return torch.einsum("ntyx,at,by,cx->nabc", mask.float(), mt, mh, mw) > 0
+
+
 class StudyLabelHead(torch.nn.Module):
     """Phase-1 training wrapper: the window model plus a linear head from its pooled features to the
     nine study labels (`phase1.study_label_weight` > 0). `forward(x)` is the window model's output,
@@ -222,8 +242,17 @@ def train_phase1(config: TrainConfig, run_dir: str | os.PathLike[str], ctx: Dist
     per_rank = p1.batch_size // ctx.world_size
     split = load_split(run / "split.json")
     with_study = p1.study_label_weight > 0
+    with_attention = p1.attention_loss_weight > 0
     train_ds = WindowDataset(load_cache_index(run, split.train), pp.crop, augment=True, seed=config.seed,
-                             max_rotation_deg=p1.rotation_deg, random_crop=p1.random_crop, study_labels=with_study)
+                             max_rotation_deg=p1.rotation_deg, random_crop=p1.random_crop, study_labels=with_study,
+                             masks=with_attention)
+    if with_attention and ctx.is_main:
+        log.info("phase1_attention_masks", studies_with_masks=train_ds.studies_with_masks,
+                 training_studies=len(train_ds.entries), weight=p1.attention_loss_weight)
+        if not train_ds.studies_with_masks:
+            log.warning("phase1_attention_without_masks", weight=p1.attention_loss_weight,
+                        fix="no training study has DATA/masks/<study>.npz (docs/training.md): the attention loss adds "
+                            "nothing; set phase1.attention_loss_weight = 0 or add masks and rebuild the cache")
     val_ds = WindowDataset(load_cache_index(run, split.validation), pp.crop, augment=False)
     if len(train_ds) == 0:
         raise ValueError(f"{run}: no training windows in the cache; run `dicom-node-train cache` first")
@@ -233,6 +262,7 @@ def train_phase1(config: TrainConfig, run_dir: str | os.PathLike[str], ctx: Dist
         criterion = "val_auroc" if np.unique(val_ds.labels).size == 2 else "val_loss"
 
     model = r3d_18(num_outputs=1, width=p1.width, pretrained=p1.pretrained).to(ctx.device)
+    cells = AttentionCells(cam_grid(model), ctx.device) if with_attention else None
     channels_last = ctx.device.type == "cpu"  # ~10 % faster 3D convolutions on CPU (oneDNN); still deterministic
     if channels_last:
         # torch's stubs lack Module.to(memory_format=...), which torch documents and accepts
@@ -272,7 +302,7 @@ def train_phase1(config: TrainConfig, run_dir: str | os.PathLike[str], ctx: Dist
         train_ds.set_epoch(epoch)
         loader = _loader(train_ds, per_rank, config.num_workers, sampler=sampler, seed=config.seed + epoch)
         net.train()
-        loss_sum, study_loss_sum, seen = 0.0, 0.0, 0
+        loss_sum, study_loss_sum, attention_loss_sum, seen = 0.0, 0.0, 0.0, 0
         bar = tqdm(loader, desc=f"phase1 epoch {epoch + 1}/{p1.epochs}", disable=not (progress and ctx.is_main))
         for batch in bar:
             x, y = batch[0].to(ctx.device, non_blocking=True), batch[1].to(ctx.device)
@@ -282,12 +312,19 @@ def train_phase1(config: TrainConfig, run_dir: str | os.PathLike[str], ctx: Dist
                 group["lr"] = lr_at(p1, step, len(loader))
             with autocast_for(ctx.device, config.amp):
                 out = net(x, with_study=True) if with_study else net(x)
-            logit = out[0].logit if with_study else out.logit
-            loss = F.binary_cross_entropy_with_logits(logit.float(), y.float())
+            window_out = out[0] if with_study else out
+            loss = F.binary_cross_entropy_with_logits(window_out.logit.float(), y.float())
             if with_study:
                 study_loss = F.binary_cross_entropy_with_logits(out[1].float(), batch[2].to(ctx.device))
                 study_loss_sum += study_loss.detach().item() * len(y)
                 loss = loss + p1.study_label_weight * study_loss
+            if cells is not None:
+                # the CAM the node will draw (GAP -> linear head), kept in the graph, against the clot's cells
+                heat = cam(window_out.activations.float(), model.fc.weight[0].float())
+                target = cells.pool(batch[-2].to(ctx.device), tuple(heat.shape[1:]))
+                attention_loss = attention_dice_loss(heat, target, batch[-1].to(ctx.device))
+                attention_loss_sum += attention_loss.detach().item() * len(y)
+                loss = loss + p1.attention_loss_weight * attention_loss
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -311,6 +348,8 @@ def train_phase1(config: TrainConfig, run_dir: str | os.PathLike[str], ctx: Dist
                    "train_windows": len(train_ds), "val_windows": len(val_ds)}
         if with_study:  # the total train_loss includes study_label_weight x this
             metrics["train_study_loss"] = sum(gather(study_loss_sum, ctx)) / max(seen_all, 1)
+        if cells is not None:  # ... and attention_loss_weight x this
+            metrics["train_attention_loss"] = sum(gather(attention_loss_sum, ctx)) / max(seen_all, 1)
         history.append(metrics)
         # keep = "last": every epoch replaces the kept model; its value is then the epoch's validation AUROC
         improved = criterion == "last" or best["epoch"] is None or _selection(criterion, metrics) > best["value"]

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import ndimage
 
+from dicom_node.imaging.cam_grid import CamGrid
 from dicom_node.log import get_logger
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ __all__ = [
     "center_crop",
     "find_lung_box",
     "heatmap_to_slices",
+    "mask_to_windows",
     "PREPROCESSING_VERSION",
 ]
 
@@ -218,16 +220,6 @@ def _linear_taps(n_in: int, n_out: int, lo: float = 0.0, step: float | None = No
     i0 = np.minimum(np.floor(pos).astype(np.intp), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
     return i0, i1, (pos - i0).astype(np.float32)
-
-
-def _resize_axis(arr: np.ndarray, axis: int, n_out: int) -> np.ndarray:
-    """Half-pixel linear resize of one axis (the convention of torch's align_corners=False)."""
-    i0, i1, w = _linear_taps(arr.shape[axis], n_out)
-    a = np.take(arr, i0, axis=axis)
-    b = np.take(arr, i1, axis=axis)
-    shape = [1] * arr.ndim
-    shape[axis] = n_out
-    return a + (b - a) * w.reshape(shape)
 
 
 # ----------------------------------------------------------------------------- lungs
@@ -481,6 +473,29 @@ def _prepare(series: CtSeries, config: PreprocessConfig, slice_labels: SliceLabe
     )
 
 
+def mask_to_windows(series: CtSeries, mask: npt.ArrayLike, geometry: Geometry, config: PreprocessConfig) -> np.ndarray:
+    """A (Z, Y, X) truth mask of `series` (slices in `series` order) -> (N, window_slices, R, R) bool in model space.
+
+    `geometry` must come from `prepare(series, config)` (no crop: R = config.resize). The mask goes
+    through the same resampling and box as the image, and a model voxel is set when it overlaps any
+    mask voxel (value > 0 after linear resampling), so a thin clot is never lost; padding is empty.
+    """
+    m = np.asarray(mask)
+    if m.shape != series.hu.shape:
+        raise PreprocessError(
+            f"Series {series.series_instance_uid}: mask shape {m.shape} differs from the series {series.hu.shape}; "
+            "give one mask value per voxel, slices in the series' sorted order")
+    if geometry.crop != config.resize:
+        raise PreprocessError(f"mask_to_windows: geometry is cropped to {geometry.crop} px; pass the geometry of "
+                              f"prepare() (resize {config.resize} px, no crop)")
+    W = config.window_slices
+    n = geometry.n_windows * W
+    vol = _box_volume(m.astype(np.float32), series.spacing_mm, geometry.lung_box, config, n)
+    vol[geometry.box_slices:] = 0.0
+    out: np.ndarray = np.nan_to_num(vol, nan=0.0) > 0
+    return out.reshape(geometry.n_windows, W, config.resize, config.resize)
+
+
 def center_crop(windows: Windows, crop: int) -> Windows:
     """Centre crop of every slice to `crop` x `crop` (a contiguous copy), geometry updated."""
     size = windows.array.shape[-1]
@@ -509,14 +524,25 @@ def preprocess(series: CtSeries, config: PreprocessConfig = PreprocessConfig(),
 
 
 def heatmap_to_slices(windows_or_geometry: Windows | Geometry, window_index: int,
-                      heatmap: npt.ArrayLike) -> list[tuple[int, np.ndarray]]:
+                      heatmap: npt.ArrayLike, grid: CamGrid | None = None) -> list[tuple[int, np.ndarray]]:
     """Map one window's model-space heatmap back onto the original slices it covers.
 
-    `heatmap` is (t, h, w) (or (h, w)) non-negative, at any resolution up to (window_slices, crop,
-    crop) (e.g. a 3D ResNet layer4 map of 2 x 6 x 6); it is upsampled trilinearly (half-pixel
-    convention) to (window_slices, crop, crop), then resampled to the original (Y, X) grid of each
-    original slice z covered by the window. Returns [(z, (Y, X) float32)], zero outside the lung
-    box and the crop.
+    Parameters
+    ----------
+    windows_or_geometry
+        The windows the heatmap was computed on, or their geometry.
+    window_index
+        Which window.
+    heatmap
+        (t, h, w) (or (h, w)) non-negative, at any resolution up to (window_slices, crop, crop)
+        (e.g. a 3D ResNet layer4 map of 2 x 5 x 5).
+    grid
+        Where the heatmap's cells sit in the window (`CamGrid`, from the bundle's manifest): the map
+        is upsampled linearly between those cell centres to (window_slices, crop, crop). None = the
+        half-pixel resize convention, which is only right for maps whose cells tile the window.
+
+    Returns [(z, (Y, X) float32)] for each original slice z the window covers, resampled to the
+    original grid; zero outside the lung box and the crop.
     """
     g = windows_or_geometry.geometry if isinstance(windows_or_geometry, Windows) else windows_or_geometry
     if not 0 <= window_index < g.n_windows:
@@ -526,9 +552,10 @@ def heatmap_to_slices(windows_or_geometry: Windows | Geometry, window_index: int
         hm = hm[None]
     if hm.ndim != 3:
         raise ValueError(f"heatmap_to_slices: heatmap shape {hm.shape}; expected (t, h, w)")
-    for axis, n in enumerate((g.window_slices, g.crop, g.crop)):
-        if hm.shape[axis] != n:
-            hm = _resize_axis(hm, axis, n)
+    full = (g.window_slices, g.crop, g.crop)
+    if hm.shape != full:
+        cells = (hm.shape[0], hm.shape[1], hm.shape[2])
+        hm = (grid or CamGrid.half_pixel(full, cells)).upsample(hm, full)
     Z, Y, X = g.original_shape
     # in-plane: original pixel -> crop coordinate, validity inside box and crop
     maps = []

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
+
+from dicom_node.imaging.cam_grid import CamGrid
 
 __all__ = [
     "WindowOutput",
@@ -33,6 +35,7 @@ __all__ = [
     "r3d_18",
     "load_pretrained",
     "cam",
+    "cam_grid",
     "window_heatmap",
     "R3D18_PLANES",
 ]
@@ -239,3 +242,27 @@ def window_heatmap(model: VideoResNet, x: Tensor) -> Tensor:
     """Run ``model`` on ``x`` and return the CAM of the first output, (B, t, h, w)."""
     out = model(x)
     return cam(out.activations, model.fc.weight[0])
+
+
+def cam_grid(model: VideoResNet) -> CamGrid:
+    """Where the cells of ``layer4`` (the CAM) sit in the input, derived from the convolutions on the main path.
+
+    Each convolution with kernel k, stride s and padding p puts output index j over input index
+    ``s * j - p + (k - 1) / 2``; composing the stem and every block's two convolutions gives stride and
+    offset per axis (the shortcuts' 1x1x1 convolutions with the same stride agree). For R3D-18 this is
+    stride (8, 16, 16), offset (0, 0, 0): cell j of the 2 x 5 x 5 map of an 80 px, 10-slice window is
+    centred on slice 8 j and pixel 16 j (tests/training/test_attention.py checks it against the
+    centroid of input gradients of interior cells).
+    """
+    main_path = [model.stem, *(block.get_submodule(part) for layer in (model.layer1, model.layer2, model.layer3, model.layer4)
+                               for block in layer for part in ("conv1", "conv2"))]
+    convs = [cast(nn.Conv3d, seq.get_submodule("0")) for seq in main_path]
+    stride, offset = [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]
+    for conv in convs:
+        for a in range(3):
+            k, s, p = conv.kernel_size[a], conv.stride[a], conv.padding[a]
+            if not isinstance(p, int):
+                raise ValueError(f"cam_grid: convolution {conv} has padding {p!r}; expected explicit integers")
+            offset[a] += stride[a] * ((k - 1) / 2 - p)
+            stride[a] *= s
+    return CamGrid(stride=(stride[0], stride[1], stride[2]), offset=(offset[0], offset[1], offset[2]))
