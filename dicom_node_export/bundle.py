@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dicom_node.imaging.cam_grid import CamGrid
 from dicom_node.imaging.preprocess import PreprocessConfig
 from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL
 from dicom_node.log import get_logger
@@ -241,6 +242,16 @@ Commands:
 """
 
 
+def _heatmap_grid(stage1_model: nn.Module) -> CamGrid:
+    """Where stage 1's heatmap cells sit in the window, from the model's own convolutions (R3D-18: `cam_grid`)."""
+    from dicom_node_training.models.r3d import VideoResNet, cam_grid
+
+    if not isinstance(stage1_model, VideoResNet):
+        raise TypeError(f"stage-1 model {type(stage1_model).__name__}; the export knows the heatmap grid of "
+                        "VideoResNet (R3D-18) window encoders only")
+    return cam_grid(stage1_model)
+
+
 def write_bundle(
     stage1_model: nn.Module,
     stage2_model: nn.Module,
@@ -360,6 +371,7 @@ def write_bundle(
             files=files, versions=_versions(), metrics=metrics, fp16=fp16_specs,
             export_checks={**checks, "warnings": notes, "source": source}, schema_version=SCHEMA_VERSION,
             weak_labels=weak, weak_auroc_floor=float(weak_auroc_floor), weak_labels_source="manifest",
+            heatmap_grid=_heatmap_grid(stage1_model),
         )
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
         verify_bundle(tmp, run_graphs=True)

@@ -30,6 +30,7 @@ from typing import Any, TypeVar, cast, overload
 
 import numpy as np
 
+from dicom_node.imaging.cam_grid import CamGrid
 from dicom_node.imaging.preprocess import PREPROCESSING_VERSION, PreprocessConfig
 from dicom_node.labels import ALL_LABELS, STUDY_LABELS, WINDOW_LABEL
 
@@ -37,6 +38,7 @@ __all__ = [
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
     "DEFAULT_WEAK_AUROC_FLOOR",
+    "R3D18_HEATMAP_GRID",
     "LabelValidation",
     "label_validation_of",
     "weak_labels_below",
@@ -68,6 +70,11 @@ SUPPORTED_OPSETS = range(13, 22)
 
 #: labels whose validation AUROC is below this (or undefined) are weak: shown, marked "not validated"
 DEFAULT_WEAK_AUROC_FLOOR = 0.70
+
+#: heatmap cell centres of an R3D-18 window encoder (stem stride 1 x 2 x 2, three stride-2 stages, symmetric
+#: padding): slice 8 j, pixel 16 j of the window. The export derives it from the model
+#: (`dicom_node_training.models.r3d.cam_grid`) and records it; this is the value for bundles made before that.
+R3D18_HEATMAP_GRID = CamGrid(stride=(8.0, 16.0, 16.0), offset=(0.0, 0.0, 0.0))
 
 STAGE1_INPUTS = ("windows",)
 STAGE1_OUTPUTS = ("features", "window_logit", "heatmap")
@@ -206,6 +213,9 @@ class BundleManifest:
     weak_auroc_floor: float = DEFAULT_WEAK_AUROC_FLOOR
     #: "manifest" (recorded at export, written by `to_json`), "metrics" (computed at load) or "unknown"
     weak_labels_source: str = "unknown"
+    #: where the stage-1 heatmap's cells sit in the window (`CamGrid`); bundles exported before it was
+    #: recorded are R3D-18 window models, whose grid follows from the architecture (R3D18_HEATMAP_GRID)
+    heatmap_grid: CamGrid = R3D18_HEATMAP_GRID
 
     @property
     def label_validation(self) -> LabelValidation:
@@ -242,6 +252,7 @@ class BundleManifest:
             "versions": dict(self.versions),
             "metrics": self.metrics,
             "export_checks": self.export_checks,
+            "heatmap_grid": self.heatmap_grid.to_dict(),
             # only what was recorded: a value computed at load from an older manifest is not written back
             **({"weak_labels": list(self.weak_labels) if self.weak_labels is not None else None,
                 "weak_auroc_floor": self.weak_auroc_floor} if self.weak_labels_source == "manifest" else {}),
@@ -416,7 +427,12 @@ def _parse_manifest(data: Any, where: str) -> BundleManifest:
     if tuple(stage2.inputs[0].shape[1:]) != (seq, feat):
         raise BundleError(f"{where}: graphs.stage2 input 'features' has shape {list(stage2.inputs[0].shape)}; "
                           f"expected [batch, {seq}, {feat}] (sequence_length, feature_dim)")
+    try:
+        grid = CamGrid.from_dict(data["heatmap_grid"]) if data.get("heatmap_grid") is not None else R3D18_HEATMAP_GRID
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{where}: heatmap_grid: {exc}; re-export the bundle with dicom-node-export") from None
     return BundleManifest(
+        heatmap_grid=grid,
         name=_req(data, "name", str, where),
         version=_req(data, "version", str, where),
         model_uid=_req(data, "model_uid", str, where),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dicom_node.imaging.cam_grid import CamGrid
 from dicom_node.imaging.preprocess import PreprocessConfig, Windows
 from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL, make_consistent, sigmoid
 from dicom_node.log import get_logger
@@ -50,6 +51,7 @@ class Prediction:
     - `window_positive` (N,) and `labels`: binary decisions after the RSNA consistency rules.
     - `stage1_probs` (N,): sigmoid of the stage-1 window logit (the window encoder on its own).
     - `timings_s`: seconds spent per step ("stage1", "stage2", "total").
+    - `heatmap_grid`: where the heatmaps' cells sit in the window (`CamGrid`, from the bundle).
     """
 
     series_instance_uid: str
@@ -66,6 +68,8 @@ class Prediction:
     execution_provider: str
     stage1_probs: np.ndarray | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    #: where the heatmaps' cells sit in the window (the bundle's `heatmap_grid`); None = half-pixel resize
+    heatmap_grid: CamGrid | None = None
 
     @property
     def positive(self) -> bool:
@@ -249,6 +253,7 @@ class Predictor:
             execution_provider=self.execution_provider,
             stage1_probs=sigmoid(stage1_logits).astype(np.float32),
             timings_s={"stage1": t1 - t0, "stage2": t2 - t1, "total": total},
+            heatmap_grid=m.heatmap_grid,
         )
         log.info("inference_finished", series_uid=windows.series_instance_uid, windows=n,
                  positive=pred.positive, max_window_prob=round(float(window_probs.max()), 4),

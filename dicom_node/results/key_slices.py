@@ -7,8 +7,13 @@ heatmap Secondary Captures and the KOS:
    weighted by how much the nine study heads attend to the window);
 2. the top-k windows by that score are kept (default k = 3, ties broken by window index);
 3. within each kept window, the model-space heatmap is mapped back to the original slices the
-   window covers (`dicom_node.imaging.preprocess.heatmap_to_slices`) and `hottest_slice` picks
-   the slice with the strongest heatmap.
+   window covers (`dicom_node.imaging.preprocess.heatmap_to_slices`, through the bundle's
+   `CamGrid`: the network's own cell centres, not the image-resize convention) and
+   `key_slice_of_window` picks the slice at the heatmap's centre of mass along the window: the
+   slice nearest to the peak-weighted mean position of the window's slices. A 10-slice window
+   has only two heatmap cells along z (centred on its slices 0 and 8), so the per-slice peak is
+   linear between them and its maximum always sits on slice 0 or 8 (or on a tie); the centre of
+   mass lands on the slice between them that the two cells' evidence points to (docs/results.md).
 
 `KeySlice.hottest_point` is the (row, column) of the heatmap maximum on the key slice: the point the
 SR marks with an image-region SCOORD (and `dicom_node_phantoms.truth.hottest_point` measures against truth).
@@ -25,6 +30,7 @@ import numpy as np
 from dicom_node.imaging.preprocess import heatmap_to_slices
 
 if TYPE_CHECKING:
+    from dicom_node.imaging.cam_grid import CamGrid
     from dicom_node.imaging.preprocess import Windows
     from dicom_node.imaging.series import CtSeries
     from dicom_node.model.inference import Prediction
@@ -32,7 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "KeySlice",
     "KeySliceError",
-    "hottest_slice",
+    "key_slice_of_window",
     "map_heatmap_to_slices",
     "select_key_slices",
     "window_scores",
@@ -80,9 +86,10 @@ def window_scores(prediction: Prediction) -> np.ndarray:
 
 
 def map_heatmap_to_slices(series: CtSeries, windows: Windows, window_index: int,
-                          heatmap: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """[(z, (Y, X) heatmap)] for the original slices covered by window `window_index` (via preprocess)."""
-    mapped = heatmap_to_slices(windows, window_index, heatmap)
+                          heatmap: np.ndarray, grid: CamGrid | None = None) -> list[tuple[int, np.ndarray]]:
+    """[(z, (Y, X) heatmap)] for the original slices covered by window `window_index` (via preprocess;
+    `grid`: where the heatmap's cells sit, `Prediction.heatmap_grid`)."""
+    mapped = heatmap_to_slices(windows, window_index, heatmap, grid)
     for z, m in mapped:
         if not 0 <= z < len(series.sop_instance_uids) or m.shape != tuple(series.hu.shape[1:]):
             raise KeySliceError(
@@ -93,11 +100,20 @@ def map_heatmap_to_slices(series: CtSeries, windows: Windows, window_index: int,
     return [(int(z), np.asarray(m, dtype=np.float32)) for z, m in mapped]
 
 
-def hottest_slice(mapped: Sequence[tuple[int, np.ndarray]]) -> tuple[int, np.ndarray]:
-    """The (z, heatmap) with the strongest heatmap: highest peak, ties -> larger total, then the earlier slice."""
+def key_slice_of_window(mapped: Sequence[tuple[int, np.ndarray]]) -> tuple[int, np.ndarray]:
+    """The (z, heatmap) at the heatmap's centre of mass along the window (see the module doc).
+
+    Weights are the per-slice heatmap peaks; the slice nearest to their weighted mean position is
+    chosen (on an exact half-way tie, the one with the higher peak, then the earlier). An all-zero
+    heatmap gives the window's middle slice.
+    """
     if not mapped:
         raise KeySliceError("no slices to choose from: the window covers no original slice")
-    return max(mapped, key=lambda zm: (float(zm[1].max()), float(zm[1].sum()), -zm[0]))
+    z = np.array([zm[0] for zm in mapped], dtype=np.float64)
+    peaks = np.array([float(zm[1].max()) for zm in mapped], dtype=np.float64)
+    centre = float((z * peaks).sum() / peaks.sum()) if peaks.sum() > 0 else float(z.mean())
+    best = min(range(len(mapped)), key=lambda i: (abs(z[i] - centre), -peaks[i], z[i]))
+    return mapped[best]
 
 
 def select_key_slices(series: CtSeries, windows: Windows, prediction: Prediction, k: int = 3) -> tuple[KeySlice, ...]:
@@ -116,10 +132,10 @@ def select_key_slices(series: CtSeries, windows: Windows, prediction: Prediction
     order = sorted(range(n), key=lambda i: (-scores[i], i))[: min(k, n)]
     out = []
     for rank, wi in enumerate(order):
-        mapped = map_heatmap_to_slices(series, windows, wi, prediction.heatmaps[wi])
+        mapped = map_heatmap_to_slices(series, windows, wi, prediction.heatmaps[wi], prediction.heatmap_grid)
         if not mapped:
             raise KeySliceError(f"Series {series.series_instance_uid}: window {wi} covers no original slice")
-        z, hm = hottest_slice(mapped)
+        z, hm = key_slice_of_window(mapped)
         out.append(KeySlice(
             rank=rank, window_index=wi, z=z, sop_instance_uid=series.sop_instance_uids[z],
             window_probability=float(window_probs[wi]), score=float(scores[wi]),

@@ -19,7 +19,7 @@ from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL, consistency_violations
 from dicom_node.log import configure_logging
 from dicom_node.model.bundle import BundleError, load_bundle
 from dicom_node.model.inference import InferenceError, Predictor
-from dicom_node.results.key_slices import hottest_slice
+from dicom_node.results.key_slices import key_slice_of_window
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,17 +193,24 @@ def test_predictor_refuses_windows_with_other_preprocessing(tiny_bundle):
 # ------------------------------------------------------------------------------ explain
 
 
-def test_key_slice_rule_picks_the_hottest_source_slice_of_each_window(tiny_bundle):
+def test_key_slice_rule_picks_a_source_slice_of_each_window_at_the_heatmaps_centre_of_mass(tiny_bundle):
     w = make_windows(5, seed=4)
     pred = Predictor(tiny_bundle).predict(w)
     for i in range(5):
-        mapped = heatmap_to_slices(w, i, pred.heatmaps[i])
-        z, hm = hottest_slice(mapped)
+        mapped = heatmap_to_slices(w, i, pred.heatmaps[i], pred.heatmap_grid)
+        z, hm = key_slice_of_window(mapped)
         assert z in w.slice_indices[i]
-        assert float(hm.max()) == max(float(m.max()) for _, m in mapped)
         assert hm.shape == (28, 28) and hm.min() >= 0.0
-    ties = [(3, np.ones((2, 2), np.float32)), (1, np.ones((2, 2), np.float32))]
-    assert hottest_slice(ties)[0] == 1  # equal peak and total: the earlier slice
+    plane = np.ones((2, 2), np.float32)
+    # one hot slice: that slice, wherever it is (not the first of the window)
+    assert key_slice_of_window([(z, plane * (z == 17)) for z in range(10, 20)])[0] == 17
+    # a flat profile (both temporal cells equally hot): the middle, not the first slice of a tie
+    assert key_slice_of_window([(z, plane) for z in range(10, 20)])[0] == 14
+    # the profile of one hot cell centred on the window's slice 8 (linear from slice 0, flat after 8)
+    ramp = [(10 + s, plane * min(s, 8) / 8) for s in range(10)]
+    assert key_slice_of_window(ramp)[0] == 10 + 6  # centre of mass 34.5 / 5.5 = 6.27
+    # an empty heatmap: the middle slice
+    assert key_slice_of_window([(z, plane * 0) for z in range(10, 20)])[0] == 14
 
 
 # ------------------------------------------------------------------------------ no torch in the node
