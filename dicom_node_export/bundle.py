@@ -37,6 +37,7 @@ from dicom_node.log import get_logger
 from dicom_node.model.bundle import (
     DEFAULT_WEAK_AUROC_FLOOR,
     MANIFEST_NAME,
+    R3D18_HEATMAP_GRID,
     SCHEMA_VERSION,
     BundleManifest,
     GraphSpec,
@@ -183,10 +184,39 @@ def _fp16_line(checks: dict) -> str:
             f"(tolerance {_sci(f['stage1']['tolerance'])}).")
 
 
+def _heatmap_section(metrics: dict, grid: CamGrid) -> str:
+    training = metrics.get("training") or {}
+    weight = training.get("attention_loss_weight")
+    lines = [f"Cells of the last conv block centred on window slice {grid.stride[0]:g} j + {grid.offset[0]:g} and crop "
+             f"pixel {grid.stride[1]:g} j + {grid.offset[1]:g} (`heatmap_grid`, from the architecture)."]
+    if weight is None:
+        lines.append("Attention loss: not recorded in the training run.")
+    elif weight > 0:
+        lines.append(f"Trained with the attention loss of Shi et al. 2020 (continuous Dice of the CAM against the "
+                     f"embolus mask), lambda = {weight:g}.")
+    else:
+        lines.append("Trained without an attention loss (window label only): the heatmap shows where the logit comes "
+                     "from, which need not be the clot.")
+    loc = metrics.get("localisation")
+    if loc:
+        d, c, r = loc["detected"], loc.get("ceiling", {}), loc.get("chance", {})
+        lines.append(
+            f"Localisation on {loc['positives']} held-out positive phantoms ({d['n']} detected; "
+            f"`benchmarks/heatmap_hits.py`, cells {' x '.join(f'{v:g}' for v in loc['cell_size_mm'])} mm): hottest point "
+            f"within 20 mm of the embolus in {d['within_20mm']:.0%} ({d['within_20mm_ci'][0]:.0%}-{d['within_20mm_ci'][1]:.0%}), "
+            f"within 10 mm in {d['within_10mm']:.0%} ({d['within_10mm_ci'][0]:.0%}-{d['within_10mm_ci'][1]:.0%}), "
+            f"median {d['median_mm']:.1f} mm; a perfect CAM on the same cells: {c.get('within_20mm', float('nan')):.0%} "
+            f"within 20 mm; a random point in the lung box: {r.get('within_20mm', float('nan')):.0%}.")
+    else:
+        lines.append("Localisation: not measured for this export (`--localisation`).")
+    return "\n".join(lines)
+
+
 def _model_card(*, name: str, version: str, model_uid: str, created: str, metrics: dict, thresholds: dict,
                 preprocess: PreprocessConfig, sequence_length: int, feature_dim: int, checks: dict,
                 commands: list[str], source: dict, weak_labels: tuple[str, ...] | None = None,
-                weak_auroc_floor: float = DEFAULT_WEAK_AUROC_FLOOR) -> str:
+                weak_auroc_floor: float = DEFAULT_WEAK_AUROC_FLOOR, grid: CamGrid | None = None) -> str:
+    grid = grid or R3D18_HEATMAP_GRID
     auroc = metrics.get("test_auroc") or {}
     val = metrics.get("validation_auroc") or {}
     rows = "\n".join(f"| {k} | {_fmt(val.get(k))} | {_fmt(auroc.get(k))} | {thresholds[k]:.3f} | "
@@ -220,6 +250,9 @@ GAP -> linear head) and a sequence model with nine attention heads over {sequenc
 
 ## Weak labels
 {_weak_section(weak_labels, weak_auroc_floor)}
+
+## Heatmap
+{_heatmap_section(metrics, grid)}
 
 ## Limits
 - Metrics hold only for data like the data above; they say nothing about real patients unless that data was real CTPA.
@@ -357,7 +390,7 @@ def write_bundle(
             name=name, version=version, model_uid=model_uid, created=created, metrics=metrics,
             thresholds=thresholds, preprocess=preprocess, sequence_length=sequence_length,
             feature_dim=feature_dim, checks=checks, commands=list(commands or []), source=source,
-            weak_labels=weak, weak_auroc_floor=float(weak_auroc_floor)),
+            weak_labels=weak, weak_auroc_floor=float(weak_auroc_floor), grid=_heatmap_grid(stage1_model)),
             encoding="utf-8")
         files = {f: sha256_file(tmp / f) for f in
                  (STAGE1_FILE, STAGE2_FILE, *(STAGE1_FP16_FILE, STAGE2_FP16_FILE)[: 2 if fp16 else 0], MODEL_CARD_NAME)}
@@ -448,6 +481,21 @@ def read_report(path: str | Path | None) -> tuple[dict[str, float], dict[str, An
     return thresholds, metrics, []
 
 
+def read_localisation(path: str | Path) -> dict[str, Any]:
+    """The figures of a `benchmarks/heatmap_hits.py --json` file that a bundle records (`metrics.localisation`)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        detected, ceiling, chance = data["model_detected"], data["ceiling_perfect_cam"], data["chance_lung_box"]
+        keep = ("n", "median_mm", "median_ci_mm", "within_10mm", "within_10mm_ci", "within_20mm", "within_20mm_ci",
+                "pointing", "pointing_ci", "slice_has_embolus")
+        return {"model": data["model"], "positives": data["positives"], "cell_size_mm": data["cell_size_mm"],
+                "detected": {k: detected[k] for k in keep}, "ceiling": {k: ceiling[k] for k in keep if k in ceiling},
+                "chance": {k: chance[k] for k in keep if k in chance}}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--localisation {path}: {type(exc).__name__}: {exc}; pass the JSON that "
+                         "benchmarks/heatmap_hits.py --json wrote") from None
+
+
 def describe_data(run: str | Path | None, metrics: dict[str, Any], description: str | None) -> str:
     """What the metrics come from: the given description, else the report's, else the run's split sizes."""
     parts = []
@@ -471,12 +519,16 @@ def bundle_from_checkpoints(stage1: str | Path, stage2: str | Path, report: str 
                             name: str, version: str, fp16: bool = False, opset: int = 17, force: bool = False,
                             commands: list[str] | None = None, data_description: str | None = None,
                             run: str | Path | None = None,
-                            weak_auroc_floor: float = DEFAULT_WEAK_AUROC_FLOOR) -> ExportResult:
+                            weak_auroc_floor: float = DEFAULT_WEAK_AUROC_FLOOR,
+                            localisation: str | Path | None = None) -> ExportResult:
     from dicom_node_training.checkpoint import git_revision
 
     m1, m2, cfg, ck1, ck2 = load_checkpoint_models(stage1, stage2)
     thresholds, metrics, _ = read_report(report)
     metrics["data"] = describe_data(run, metrics, data_description)
+    metrics["training"] = {"attention_loss_weight": float(cfg.phase1.attention_loss_weight)}
+    if localisation is not None:
+        metrics["localisation"] = read_localisation(localisation)
     source = {"run": str(run) if run else None, "stage1": str(stage1), "stage2": str(stage2),
               "report": str(report) if report else None,
               "git_revision": ck2.get("git_revision") or git_revision(),

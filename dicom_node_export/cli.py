@@ -64,6 +64,10 @@ examples:
                    help="labels whose validation AUROC (report.json validation.auroc) is below this, or undefined, are "
                         "written to manifest.json as weak_labels and marked 'low confidence, not validated' by the "
                         "node (default 0.70)")
+    p.add_argument("--localisation", type=Path, default=None, metavar="JSON",
+                   help="heatmap localisation figures to record in the manifest, the model card and every SR's "
+                        "algorithm parameters: the file `benchmarks/heatmap_hits.py --json` wrote for this model "
+                        "(measure a first export, then export again with it)")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
     p.set_defaults(func=_cmd_bundle)
 
@@ -83,7 +87,8 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
         return 2
     command = portable_command(sys.argv[1:] if args.argv is None else args.argv)
     kw: dict[str, Any] = dict(name=args.name, version=args.version, fp16=args.fp16, opset=args.opset, force=args.force,
-              commands=[command], data_description=args.data_description, weak_auroc_floor=args.weak_auroc_floor)
+              commands=[command], data_description=args.data_description, weak_auroc_floor=args.weak_auroc_floor,
+              localisation=args.localisation)
     try:
         if args.run is not None:
             result = bundle_from_run(args.run, args.out, **kw)

@@ -222,6 +222,21 @@ class BundleManifest:
         return LabelValidation(self.weak_labels, self.weak_auroc_floor, self.weak_labels_source)
 
     @property
+    def parameters(self) -> tuple[str, ...]:
+        """What the SR's algorithm parameters say about how the heatmap was made and how well it localises."""
+        g = self.heatmap_grid
+        params = [f"heatmap_grid=stride {'x'.join(f'{v:g}' for v in g.stride)} offset {'x'.join(f'{v:g}' for v in g.offset)}"]
+        weight = (self.metrics.get("training") or {}).get("attention_loss_weight")
+        if weight is not None:
+            params.append(f"attention_loss_weight={float(weight):g}")
+        loc = self.metrics.get("localisation") or {}
+        if loc.get("detected"):
+            d = loc["detected"]
+            params.append(f"heatmap_within_20mm={d['within_20mm']:.2f} within_10mm={d['within_10mm']:.2f} "
+                          f"median_mm={d['median_mm']:.1f} (n={d['n']} phantoms)")
+        return tuple(params)
+
+    @property
     def heatmap_shape(self) -> tuple[int, int, int]:
         dims = self.stage1.outputs[STAGE1_OUTPUTS.index("heatmap")].shape[1:]
         # three dims: _parse_manifest accepts only a [batch, t, h, w] heatmap with int t, h, w
