@@ -134,6 +134,11 @@ def patient_key(patient_id: object, issuer: object = None) -> str:
     return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:32]
 
 
+#: a series' study and the patient it is bound to (patient_key NULL when not recorded)
+_BINDING = ("SELECT s.study_uid, p.patient_key FROM series s LEFT JOIN series_patient p ON p.series_uid = s.series_uid"
+            " WHERE s.series_uid=?")
+
+
 def _conflict(series_uid: str, study_uid: str, key: str | None, known: sqlite3.Row | None) -> str | None:
     if known is None:
         return None
@@ -301,8 +306,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               _statements(_SCHEMA)),
     Migration(2, "index deliveries(state, next_try_at) for the sender's due and next-try queries",
               ("CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_try_at)",)),
-    Migration(3, "series.patient_key: digest of the patient a series is bound to (NULL for series received before)",
-              ("ALTER TABLE series ADD COLUMN patient_key TEXT",)),
+    Migration(3, "series_patient: digest of the patient each series is bound to (none for series received before)",
+              ("CREATE TABLE IF NOT EXISTS series_patient (series_uid TEXT PRIMARY KEY, patient_key TEXT NOT NULL)",)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 assert [m.version for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1)), "MIGRATIONS: versions 1, 2, ... in order"
@@ -477,8 +482,7 @@ class State:
 
         A series belongs to the study and patient of its first instance. The message names the UIDs,
         never patient values."""
-        r = self._conn().execute("SELECT study_uid, patient_key FROM series WHERE series_uid=?", (series_uid,)).fetchone()
-        return _conflict(series_uid, study_uid, patient_key, r)
+        return _conflict(series_uid, study_uid, patient_key, self._conn().execute(_BINDING, (series_uid,)).fetchone())
 
     def add_instance(self, row: InstanceRow, *, patient_key: str | None = None) -> bool:
         """Record a spooled instance; False (and no change) when the SOP instance is already known.
@@ -487,7 +491,7 @@ class State:
         (in any state) goes back to receiving. An instance of another study or patient than its
         series raises `SeriesConflict` (nothing recorded)."""
         with self._tx() as c:
-            known = c.execute("SELECT study_uid, patient_key FROM series WHERE series_uid=?", (row.series_uid,)).fetchone()
+            known = c.execute(_BINDING, (row.series_uid,)).fetchone()
             conflict = _conflict(row.series_uid, row.study_uid, patient_key, known)
             if conflict:
                 raise SeriesConflict(conflict)
@@ -497,14 +501,16 @@ class State:
             if cur.rowcount == 0:
                 return False
             cur = c.execute(
-                "INSERT INTO series(series_uid, study_uid, state, first_instance_at, last_instance_at, n_instances,"
-                " calling_aet, patient_key) VALUES (?,?,?,?,?,1,?,?) ON CONFLICT(series_uid) DO NOTHING",
+                "INSERT INTO series(series_uid, study_uid, state, first_instance_at, last_instance_at, n_instances, calling_aet)"
+                " VALUES (?,?,?,?,?,1,?) ON CONFLICT(series_uid) DO NOTHING",
                 (row.series_uid, row.study_uid, SeriesState.RECEIVING.value, row.received_at, row.received_at,
-                 row.calling_aet, patient_key))
+                 row.calling_aet))
             if cur.rowcount == 0:  # known series
                 _move(c, SERIES_MACHINE, row.series_uid, SeriesState.RECEIVING,
-                      "skip_reason=NULL, last_instance_at=?, n_instances=n_instances+1, completed_at=NULL, "
-                      "patient_key=COALESCE(patient_key, ?)", (row.received_at, patient_key))
+                      "skip_reason=NULL, last_instance_at=?, n_instances=n_instances+1, completed_at=NULL",
+                      (row.received_at,))
+            if patient_key is not None and (known is None or known["patient_key"] is None):
+                c.execute("INSERT OR IGNORE INTO series_patient VALUES (?,?)", (row.series_uid, patient_key))
             return True
 
     def restore_instance(self, row: InstanceRow) -> None:
