@@ -9,8 +9,8 @@ not_analysed_sr`; docs/results.md):
 * A selected series that cannot be analysed (a gap too wide to bridge, too few slices, irregular
   geometry) gets `build_not_analysed_sr`: a short Comprehensive 3D SR whose impression is "Not
   analysed by AI: <the reason in plain words>", then the research-use statement and what to do.
-  It has no findings, no measurement groups and no image references beyond its evidence (the
-  received instances). Its UIDs follow the SR scheme (`result_uid("sr", ...)`, same series UID per
+  It has no probabilities or calls: one measurement group (TID 1500 needs one) names the PE finding
+  with the Comment "not evaluated", and its evidence lists the received instances. Its UIDs follow the SR scheme (`result_uid("sr", ...)`, same series UID per
   revision), so a complete re-send analysed later is the next revision and names this report as
   its predecessor.
 """
@@ -24,7 +24,14 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as PydicomSequence
 
 from dicom_node import RESEARCH_USE_STATEMENT, __version__
-from dicom_node.results.codes import COMMENT, IMPRESSION, PROCEDURE_CODES, QUALITATIVE_EVALUATIONS, private_scheme_item
+from dicom_node.results.codes import (
+    COMMENT,
+    IMPRESSION,
+    PE_FINDING,
+    PROCEDURE_CODES,
+    QUALITATIVE_EVALUATIONS,
+    private_scheme_item,
+)
 from dicom_node.results.sr import BundleInfo, ReportError, device_observer_context
 from dicom_node.results.uids import result_uid
 
@@ -81,6 +88,7 @@ def build_not_analysed_sr(
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device_observer_context(bundle)),
         procedure_reported=list(PROCEDURE_CODES),
+        imaging_measurements=[_not_evaluated(series_uid, bundle.model_uid, revision)],
     )
     root = report[0]
     statement = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS",
@@ -115,10 +123,34 @@ def build_not_analysed_sr(
     return sr
 
 
+def _not_evaluated(series_uid: str, model_uid: str, revision: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The one measurement group TID 1500 needs: the PE finding with no measurement, marked not evaluated."""
+    import highdicom as hd
+
+    tracking = "not_analysed"
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=result_uid("tracking", series_uid, model_uid, revision, tracking), identifier=tracking),
+        finding_type=PE_FINDING,
+    )
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=COMMENT, relationship_type="CONTAINS", value="not evaluated: the series was not analysed"))
+    return group
+
+
 def _evidence(header: Dataset) -> Dataset:
-    """The header without pixel data (evidence needs the UIDs and the patient/study context only)."""
+    """The header without pixel data (evidence needs the UIDs and the patient/study context only); the
+    patient and study attributes an SR must carry (type 2) are added empty where the sender left them out."""
     ds = Dataset()
     for elem in header:
         if elem.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
             ds.add(elem)
+    for keyword in _TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
     return ds
+
+
+#: patient/study attributes highdicom copies from the first evidence dataset into the SR
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+          "AccessionNumber", "ReferringPhysicianName")
