@@ -146,8 +146,8 @@ def _conflict(series_uid: str, study_uid: str, key: str | None, known: sqlite3.R
         return (f"Series {series_uid} belongs to study {known['study_uid']} but this instance names study {study_uid}; "
                 "a series is part of one study: the sender must give each study's series its own SeriesInstanceUID")
     if key is not None and known["patient_key"] is not None and known["patient_key"] != key:
-        return (f"Series {series_uid}: this instance's PatientID/IssuerOfPatientID differ from the series' first "
-                "instance (values not logged); a series is one patient's: correct the patient data at the sender")
+        return (f"Series {series_uid}: this instance is of another patient than the series' first instance (their "
+                "patient identifier or its issuer differ; values not logged); a series is one patient's: correct the patient data at the sender")
     return None
 
 

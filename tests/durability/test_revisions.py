@@ -102,8 +102,8 @@ def test_a_series_is_bound_to_the_study_and_patient_of_its_first_instance(tmp_pa
     with pytest.raises(SeriesConflict, match=r"Series 1\.2\.3 belongs to study 1\.2 but this instance names study 1\.7; "
                                              r"a series is part of one study"):
         st.add_instance(_row("1.2.3.2", study="1.7"), patient_key=alice)
-    with pytest.raises(SeriesConflict, match=r"Series 1\.2\.3: this instance's PatientID/IssuerOfPatientID differ "
-                                             r"from the series' first instance \(values not logged\)"):
+    with pytest.raises(SeriesConflict, match=r"Series 1\.2\.3: this instance is of another patient than the series' "
+                                             r"first instance \(their patient identifier or its issuer differ; values not logged\)"):
         st.add_instance(_row("1.2.3.3"), patient_key=bob)
     assert "PID" not in st.series_conflict("1.2.3", "1.2", bob)
     assert st.series("1.2.3").n_instances == 1 and not st.has_instance("1.2.3.2") and not st.has_instance("1.2.3.3")
