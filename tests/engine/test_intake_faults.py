@@ -3,8 +3,9 @@ dcmtk storescu as the scanner and a real Orthanc as the PACS:
 
 * held-back slices: the first SR names the missing slices, the late ones give a revised SR with predecessor;
 * a 40 % gap: a "not analysed" SR that says why; the rest of the series then gives the revised, analysed SR;
-* a kill -9 loop: >= 8 SIGKILLs at random points while three studies are sent, then full re-sends:
-  exactly one delivered SR revision per study and every acknowledged instance in the spool.
+* a kill -9 loop: 8 SIGKILLs at random points while three studies are sent, then full re-sends and a
+  ninth kill around completion/analysis/delivery: exactly one delivered SR revision per study and every
+  acknowledged instance in the spool.
 """
 
 from __future__ import annotations
@@ -197,6 +198,10 @@ def test_a_kill9_loop_across_three_studies_then_full_resends_gives_one_sr_revisi
     try:
         for s in studies:  # the scanners re-send every study in full
             _send(node.port, s)
+        time.sleep(rng.uniform(quiet - 1.0, quiet + 2.0))  # one more kill, around completion, analysis or delivery
+        node.kill9()
+        kills += 1
+        node.start()
         srs = _wait_srs(orthanc, 3, timeout=180)
         st = State(tmp_path / "data" / "state.sqlite")
         wait_until(lambda: len(st.jobs(JobState.DONE)) == 3, 60, "three jobs done")
