@@ -128,6 +128,7 @@ class SelectionConfig:
     description_include: tuple[str, ...] = field(default=(), metadata=_doc("Regexes; when not empty SeriesDescription must match one (case-insensitive)"))
     description_exclude: tuple[str, ...] = field(default=("localizer", "scout", "topogram", "dose"), metadata=_doc("Regexes; a SeriesDescription matching one is skipped (case-insensitive)"))
     require_contrast: bool = field(default=False, metadata=_doc("Skip series without ContrastBolusAgent"))
+    max_gap_factor: float = field(default=2.5, metadata=_doc("Missing slices: a gap between slices up to this many times the median slice spacing (a multiple of it) is filled by interpolation and named in the SR; a larger gap makes the series \"not analysed\" (1 = no gap allowed)"))
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ class ResultsConfig:
     top_k_heatmaps: int = field(default=3, metadata=_doc("Number of Grad-CAM Secondary Capture images sent"))
     heatmaps_for_negative: bool = field(default=False, metadata=_doc("Also send heatmap Secondary Captures for a study called PE absent (their captions say \"below threshold: not a finding\")"))
     omit_weak_labels: bool = field(default=False, metadata=_doc("Leave labels the bundle marks weak (validation AUROC below its floor) out of the SR instead of reporting them marked \"not validated\""))
+    not_analysed_sr: bool = field(default=True, metadata=_doc("When a selected series cannot be analysed (slices missing beyond selection.max_gap_factor, too few slices, irregular geometry), send a short \"not analysed\" SR saying why instead of nothing (false = the job fails, listed by `dicom-node status`)"))
 
 
 @dataclass(frozen=True)
@@ -349,6 +351,8 @@ def _validate(c: Config) -> None:
     need(0 <= s.min_slice_thickness_mm <= s.max_slice_thickness_mm, "selection.max_slice_thickness_mm", s.max_slice_thickness_mm,
          f">= selection.min_slice_thickness_mm ({s.min_slice_thickness_mm}) >= 0")
     need(s.min_slices >= 1, "selection.min_slices", s.min_slices, "an integer >= 1")
+    need(1.0 <= s.max_gap_factor <= 10.0, "selection.max_gap_factor", s.max_gap_factor,
+         "a number from 1 (no missing slice allowed) to 10 (times the median slice spacing)")
     for name in ("description_include", "description_exclude"):
         for i, pattern in enumerate(getattr(s, name)):
             try:

@@ -7,6 +7,13 @@ loaded and warmed up once per process), and builds the SR, heatmap Secondary Cap
 and optional KOS with deterministic UIDs. Delivery, retries and durability are the worker's and
 the sender's business.
 
+Incomplete series (docs/results.md): `analyse_series` fills gaps of missing slices up to
+`[selection] max_gap_factor` (the SR names them); a series the imaging stages refuse (`SeriesError`,
+`PreprocessError`: a gap too wide, too few slices, irregular geometry, no lungs found) is answered
+with a "not analysed" SR giving the reason in plain words (`[results] not_analysed_sr`, on by
+default; off, the job fails as before). Errors of the node itself (a missing spool file, the model
+failing) still fail the job: those are attempts, not answers.
+
 `JOB_BODY` is what the node runs by default: `run_job` per job and `prepare` once at start (load
 and verify the bundle, honour `require_gpu`, warm the graphs up), so a broken bundle or a missing
 GPU stops `Node.start` instead of failing the first study.
@@ -20,13 +27,16 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pydicom
+
 from dicom_node.engine.worker import JobBody, JobContext, JobResult
-from dicom_node.imaging.preprocess import preprocess
-from dicom_node.imaging.series import load_series
+from dicom_node.imaging.preprocess import PreprocessError, preprocess
+from dicom_node.imaging.series import SeriesError, load_series
 from dicom_node.log import get_logger
 from dicom_node.model.bundle import default_bundle_path, load_bundle
 from dicom_node.model.inference import Predictor
 from dicom_node.results import ResultOptions, ResultSet, build_results
+from dicom_node.results.incomplete import build_not_analysed_sr
 from dicom_node.results.sr import predecessor_reference
 
 if TYPE_CHECKING:
@@ -86,9 +96,13 @@ def _no_mark(stage: str) -> None:
 
 
 def analyse_series(paths: Iterable[str | Path], predictor: Predictor, options: ResultOptions = _DEFAULT_OPTIONS,
-                   *, predecessor_sr_uid: str | None = None, mark: Callable[[str], None] = _no_mark) -> ResultSet:
-    """Library entry point: spooled files of one series -> `ResultSet` (SR first)."""
-    series = load_series(list(paths))
+                   *, predecessor_sr_uid: str | None = None, mark: Callable[[str], None] = _no_mark,
+                   min_slices: int = 20, max_gap_factor: float = 1.0) -> ResultSet:
+    """Library entry point: spooled files of one series -> `ResultSet` (SR first).
+
+    `max_gap_factor` > 1 fills gaps of missing slices up to that many times the median spacing
+    (`dicom_node.imaging.series.load_series`); the SR then names them."""
+    series = load_series(list(paths), min_slices=min_slices, max_gap_factor=max_gap_factor)
     m = predictor.manifest
     windows = preprocess(series, m.preprocessing)
     mark("preprocessed")
@@ -111,8 +125,16 @@ def run_job(ctx: JobContext) -> JobResult:
         timings[stage] = time.perf_counter() - t0
         ctx.mark(stage)
 
+    options = _options(ctx)
     predecessor = ctx.predecessor_result_uids[0] if ctx.revision > 1 and ctx.predecessor_result_uids else None
-    results = analyse_series(ctx.instance_paths, predictor, _options(ctx), predecessor_sr_uid=predecessor, mark=mark)
+    try:
+        results = analyse_series(ctx.instance_paths, predictor, options, predecessor_sr_uid=predecessor, mark=mark,
+                                 min_slices=ctx.config.selection.min_slices,
+                                 max_gap_factor=ctx.config.selection.max_gap_factor)
+    except (SeriesError, PreprocessError) as e:
+        if not ctx.config.results.not_analysed_sr:
+            raise
+        return _not_analysed(ctx, predictor, options, predecessor, _plain(e), t0)
     inference_s = timings.get("inferred", 0.0) - timings.get("preprocessed", 0.0)
     log.info("results_built", job_id=ctx.job_id, series_uid=ctx.series_uid, revision=ctx.revision,
              objects=len(results.datasets()), sr_uid=str(results.sr.SOPInstanceUID),
@@ -121,6 +143,36 @@ def run_job(ctx: JobContext) -> JobResult:
              total_s=round(time.perf_counter() - t0, 3))
     return JobResult(datasets=tuple(results.datasets()), result_uids=results.sop_instance_uids,
                      inference_s=inference_s)
+
+
+def _plain(e: Exception) -> str:
+    """A refusal's reason in plain words (no UIDs): `SeriesError.plain`, else the message after "Series <UID>: "."""
+    plain = getattr(e, "plain", None)
+    if plain:
+        return str(plain)
+    text = str(e)
+    return text.split(": ", 1)[-1] if text.startswith("Series ") else text
+
+
+def _not_analysed(ctx: JobContext, predictor: Predictor, options: ResultOptions, predecessor_uid: str | None,
+                  reason: str, t0: float) -> JobResult:
+    """The short "not analysed" SR for a series the imaging stages refused (module docstring)."""
+    headers = []
+    for p in ctx.instance_paths:
+        try:
+            headers.append(pydicom.dcmread(p, stop_before_pixels=True))
+        except Exception:  # an unreadable instance is no evidence; the reason already says what is wrong
+            continue
+    m = predictor.manifest
+    predecessor = None
+    if predecessor_uid and options.revision > 0:
+        predecessor = predecessor_reference(ctx.study_uid, ctx.series_uid, m.model_uid, options.revision, predecessor_uid)
+    sr = build_not_analysed_sr(headers, reason, m, series_number=options.sr_series_number,
+                               series_description=options.sr_series_description, revision=options.revision,
+                               predecessor=predecessor)
+    log.warning("series_not_analysed", job_id=ctx.job_id, series_uid=ctx.series_uid, revision=ctx.revision,
+                reason=reason, sr_uid=str(sr.SOPInstanceUID), total_s=round(time.perf_counter() - t0, 3))
+    return JobResult(datasets=(sr,), result_uids=(str(sr.SOPInstanceUID),), summary={"not_analysed": True})
 
 
 #: the product's job body: `run_job` per job, `prepare` once at node start (before accepting studies)

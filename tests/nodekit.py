@@ -127,10 +127,13 @@ def write_config(path: Path, **kw) -> Path:
 
 
 class NodeProcess:
-    """`dicom-node serve` as a real subprocess running `nodekit:SC_JOB` (JSON log to a file)."""
+    """`dicom-node serve` as a real subprocess running `nodekit:SC_JOB` (JSON log to a file); `job=None` runs
+    the product pipeline (give `inference.bundle` in `cfg`)."""
 
-    def __init__(self, workdir: Path, *, destinations=(), quiet: float = 0.6, env: dict | None = None, **cfg) -> None:
+    def __init__(self, workdir: Path, *, destinations=(), quiet: float = 0.6, env: dict | None = None,
+                 job: str | None = "nodekit:SC_JOB", **cfg) -> None:
         self.workdir = workdir
+        self.job = job
         self.port = free_port()
         self.log_path = workdir / f"node-{self.port}.log"
         self.config = write_config(workdir / "node.toml", ae_title="PENODE", host="127.0.0.1", port=self.port,
@@ -142,8 +145,9 @@ class NodeProcess:
 
     def start(self) -> NodeProcess:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config),
-                                      "--job", "nodekit:SC_JOB"], stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        job = ["--job", self.job] if self.job else []
+        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config), *job],
+                                     stdout=log, stderr=subprocess.STDOUT, env=self.env)
         wait_for_port(self.port, proc=self.proc, timeout=60)
         return self
 

@@ -8,6 +8,20 @@ A change the table does not allow raises `TransitionError` naming the entity, it
 states. Rows are created in their first state (series `receiving`, job `queued`, delivery
 `pending`); jobs are created in one place (`_insert_job`).
 
+Revisions count what was delivered, not what was tried; `_next_revision` is the one place that
+says so. A job's revision and predecessor are those of the series' newest *delivered* result (a job
+that reached `done`, or one with at least one `done` delivery) plus one; with none delivered the
+job is revision 1 without a predecessor. Failed runs are attempts of the same revision: a job
+created after them, or a failed job queued again by `dicom-node resend`, gets the same number
+(re-derived when the worker claims the job), so a full re-send after failed runs gives a first SR.
+
+A series is bound to one study and one patient (`series_conflict`): an instance whose study UID or
+patient key (a digest of PatientID and IssuerOfPatientID, never the values) differs from the
+series' first instance is refused by the receiver. A series whose newest job failed goes back to
+`receiving` when a duplicate of one of its instances arrives (`duplicate_received`): a sender's
+re-send is what repairs it. An instance whose row exists but whose spooled file is gone is stored
+again (`restore_instance`).
+
 WAL mode with `synchronous=FULL`: an instance is acknowledged only after its row commits, and FULL
 makes that commit survive power loss, not just a process crash (NORMAL in WAL mode may lose the
 last transactions on power loss, which would break "an acknowledged instance is never lost").
@@ -26,6 +40,7 @@ a consistent copy of a WAL database). A file newer than `SCHEMA_VERSION` raises
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -40,7 +55,7 @@ from typing import Any, Generic, TypeVar
 from dicom_node.log import get_logger
 
 __all__ = ["State", "SeriesState", "JobState", "DeliveryState", "InstanceRow", "SeriesRow", "JobRow",
-           "DeliveryRow", "TransitionError", "StateMachine", "SERIES_TRANSITIONS", "JOB_TRANSITIONS",
+           "DeliveryRow", "TransitionError", "SeriesConflict", "patient_key", "StateMachine", "SERIES_TRANSITIONS", "JOB_TRANSITIONS",
            "DELIVERY_TRANSITIONS", "SERIES_MACHINE", "JOB_MACHINE", "DELIVERY_MACHINE", "MACHINES", "TRANSITIONS",
            "JOB_STAGES", "stage_durations", "Migration", "MIGRATIONS", "SCHEMA_VERSION", "StateSchemaError"]
 
@@ -106,6 +121,34 @@ DELIVERY_TRANSITIONS: dict[DeliveryState, frozenset[DeliveryState]] = {
 
 class TransitionError(RuntimeError):
     """A state change (of a series, job or delivery) that its transition table does not allow."""
+
+
+class SeriesConflict(ValueError):
+    """An instance names a series that belongs to another study or patient; the message says which."""
+
+
+def patient_key(patient_id: object, issuer: object = None) -> str:
+    """The patient a series is bound to, as a digest of PatientID and IssuerOfPatientID (never stored or
+    logged as the values themselves)."""
+    text = f"{str(patient_id or '').strip()}\x1f{str(issuer or '').strip()}"
+    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:32]
+
+
+#: a series' study and the patient it is bound to (patient_key NULL when not recorded)
+_BINDING = ("SELECT s.study_uid, p.patient_key FROM series s LEFT JOIN series_patient p ON p.series_uid = s.series_uid"
+            " WHERE s.series_uid=?")
+
+
+def _conflict(series_uid: str, study_uid: str, key: str | None, known: sqlite3.Row | None) -> str | None:
+    if known is None:
+        return None
+    if known["study_uid"] != study_uid:
+        return (f"Series {series_uid} belongs to study {known['study_uid']} but this instance names study {study_uid}; "
+                "a series is part of one study: the sender must give each study's series its own SeriesInstanceUID")
+    if key is not None and known["patient_key"] is not None and known["patient_key"] != key:
+        return (f"Series {series_uid}: this instance is of another patient than the series' first instance (their "
+                "patient identifier or its issuer differ; values not logged); a series is one patient's: correct the patient data at the sender")
+    return None
 
 
 @dataclass(frozen=True)
@@ -263,6 +306,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               _statements(_SCHEMA)),
     Migration(2, "index deliveries(state, next_try_at) for the sender's due and next-try queries",
               ("CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_try_at)",)),
+    Migration(3, "series_patient: digest of the patient each series is bound to (none for series received before)",
+              ("CREATE TABLE IF NOT EXISTS series_patient (series_uid TEXT PRIMARY KEY, patient_key TEXT NOT NULL)",)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 assert [m.version for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1)), "MIGRATIONS: versions 1, 2, ... in order"
@@ -343,9 +388,32 @@ def _delivery(r: sqlite3.Row) -> DeliveryRow:
                        r["next_try_at"], r["last_error"])
 
 
-def _insert_job(c: sqlite3.Connection, series_uid: str, study_uid: str, *, priority: int, revision: int,
-                predecessor_result_uids: Sequence[str], times: Mapping[str, float | None]) -> int:
-    """Create a job (state queued); the only INSERT into jobs. Returns its id."""
+#: a job whose result reached a destination: it reached `done`, or one of its deliveries did
+_DELIVERED = ("(state='done' OR EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id=jobs.id AND d.state='done'))")
+
+
+def _next_revision(c: sqlite3.Connection, series_uid: str, *, exclude_job: int | None = None) -> tuple[int, tuple[str, ...]]:
+    """The revision rule, in one place: (revision, predecessor result UIDs) of the series' next result.
+
+    A revision exists only once its results were delivered (`_DELIVERED`); failed or unfinished
+    runs are attempts of the revision after the newest delivered one. `exclude_job` leaves a job's
+    own row out (when re-deriving for a job that is being claimed)."""
+    r = c.execute(f"SELECT revision, result_uids FROM jobs WHERE series_uid=? AND id IS NOT ? AND {_DELIVERED} "
+                  "ORDER BY revision DESC, id DESC LIMIT 1", (series_uid, exclude_job)).fetchone()
+    if r is None:
+        return 1, ()
+    return int(r["revision"]) + 1, tuple(json.loads(r["result_uids"]))
+
+
+def _insert_job(c: sqlite3.Connection, series_uid: str, study_uid: str, *, priority: int,
+                times: Mapping[str, float | None], revision: int | None = None,
+                predecessor_result_uids: Sequence[str] = ()) -> int:
+    """Create a job (state queued); the only INSERT into jobs. Returns its id.
+
+    Its revision and predecessor come from `_next_revision` unless given (only `create_job`'s
+    callers that build fixtures give them)."""
+    if revision is None:
+        revision, predecessor_result_uids = _next_revision(c, series_uid)
     cur = c.execute("INSERT INTO jobs(series_uid, study_uid, state, priority, revision, predecessor_result_uids, times)"
                     " VALUES (?,?,?,?,?,?,?)", (series_uid, study_uid, JobState.QUEUED.value, priority, revision,
                                                 json.dumps(list(predecessor_result_uids)), json.dumps(dict(times))))
@@ -404,11 +472,29 @@ class State:
     def has_instance(self, sop_uid: str) -> bool:
         return self._conn().execute("SELECT 1 FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone() is not None
 
-    def add_instance(self, row: InstanceRow) -> bool:
+    def instance(self, sop_uid: str) -> InstanceRow | None:
+        """The instance's row (where its file is spooled), or None when it was never stored."""
+        r = self._conn().execute("SELECT * FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone()
+        return InstanceRow(*tuple(r)) if r else None
+
+    def series_conflict(self, series_uid: str, study_uid: str, patient_key: str | None) -> str | None:
+        """Why an instance of `study_uid` / `patient_key` cannot join `series_uid`, or None when it can.
+
+        A series belongs to the study and patient of its first instance. The message names the UIDs,
+        never patient values."""
+        return _conflict(series_uid, study_uid, patient_key, self._conn().execute(_BINDING, (series_uid,)).fetchone())
+
+    def add_instance(self, row: InstanceRow, *, patient_key: str | None = None) -> bool:
         """Record a spooled instance; False (and no change) when the SOP instance is already known.
 
-        A new series starts receiving; a known one (in any state) goes back to receiving."""
+        A new series starts receiving, bound to the instance's study and `patient_key`; a known one
+        (in any state) goes back to receiving. An instance of another study or patient than its
+        series raises `SeriesConflict` (nothing recorded)."""
         with self._tx() as c:
+            known = c.execute(_BINDING, (row.series_uid,)).fetchone()
+            conflict = _conflict(row.series_uid, row.study_uid, patient_key, known)
+            if conflict:
+                raise SeriesConflict(conflict)
             cur = c.execute("INSERT OR IGNORE INTO instances VALUES (?,?,?,?,?,?,?,?,?)",
                             (row.sop_uid, row.series_uid, row.study_uid, row.path, row.sop_class_uid,
                              row.transfer_syntax, row.received_at, row.bytes, row.calling_aet))
@@ -423,6 +509,33 @@ class State:
                 _move(c, SERIES_MACHINE, row.series_uid, SeriesState.RECEIVING,
                       "skip_reason=NULL, last_instance_at=?, n_instances=n_instances+1, completed_at=NULL",
                       (row.received_at,))
+            if patient_key is not None and (known is None or known["patient_key"] is None):
+                c.execute("INSERT OR IGNORE INTO series_patient VALUES (?,?)", (row.series_uid, patient_key))
+            return True
+
+    def restore_instance(self, row: InstanceRow) -> None:
+        """A known instance whose spooled file had gone was stored again at `row.path`: point its row
+        there and send its series back to receiving, so it is analysed (again) after its quiet period."""
+        with self._tx() as c:
+            n = c.execute("UPDATE instances SET path=?, transfer_syntax=?, received_at=?, bytes=?, calling_aet=?"
+                          " WHERE sop_uid=?", (row.path, row.transfer_syntax, row.received_at, row.bytes,
+                                               row.calling_aet, row.sop_uid)).rowcount
+            if n != 1:
+                raise KeyError(f"instance {row.sop_uid}: no such instance; store it with add_instance")
+            _move(c, SERIES_MACHINE, row.series_uid, SeriesState.RECEIVING,
+                  "skip_reason=NULL, last_instance_at=MAX(last_instance_at, ?), completed_at=NULL", (row.received_at,))
+
+    def duplicate_received(self, series_uid: str, at: float | None = None) -> bool:
+        """A duplicate of an instance of `series_uid` arrived. When the series' newest job failed (and no
+        newer one is queued or running), the re-send is the repair: the series goes back to receiving
+        and is analysed again after its quiet period. Returns True when it did."""
+        t = at or time.time()
+        with self._tx() as c:
+            j = c.execute("SELECT state FROM jobs WHERE series_uid=? ORDER BY id DESC LIMIT 1", (series_uid,)).fetchone()
+            if j is None or j["state"] != JobState.FAILED.value:
+                return False
+            _move(c, SERIES_MACHINE, series_uid, SeriesState.RECEIVING,
+                  "skip_reason=NULL, last_instance_at=MAX(last_instance_at, ?), completed_at=NULL", (t,))
             return True
 
     def instances(self, series_uid: str) -> list[InstanceRow]:
@@ -464,8 +577,9 @@ class State:
                                  (series_uid,)).fetchone()
         return _job(r) if r else None
 
-    def create_job(self, series_uid: str, study_uid: str, *, priority: int = 0, revision: int = 1,
+    def create_job(self, series_uid: str, study_uid: str, *, priority: int = 0, revision: int | None = None,
                    predecessor_result_uids: tuple[str, ...] = (), at: float | None = None) -> int:
+        """Queue a job for a series; revision and predecessor by the revision rule (`_next_revision`) unless given."""
         with self._tx() as c:
             return _insert_job(c, series_uid, study_uid, priority=priority, revision=revision,
                                predecessor_result_uids=predecessor_result_uids, times={"queued": at or time.time()})
@@ -501,6 +615,12 @@ class State:
                           (JobState.QUEUED.value,)).fetchone()
             if r is None:
                 return None
+            # the revision rule again at the start of every attempt (a job queued again by `resend` or at
+            # recovery runs as the revision after what has been delivered by then)
+            series_uid = c.execute("SELECT series_uid FROM jobs WHERE id=?", (r["id"],)).fetchone()["series_uid"]
+            revision, predecessor = _next_revision(c, series_uid, exclude_job=r["id"])
+            c.execute("UPDATE jobs SET revision=?, predecessor_result_uids=? WHERE id=?",
+                      (revision, json.dumps(list(predecessor)), r["id"]))
             return self._job_transition(c, r["id"], JobState.RUNNING, stage="started")
 
     def request_rerun(self, job_id: int) -> None:
@@ -617,26 +737,24 @@ class State:
                 c.execute("UPDATE jobs SET rerun_requested=1 WHERE id=?", (j["id"],))
                 return "rerun", j["id"]
             job_id = _insert_job(c, series_uid, r["study_uid"], priority=priority,
-                                 revision=(j["revision"] + 1) if j is not None else 1,
-                                 predecessor_result_uids=json.loads(j["result_uids"]) if j is not None else (),
                                  times={"queued": time.time(), "received": r["last_instance_at"],
                                         "complete": r["completed_at"]})
             return "queued", job_id
 
     def finish_job(self, job_id: int, to: JobState, *, error: str | None = None) -> tuple[JobRow, int | None]:
-        """sending/running -> done/failed; start the one requested re-run (revision+1) if any.
+        """sending/running -> done/failed; start the one requested re-run (`start_rerun_if_requested`) if any.
 
         Returns the finished job and the id of the re-run job (or None)."""
         job = self.transition(job_id, to, error=error, stage="finished")
         return job, self.start_rerun_if_requested(job)
 
     def start_rerun_if_requested(self, job: JobRow) -> int | None:
-        """For a finished job: queue its one requested re-run (revision+1), else mark the series done."""
+        """For a finished job: queue its one requested re-run (the next revision when this job's results
+        were delivered, the same one when it failed), else mark the series done."""
         with self._tx() as c:
             r = c.execute("SELECT * FROM series WHERE series_uid=?", (job.series_uid,)).fetchone()
             if c.execute("UPDATE jobs SET rerun_requested=0 WHERE id=? AND rerun_requested=1", (job.id,)).rowcount:
-                return _insert_job(c, job.series_uid, job.study_uid, priority=job.priority, revision=job.revision + 1,
-                                   predecessor_result_uids=job.result_uids,
+                return _insert_job(c, job.series_uid, job.study_uid, priority=job.priority,
                                    times={"queued": time.time(), "received": r["last_instance_at"],
                                           "complete": r["completed_at"]})
             if r is not None and r["state"] == SeriesState.SELECTED.value:

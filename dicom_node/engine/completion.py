@@ -6,6 +6,15 @@ nothing early (a series can arrive over several associations). `force_complete` 
 A series that receives instances while its job runs is re-selected when it is quiet again, and the
 running job is marked for exactly one re-run (`State.schedule_series`).
 
+The quiet period counts from the later of the last instance and this scheduler's start: while the
+node was down (a crash, a restart) a sender could not send, so that silence says nothing about
+the series being complete (a partial series interrupted by a kill -9 waits for the re-send instead
+of being analysed, or refused, on its gaps). A series forced complete is due at once.
+
+A series that selection skips only for having too few slices is an incomplete CTPA, not another
+kind of series: with `[results] not_analysed_sr` it is selected, and the job answers with a "not
+analysed" SR that says so (`dicom_node.pipeline`).
+
 Spool retention after delivery is `dicom_node.engine.retention`'s.
 """
 
@@ -41,13 +50,21 @@ class CompletionScheduler(BackgroundLoop):
         self.spool = spool
         self.on_queued = on_queued
         self.log = get_logger("dicom_node.engine.completion")
+        self.started_at = time.time()
         super().__init__()
+
+    def start(self) -> None:
+        self.started_at = time.time()
+        super().start()
 
     def poll_once(self, now: float | None = None) -> list[str]:
         """Complete quiet series and schedule every complete series; return the UIDs scheduled."""
         now = time.time() if now is None else now
-        for s in self.state.quiet_series(now - self.config.quiet_period_s):
-            if self.state.mark_complete(s.series_uid, quiet_before=now - self.config.quiet_period_s, at=now):
+        quiet_before = now - self.config.quiet_period_s
+        for s in self.state.quiet_series(quiet_before):
+            if s.last_instance_at > 0 and self.started_at > quiet_before:  # not quiet since start (0 = forced)
+                continue
+            if self.state.mark_complete(s.series_uid, quiet_before=quiet_before, at=now):
                 self.log.info("series_completed", series_uid=s.series_uid, study_uid=s.study_uid, instances=s.n_instances,
                               calling_aet=s.calling_aet, quiet_s=round(now - s.last_instance_at, 3))
         done = []
@@ -64,6 +81,8 @@ class CompletionScheduler(BackgroundLoop):
             decision = SelectionDecision(False, f"header unreadable: {type(e).__name__}: {str(e)[:120]}")
         if decision is None:
             decision = SelectionDecision(False, "no instances in the spool")
+        if decision.incomplete and self.config.results.not_analysed_sr:
+            decision = SelectionDecision(True, f"selected to answer: {decision.reason}")
         action, job_id = self.state.schedule_series(series_uid, selected=decision.selected, reason=decision.reason)
         if action == "skipped":
             self.log.info("series_skipped", series_uid=series_uid, study_uid=study_uid, reason=decision.reason)

@@ -22,7 +22,8 @@ Start-up recovery (before the SCP accepts anything): stray temp files are remove
 running go back to the queue (their deterministic result UIDs make a re-run overwrite, never
 duplicate, in PACS); built jobs get their deliveries and are sent from the outbox; pending
 deliveries are due at once; a re-run requested before a crash is started; series left complete
-are selected again; receiving series complete after their quiet period as usual.
+are selected again; receiving series complete after their quiet period counted from the start
+(`dicom_node.engine.completion`: a partial series cut off by the crash waits for the re-send).
 """
 
 from __future__ import annotations

@@ -40,6 +40,9 @@ class SeriesHeader:
 class SelectionDecision:
     selected: bool
     reason: str
+    #: skipped only for too few slices (the series passes every other rule): an incomplete CTPA, which
+    #: the node answers with a "not analysed" SR when `[results] not_analysed_sr` is on
+    incomplete: bool = False
 
 
 def read_header(paths: list[Path]) -> SeriesHeader:
@@ -81,8 +84,6 @@ def select_series(h: SeriesHeader, rules: SelectionConfig) -> SelectionDecision:
     if not rules.min_slice_thickness_mm <= h.slice_thickness_mm <= rules.max_slice_thickness_mm:
         return SelectionDecision(False, f"SliceThickness {h.slice_thickness_mm:g} mm outside "
                                         f"{rules.min_slice_thickness_mm:g}-{rules.max_slice_thickness_mm:g} mm")
-    if h.n_slices < rules.min_slices:
-        return SelectionDecision(False, f"{h.n_slices} slices, fewer than min_slices={rules.min_slices}")
     desc = h.series_description
     if rules.description_include and not any(re.search(p, desc, re.I) for p in rules.description_include):
         return SelectionDecision(False, f"SeriesDescription {desc!r} matches no description_include pattern")
@@ -91,4 +92,6 @@ def select_series(h: SeriesHeader, rules: SelectionConfig) -> SelectionDecision:
             return SelectionDecision(False, f"SeriesDescription {desc!r} matches description_exclude {p!r}")
     if rules.require_contrast and not h.contrast_agent.strip():
         return SelectionDecision(False, "no ContrastBolusAgent (require_contrast=true)")
+    if h.n_slices < rules.min_slices:  # last: every other rule says this is the series to analyse
+        return SelectionDecision(False, f"{h.n_slices} slices, fewer than min_slices={rules.min_slices}", incomplete=True)
     return SelectionDecision(True, "selected")

@@ -43,7 +43,7 @@ class JobContext:
     series_uid: str
     study_uid: str
     instance_paths: tuple[Path, ...]  # spooled Part 10 files of the series (any order)
-    revision: int  # 1 for the first result of a series, +1 per re-run after late instances
+    revision: int  # 1 for the first delivered result of a series, +1 per delivered re-run (State._next_revision)
     predecessor_result_uids: tuple[str, ...]  # SOP Instance UIDs of the previous revision's results
     bundle: str  # config inference.bundle ('' = bundled demo model)
     config: Config

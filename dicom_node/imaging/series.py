@@ -9,6 +9,14 @@ series, the offending value and what was expected.
 Enhanced CT (multi-frame) instances are split into frames using the shared / per-frame
 functional groups (PlanePositionSequence, PlaneOrientationSequence, PixelMeasuresSequence,
 PixelValueTransformationSequence).
+
+Missing slices (`max_gap_factor`, the node's `[selection] max_gap_factor`): gaps of a whole
+multiple of the median spacing, up to that factor, are filled by linear interpolation between
+their received neighbours (`dicom_node.imaging.gaps`), so the `CtSeries` is regular; `gaps` and
+`interpolated` say what was filled, and an interpolated slice carries the SOP Instance UID of its
+nearest received neighbour (results reference only received slices: `received_indices`). The
+default factor 1 fills nothing. A refusal's `SeriesError.plain` says the reason in plain words for
+a "not analysed" report.
 """
 
 from __future__ import annotations
@@ -25,11 +33,13 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from dicom_node.imaging.gaps import SliceGap, bridge, classify_gaps
 from dicom_node.log import get_logger
 
 __all__ = [
     "CtSeries",
     "SeriesError",
+    "SliceGap",
     "load_series",
     "group_series",
     "read_datasets",
@@ -73,7 +83,14 @@ if TYPE_CHECKING:
 
 
 class SeriesError(ValueError):
-    """A series cannot be used; the message names the series UID, the value and what was expected."""
+    """A series cannot be used; the message names the series UID, the value and what was expected.
+
+    `plain`: the reason in plain words for a reader of the report (no UIDs), e.g. "12 slices are
+    missing between 10.0 and 25.0 mm"; by default the message without its "Series <UID>: " prefix."""
+
+    def __init__(self, message: str, plain: str | None = None) -> None:
+        super().__init__(message)
+        self.plain = plain if plain is not None else message.split(": ", 1)[-1] if message.startswith("Series ") else message
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,23 @@ class CtSeries:
     #: InstanceNumber of the source instance of each slice (None where the instance has none or an unreadable one);
     #: for Enhanced CT every frame of one instance shares its number (`frame_numbers` tells the frames apart)
     instance_numbers: tuple[int | None, ...] = ()
+    #: gaps of missing slices filled by interpolation (empty when every slice arrived)
+    gaps: tuple[SliceGap, ...] = ()
+    #: per slice z: True when it was interpolated over a gap (empty = none was)
+    interpolated: tuple[bool, ...] = ()
+
+    @property
+    def missing_slices(self) -> int:
+        """Slices that were missing and were filled by interpolation."""
+        return sum(g.missing for g in self.gaps)
+
+    def is_interpolated(self, z: int) -> bool:
+        return bool(self.interpolated) and bool(self.interpolated[z])
+
+    @property
+    def received_indices(self) -> tuple[int, ...]:
+        """The slices z that are received instances (not interpolated over a gap)."""
+        return tuple(z for z in range(self.hu.shape[0]) if not self.is_interpolated(z))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -372,25 +406,36 @@ def _frame_txt(s: _Slice) -> str:
     return f" frame {s.frame}" if s.frame else ""
 
 
-def _check_spacing(uid: str, slices: list[_Slice], min_slices: int) -> float:
+def _check_spacing(uid: str, slices: list[_Slice], min_slices: int, max_gap_factor: float) -> tuple[float, tuple[SliceGap, ...]]:
+    """(median spacing, gaps to fill), or SeriesError for too few slices or a gap that cannot be bridged."""
     if len(slices) < max(2, min_slices):
         raise SeriesError(
             f"Series {uid}: {len(slices)} slices; expected at least {max(2, min_slices)} "
-            "(a localizer or a truncated transfer?)"
+            "(a localizer or a truncated transfer?)",
+            plain=f"the series has {len(slices)} slices; at least {max(2, min_slices)} are needed "
+                  "(was the transfer cut short?)",
         )
     pos = np.array([s.normal_position for s in slices])
     gaps = np.diff(pos)
-    median = float(np.median(gaps))
-    tolerance = max(0.05, 0.1 * median)
-    bad = np.flatnonzero(np.abs(gaps - median) > tolerance)
-    if bad.size:
-        i = int(bad[0])
+    plan = classify_gaps(pos, max_gap_factor)
+    median = plan.median_mm
+    bad = plan.refused
+    if bad is not None:
+        i = bad.after
+        if bad.to_mm - bad.from_mm > median:
+            plain = (f"slices are missing between {bad.from_mm:.1f} and {bad.to_mm:.1f} mm (a gap of "
+                     f"{bad.width_mm:.1f} mm, {bad.width_mm / median:.1f} times the slice spacing of {median:.2f} mm; "
+                     f"the analysis bridges gaps up to {max_gap_factor:g} times the spacing)")
+        else:
+            plain = (f"the slice spacing is irregular ({bad.width_mm:.2f} mm between {bad.from_mm:.1f} and "
+                     f"{bad.to_mm:.1f} mm where the spacing is {median:.2f} mm): extra or misplaced slices")
         raise SeriesError(
             f"Series {uid}: slice spacing varies ({gaps.min():.2f}-{gaps.max():.2f} mm, median {median:.2f} mm); "
             f"first irregular gap of {gaps[i]:.2f} mm between {pos[i]:.2f} and {pos[i + 1]:.2f} mm "
-            f"(slices {i} and {i + 1}); expected regular spacing (missing or extra slices?)"
+            f"(slices {i} and {i + 1}); expected regular spacing (missing or extra slices?)",
+            plain=plain,
         )
-    return median
+    return median, plan.bridged
 
 
 # ----------------------------------------------------------------------------- pixels
@@ -486,11 +531,14 @@ def _ref_dataset(ds: Dataset) -> Dataset:
 # ----------------------------------------------------------------------------- entry point
 
 
-def load_series(source: SeriesSource, *, series_uid: str | None = None, min_slices: int = 20) -> CtSeries:
+def load_series(source: SeriesSource, *, series_uid: str | None = None, min_slices: int = 20,
+                max_gap_factor: float = 1.0) -> CtSeries:
     """Load, check and sort one CT series.
 
     `source` is a directory (searched recursively), an iterable of file paths, or an iterable of
     pydicom Datasets. When it holds several series, pass `series_uid` to pick one.
+    `max_gap_factor` > 1 fills gaps of missing slices up to that many times the median spacing
+    (module docstring).
     """
     t0 = time.perf_counter()
     groups = group_series(source)
@@ -511,26 +559,37 @@ def load_series(source: SeriesSource, *, series_uid: str | None = None, min_slic
     slices = [s for ds in items for s in _slices_of(ds, uid)]
     _check_consistent(uid, slices)
     slices, removed = _sort_and_deduplicate(uid, slices)
-    slice_spacing = _check_spacing(uid, slices, min_slices)
+    slice_spacing, gaps = _check_spacing(uid, slices, min_slices, max_gap_factor)
     first = slices[0]
     hu = _fill_hu(uid, slices, first.rows, first.cols)
+    positions = np.array([s.normal_position for s in slices], dtype=np.float64)
+    image_positions = np.array([s.position for s in slices], dtype=np.float64)
+    numbers = [_instance_number(s.ds) for s in slices]
+    order: list[int] = list(range(len(slices)))
+    interpolated: tuple[bool, ...] = ()
+    if gaps:
+        grid = bridge(hu, gaps)
+        hu, positions, image_positions = grid.hu, grid.along(positions), grid.along(image_positions)
+        order, interpolated = list(grid.nearest), grid.interpolated
     ref_ds = first.ds
     series = CtSeries(
         study_instance_uid=str(ref_ds.get("StudyInstanceUID", "") or ""),
         series_instance_uid=uid,
         frame_of_reference_uid=str(ref_ds.get("FrameOfReferenceUID", "") or ""),
-        sop_instance_uids=tuple(s.sop_uid for s in slices),
+        sop_instance_uids=tuple(slices[i].sop_uid for i in order),
         hu=hu,
         pixel_spacing_mm=(float(first.pixel_spacing[0]), float(first.pixel_spacing[1])),
         slice_spacing_mm=float(slice_spacing),
-        positions_mm=np.array([s.normal_position for s in slices], dtype=np.float64),
+        positions_mm=positions,
         image_orientation=tuple(float(v) for v in first.orientation),
         image_position_first=(float(first.position[0]), float(first.position[1]), float(first.position[2])),
         ref_dataset=_ref_dataset(ref_ds),
-        frame_numbers=tuple(s.frame for s in slices),
-        image_positions=np.array([s.position for s in slices], dtype=np.float64),
+        frame_numbers=tuple(slices[i].frame for i in order),
+        image_positions=image_positions,
         duplicates_removed=removed,
-        instance_numbers=tuple(_instance_number(s.ds) for s in slices),
+        instance_numbers=tuple(numbers[i] for i in order),
+        gaps=gaps,
+        interpolated=interpolated,
     )
     _log.info(
         "series_loaded",
@@ -539,6 +598,7 @@ def load_series(source: SeriesSource, *, series_uid: str | None = None, min_slic
         shape=list(hu.shape),
         slice_spacing_mm=round(slice_spacing, 3),
         duplicates_removed=removed,
+        missing_slices_filled=series.missing_slices,
         duration_s=round(time.perf_counter() - t0, 3),
     )
     return series

@@ -11,7 +11,14 @@ Failure statuses (each with a `store_refused` log event naming the reason):
   differs from the C-STORE request.
 * 0xC000 Cannot understand: the dataset cannot be parsed, or a UID is missing or malformed.
 
-Duplicates (a SOP Instance UID already stored) are answered 0x0000 and change nothing. They are
+A series is one study of one patient: an instance whose StudyInstanceUID or PatientID/Issuer differ
+from its series' first instance is refused 0xA900 (`State.series_conflict`), as is a known SOP
+Instance UID sent in another series.
+
+Duplicates (a SOP Instance UID already stored) are answered 0x0000 and change nothing, except: a
+duplicate whose spooled file is missing is stored again (`instance_restored`), and the first
+duplicate of a series whose newest job failed sends the series back to receiving
+(`State.duplicate_received`): a sender's re-send repairs it. They are
 logged once per series and association, not per instance: `instance_duplicate` for the first one
 of a series, then one `instances_duplicate` with `count` (all of that series' duplicates in the
 association, the first included) when the association is released, aborted or its connection
@@ -24,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from pydicom import uid as U
@@ -33,7 +41,7 @@ from pynetdicom.sop_class import Verification as VerificationSOPClass  # type: i
 
 from dicom_node.config import Config
 from dicom_node.durability.spool import DiskFull, InvalidUid, Spool, validate_uid
-from dicom_node.durability.state import InstanceRow, State
+from dicom_node.durability.state import InstanceRow, SeriesConflict, State, patient_key
 from dicom_node.log import get_logger
 from dicom_node.network.tls import server_ssl_context
 
@@ -253,12 +261,23 @@ class Receiver:
         if problem:
             return self._refuse("dataset_mismatch" if problem.startswith("no pixel") else "cannot_understand", problem,
                                 sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
-        if self.state.has_instance(sop_uid):
+        known = self.state.instance(sop_uid)
+        if known is not None and known.series_uid != series:
+            return self._refuse("dataset_mismatch", f"SOP Instance {sop_uid} is already stored in series "
+                                f"{known.series_uid}, not {series}; give each instance its own SOPInstanceUID",
+                                sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
+        if known is not None and Path(known.path).is_file():
             if self._count_duplicate(event, series) == 1:
+                repaired = self.state.duplicate_received(series)  # re-send after a failed job: analyse again
                 self.log.info("instance_duplicate", sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling,
+                              series_reopened=repaired,
                               note="already stored: answered success, nothing changes; further duplicates of this "
                                    "series in this association are counted in instances_duplicate when it ends")
             return STATUS["success"]
+        key = patient_key(ds.get("PatientID"), ds.get("IssuerOfPatientID"))
+        conflict = self.state.series_conflict(series, study, key)
+        if conflict:
+            return self._refuse("dataset_mismatch", conflict, sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
         data = event.encoded_dataset(include_meta=True)
         try:
             path = self.spool.store(study, series, sop_uid, data)
@@ -267,8 +286,18 @@ class Receiver:
         except OSError as e:
             return self._refuse("write_failed", f"spool write failed: {e}", sop_instance_uid=sop_uid, calling_aet=calling)
         now = time.time()
-        new = self.state.add_instance(InstanceRow(sop_uid, series, study, str(path), sop_class,
-                                                  str(event.context.transfer_syntax), now, len(data), calling))
+        row = InstanceRow(sop_uid, series, study, str(path), sop_class, str(event.context.transfer_syntax), now, len(data),
+                          calling)
+        if known is not None:  # acknowledged before, but its spooled file had gone: stored again
+            self.state.restore_instance(row)
+            self.log.warning("instance_restored", sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling,
+                             missing=known.path, note="the spooled file was missing; the series is analysed again")
+            return STATUS["success"]
+        try:
+            new = self.state.add_instance(row, patient_key=key)
+        except SeriesConflict as e:  # another association bound the series meanwhile
+            path.unlink(missing_ok=True)
+            return self._refuse("dataset_mismatch", str(e), sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
         if self.counters.on_stored and new:
             self.counters.on_stored(len(data))
         self.log.debug("instance_stored", sop_instance_uid=sop_uid, series_uid=series, study_uid=study,

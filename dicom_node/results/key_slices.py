@@ -133,6 +133,8 @@ def select_key_slices(series: CtSeries, windows: Windows, prediction: Prediction
     out = []
     for rank, wi in enumerate(order):
         mapped = map_heatmap_to_slices(series, windows, wi, prediction.heatmaps[wi], prediction.heatmap_grid)
+        # a slice interpolated over a gap of missing slices is never a key slice while a received one is covered
+        mapped = [(z, m) for z, m in mapped if not series.is_interpolated(z)] or mapped
         if not mapped:
             raise KeySliceError(f"Series {series.series_instance_uid}: window {wi} covers no original slice")
         z, hm = key_slice_of_window(mapped)

@@ -48,8 +48,8 @@ def build_kos(
         raise KeyObjectError(f"KOS title {title!r}; expected one of {sorted(KOS_TITLES)}")
     if not key_slices:
         raise KeyObjectError(f"Series {series.series_instance_uid}: no key slices to list in a KOS")
-    datasets = {ds.SOPInstanceUID: ds for ds in source_image_datasets(series)}
-    refs = [datasets[ks.sop_instance_uid] for ks in key_slices]
+    images = source_image_datasets(series)  # per slice z; key slices are received slices (not interpolated)
+    refs = [images[ks.z] for ks in key_slices]
     if description is None:
         description = (
             "AI-selected key images: slices with the strongest heatmap in the windows with the highest "

@@ -11,6 +11,8 @@ Structure, in reading order (what dsr2html, OHIF or 3D Slicer show top to bottom
         Impression (DCM 121073) = "AI suggests pulmonary embolism: present, central and right, acute;
                                    RV/LV ratio >= 1 likely"  |  "AI suggests no pulmonary embolism; ..."
         Comment (DCM 121106) = dicom_node.RESEARCH_USE_STATEMENT
+        Comment = "Analysed with N missing slices between ... mm ..." (only when slices were missing and
+                  filled: dicom_node.results.incomplete.missing_slices_statement)
       Image Library (TID 1600): one group, an entry (no descriptors) per key slice: the only images
         the content references
       Imaging Measurements
@@ -320,7 +322,7 @@ def build_sr(
         hd.sr.TextContentItem(name=IMPRESSION, value=impression(labels), relationship_type="CONTAINS"),
         hd.sr.TextContentItem(name=COMMENT, value=RESEARCH_USE_STATEMENT, relationship_type="CONTAINS"),
         *(hd.sr.TextContentItem(name=COMMENT, value=text, relationship_type="CONTAINS")
-          for text in weak_label_statements(validation, omit_weak_labels)),
+          for text in [*_missing_slices(series), *weak_label_statements(validation, omit_weak_labels)]),
     ])
     # reading order: the statement right after the procedure reported, then the Image Library
     first_container = next(i for i, item in enumerate(root.ContentSequence) if item.ValueType == "CONTAINER")
@@ -328,7 +330,7 @@ def build_sr(
     root.ContentSequence.insert(first_container + 1, image_library(library))
 
     sr = hd.sr.Comprehensive3DSR(
-        evidence=images,
+        evidence=[images[z] for z in series.received_indices],  # slices interpolated over a gap are no instances
         content=root,
         series_instance_uid=result_uid("sr-series", series.series_instance_uid, bundle.model_uid, revision),
         series_number=series_number,
@@ -348,6 +350,13 @@ def build_sr(
     sr.SoftwareVersions = [f"dicom-node {__version__}", f"{bundle.name} {bundle.version}"[:64]]  # type: ignore[assignment]
     sr.CodingSchemeIdentificationSequence = [private_scheme_item()]
     return sr
+
+
+def _missing_slices(series: CtSeries) -> list[str]:
+    from dicom_node.results.incomplete import missing_slices_statement
+
+    note = missing_slices_statement(series)
+    return [note] if note else []
 
 
 def weak_label_statements(validation: LabelValidation | None, omit_weak_labels: bool) -> list[str]:

@@ -74,7 +74,7 @@ def test_a_version_0_database_is_backed_up_then_migrated_without_losing_a_row(tm
         st = State(db)
     writer.close()
 
-    assert _version(db) == SCHEMA_VERSION == 2
+    assert _version(db) == SCHEMA_VERSION == 3
     assert _rows(db) == before  # row by row, every column
     assert [j.state for j in st.jobs()] == [JobState.DONE, JobState.FAILED, JobState.RUNNING, JobState.BUILT,
                                             JobState.SENDING, JobState.QUEUED]
@@ -134,10 +134,10 @@ def test_a_database_newer_than_the_code_is_refused_and_left_untouched(tmp_path):
     with pytest.raises(StateSchemaError) as e:
         State(db)
     assert str(e.value) == (
-        f"state database {db} has schema version 3, newer than this dicom-node knows (newest 2); upgrade "
+        f"state database {db} has schema version 4, newer than this dicom-node knows (newest 3); upgrade "
         f"dicom-node to the release that wrote it, or restore a back-up made before that upgrade "
-        f"(e.g. state.sqlite.v2.bak next to it)")
-    assert db.read_bytes() == before and _version(db) == 3
+        f"(e.g. state.sqlite.v3.bak next to it)")
+    assert db.read_bytes() == before and _version(db) == 4
     assert sorted(p.name for p in db.parent.glob("*.bak")) == ["state.sqlite.v0.bak"]
 
 
