@@ -71,7 +71,8 @@ class WebhookListener:
 @dataclass
 class MllpListener:
     """The `hl7` library's MLLP server on 127.0.0.1. `script`: what to answer to each message in turn
-    ("AA", "AE", "AR", or "silent": read it, answer nothing, close); then "AA"."""
+    ("AA", "AE", "AR", "silent": read it, answer nothing, close; "hang": answer nothing, keep the connection
+    open until the client closes it); then "AA"."""
 
     port: int = field(default_factory=free_port)
     script: list[str] = field(default_factory=list)
@@ -91,6 +92,9 @@ class MllpListener:
                 action = self.script.pop(0) if self.script else "AA"
                 self.answered.append(action)
                 if action == "silent":
+                    break
+                if action == "hang":  # keep the connection open without an answer until the client gives up
+                    await reader.read()
                     break
                 writer.writemessage(message.create_ack(action, application="RIS", facility="TEST"))
                 await writer.drain()
