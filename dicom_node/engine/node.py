@@ -21,7 +21,7 @@ serve` calls it on SIGHUP.
 Start-up recovery (before the SCP accepts anything): stray temp files are removed; jobs that were
 running go back to the queue (their deterministic result UIDs make a re-run overwrite, never
 duplicate, in PACS); built jobs get their deliveries and are sent from the outbox; pending
-deliveries are due at once; a re-run requested before a crash is started; series left complete
+deliveries are due at once (pending notifications keep their next try time); a re-run requested before a crash is started; series left complete
 are selected again; receiving series complete after their quiet period as usual.
 """
 
