@@ -90,3 +90,35 @@ def test_a_real_node_ranks_the_positive_study_first_and_notifies_webhook_and_ris
     events = [json.loads(line)["event"] for line in text.splitlines() if line.startswith("{")]
     assert events.count("job_prioritised") == 2 and events.count("notification_sent") == 2
     assert not [p for p in PHI if p in text], "patient identity in the operational log"
+
+
+@needs_dcmtk
+def test_a_failed_analysis_is_check_on_the_worklist_and_sent_to_the_ris_as_a(tmp_path):
+    from nodekit import phantom_series
+
+    def broken_model(ctx):
+        raise RuntimeError(f"bundle stage2.onnx cannot run on series {ctx.series_uid}")
+
+    files = phantom_series(tmp_path / "in", n_slices=24, rows=64)
+    hook, mllp = WebhookListener().start(), MllpListener().start()
+    cfg = load_config(None, environ={}, overrides={
+        "port": 0, "host": "127.0.0.1", "data_dir": str(tmp_path / "data"), "quiet_period_s": 0.5,
+        "min_free_disk_mb": 0, "notify.webhook_url": hook.url, "notify.hl7_host": "127.0.0.1",
+        "notify.hl7_port": mllp.port})
+    node = Node(cfg, run_job=broken_model).start()
+    try:
+        r = storescu(node.port, files)
+        assert r.returncode == 0 and "E:" not in r.stderr, r.stderr
+        wait_until(lambda: mllp.messages, 60, "HL7 notified")
+        (job,) = node.state.jobs()
+    finally:
+        node.stop()
+        hook.stop()
+        mllp.stop()
+    assert job.priority_class == "check" and job.priority_score == 0.0
+    assert job.priority_reason == "analysis failed (RuntimeError): read without AI triage"
+    assert hook.posts == []  # check is not in the default webhook_priorities
+    (msg,) = mllp.messages
+    assert str(msg.segment("OBR")[5]) == "A" and msg.unescape(str(msg.segment("OBX")[5])) == "check"
+    assert str(msg.segment("OBR")[3]) == str(pydicom.dcmread(files[0], stop_before_pixels=True).AccessionNumber)
+    assert not msg.segments("OBX")[3:]  # no findings: priority, reason, study UID only
