@@ -326,7 +326,8 @@ CREATE TABLE IF NOT EXISTS notifications (
   id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL REFERENCES jobs(id), target TEXT NOT NULL,
   state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_try_at REAL NOT NULL, last_error TEXT,
   document TEXT NOT NULL, created_at REAL NOT NULL, sent_at REAL, UNIQUE(job_id, target));
-CREATE INDEX IF NOT EXISTS notifications_due ON notifications(state, next_try_at)
+CREATE INDEX IF NOT EXISTS notifications_due ON notifications(state, next_try_at);
+CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_uid, revision, id)
 """
 
 
