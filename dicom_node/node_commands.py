@@ -101,7 +101,8 @@ def add_node_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("series_uid", metavar="SERIES_UID")
     p.set_defaults(func=_cmd_complete)
 
-    p = subparsers.add_parser("config", help="print the effective configuration or every key with its default")
+    p = subparsers.add_parser("config", help="print the effective configuration (secrets masked) or every key with "
+                                             "its default")
     _common(p)
     p.add_argument("--defaults", action="store_true", help="print a TOML file with every key, its default and meaning")
     p.set_defaults(func=_cmd_config)
@@ -465,5 +466,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
     if args.defaults:
         print(default_config_toml(), end="")
         return 0
-    print(json.dumps(dataclasses.asdict(_load(args)), indent=2))
+    effective = dataclasses.asdict(_load(args))
+    if effective["notify"]["webhook_secret"]:  # a key, not for terminals and support tickets
+        effective["notify"]["webhook_secret"] = "(set; not shown)"
+    print(json.dumps(effective, indent=2))
     return 0

@@ -154,3 +154,13 @@ def test_dead_after_max_attempts_then_resend_delivers(tmp_path, hook, capsys):
     sender.poll_once()
     assert st.notifications(job_id)[0].state is NotificationState.SENT and len(hook.posts) == 1
     st.close()
+
+
+def test_dicom_node_config_does_not_print_the_webhook_secret(tmp_path, capsys):
+    from dicom_node.cli import main as node_main
+
+    f = tmp_path / "node.toml"
+    f.write_text(f'[notify]\nwebhook_url = "http://127.0.0.1:9/hook"\nwebhook_secret = "{SECRET}"\n')
+    assert node_main(["config", "--config", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert SECRET not in out and json.loads(out)["notify"]["webhook_secret"] == "(set; not shown)"
