@@ -122,3 +122,43 @@ def test_a_failed_analysis_is_check_on_the_worklist_and_sent_to_the_ris_as_a(tmp
     assert str(msg.segment("OBR")[5]) == "A" and msg.unescape(str(msg.segment("OBX")[5])) == "check"
     assert str(msg.segment("OBR")[3]) == str(pydicom.dcmread(files[0], stop_before_pixels=True).AccessionNumber)
     assert not msg.segments("OBX")[3:]  # no findings: priority, reason, study UID only
+
+
+@needs_dcmtk
+def test_a_pending_notification_survives_kill_9_and_is_sent_once_after_restart(tmp_path):
+    """The node (a real `dicom-node serve` process) analyses a study while the webhook receiver is down,
+    is killed with SIGKILL, and after a restart delivers the stored notification exactly once."""
+    from dicom_node.durability.state import State
+    from nodekit import NodeProcess, phantom_series
+
+    files = phantom_series(tmp_path / "in", n_slices=24, rows=64)
+    hook = WebhookListener()  # its port, nothing listening yet
+    node = NodeProcess(tmp_path, **{"notify.webhook_url": hook.url, "notify.webhook_priorities": ["check"],
+                                    "notify.base_delay_s": 0.2, "notify.max_delay_s": 0.5}).start()
+    db = tmp_path / "data" / "state.sqlite"
+
+    def notification_rows():
+        st = State(db)
+        try:
+            return st.notifications()
+        finally:
+            st.close()
+
+    try:
+        r = storescu(node.port, files)
+        assert r.returncode == 0 and "E:" not in r.stderr, r.stderr
+        wait_until(lambda: [n for n in notification_rows() if n.attempts >= 2], 60, "two refused attempts")
+        node.kill9()
+        (row,) = notification_rows()
+        assert row.state is NotificationState.PENDING and "ConnectionRefusedError" in (row.last_error or "")
+        hook.start()
+        node.start()
+        wait_until(lambda: notification_rows()[0].state is NotificationState.SENT, 60, "sent after restart")
+        wait_until(lambda: any(e.get("event") == "notification_sent" for e in node.events()), 10, "logged")
+    finally:
+        node.stop()
+        hook.stop()
+    assert len(hook.posts) == 1
+    doc = json.loads(hook.posts[0].body)
+    assert doc["priority"] == "check" and doc["reason"] == "no findings from the model: read without AI triage"
+    assert doc["accession_number"] == str(pydicom.dcmread(files[0], stop_before_pixels=True).AccessionNumber)
