@@ -4,7 +4,7 @@ Precedence (last wins): built-in defaults < TOML file < environment < CLI overri
 
 * TOML: top-level keys are the node's own (`ae_title`, `port`, ...); sections `[timeouts]`,
   `[tls]`, `[retry]`, `[spool]`, `[worker]`, `[selection]`, `[results]`, `[inference]`, `[log]`,
-  `[health]`;
+  `[health]`, `[priority]`, `[notify]`;
   arrays of tables `[[destinations]]` and `[[peers]]`.
 * Environment: `DICOM_NODE_<KEY>` for top-level keys (`DICOM_NODE_PORT=11112`) and
   `DICOM_NODE_<SECTION>_<KEY>` for section keys (`DICOM_NODE_RETRY_MAX_ATTEMPTS=5`).
@@ -33,7 +33,7 @@ import tomllib
 __all__ = [
     "Config", "ConfigError", "Destination", "TimeoutConfig", "TlsConfig", "RetryConfig",
     "SpoolConfig", "WorkerConfig", "SelectionConfig", "ResultsConfig", "InferenceConfig",
-    "LogConfig", "HealthConfig", "load_config", "parse_destination", "default_config_toml",
+    "LogConfig", "HealthConfig", "PriorityConfig", "NotifyConfig", "PRIORITY_VALUES", "load_config", "parse_destination", "default_config_toml",
     "configuration_markdown", "ENV_PREFIX",
 ]
 
@@ -164,6 +164,38 @@ class HealthConfig:
     delivery_failure_s: float = field(default=600.0, metadata=_doc("/healthz turns unhealthy (503) when every delivery to a destination has failed for this many seconds (0 = never)"))
 
 
+#: the worklist priorities a rule may name, in reading order (the one home of the order is
+#: `dicom_node.engine.priority.READING_ORDER`; tests check the two agree)
+PRIORITY_VALUES: tuple[str, ...] = ("critical", "urgent", "check", "routine")
+
+
+@dataclass(frozen=True)
+class PriorityConfig:
+    critical_labels: tuple[str, ...] = field(default=("central_pe", "rv_lv_ratio_gte_1"), metadata=_doc("A study with PE present is `critical` when the model calls any of these study labels present (label ids of docs/results.md); otherwise `urgent`"))
+    pe_min_probability: float = field(default=0.0, metadata=_doc("PE counts as present when the model calls the study positive, or (when > 0) when its highest window PE probability reaches this value: a more sensitive triage operating point than the bundle's threshold"))
+    indeterminate_is_check: bool = field(default=True, metadata=_doc("A study without PE that the model calls indeterminate is `check` (false: `routine`)"))
+    failed_is_check: bool = field(default=True, metadata=_doc("A study whose analysis failed is `check` (false: `routine`)"))
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    webhook_url: str = field(default="", metadata=_doc("http(s) URL a JSON notification is POSTed to (empty = no webhook)"))
+    webhook_secret: str = field(default="", metadata=_doc("Key of the HMAC-SHA256 signature header X-PE-Node-Signature (empty = unsigned; set it, e.g. by DICOM_NODE_NOTIFY_WEBHOOK_SECRET)"))
+    webhook_priorities: tuple[str, ...] = field(default=("critical", "urgent"), metadata=_doc("Priorities that notify the webhook"))
+    hl7_host: str = field(default="", metadata=_doc("Host of the RIS/worklist receiving HL7 v2.5 ORU^R01 over MLLP (empty = no HL7)"))
+    hl7_port: int = field(default=2575, metadata=_doc("MLLP port of `hl7_host`"))
+    hl7_priorities: tuple[str, ...] = field(default=("critical", "urgent", "check"), metadata=_doc("Priorities that send an HL7 ORU^R01"))
+    hl7_sending_facility: str = field(default="PENODE", metadata=_doc("MSH-4 sending facility (MSH-3 is the node's ae_title)"))
+    hl7_receiving_application: str = field(default="RIS", metadata=_doc("MSH-5 receiving application"))
+    hl7_receiving_facility: str = field(default="", metadata=_doc("MSH-6 receiving facility"))
+    study_url: str = field(default="", metadata=_doc("Link to the study page put into notifications; `{study_uid}` is replaced (empty = no link)"))
+    include_patient_identity: bool = field(default=False, metadata=_doc("Put patient name, ID and birth date into notifications (never into logs)"))
+    timeout_s: float = field(default=10.0, metadata=_doc("Seconds to wait for a connection, the HTTP answer or the HL7 ACK"))
+    max_attempts: int = field(default=10, metadata=_doc("Attempts per notification before it is kept as dead (listed by `dicom-node status`)"))
+    base_delay_s: float = field(default=2.0, metadata=_doc("First retry delay; doubles each attempt (with +-25 % jitter)"))
+    max_delay_s: float = field(default=300.0, metadata=_doc("Cap on the retry delay"))
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole node configuration (see module docstring for sources and precedence)."""
@@ -194,6 +226,8 @@ class Config:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     log: LogConfig = field(default_factory=LogConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    priority: PriorityConfig = field(default_factory=PriorityConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
     @property
     def data_path(self) -> Path:
@@ -377,7 +411,43 @@ def _validate(c: Config) -> None:
         need(Path(c.inference.bundle).is_dir(), "inference.bundle", c.inference.bundle, "an existing bundle directory or empty for the demo model")
     need(c.health.delivery_failure_s >= 0, "health.delivery_failure_s", c.health.delivery_failure_s,
          "a number of seconds >= 0 (0 = deliveries never make /healthz unhealthy)")
+    _validate_priority(c.priority)
+    _validate_notify(c.notify)
     need(c.log.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log.level", c.log.level, "DEBUG, INFO, WARNING or ERROR")
+
+
+def _validate_priority(p: PriorityConfig) -> None:
+    from dicom_node.labels import STUDY_LABELS
+
+    for i, label in enumerate(p.critical_labels):
+        if label not in STUDY_LABELS:
+            raise ConfigError(f"priority.critical_labels[{i}]: {label!r} is not a study label; use one of {', '.join(STUDY_LABELS)}")
+    if not 0.0 <= p.pe_min_probability <= 1.0:
+        raise ConfigError(f"priority.pe_min_probability: {p.pe_min_probability!r} is not allowed; "
+                          "a probability 0-1 (0 = the model's own PE call only)")
+
+
+def _validate_notify(n: NotifyConfig) -> None:
+    for key in ("webhook_priorities", "hl7_priorities"):
+        for i, v in enumerate(getattr(n, key)):
+            if v not in PRIORITY_VALUES:
+                raise ConfigError(f"notify.{key}[{i}]: {v!r} is not a priority; use some of {', '.join(PRIORITY_VALUES)}")
+    if n.webhook_url and not re.match(r"^https?://[^/\s]+", n.webhook_url):
+        raise ConfigError(f"notify.webhook_url: {n.webhook_url!r} is not an http(s) URL; e.g. https://ris.example/pe-hook")
+    if not 1 <= n.hl7_port <= 65535:
+        raise ConfigError(f"notify.hl7_port: {n.hl7_port} is outside 1-65535")
+    for key in ("hl7_sending_facility", "hl7_receiving_application", "hl7_receiving_facility"):
+        v = getattr(n, key)
+        if any(ch in v for ch in "|^~\\&\r\n"):
+            raise ConfigError(f"notify.{key}: {v!r} contains an HL7 delimiter (| ^ ~ \\ & or a line break); remove it")
+    if n.study_url and not re.match(r"^https?://", n.study_url):
+        raise ConfigError(f"notify.study_url: {n.study_url!r} is not an http(s) URL; e.g. https://pe-node:8443/studies/{{study_uid}}")
+    if n.timeout_s <= 0:
+        raise ConfigError(f"notify.timeout_s: {n.timeout_s!r} is not allowed; a number of seconds > 0")
+    if n.max_attempts < 1:
+        raise ConfigError(f"notify.max_attempts: {n.max_attempts!r} is not allowed; an integer >= 1")
+    if not 0 <= n.base_delay_s <= n.max_delay_s:
+        raise ConfigError(f"notify.max_delay_s: {n.max_delay_s!r} is not allowed; >= notify.base_delay_s ({n.base_delay_s}) >= 0")
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, str]:

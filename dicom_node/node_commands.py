@@ -69,21 +69,25 @@ def add_node_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
                    help="calling AE title; the default is ae_title of --config (PENODE without one)")
     p.set_defaults(func=_cmd_send)
 
-    p = subparsers.add_parser("status", help="list jobs: study, series, state, result, deliveries, errors",
+    p = subparsers.add_parser("status", help="list jobs: study, series, state, priority, result, deliveries, "
+                                             "notifications, errors",
                               description="Read the node's state database (works while the node runs) and print one "
                                           "row per job: study and series (UID suffixes), when it was received, its "
-                                          "state, its result (SR UID suffix) or error, each destination with its "
-                                          "delivery state, the last error, and for failed jobs the exact resend "
-                                          "command.")
+                                          "state, its worklist priority (docs/worklist.md), its result (SR UID "
+                                          "suffix) or error, each destination with its delivery state, each "
+                                          "notification (webhook, hl7) with its state, the last error, and for "
+                                          "failed jobs and dead notifications the exact resend command.")
     _common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output: one object per job")
     p.set_defaults(func=_cmd_status)
 
-    p = subparsers.add_parser("resend", help="re-queue a failed job's deliveries (or the job itself)",
+    p = subparsers.add_parser("resend", help="re-queue a failed job's deliveries (or the job itself) and its dead "
+                                             "notifications",
                               description="Failed deliveries of JOB become pending with fresh attempts, addressed to "
                                           "the destination as configured now (matched by AE title), or to --to; a "
-                                          "job that failed before building results is queued again. The running "
-                                          "node picks it up.")
+                                          "job that failed before building results is queued again. Dead "
+                                          "notifications of JOB (webhook, hl7) become pending with fresh attempts, "
+                                          "also for a job that is done. The running node picks it up.")
     _common(p)
     p.add_argument("job_id", type=int, metavar="JOB")
     p.add_argument("--to", metavar="AE@HOST:PORT",
@@ -97,7 +101,8 @@ def add_node_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("series_uid", metavar="SERIES_UID")
     p.set_defaults(func=_cmd_complete)
 
-    p = subparsers.add_parser("config", help="print the effective configuration or every key with its default")
+    p = subparsers.add_parser("config", help="print the effective configuration (secrets masked) or every key with "
+                                             "its default")
     _common(p)
     p.add_argument("--defaults", action="store_true", help="print a TOML file with every key, its default and meaning")
     p.set_defaults(func=_cmd_config)
@@ -290,6 +295,9 @@ def _status_rows(args: argparse.Namespace, st: State) -> list[dict[str, Any]]:
     by_job: dict[int, list[Any]] = {}
     for d in st.deliveries():
         by_job.setdefault(d.job_id, []).append(d)
+    notes: dict[int, list[Any]] = {}
+    for n in st.notifications():
+        notes.setdefault(n.job_id, []).append(n)
     for j in st.jobs():
         ds = by_job.get(j.id, [])
         errors = [d.last_error.removeprefix(f"{d.destination}: ") for d in ds
@@ -303,8 +311,12 @@ def _status_rows(args: argparse.Namespace, st: State) -> list[dict[str, Any]]:
             "destinations": [{"destination": d.destination, "state": d.state.value, "attempts": d.attempts,
                               "delivery": _delivery_text(d.state.value, d.attempts), "last_error": d.last_error}
                              for d in ds],
+            "priority": j.priority_class, "priority_reason": j.priority_reason, "priority_score": j.priority_score,
+            "notifications": [{"target": n.target, "state": n.state.value, "attempts": n.attempts,
+                               "last_error": n.last_error} for n in notes.get(j.id, [])],
             "last_error": last_error,
-            "resend_command": _resend_command(args, j.id) if j.state is JobState.FAILED else None})
+            "resend_command": _resend_command(args, j.id) if j.state is JobState.FAILED
+            or any(n.state.value == "dead" for n in notes.get(j.id, [])) else None})
     return rows
 
 
@@ -315,29 +327,46 @@ def _cmd_status(args: argparse.Namespace) -> int:
     with_job = {r["series_uid"] for r in rows}
     other = [s for s in st.all_series() if s.series_uid not in with_job]
     if args.json:
-        print(json.dumps({"counts": counts, "jobs": rows,
+        print(json.dumps({"counts": counts, "notifications": st.notification_counts(), "jobs": rows,
                           "series_without_job": [{"series_uid": s.series_uid, "study_uid": s.study_uid,
                                                   "state": s.state.value, "instances": s.n_instances,
                                                   "skip_reason": s.skip_reason} for s in other]}, indent=2))
         return 0
     print("jobs: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    print("notifications: " + ", ".join(f"{k}={v}" for k, v in st.notification_counts().items()))
     if rows:
-        head = ("JOB", "STUDY", "SERIES", "RECEIVED", "STATE", "RESULT", "DESTINATIONS", "LAST ERROR")
+        head = ("JOB", "STUDY", "SERIES", "RECEIVED", "STATE", "PRIORITY", "RESULT", "DESTINATIONS", "NOTIFICATIONS",
+                "LAST ERROR")
         table = [head] + [(
             str(r["job_id"]), _suffix(r["study_uid"]), _suffix(r["series_uid"]), r["received_at"], r["state"],
+            r["priority"] or "-",
             f"SR {_suffix(r['sr_uid'])}" if r["sr_uid"] else ("error" if r["state"] == "failed" else "-"),
             ", ".join(f"{d['destination']} {d['delivery']}" for d in r["destinations"]) or "-",
+            ", ".join(f"{n['target']} {_notification_text(n['state'], n['attempts'])}" for n in r["notifications"]) or "-",
             _clip(r["last_error"]) if r["last_error"] else "-") for r in rows]
         widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
         for row in table:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
     for r in rows:
+        for n in r["notifications"]:
+            if n["state"] == "dead":
+                print(f"job {r['job_id']} {n['target']} notification dead after {n['attempts']} attempt(s): "
+                      f"{_clip(n['last_error'] or '')}")
         if r["resend_command"]:
-            print(f"job {r['job_id']} failed; re-send with: {r['resend_command']}")
+            what = "failed" if r["state"] == "failed" else "has dead notifications"
+            print(f"job {r['job_id']} {what}; re-send with: {r['resend_command']}")
     for s in other:
         print(f"series {s.series_uid} ({s.n_instances} instance(s)): {s.state.value}"
               + (f", {s.skip_reason}" if s.skip_reason else ""))
     return 0
+
+
+def _notification_text(state: str, attempts: int) -> str:
+    if state == "sent":
+        return "sent"
+    if state == "dead":
+        return f"dead after {attempts} attempt(s)"
+    return f"retrying ({attempts} failed attempt(s))" if attempts else "pending"
 
 
 def _clip(text: str, n: int = 120) -> str:
@@ -359,8 +388,15 @@ def _cmd_resend(args: argparse.Namespace) -> int:
     if job is None:
         print(f"dicom-node resend: job {args.job_id} does not exist; `dicom-node status` lists jobs", file=sys.stderr)
         return 1
+    notified = st.reset_notifications(job.id)
+    if notified:
+        print(f"job {job.id}: {notified} notification(s) pending again: "
+              + ", ".join(n.target for n in st.notifications(job.id) if n.state.value == "pending"))
     if job.state is not JobState.FAILED:
-        print(f"dicom-node resend: job {job.id} is {job.state.value}, not failed; nothing to do", file=sys.stderr)
+        if notified:
+            return 0
+        print(f"dicom-node resend: job {job.id} is {job.state.value}, not failed, and has no dead notification; "
+              "nothing to do", file=sys.stderr)
         return 1
     try:
         override = parse_destination(args.to, "--to") if args.to else None
@@ -430,5 +466,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
     if args.defaults:
         print(default_config_toml(), end="")
         return 0
-    print(json.dumps(dataclasses.asdict(_load(args)), indent=2))
+    effective = dataclasses.asdict(_load(args))
+    if effective["notify"]["webhook_secret"]:  # a key, not for terminals and support tickets
+        effective["notify"]["webhook_secret"] = "(set; not shown)"
+    print(json.dumps(effective, indent=2))
     return 0

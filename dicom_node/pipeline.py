@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import pydicom
 
+from dicom_node.engine.priority import Findings
 from dicom_node.engine.worker import JobBody, JobContext, JobResult
 from dicom_node.imaging.preprocess import PreprocessError, preprocess
 from dicom_node.imaging.series import SeriesError, load_series
@@ -141,8 +142,9 @@ def run_job(ctx: JobContext) -> JobResult:
              key_slices=[k.z for k in results.key_slices], provider=predictor.execution_provider,
              preprocess_s=round(timings.get("preprocessed", 0.0), 3), inference_s=round(inference_s, 3),
              total_s=round(time.perf_counter() - t0, 3))
+    findings = Findings.from_prediction(results.prediction) if results.prediction is not None else None
     return JobResult(datasets=tuple(results.datasets()), result_uids=results.sop_instance_uids,
-                     inference_s=inference_s)
+                     inference_s=inference_s, findings=findings)
 
 
 def _plain(e: Exception) -> str:

@@ -1,12 +1,20 @@
-"""SQLite state of the node: instances, series, jobs and deliveries, with explicit state machines.
+"""SQLite state of the node: instances, series, jobs, deliveries and notifications, with explicit state machines.
 
-Series, jobs and deliveries have a state (instances have none: a row exists once the file is
+Series, jobs, deliveries and notifications have a state (instances have none: a row exists once the file is
 spooled). Every state change goes through one function, `_move`, which reads the row's current
 state, checks it against that entity's transition table (`SERIES_TRANSITIONS`, `JOB_TRANSITIONS`,
-`DELIVERY_TRANSITIONS`, all in `TRANSITIONS`) and runs the UPDATE, in the caller's transaction.
+`DELIVERY_TRANSITIONS`, `NOTIFICATION_TRANSITIONS`, all in `TRANSITIONS`) and runs the UPDATE, in the caller's transaction.
 A change the table does not allow raises `TransitionError` naming the entity, its id and both
-states. Rows are created in their first state (series `receiving`, job `queued`, delivery
-`pending`); jobs are created in one place (`_insert_job`).
+states. Rows are created in their first state (series `receiving`, job `queued`, delivery and
+notification `pending`); jobs are created in one place (`_insert_job`).
+
+Worklist priority: when a job's analysis ends (running -> built, or -> failed) the worker passes a
+`JobOutcome` to `transition`/`finish_job`; its priority class, reason and score go into the job row
+(`priority_class`, `priority_reason`, `priority_score`; the older integer `priority` column is the
+queue order of `claim_next_job`, a different thing) and its notifications into `notifications`, in
+the same transaction as the state change, so a finished analysis never lacks its priority or loses
+a notification. `worklist(order)` lists each series' newest job ordered by priority class (in the
+reading order the caller passes: `dicom_node.engine.priority.READING_ORDER`), score, arrival.
 
 Revisions count what was delivered, not what was tried; `_next_revision` is the one place that
 says so. A job's revision and predecessor are those of the series' newest *delivered* result (a job
@@ -55,8 +63,10 @@ from typing import Any, Generic, TypeVar
 from dicom_node.log import get_logger
 
 __all__ = ["State", "SeriesState", "JobState", "DeliveryState", "InstanceRow", "SeriesRow", "JobRow",
-           "DeliveryRow", "TransitionError", "SeriesConflict", "patient_key", "StateMachine", "SERIES_TRANSITIONS", "JOB_TRANSITIONS",
-           "DELIVERY_TRANSITIONS", "SERIES_MACHINE", "JOB_MACHINE", "DELIVERY_MACHINE", "MACHINES", "TRANSITIONS",
+           "DeliveryRow", "NotificationState", "NotificationRow", "JobOutcome", "WorklistRow", "TransitionError",
+           "SeriesConflict", "patient_key", "StateMachine", "SERIES_TRANSITIONS", "JOB_TRANSITIONS",
+           "DELIVERY_TRANSITIONS", "NOTIFICATION_TRANSITIONS", "SERIES_MACHINE", "JOB_MACHINE", "DELIVERY_MACHINE",
+           "NOTIFICATION_MACHINE", "MACHINES", "TRANSITIONS",
            "JOB_STAGES", "stage_durations", "Migration", "MIGRATIONS", "SCHEMA_VERSION", "StateSchemaError"]
 
 
@@ -83,7 +93,13 @@ class DeliveryState(str, Enum):
     FAILED = "failed"
 
 
-_S = TypeVar("_S", SeriesState, JobState, DeliveryState)
+class NotificationState(str, Enum):
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+_S = TypeVar("_S", SeriesState, JobState, DeliveryState, NotificationState)
 
 #: allowed series transitions. Any state -> receiving: another (or a late) instance arrived
 #: (`add_instance`); receiving -> complete: quiet period over (`mark_complete`); complete ->
@@ -116,6 +132,16 @@ DELIVERY_TRANSITIONS: dict[DeliveryState, frozenset[DeliveryState]] = {
     DeliveryState.PENDING: frozenset({DeliveryState.PENDING, DeliveryState.DONE, DeliveryState.FAILED}),
     DeliveryState.DONE: frozenset(),
     DeliveryState.FAILED: frozenset({DeliveryState.PENDING}),
+}
+
+
+#: allowed notification transitions. pending -> pending: an attempt failed, retried later; pending ->
+#: sent: the peer accepted it (HTTP 2xx, HL7 ACK AA); pending -> dead: `[notify] max_attempts` used up
+#: or the peer refused it for good (HL7 AR/AE); dead -> pending: `dicom-node resend` of its job.
+NOTIFICATION_TRANSITIONS: dict[NotificationState, frozenset[NotificationState]] = {
+    NotificationState.PENDING: frozenset({NotificationState.PENDING, NotificationState.SENT, NotificationState.DEAD}),
+    NotificationState.SENT: frozenset(),
+    NotificationState.DEAD: frozenset({NotificationState.PENDING}),
 }
 
 
@@ -178,7 +204,9 @@ SERIES_MACHINE = StateMachine("series", "series", "series_uid", SeriesState, SER
 JOB_MACHINE = StateMachine("job", "jobs", "id", JobState, JOB_TRANSITIONS, "`dicom-node status` lists jobs")
 DELIVERY_MACHINE = StateMachine("delivery", "deliveries", "id", DeliveryState, DELIVERY_TRANSITIONS,
                                 "`dicom-node status` lists failed deliveries")
-MACHINES = (SERIES_MACHINE, JOB_MACHINE, DELIVERY_MACHINE)
+NOTIFICATION_MACHINE = StateMachine("notification", "notifications", "id", NotificationState, NOTIFICATION_TRANSITIONS,
+                                    "`dicom-node status` lists dead notifications")
+MACHINES = (SERIES_MACHINE, JOB_MACHINE, DELIVERY_MACHINE, NOTIFICATION_MACHINE)
 
 #: the one transition table, per entity: entity -> {from state: allowed next states}
 TRANSITIONS: dict[str, Mapping[Any, frozenset[Any]]] = {m.entity: m.allowed for m in MACHINES}
@@ -249,6 +277,54 @@ class JobRow:
     result_uids: tuple[str, ...]
     error: str | None
     times: dict[str, float | None]  # stage (JOB_STAGES, requeued, resend, ...) -> unix time
+    #: worklist priority ("critical", "urgent", "check", "routine"), its reason and score; None until analysed
+    priority_class: str | None = None
+    priority_reason: str | None = None
+    priority_score: float | None = None
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What the end of a job's analysis writes with its state change: the worklist priority
+    (`dicom_node.engine.priority.PriorityDecision` as plain values) and the notifications it
+    triggers, as (target, JSON document) pairs."""
+
+    priority: str
+    reason: str
+    score: float
+    notifications: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class NotificationRow:
+    id: int
+    job_id: int
+    target: str  # "webhook" or "hl7"
+    state: NotificationState
+    attempts: int
+    next_try_at: float
+    last_error: str | None
+    document: str  # the JSON document built when the job's analysis ended
+    created_at: float
+    sent_at: float | None
+
+
+@dataclass(frozen=True)
+class WorklistRow:
+    """One series on the worklist: the series, its newest job (None while receiving or skipped) and its priority."""
+
+    series_uid: str
+    study_uid: str
+    series_state: SeriesState
+    first_instance_at: float  # arrival
+    last_instance_at: float
+    n_instances: int
+    skip_reason: str | None
+    job: JobRow | None
+
+    @property
+    def priority(self) -> str | None:
+        return self.job.priority_class if self.job else None
 
 
 @dataclass(frozen=True)
@@ -286,6 +362,18 @@ CREATE TABLE IF NOT EXISTS deliveries (
   next_try_at REAL NOT NULL, last_error TEXT, UNIQUE(job_id, destination));
 """
 
+_PRIORITY_AND_NOTIFICATIONS = """
+ALTER TABLE jobs ADD COLUMN priority_class TEXT;
+ALTER TABLE jobs ADD COLUMN priority_reason TEXT;
+ALTER TABLE jobs ADD COLUMN priority_score REAL;
+CREATE TABLE IF NOT EXISTS notifications (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL REFERENCES jobs(id), target TEXT NOT NULL,
+  state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_try_at REAL NOT NULL, last_error TEXT,
+  document TEXT NOT NULL, created_at REAL NOT NULL, sent_at REAL, UNIQUE(job_id, target));
+CREATE INDEX IF NOT EXISTS notifications_due ON notifications(state, next_try_at);
+CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_uid, revision, id)
+"""
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -308,6 +396,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               ("CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_try_at)",)),
     Migration(3, "series_patient: digest of the patient each series is bound to (none for series received before)",
               ("CREATE TABLE IF NOT EXISTS series_patient (series_uid TEXT PRIMARY KEY, patient_key TEXT NOT NULL)",)),
+    Migration(4, "worklist priority of each job (class, reason, score) and the notifications outbox",
+              _statements(_PRIORITY_AND_NOTIFICATIONS)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 assert [m.version for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1)), "MIGRATIONS: versions 1, 2, ... in order"
@@ -375,12 +465,27 @@ def _migrate(c: sqlite3.Connection, path: Path) -> None:
 def _job(r: sqlite3.Row) -> JobRow:
     return JobRow(r["id"], r["series_uid"], r["study_uid"], JobState(r["state"]), r["attempts"], r["priority"],
                   r["revision"], bool(r["rerun_requested"]), tuple(json.loads(r["predecessor_result_uids"])),
-                  tuple(json.loads(r["result_uids"])), r["error"], json.loads(r["times"]))
+                  tuple(json.loads(r["result_uids"])), r["error"], json.loads(r["times"]),
+                  r["priority_class"], r["priority_reason"], r["priority_score"])
 
 
 def _series(r: sqlite3.Row) -> SeriesRow:
     return SeriesRow(r["series_uid"], r["study_uid"], SeriesState(r["state"]), r["first_instance_at"],
                      r["last_instance_at"], r["n_instances"], r["skip_reason"], r["calling_aet"], r["completed_at"])
+
+
+def _notification(r: sqlite3.Row) -> NotificationRow:
+    return NotificationRow(r["id"], r["job_id"], r["target"], NotificationState(r["state"]), r["attempts"],
+                           r["next_try_at"], r["last_error"], r["document"], r["created_at"], r["sent_at"])
+
+
+def _write_outcome(c: sqlite3.Connection, job_id: int, outcome: JobOutcome, at: float) -> None:
+    """Priority columns and notification rows of a job whose analysis ended (caller's transaction)."""
+    c.execute("UPDATE jobs SET priority_class=?, priority_reason=?, priority_score=? WHERE id=?",
+              (outcome.priority, outcome.reason, float(outcome.score), job_id))
+    for target, document in outcome.notifications:
+        c.execute("INSERT OR IGNORE INTO notifications(job_id, target, state, next_try_at, document, created_at)"
+                  " VALUES (?,?,?,?,?,?)", (job_id, target, NotificationState.PENDING.value, at, document, at))
 
 
 def _delivery(r: sqlite3.Row) -> DeliveryRow:
@@ -586,9 +691,14 @@ class State:
 
     def transition(self, job_id: int, to: JobState, *, error: str | None = None, stage: str | None = None,
                    at: float | None = None, result_uids: tuple[str, ...] | None = None,
-                   extra_times: Mapping[str, float] | None = None) -> JobRow:
-        """Move a job to `to` if the state machine allows it; record a stage time; return the new row."""
+                   extra_times: Mapping[str, float] | None = None, outcome: JobOutcome | None = None) -> JobRow:
+        """Move a job to `to` if the state machine allows it; record a stage time; return the new row.
+
+        `outcome`: the priority and notifications of a job whose analysis ended, written in the same
+        transaction."""
         with self._tx() as c:
+            if outcome is not None:
+                _write_outcome(c, job_id, outcome, at or time.time())
             return self._job_transition(c, job_id, to, error=error, stage=stage, at=at, result_uids=result_uids,
                                         extra_times=extra_times)
 
@@ -697,6 +807,83 @@ class State:
         with self._tx() as c:
             c.execute("UPDATE deliveries SET next_try_at=? WHERE state=?", (time.time(), DeliveryState.PENDING.value))
 
+    # --- worklist --------------------------------------------------------------------------------
+    def worklist(self, order: Sequence[str], *, priorities: Sequence[str] | None = None, limit: int = 500,
+                 offset: int = 0) -> list[WorklistRow]:
+        """Every series with its newest job, read-first first: priority class in `order` (the
+        reading order, `dicom_node.engine.priority.READING_ORDER` values), series not analysed yet
+        just before the last class of `order` (routine), then higher score, then earlier arrival.
+
+        `priorities`: only these classes (use "" for series without a priority yet)."""
+        n = len(order)
+        rank = "CASE j.priority_class " + " ".join("WHEN ? THEN ?" for _ in order) + f" ELSE {max(n - 1, 0)} END"
+        rank_args: list[object] = []
+        for i, p in enumerate(order):
+            rank_args += [p, i if i < n - 1 else n]
+        where, args = "", []
+        if priorities is not None:
+            wanted = [p for p in priorities if p]
+            where = "WHERE (j.priority_class IN (" + ",".join("?" * len(wanted)) + ")" if wanted else "WHERE (0"
+            where += " OR j.priority_class IS NULL)" if "" in priorities else ")"
+            args = list(wanted)
+        rows = self._conn().execute(
+            "SELECT s.series_uid s_series_uid, s.study_uid s_study_uid, s.state s_state, s.first_instance_at,"
+            " s.last_instance_at, s.n_instances, s.skip_reason, j.* FROM series s"
+            " LEFT JOIN jobs j ON j.id = (SELECT id FROM jobs WHERE series_uid=s.series_uid"
+            "                              ORDER BY revision DESC, id DESC LIMIT 1) "
+            f"{where} ORDER BY {rank}, COALESCE(j.priority_score, 0) DESC, s.first_instance_at, s.series_uid"
+            " LIMIT ? OFFSET ?", (*args, *rank_args, int(limit), int(offset)))
+        return [WorklistRow(r["s_series_uid"], r["s_study_uid"], SeriesState(r["s_state"]), r["first_instance_at"],
+                            r["last_instance_at"], r["n_instances"], r["skip_reason"],
+                            _job(r) if r["id"] is not None else None) for r in rows]
+
+    # --- notifications ----------------------------------------------------------------------------
+    def notifications(self, job_id: int | None = None, state: NotificationState | None = None) -> list[NotificationRow]:
+        sql = "SELECT * FROM notifications WHERE 1=1"
+        args: list[object] = []
+        if job_id is not None:
+            sql, args = sql + " AND job_id=?", args + [job_id]
+        if state is not None:
+            sql, args = sql + " AND state=?", args + [state.value]
+        return [_notification(r) for r in self._conn().execute(sql + " ORDER BY id", args)]
+
+    def due_notifications(self, now: float) -> list[NotificationRow]:
+        rows = self._conn().execute("SELECT * FROM notifications WHERE state=? AND next_try_at<=? ORDER BY next_try_at, id",
+                                    (NotificationState.PENDING.value, now))
+        return [_notification(r) for r in rows]
+
+    def next_notification_time(self) -> float | None:
+        r = self._conn().execute("SELECT MIN(next_try_at) t FROM notifications WHERE state=?",
+                                 (NotificationState.PENDING.value,)).fetchone()
+        t: float | None = r["t"]
+        return t
+
+    def record_notification(self, notification_id: int, *, ok: bool, error: str | None = None,
+                            next_try_at: float | None = None, give_up: bool = False) -> NotificationRow:
+        """Record one attempt of a pending notification: sent, dead (`give_up`), or pending again."""
+        state = NotificationState.SENT if ok else (NotificationState.DEAD if give_up else NotificationState.PENDING)
+        with self._tx() as c:
+            _move(c, NOTIFICATION_MACHINE, notification_id, state,
+                  "attempts=attempts+1, last_error=?, next_try_at=COALESCE(?, next_try_at), sent_at=?",
+                  (error, next_try_at, time.time() if ok else None))
+            return _notification(c.execute("SELECT * FROM notifications WHERE id=?", (notification_id,)).fetchone())
+
+    def reset_notifications(self, job_id: int, at: float | None = None) -> int:
+        """Make a job's dead notifications pending again with fresh attempts (for `resend`)."""
+        t = at or time.time()
+        with self._tx() as c:
+            dead = [r["id"] for r in c.execute("SELECT id FROM notifications WHERE job_id=? AND state=?",
+                                               (job_id, NotificationState.DEAD.value)).fetchall()]
+            for notification_id in dead:
+                _move(c, NOTIFICATION_MACHINE, notification_id, NotificationState.PENDING, "attempts=0, next_try_at=?", (t,))
+            return len(dead)
+
+    def notification_counts(self) -> dict[str, int]:
+        rows = self._conn().execute("SELECT state, COUNT(*) n FROM notifications GROUP BY state")
+        counts = {s.value: 0 for s in NotificationState}
+        counts.update({r["state"]: r["n"] for r in rows})
+        return counts
+
     # --- composite steps (one transaction each) ---------------------------------------------------
     def mark_complete(self, series_uid: str, *, quiet_before: float | None = None, at: float | None = None) -> bool:
         """receiving -> complete, only if no instance arrived after `quiet_before` (None = force)."""
@@ -741,11 +928,12 @@ class State:
                                         "complete": r["completed_at"]})
             return "queued", job_id
 
-    def finish_job(self, job_id: int, to: JobState, *, error: str | None = None) -> tuple[JobRow, int | None]:
+    def finish_job(self, job_id: int, to: JobState, *, error: str | None = None,
+                   outcome: JobOutcome | None = None) -> tuple[JobRow, int | None]:
         """sending/running -> done/failed; start the one requested re-run (`start_rerun_if_requested`) if any.
 
         Returns the finished job and the id of the re-run job (or None)."""
-        job = self.transition(job_id, to, error=error, stage="finished")
+        job = self.transition(job_id, to, error=error, stage="finished", outcome=outcome)
         return job, self.start_rerun_if_requested(job)
 
     def start_rerun_if_requested(self, job: JobRow) -> int | None:

@@ -15,15 +15,16 @@ before `scp_listening` for the metrics port, and nothing is left running.
 space than `min_free_disk_mb`, when every delivery to a destination has failed for longer than
 `[health] delivery_failure_s`, or when the SCP is not listening after start. `reload(config)`
 applies the keys that can change while running (`LIVE_KEYS`: destinations, selection, allow-list,
-retry, health, quiet period, log level) and reports the others as needing a restart; `dicom-node
+retry, health, quiet period, log level, priority rules, notification targets) and reports the others as needing a restart; `dicom-node
 serve` calls it on SIGHUP.
 
 Start-up recovery (before the SCP accepts anything): stray temp files are removed; jobs that were
 running go back to the queue (their deterministic result UIDs make a re-run overwrite, never
 duplicate, in PACS); built jobs get their deliveries and are sent from the outbox; pending
-deliveries are due at once; a re-run requested before a crash is started; series left complete
-are selected again; receiving series complete after their quiet period counted from the start
-(`dicom_node.engine.completion`: a partial series cut off by the crash waits for the re-send).
+deliveries are due at once (pending notifications keep their next try time); a re-run requested
+before a crash is started; series left complete are selected again; receiving series complete after
+their quiet period counted from the start (`dicom_node.engine.completion`: a partial series cut off
+by the crash waits for the re-send).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from dicom_node.engine.retention import Retention
 from dicom_node.engine.worker import JobBody, Worker, destinations_for
 from dicom_node.log import get_logger
 from dicom_node.network.receive import Receiver
+from dicom_node.notify.outbox import NotificationSender
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -54,7 +56,7 @@ if TYPE_CHECKING:
 __all__ = ["LIVE_KEYS", "Node", "NodeError", "default_job_body", "recover"]
 
 #: keys (or `section.` prefixes) `Node.reload` applies without a restart
-LIVE_KEYS = ("destinations", "peers", "send_back_to_sender", "allowed_calling_aets", "quiet_period_s", "selection.",
+LIVE_KEYS = ("priority.", "notify.", "destinations", "peers", "send_back_to_sender", "allowed_calling_aets", "quiet_period_s", "selection.",
              "retry.", "health.", "log.level")
 
 
@@ -116,6 +118,7 @@ class Node:
                              on_finished=self.metrics.job_finished, on_rerun=self._wake_worker)
         self.worker = Worker(config, self.state, self.spool, self.job_body.run, on_built=self.sender.wake,
                              on_finished=self.metrics.job_finished, on_inference=self.metrics.inference_seconds.observe)
+        self.notifier = NotificationSender(config, self.state)
         self.completion = CompletionScheduler(config, self.state, self.spool, on_queued=self.worker.wake)
         self.receiver = Receiver(config, self.spool, self.state, on_stored=self.metrics.stored, on_refused=self.metrics.refused)
         self.metrics_server: MetricsServer | None = None
@@ -194,7 +197,7 @@ class Node:
         live = [k for k in changed if any(k == p or (p.endswith(".") and k.startswith(p)) for p in LIVE_KEYS)]
         top = sorted({k.split("[")[0] for k in live})
         cfg = self.config.replace(**{k: _get_dotted(dataclasses.asdict(new), k) for k in top})
-        for component in (self, self.sender, self.worker, self.completion, self.retention, self.receiver):
+        for component in (self, self.sender, self.notifier, self.worker, self.completion, self.retention, self.receiver):
             component.config = cfg
         return {"changed": sorted(set(top)), "restart_needed": sorted({k.split("[")[0] for k in changed} - set(top))}
 
@@ -237,6 +240,7 @@ class Node:
             self._abort_start()
             raise NodeError(_port_error("port", c.host, c.port, e, "--port")) from None
         self.sender.start()
+        self.notifier.start()
         self.worker.start()
         self.completion.start()
         self.retention.start()
@@ -270,6 +274,7 @@ class Node:
         self.retention.stop()
         self.worker.stop()
         self.sender.stop()
+        self.notifier.stop()
         if self.metrics_server:
             self.metrics_server.stop()
         self.state.close()

@@ -11,6 +11,11 @@ Stage times recorded in the job row (unix seconds, `dicom_node.durability.state.
 received (last instance), complete, queued, started, any stage the body marks with `ctx.mark(...)`
 (preprocessed, inferred), built, sent, finished. `job_built` and `job_finished` log the durations
 between consecutive stages (`stage_durations`).
+
+Worklist priority: when the analysis ends (built, or failed) the worker decides the job's priority
+from `JobResult.findings` (`dicom_node.engine.priority.decide_priority` under `[priority]`) and
+writes it, with the notifications `[notify]` asks for (`dicom_node.notify.document`), in the same
+transaction as the state change (`JobOutcome`). `job_prioritised` logs class, reason and score.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from pydicom.dataset import Dataset
 
 from dicom_node.config import Config, Destination, ResultsConfig
 from dicom_node.durability.spool import Spool
-from dicom_node.durability.state import JobRow, JobState, State, stage_durations
+from dicom_node.durability.state import JobOutcome, JobRow, JobState, State, stage_durations
 from dicom_node.engine.background import BackgroundLoop
+from dicom_node.engine.priority import Findings, decide_priority
 from dicom_node.log import get_logger
+from dicom_node.notify.document import notifications_for, study_context
 
 __all__ = ["JobContext", "JobResult", "RunJob", "JobBody", "Worker", "destinations_for"]
 
@@ -63,6 +70,7 @@ class JobResult:
     result_uids: tuple[str, ...] = ()  # defaults to the SOPInstanceUIDs of datasets + files
     inference_s: float | None = None
     summary: Mapping[str, object] = field(default_factory=dict)  # non-PHI facts for the log (e.g. probabilities)
+    findings: Findings | None = None  # what the model said (worklist priority, notifications); None = no model output
 
 
 RunJob = Callable[[JobContext], JobResult]
@@ -163,7 +171,8 @@ class Worker(BackgroundLoop):
         except Exception as e:
             err = f"{type(e).__name__}: {str(e)[:500]}"
             log.error("job_failed", error=err, stage="run", s=round(time.perf_counter() - t0, 3))
-            finished, rerun = self.state.finish_job(job.id, JobState.FAILED, error=err)
+            outcome = self._outcome(job, rows[0].path if rows else None, None, err)
+            finished, rerun = self.state.finish_job(job.id, JobState.FAILED, error=err, outcome=outcome)
             if self.on_finished:
                 self.on_finished(finished, None)
             if rerun:
@@ -171,7 +180,9 @@ class Worker(BackgroundLoop):
             return
         if result.inference_s is not None and self.on_inference:
             self.on_inference(result.inference_s)
-        built = self.state.transition(job.id, JobState.BUILT, stage="built", result_uids=uids, extra_times=marks)
+        outcome = self._outcome(job, rows[0].path if rows else None, result.findings, None)
+        built = self.state.transition(job.id, JobState.BUILT, stage="built", result_uids=uids, extra_times=marks,
+                                      outcome=outcome)
         dests = [str(d) for d in destinations_for(self.config, calling)]
         self.state.add_deliveries(job.id, dests)
         self.state.transition(job.id, JobState.SENDING, stage="sending")
@@ -180,6 +191,20 @@ class Worker(BackgroundLoop):
                  **stage_durations(built.times))
         if self.on_built:
             self.on_built(job.id)
+
+    def _outcome(self, job: JobRow, instance: str | None, findings: Findings | None, error: str | None) -> JobOutcome:
+        """The job's priority (from its findings, or the failure) and the notifications it triggers."""
+        decision = decide_priority(findings, self.config.priority, error=error)
+        now = time.time()
+        notify = self.config.notify
+        wanted = bool(notify.webhook_url or notify.hl7_host)
+        context = study_context(job.study_uid, job.series_uid, Path(instance) if instance and wanted else None,
+                                identity=notify.include_patient_identity)
+        notes = notifications_for(job.id, context, decision, findings, notify, at=now) if wanted else ()
+        self.log.info("job_prioritised", job_id=job.id, series_uid=job.series_uid, study_uid=job.study_uid,
+                      priority=decision.priority.value, reason=decision.reason, score=decision.score,
+                      notifications=[t for t, _ in notes])
+        return JobOutcome(decision.priority.value, decision.reason, decision.score, notes)
 
     def _write_outbox(self, job_id: int, result: JobResult) -> tuple[str, ...]:
         outbox = self.spool.job_outbox(job_id)

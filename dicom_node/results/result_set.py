@@ -24,7 +24,7 @@ report them, marked not validated).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
@@ -111,6 +111,7 @@ class ResultSet:
     kos: Dataset | None
     key_slices: tuple[KeySlice, ...]
     validation: LabelValidation = LabelValidation()
+    prediction: Prediction | None = field(default=None, compare=False)  # what the objects report (worklist priority)
 
     @property
     def weak_labels(self) -> tuple[str, ...] | None:
@@ -186,5 +187,6 @@ def build_results(series: CtSeries, windows: Windows, prediction: Prediction, bu
                         series_number=options.kos_series_number, manufacturer=bundle.manufacturer,
                         title=options.kos_title, observer_device_context=device_observer_context(bundle),
                         series_description=options.kos_series_description)
-    result = ResultSet(sr=sr, heatmap_scs=scs, summary_sc=summary, kos=kos, key_slices=keys, validation=validation)
+    result = ResultSet(sr=sr, heatmap_scs=scs, summary_sc=summary, kos=kos, key_slices=keys, validation=validation,
+                       prediction=prediction)
     return result

@@ -74,7 +74,7 @@ def test_series_and_delivery_changes_are_checked_by_their_tables(tmp_path):
 
 def test_every_state_change_goes_through_the_transition_table():
     """The only `UPDATE ... SET state` is the generic one in `_move`; jobs are inserted in one place."""
-    assert set(TRANSITIONS) == {"series", "job", "delivery"}
+    assert set(TRANSITIONS) == {"series", "job", "delivery", "notification"}
     for m in MACHINES:
         assert set(m.allowed) == set(m.states), f"{m.entity}: every state needs a row in the table"
     root = Path(__file__).resolve().parents[2] / "dicom_node"
