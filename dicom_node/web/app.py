@@ -31,10 +31,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
-from fastapi import FastAPI, Form, HTTPException, Request
+from fastapi import FastAPI, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -73,6 +73,8 @@ PREVIEW_CAPTION = "not for diagnostic use"
 _HERE = Path(__file__).parent
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _PAGE_SIZE_MAX = 1000
+#: a repeatable query parameter (`?priority=critical&priority=urgent`)
+_Multi = Annotated[list[str] | None, Query(max_length=40)]
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ def create_app(ctx: WebContext) -> FastAPI:
             h["Strict-Transport-Security"] = "max-age=31536000"
         return response
 
-    app.router.routes.append(Route("/metrics", endpoint=make_asgi_app(ctx.metrics.registry), methods=["GET"]))
+    app.router.routes.append(Route("/metrics", endpoint=_AsgiApp(make_asgi_app(ctx.metrics.registry)), methods=["GET"]))
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> JSONResponse:
@@ -260,7 +262,7 @@ def _add_worklist(app: FastAPI, ctx: WebContext) -> None:  # noqa: C901 - one cl
         return ([("" if p == "pending" else p) for p in pr] or None), (st or None), q[:100]
 
     @app.get("/worklist", include_in_schema=False)
-    def worklist_page(request: Request, priority: list[str] | None = None, state: list[str] | None = None,
+    def worklist_page(request: Request, priority: _Multi = None, state: _Multi = None,
                       q: str = "", page: int = 1, limit: int = 100) -> Response:
         p, csrf = who(request)
         if p is None:
@@ -326,7 +328,7 @@ def _add_worklist(app: FastAPI, ctx: WebContext) -> None:  # noqa: C901 - one cl
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, no-store"})
 
     @app.get("/api/v1/studies", tags=["worklist"], summary="The worklist in reading order")
-    def api_studies(request: Request, priority: list[str] | None = None, state: list[str] | None = None,
+    def api_studies(request: Request, priority: _Multi = None, state: _Multi = None,
                     q: str = "", limit: int = 100, offset: int = 0) -> dict[str, Any]:
         p = need_api(request)
         if not 1 <= limit <= _PAGE_SIZE_MAX or offset < 0:
@@ -392,6 +394,17 @@ def _add_worklist(app: FastAPI, ctx: WebContext) -> None:  # noqa: C901 - one cl
     def api_resend(request: Request, job_id: int) -> JSONResponse:
         p = api_write(request)
         return action_json(run_action(p, request, "resend", job_id=job_id))
+
+
+class _AsgiApp:
+    """Marks a plain ASGI callable as an app for a Starlette `Route` (a bare function would be taken for a
+    request handler): prometheus-client's `/metrics` app."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
 
 
 def _safe_next(url: str) -> str:

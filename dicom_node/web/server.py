@@ -24,6 +24,7 @@ most `header_timeout_s`, while a real request (a login, a scrape) still gets in.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -97,6 +98,15 @@ def guarded_protocol(max_connections: int, header_timeout_s: float) -> type[H11P
     return GuardedH11Protocol
 
 
+def _quiet_uvicorn_loggers() -> None:
+    """No access log lines and no start/stop chatter in the node's log: paths carry study UIDs and the
+    audit log (`dicom_node.web.auth.AuditLog`) is where accesses are recorded. uvicorn decides per
+    connection whether to write access lines by whether its logger has handlers, hence `propagate`."""
+    access = logging.getLogger("uvicorn.access")
+    access.handlers, access.propagate, access.disabled = [], False, True
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+
+
 class HttpServer:
     """uvicorn serving `app` on `host:port` in a daemon thread (see the module docstring)."""
 
@@ -114,6 +124,7 @@ class HttpServer:
         sock.setblocking(False)
         self._sock = sock
         self.tls = bool(certfile)
+        _quiet_uvicorn_loggers()
         config = uvicorn.Config(app, http=guarded_protocol(max_connections, header_timeout_s), lifespan="off",
                                 log_config=None, access_log=False, timeout_keep_alive=max(1, round(keepalive_s)),
                                 limit_concurrency=max_connections, ws="none",
