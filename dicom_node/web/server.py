@@ -7,18 +7,21 @@ in a daemon thread and waits until it serves, `stop()` ends it.
 Guarding the DICOM side (issue 22, hostile corpus case 10: 1,100 half-sent HTTP requests used up
 the file descriptors of the node process with the old thread-per-connection server, and with them
 the SCP). uvicorn closes idle keep-alive connections (`keepalive_s`) and answers 503 above
-`limit_concurrency`, but has no limit on connections that never finish their request head. The
-protocol class here adds both:
+`limit_concurrency`, but has no limit on connections that never finish their request head, and
+asyncio accepts whatever the kernel has queued. Two additions:
 
 * a request head (request line and headers) must arrive within `header_timeout_s` of the
   connection being made, or of the first byte of the next request on a kept-alive connection;
-  otherwise the connection is closed;
-* at most `max_connections` are open: one more evicts the oldest connection that is not in the
-  middle of a request (still sending its head, or idle between requests); when every connection
-  is busy with a request the newcomer is closed instead.
+  otherwise the connection is closed (`GuardedH11Protocol`);
+* at most `max_connections` are open. The cap is kept where every connection passes, the
+  listening socket's `accept` (`_CappedListener`): at the cap, the oldest connection that is not
+  in the middle of a request (still sending its head, or idle between requests) is closed to make
+  room; when every open connection is busy with a request the newcomer is closed instead.
+  Connections the kernel has queued but not handed over cost no descriptor.
 
-So a flood of slow or half-sent requests costs at most `max_connections` descriptors, each for at
-most `header_timeout_s`, while a real request (a login, a scrape) still gets in.
+So a flood of slow or half-sent requests holds at most about `max_connections` descriptors (plus
+the closes of one accept batch, which take effect a loop turn later), each for at most
+`header_timeout_s`, and a real request (a login, a scrape) still gets in.
 """
 
 from __future__ import annotations
@@ -37,65 +40,106 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 __all__ = ["HttpServer", "guarded_protocol"]
 
 
-def guarded_protocol(max_connections: int, header_timeout_s: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a request-head deadline and a cap on open connections."""
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a request-head deadline; registers itself with its listener."""
 
-    class GuardedH11Protocol(H11Protocol):
-        _head_timer: asyncio.TimerHandle | None = None
-        _opened_at: float = 0.0
+    header_timeout_s = 10.0
+    listener: _CappedListener | None = None
+    _head_timer: asyncio.TimerHandle | None = None
+    _opened_at = 0.0
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._opened_at = time.monotonic()
-            self._arm_head_timer()
-            if len(self.connections) > max_connections:
-                idle = [c for c in self.connections if c is not self and isinstance(c, GuardedH11Protocol)
-                        and c._between_requests()]
-                victim = min(idle, key=lambda c: c._opened_at) if idle else self
-                victim._close()
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._opened_at = time.monotonic()
+        self._arm_head_timer()
+        if self.listener is not None:
+            self.listener.protocols[transport.get_extra_info("socket").fileno()] = self
 
-        def _between_requests(self) -> bool:
-            return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+    def between_requests(self) -> bool:
+        """Not in the middle of a request: still sending its head, or idle after a response."""
+        return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
 
-        def _arm_head_timer(self) -> None:
-            if self._head_timer is None:
-                self._head_timer = self.loop.call_later(header_timeout_s, self._head_timeout)
+    def closing(self) -> bool:
+        return self.transport.is_closing()
 
-        def _disarm_head_timer(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+    def close_now(self) -> None:
+        self._disarm_head_timer()
+        if not self.transport.is_closing():
+            self.transport.close()
 
-        def _head_timeout(self) -> None:
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timeout)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
             self._head_timer = None
-            if self.conn.their_state is h11.IDLE:  # the head never completed
-                self._close()
 
-        def _close(self) -> None:
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE:  # the head never completed
+            self.close_now()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.transport.is_closing():
             self._disarm_head_timer()
-            if not self.transport.is_closing():
-                self.transport.close()
+        elif self.conn.their_state is h11.IDLE:
+            self._arm_head_timer()  # part of a head: the deadline runs from its first byte
+        else:
+            self._disarm_head_timer()
 
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if self.transport.is_closing():
-                self._disarm_head_timer()
-            elif self.conn.their_state is h11.IDLE:
-                self._arm_head_timer()  # part of a head: the deadline runs from its first byte
-            else:
-                self._disarm_head_timer()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if self.conn.their_state is not h11.IDLE:
-                return
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.conn.their_state is h11.IDLE:
             self._disarm_head_timer()  # idle between requests: uvicorn's keep-alive timeout applies
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm_head_timer()
-            super().connection_lost(exc)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        if self.listener is not None:
+            self.listener.forget(self)
+        super().connection_lost(exc)
 
-    return GuardedH11Protocol
+
+def guarded_protocol(listener: _CappedListener | None, header_timeout_s: float) -> type[GuardedH11Protocol]:
+    """The protocol class for one server: its listener and its head deadline."""
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"listener": listener, "header_timeout_s": header_timeout_s})
+
+
+class _CappedListener(socket.socket):
+    """A listening socket whose `accept` keeps at most `cap` connections open (module docstring).
+
+    Runs in the event loop's thread (asyncio calls `accept` there), as do the protocols' callbacks,
+    so `protocols` needs no lock."""
+
+    def __init__(self, family: int, cap: int) -> None:
+        super().__init__(family, socket.SOCK_STREAM)
+        self.cap = cap
+        self.open: dict[int, socket.socket] = {}  # fd -> accepted socket, until it is closed
+        self.protocols: dict[int, GuardedH11Protocol] = {}  # fd -> its protocol, once connection_made ran
+
+    def forget(self, protocol: GuardedH11Protocol) -> None:
+        for fd, p in list(self.protocols.items()):
+            if p is protocol:
+                del self.protocols[fd]
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        conn, addr = super().accept()
+        self.open = {fd: s for fd, s in self.open.items() if s.fileno() == fd}
+        if sum(1 for fd in self.open if not (fd in self.protocols and self.protocols[fd].closing())) >= self.cap:
+            idle = [p for p in self.protocols.values() if not p.closing() and p.between_requests()]
+            if not idle:  # every connection is busy with a request: the newcomer waits its turn elsewhere
+                conn.close()
+                raise BlockingIOError("connection cap reached")  # asyncio's accept loop stops for this turn
+            min(idle, key=lambda p: p._opened_at).close_now()
+        self.open[conn.fileno()] = conn
+        return conn, addr
+
+
+def _accept_batch(max_connections: int) -> int:
+    """asyncio accepts up to `backlog` connections in one loop turn; evictions close a turn later."""
+    return max(4, min(64, max_connections // 4))
 
 
 def _quiet_uvicorn_loggers() -> None:
@@ -113,7 +157,7 @@ class HttpServer:
     def __init__(self, app: Any, host: str, port: int, *, max_connections: int = 200, header_timeout_s: float = 10.0,
                  keepalive_s: float = 5.0, certfile: str = "", keyfile: str = "") -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = _CappedListener(family, max_connections)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
@@ -125,9 +169,12 @@ class HttpServer:
         self._sock = sock
         self.tls = bool(certfile)
         _quiet_uvicorn_loggers()
-        config = uvicorn.Config(app, http=guarded_protocol(max_connections, header_timeout_s), lifespan="off",
+        batch = _accept_batch(max_connections)
+        config = uvicorn.Config(app, http=guarded_protocol(sock, header_timeout_s), lifespan="off",
                                 log_config=None, access_log=False, timeout_keep_alive=max(1, round(keepalive_s)),
-                                limit_concurrency=max_connections, ws="none",
+                                # uvicorn's own limit (503 above it) counts every open connection; the cap
+                                # above keeps them fewer, so it is only the backstop
+                                limit_concurrency=max_connections + 2 * batch + 1, ws="none", backlog=batch,
                                 ssl_certfile=certfile or None, ssl_keyfile=keyfile or None,
                                 server_header=False, date_header=True)
         self._server = uvicorn.Server(config)
@@ -153,6 +200,9 @@ class HttpServer:
             if time.monotonic() > deadline:
                 raise OSError(f"the HTTP server on port {self.port} did not start within {timeout_s:.0f} s")
             time.sleep(0.01)
+        # asyncio listened with the accept batch as the queue length; a longer kernel queue costs no
+        # descriptor (queued connections are not accepted yet) and spares a burst of clients SYN retries
+        self._sock.listen(1024)
         return self
 
     def stop(self) -> None:
