@@ -56,13 +56,11 @@ def test_a_flood_of_half_sent_http_requests_leaves_c_echo_and_login_working(tmp_
         wait_for_port(http, timeout=30)
         resource.prlimit(node.proc.pid, resource.RLIMIT_NOFILE, (400, 400))  # the flood is 2.75 times this
         held = [_half_sent(http) for _ in range(FLOOD)]
-
         _c_echo(node.port)
         c = WebClient(http)
         assert c.login("alice").status == 303
         assert c.get("/worklist").status == 200  # served while the flood is still connected
         t0 = time.monotonic()
-
         open_ones = list(held)
 
         def all_closed() -> bool:
