@@ -207,7 +207,7 @@ class WebConfig:
     audit_log: str = field(default="", metadata=_doc("File the access audit log is appended to, one JSON line per page, API read or action: time, user, action, study and series UID, outcome (empty = data_dir/audit.log)"))
     refresh_s: int = field(default=30, metadata=_doc("The worklist page reloads itself after this many seconds (0 = never)"))
     max_connections: int = field(default=200, metadata=_doc("Most open connections on the HTTP port; one more evicts the oldest connection still sending its request head, so slow or half-sent requests cannot use up the node's file descriptors"))
-    header_timeout_s: float = field(default=10.0, metadata=_doc("Seconds a client has to send a whole request head (request line and headers); then the connection is closed"))
+    read_timeout_s: float = field(default=10.0, metadata=_doc("Seconds a client has to send a whole request (request line, headers and body) from its first byte or the connection; then the connection is closed"))
     keepalive_s: float = field(default=5.0, metadata=_doc("Seconds an idle keep-alive connection is kept open"))
 
 
@@ -504,7 +504,7 @@ def _validate_web(c: Config) -> None:
     if not 8 <= w.max_connections <= 10000:
         raise ConfigError(f"web.max_connections: {w.max_connections!r} is not allowed; 8-10000 (keep it well below the "
                           "process's open-file limit, `ulimit -n`)")
-    for key in ("header_timeout_s", "keepalive_s"):
+    for key in ("read_timeout_s", "keepalive_s"):
         v = getattr(w, key)
         if not 0 < v <= 300:
             raise ConfigError(f"web.{key}: {v!r} is not allowed; a number of seconds > 0 and <= 300")

@@ -267,7 +267,7 @@ class Node:
         c = self.config
         app = create_app(WebContext(c, self.state, self.spool, self.metrics, self.health, self.ready))
         return HttpServer(app, c.metrics_host, c.metrics_port, max_connections=c.web.max_connections,
-                          header_timeout_s=c.web.header_timeout_s, keepalive_s=c.web.keepalive_s,
+                          read_timeout_s=c.web.read_timeout_s, keepalive_s=c.web.keepalive_s,
                           certfile=c.tls.cert if c.web.tls else "", keyfile=c.tls.key if c.web.tls else "")
 
     def _abort_start(self) -> None:

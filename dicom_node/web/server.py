@@ -10,9 +10,10 @@ the SCP). uvicorn closes idle keep-alive connections (`keepalive_s`) and answers
 `limit_concurrency`, but has no limit on connections that never finish their request head, and
 asyncio accepts whatever the kernel has queued. Two additions:
 
-* a request head (request line and headers) must arrive within `header_timeout_s` of the
+* a whole request (request line, headers and body) must arrive within `read_timeout_s` of the
   connection being made, or of the first byte of the next request on a kept-alive connection;
-  otherwise the connection is closed (`GuardedH11Protocol`);
+  otherwise the connection is closed (`GuardedH11Protocol`): neither a half-sent head nor a
+  trickled body holds a connection longer;
 * at most `max_connections` are open. The cap is kept where every connection passes, the
   listening socket's `accept` (`_CappedListener`): at the cap, the oldest connection that is not
   in the middle of a request (still sending its head, or idle between requests) is closed to make
@@ -21,7 +22,7 @@ asyncio accepts whatever the kernel has queued. Two additions:
 
 So a flood of slow or half-sent requests holds at most about `max_connections` descriptors (plus
 the closes of one accept batch, which take effect a loop turn later), each for at most
-`header_timeout_s`, and a real request (a login, a scrape) still gets in.
+`read_timeout_s`, and a real request (a login, a scrape) still gets in.
 """
 
 from __future__ import annotations
@@ -41,17 +42,17 @@ __all__ = ["HttpServer", "guarded_protocol"]
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a request-head deadline; registers itself with its listener."""
+    """uvicorn's h11 protocol with a deadline for reading each request; registers itself with its listener."""
 
-    header_timeout_s = 10.0
+    read_timeout_s = 10.0
     listener: _CappedListener | None = None
-    _head_timer: asyncio.TimerHandle | None = None
+    _read_timer: asyncio.TimerHandle | None = None
     _opened_at = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._opened_at = time.monotonic()
-        self._arm_head_timer()
+        self._arm_read_timer()
         if self.listener is not None:
             self.listener.protocols[transport.get_extra_info("socket").fileno()] = self
 
@@ -63,48 +64,52 @@ class GuardedH11Protocol(H11Protocol):
         return self.transport.is_closing()
 
     def close_now(self) -> None:
-        self._disarm_head_timer()
+        self._disarm_read_timer()
         if not self.transport.is_closing():
             self.transport.close()
 
-    def _arm_head_timer(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timeout)
+    def _arm_read_timer(self) -> None:
+        if self._read_timer is None:
+            self._read_timer = self.loop.call_later(self.read_timeout_s, self._read_timeout)
 
-    def _disarm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+    def _disarm_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
 
-    def _head_timeout(self) -> None:
-        self._head_timer = None
-        if self.conn.their_state is h11.IDLE:  # the head never completed
+    def _reading(self) -> bool:
+        """The client is still sending a request: its head (IDLE until the head is complete) or its body."""
+        return self.conn.their_state in (h11.IDLE, h11.SEND_BODY)
+
+    def _read_timeout(self) -> None:
+        self._read_timer = None
+        if self._reading():  # the request never arrived whole
             self.close_now()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if self.transport.is_closing():
-            self._disarm_head_timer()
-        elif self.conn.their_state is h11.IDLE:
-            self._arm_head_timer()  # part of a head: the deadline runs from its first byte
+            self._disarm_read_timer()
+        elif self._reading():
+            self._arm_read_timer()  # part of a request: the deadline runs from its first byte
         else:
-            self._disarm_head_timer()
+            self._disarm_read_timer()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self.conn.their_state is h11.IDLE:
-            self._disarm_head_timer()  # idle between requests: uvicorn's keep-alive timeout applies
+            self._disarm_read_timer()  # idle between requests: uvicorn's keep-alive timeout applies
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_timer()
+        self._disarm_read_timer()
         if self.listener is not None:
             self.listener.forget(self)
         super().connection_lost(exc)
 
 
-def guarded_protocol(listener: _CappedListener | None, header_timeout_s: float) -> type[GuardedH11Protocol]:
+def guarded_protocol(listener: _CappedListener | None, read_timeout_s: float) -> type[GuardedH11Protocol]:
     """The protocol class for one server: its listener and its head deadline."""
-    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"listener": listener, "header_timeout_s": header_timeout_s})
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"listener": listener, "read_timeout_s": read_timeout_s})
 
 
 class _CappedListener(socket.socket):
@@ -154,7 +159,7 @@ def _quiet_uvicorn_loggers() -> None:
 class HttpServer:
     """uvicorn serving `app` on `host:port` in a daemon thread (see the module docstring)."""
 
-    def __init__(self, app: Any, host: str, port: int, *, max_connections: int = 200, header_timeout_s: float = 10.0,
+    def __init__(self, app: Any, host: str, port: int, *, max_connections: int = 200, read_timeout_s: float = 10.0,
                  keepalive_s: float = 5.0, certfile: str = "", keyfile: str = "") -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = _CappedListener(family, max_connections)
@@ -170,7 +175,7 @@ class HttpServer:
         self.tls = bool(certfile)
         _quiet_uvicorn_loggers()
         batch = _accept_batch(max_connections)
-        config = uvicorn.Config(app, http=guarded_protocol(sock, header_timeout_s), lifespan="off",
+        config = uvicorn.Config(app, http=guarded_protocol(sock, read_timeout_s), lifespan="off",
                                 log_config=None, access_log=False, timeout_keep_alive=max(1, round(keepalive_s)),
                                 # uvicorn's own limit (503 above it) counts every open connection; the cap
                                 # above keeps them fewer, so it is only the backstop

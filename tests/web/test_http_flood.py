@@ -3,7 +3,7 @@ thread-per-connection server, 1,100 half-sent HTTP requests held 1,100 descripto
 process ran out of them. Here a real `dicom-node serve` process, its open-file limit lowered to 400
 (well below the flood), gets 1,100 connections that each send half a request head and stop; while
 they are held open, a C-ECHO and a worklist login still work, and the server closes the half-sent
-ones after `[web] header_timeout_s`."""
+ones after `[web] read_timeout_s`."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_a_flood_of_half_sent_http_requests_leaves_c_echo_and_login_working(tmp_
     if soft < FLOOD + 200:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, FLOOD + 1000), hard))
     http = free_port()
-    node = NodeProcess(tmp_path, **web_config(http, **{"web.header_timeout_s": 3.0, "web.max_connections": 100})).start()
+    node = NodeProcess(tmp_path, **web_config(http, **{"web.read_timeout_s": 3.0, "web.max_connections": 100})).start()
     held: list[socket.socket] = []
     try:
         wait_for_port(http, timeout=30)
@@ -77,3 +77,35 @@ def test_a_flood_of_half_sent_http_requests_leaves_c_echo_and_login_working(tmp_
         for s in held:
             s.close()
         node.stop()
+
+
+def test_a_head_trickled_byte_by_byte_and_a_body_that_never_ends_are_both_cut_off_at_the_read_deadline(make_node):
+    http = free_port()
+    make_node([], **web_config(http, **{"web.read_timeout_s": 1.5}))
+    head = socket.create_connection(("127.0.0.1", http), timeout=10)
+    body = socket.create_connection(("127.0.0.1", http), timeout=10)
+    body.sendall(b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                 b"Content-Length: 1000\r\n\r\nusername=al")
+    t0 = time.monotonic()
+    closed: dict[str, float] = {}
+    try:
+        for i, byte in enumerate(b"GET /worklist HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"x" * 200):
+            if time.monotonic() - t0 > 8:
+                break
+            try:
+                head.sendall(bytes([byte]))  # a byte every 50 ms: never idle, never done
+            except OSError:
+                closed.setdefault("head", time.monotonic() - t0)
+                break
+            if "body" not in closed and _closed_by_server(body):
+                closed["body"] = time.monotonic() - t0
+            if i % 4 == 0 and "head" not in closed and _closed_by_server(head):
+                closed["head"] = time.monotonic() - t0
+                break
+            time.sleep(0.05)
+        wait_until(lambda: "body" in closed or (_closed_by_server(body) and closed.setdefault("body", time.monotonic() - t0)),
+                   10, "body connection closed")
+    finally:
+        head.close()
+        body.close()
+    assert 1.3 <= closed["head"] <= 4.0 and 1.3 <= closed["body"] <= 4.0, closed
