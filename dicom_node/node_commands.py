@@ -83,6 +83,9 @@ def add_node_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
                                           "failed jobs and dead notifications the exact resend command.")
     _common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output: one object per job")
+    p.add_argument("--worklist", action="store_true",
+                   help="instead, one row per series in reading order, as the web worklist ranks them (priority, "
+                        "PE probability, state, reason; UIDs, no patient identity)")
     p.set_defaults(func=_cmd_status)
 
     p = subparsers.add_parser("resend", help="re-queue a failed job's deliveries (or the job itself) and its dead "
@@ -343,8 +346,34 @@ def _status_rows(args: argparse.Namespace, st: State) -> list[dict[str, Any]]:
     return rows
 
 
+def _cmd_worklist(st: State, as_json: bool) -> int:
+    """`status --worklist`: the web worklist's query and state words (`dicom_node.web.views`), without
+    the patient columns the web page reads from the spool."""
+    from dicom_node.web.views import READING_ORDER_VALUES, display_state
+
+    rows = st.worklist(READING_ORDER_VALUES, limit=1_000_000)
+    out = [{"rank": i + 1, "study_uid": r.study_uid, "series_uid": r.series_uid, "priority": r.priority,
+            "pe_probability": r.job.priority_score if r.job else None, "state": display_state(r.series_state, r.job),
+            "reason": (r.job.priority_reason if r.job else None) or r.skip_reason, "job_id": r.job.id if r.job else None,
+            "received_at": _when(r.first_instance_at)} for i, r in enumerate(rows)]
+    if as_json:
+        print(json.dumps({"reading_order": list(READING_ORDER_VALUES), "worklist": out}, indent=2))
+        return 0
+    head = ("#", "PRIORITY", "PE", "STATE", "RECEIVED", "STUDY", "SERIES", "REASON")
+    table = [head] + [(str(r["rank"]), r["priority"] or "pending",
+                       f"{r['pe_probability']:.2f}" if r["pe_probability"] is not None else "-", r["state"],
+                       r["received_at"], _suffix(r["study_uid"]), _suffix(r["series_uid"]), _clip(r["reason"] or "-"))
+                      for r in out]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     _cfg, st = _state(args)
+    if args.worklist:
+        return _cmd_worklist(st, args.json)
     counts = st.job_counts()
     rows = _status_rows(args, st)
     with_job = {r["series_uid"] for r in rows}

@@ -80,3 +80,22 @@ def test_config_shows_user_and_token_names_but_never_their_hashes(tmp_path):
     r = _cli("config", "--config", str(tmp_path / "node.toml"))
     assert r.returncode == 0 and json.loads(r.stdout)["web"]["users"] == ["alice:(hash not shown)"]
     assert entry.split(":", 1)[1] not in r.stdout
+
+
+@needs_dcmtk
+def test_status_worklist_prints_the_web_worklists_order_and_states_without_patient_identity(make_node, tmp_path):
+    from nodekit import PATIENT_ID
+
+    node = make_node([])
+    files = phantom_series(tmp_path / "in", n_slices=12, rows=32)
+    assert storescu(node.port, files).returncode == 0
+    wait_until(lambda: [j for j in node.state.jobs() if j.state.value == "done"], 30, "job done")
+    r = _cli("status", "--worklist", "--data-dir", str(tmp_path / "data"))
+    assert r.returncode == 0, r.stderr
+    head, row = r.stdout.splitlines()
+    assert head.split()[:5] == ["#", "PRIORITY", "PE", "STATE", "RECEIVED"]
+    assert row.split()[:4] == ["1", "check", "0.00", "delivered"] and "no findings from the model" in row
+    doc = json.loads(_cli("status", "--worklist", "--json", "--data-dir", str(tmp_path / "data")).stdout)
+    assert doc["reading_order"] == ["critical", "urgent", "check", "routine"]
+    assert [w["state"] for w in doc["worklist"]] == ["delivered"]
+    assert PATIENT_ID not in r.stdout
