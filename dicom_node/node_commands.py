@@ -352,7 +352,7 @@ def _cmd_worklist(st: State, as_json: bool) -> int:
     from dicom_node.web.views import READING_ORDER_VALUES, display_state
 
     rows = st.worklist(READING_ORDER_VALUES, limit=1_000_000)
-    out = [{"rank": i + 1, "study_uid": r.study_uid, "series_uid": r.series_uid, "priority": r.priority,
+    out: list[dict[str, Any]] = [{"rank": i + 1, "study_uid": r.study_uid, "series_uid": r.series_uid, "priority": r.priority,
             "pe_probability": r.job.priority_score if r.job else None, "state": display_state(r.series_state, r.job),
             "reason": (r.job.priority_reason if r.job else None) or r.skip_reason, "job_id": r.job.id if r.job else None,
             "received_at": _when(r.first_instance_at)} for i, r in enumerate(rows)]
@@ -360,10 +360,12 @@ def _cmd_worklist(st: State, as_json: bool) -> int:
         print(json.dumps({"reading_order": list(READING_ORDER_VALUES), "worklist": out}, indent=2))
         return 0
     head = ("#", "PRIORITY", "PE", "STATE", "RECEIVED", "STUDY", "SERIES", "REASON")
-    table = [head] + [(str(r["rank"]), r["priority"] or "pending",
-                       f"{r['pe_probability']:.2f}" if r["pe_probability"] is not None else "-", r["state"],
-                       r["received_at"], _suffix(r["study_uid"]), _suffix(r["series_uid"]), _clip(r["reason"] or "-"))
-                      for r in out]
+    table: list[tuple[str, ...]] = [head]
+    for r in out:
+        table.append((str(r["rank"]), str(r["priority"] or "pending"),
+                      f"{r['pe_probability']:.2f}" if r["pe_probability"] is not None else "-", str(r["state"]),
+                      str(r["received_at"]), _suffix(str(r["study_uid"])), _suffix(str(r["series_uid"])),
+                      _clip(str(r["reason"] or "-"))))
     widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
