@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from nodekit import wait_until
 from webkit import WebClient
 
 
@@ -34,7 +35,11 @@ def test_demo_worklist_prints_a_url_and_login_that_show_the_positive_study_first
         password = re.search(r"log in as: demo / (\S+)", text).group(1)
         c = WebClient(port)
         assert c.login("demo", password).status == 303
-        studies = c.get("/api/v1/studies").json()["studies"]
+        def settled() -> list[dict] | None:  # a loaded machine may pause a send: a late slice means one re-run
+            rows = c.get("/api/v1/studies").json()["studies"]
+            return rows if rows and all(r["state"] == "delivered" for r in rows) else None
+
+        studies = wait_until(settled, 180, "both studies delivered")
         assert [s["priority"] for s in studies] == ["critical", "routine"]  # positive ranked first
         page = c.get(f"/studies/{studies[0]['study_uid']}")
         assert page.status == 200 and "not for diagnostic use" in page.text
