@@ -11,6 +11,7 @@ NODE_TEST_JOB_MARKER=DIR writes `started-<job>-<revision>` there when a job star
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -101,6 +102,23 @@ def phantom_series(root: Path, *, seed: int = 7, n_slices: int = 24, rows: int =
 
         return write_variant(study, root, variant)
     return phantom.write_study(study, root)
+
+
+def demo_like_studies(root: Path) -> dict[str, list[Path]]:
+    """The demo's two studies (dicom_node.tools.demo: same phantom geometry and seeds), with the test patient."""
+    from dicom_node.tools.demo import DEMO_PHANTOM
+    from dicom_node_phantoms import PhantomConfig, generate_study, write_study
+
+    cfg = PhantomConfig(**DEMO_PHANTOM)
+    out = {}
+    for name, seed, kind in (("positive", 20261125, "positive"), ("negative", 20261126, "negative")):
+        st = generate_study(seed, cfg, kind=kind)
+        while kind == "positive" and not st.study_labels["central_pe"]:
+            seed += 2
+            st = generate_study(seed, cfg, kind=kind)
+        st = dataclasses.replace(st, patient_name=PATIENT_NAME, patient_id=PATIENT_ID, patient_birth_date=PATIENT_BIRTH)
+        out[name] = write_study(st, root / name)
+    return out
 
 
 def storescu(port: int, files, *, aet: str = "STORESCU", called: str = "PENODE", extra: tuple[str, ...] = (),

@@ -809,12 +809,13 @@ class State:
 
     # --- worklist --------------------------------------------------------------------------------
     def worklist(self, order: Sequence[str], *, priorities: Sequence[str] | None = None, limit: int = 500,
-                 offset: int = 0) -> list[WorklistRow]:
+                 offset: int = 0, study_uid: str | None = None) -> list[WorklistRow]:
         """Every series with its newest job, read-first first: priority class in `order` (the
         reading order, `dicom_node.engine.priority.READING_ORDER` values), series not analysed yet
         just before the last class of `order` (routine), then higher score, then earlier arrival.
 
-        `priorities`: only these classes (use "" for series without a priority yet)."""
+        `priorities`: only these classes (use "" for series without a priority yet); `study_uid`:
+        only that study's series. Every value is a bound parameter, never part of the SQL text."""
         n = len(order)
         rank = "CASE j.priority_class " + " ".join("WHEN ? THEN ?" for _ in order) + f" ELSE {max(n - 1, 0)} END"
         rank_args: list[object] = []
@@ -826,6 +827,9 @@ class State:
             where = "WHERE (j.priority_class IN (" + ",".join("?" * len(wanted)) + ")" if wanted else "WHERE (0"
             where += " OR j.priority_class IS NULL)" if "" in priorities else ")"
             args = list(wanted)
+        if study_uid is not None:
+            where = (where + " AND" if where else "WHERE") + " s.study_uid = ?"
+            args.append(study_uid)
         rows = self._conn().execute(
             "SELECT s.series_uid s_series_uid, s.study_uid s_study_uid, s.state s_state, s.first_instance_at,"
             " s.last_instance_at, s.n_instances, s.skip_reason, j.* FROM series s"
@@ -836,6 +840,18 @@ class State:
         return [WorklistRow(r["s_series_uid"], r["s_study_uid"], SeriesState(r["s_state"]), r["first_instance_at"],
                             r["last_instance_at"], r["n_instances"], r["skip_reason"],
                             _job(r) if r["id"] is not None else None) for r in rows]
+
+    def first_instance_paths(self, series_uids: Sequence[str]) -> dict[str, str]:
+        """series UID -> the spooled path of one of its instances (the web worklist reads study and
+        patient fields from that file's header: they are not kept in this database)."""
+        out: dict[str, str] = {}
+        uids = list(series_uids)
+        for i in range(0, len(uids), 500):  # well under SQLite's bound-parameter limit
+            chunk = uids[i:i + 500]
+            rows = self._conn().execute("SELECT series_uid, MIN(path) p FROM instances WHERE series_uid IN ("
+                                        + ",".join("?" * len(chunk)) + ") GROUP BY series_uid", chunk)
+            out.update({r["series_uid"]: r["p"] for r in rows})
+        return out
 
     # --- notifications ----------------------------------------------------------------------------
     def notifications(self, job_id: int | None = None, state: NotificationState | None = None) -> list[NotificationRow]:

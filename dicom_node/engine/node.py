@@ -40,12 +40,13 @@ from dicom_node.durability.spool import Spool
 from dicom_node.durability.state import JobState, State
 from dicom_node.engine.completion import CompletionScheduler
 from dicom_node.engine.delivery import Sender
-from dicom_node.engine.metrics import MetricsServer, NodeMetrics
+from dicom_node.engine.metrics import NodeMetrics
 from dicom_node.engine.retention import Retention
 from dicom_node.engine.worker import JobBody, Worker, destinations_for
 from dicom_node.log import get_logger
 from dicom_node.network.receive import Receiver
 from dicom_node.notify.outbox import NotificationSender
+from dicom_node.web.server import HttpServer
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -121,7 +122,7 @@ class Node:
         self.notifier = NotificationSender(config, self.state)
         self.completion = CompletionScheduler(config, self.state, self.spool, on_queued=self.worker.wake)
         self.receiver = Receiver(config, self.spool, self.state, on_stored=self.metrics.stored, on_refused=self.metrics.refused)
-        self.metrics_server: MetricsServer | None = None
+        self.metrics_server: HttpServer | None = None
         self._stopped = threading.Event()
         self._reload = threading.Event()
         self._prepared = False
@@ -219,8 +220,7 @@ class Node:
         c = self.config
         if c.metrics_port:  # bound first: a busy metrics port fails before anything listens or runs
             try:
-                self.metrics_server = MetricsServer(self.metrics, c.metrics_host, c.metrics_port, self.health,
-                                                    self.ready).start()
+                self.metrics_server = self._http_server().start()
             except OSError as e:
                 self.state.close()
                 raise NodeError(_port_error("metrics_port", c.metrics_host, c.metrics_port, e, "--metrics-port")) from None
@@ -246,6 +246,7 @@ class Node:
         self.retention.start()
         self.started_at = time.time()
         self.log.info("node_started", ae_title=self.config.ae_title, port=self.port, metrics_port=self.metrics_port,
+                      worklist=bool(c.web.enabled and self.metrics_server), https=bool(c.web.tls and self.metrics_server),
                       destinations=[str(d) for d in self.config.destinations], quiet_period_s=self.config.quiet_period_s)
         if block:
             try:
@@ -258,6 +259,16 @@ class Node:
             finally:
                 self.stop()
         return self
+
+    def _http_server(self) -> HttpServer:
+        """The HTTP port: /metrics, /healthz, /readyz, and the worklist + API when [web] enabled."""
+        from dicom_node.web.app import WebContext, create_app
+
+        c = self.config
+        app = create_app(WebContext(c, self.state, self.spool, self.metrics, self.health, self.ready))
+        return HttpServer(app, c.metrics_host, c.metrics_port, max_connections=c.web.max_connections,
+                          read_timeout_s=c.web.read_timeout_s, keepalive_s=c.web.keepalive_s,
+                          certfile=c.tls.cert if c.web.tls else "", keyfile=c.tls.key if c.web.tls else "")
 
     def _abort_start(self) -> None:
         if self.metrics_server:
