@@ -6,10 +6,7 @@ import sys
 
 import pytest
 
-from peers import DCMTK_BIN, ORTHANC_BIN, OrthancPeer, StoreScpPeer
-
-needs_orthanc = pytest.mark.skipif(ORTHANC_BIN is None, reason="Orthanc not installed (apt-get install orthanc)")
-needs_dcmtk = pytest.mark.skipif(DCMTK_BIN is None, reason="dcmtk not installed (apt-get install dcmtk)")
+from peers import DCMTK_BIN, ORTHANC_BIN, OrthancPeer, StoreScpPeer, needs_dcmtk, needs_orthanc  # noqa: F401 (re-exported)
 
 
 @pytest.fixture

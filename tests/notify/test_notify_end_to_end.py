@@ -11,7 +11,6 @@ import sys
 import pydicom
 import pytest
 
-from conftest import needs_dcmtk
 from dicom_node.config import load_config
 from dicom_node.durability.state import NotificationState
 from dicom_node.engine.node import Node
@@ -20,6 +19,7 @@ from dicom_node.log import configure_logging
 from dicom_node.notify.webhook import SIGNATURE_HEADER, verify_signature
 from nodekit import PATIENT_BIRTH, PATIENT_ID, PATIENT_NAME, demo_like_studies, storescu, wait_until
 from notify_peers import MllpListener, WebhookListener
+from peers import needs_dcmtk
 
 PHI = (PATIENT_NAME, PATIENT_ID, PATIENT_BIRTH, "Testperson", "Phantomina", "93817264")
 

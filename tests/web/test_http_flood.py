@@ -12,9 +12,8 @@ import socket
 import subprocess
 import time
 
-from conftest import needs_dcmtk
 from nodekit import NodeProcess, wait_until
-from peers import free_port, wait_for_port
+from peers import free_port, needs_dcmtk, wait_for_port
 from webkit import WebClient, web_config
 
 FLOOD = 1100

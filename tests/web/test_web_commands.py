@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pydicom
 
-from conftest import needs_dcmtk
 from dicom_node.config import load_config
 from dicom_node.web.auth import Credentials
 from nodekit import phantom_series, storescu, wait_until
+from peers import needs_dcmtk
 
 EXE = str(Path(sys.executable).parent / "dicom-node")
 

@@ -12,11 +12,10 @@ import pydicom
 import pytest
 
 from certs import self_signed
-from conftest import needs_dcmtk
 from dicom_node.config import ConfigError, load_config
 from dicom_node.web.auth import new_token
 from nodekit import PATIENT_BIRTH, PATIENT_ID, phantom_series, storescu, wait_until
-from peers import free_port
+from peers import free_port, needs_dcmtk
 from webkit import WebClient, csrf_of, user_entry, web_config
 
 pytestmark = needs_dcmtk

@@ -15,12 +15,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import needs_dcmtk
 from dicom_node.config import load_config
 from dicom_node.engine.node import Node
 from dicom_node.log import configure_logging
 from nodekit import PATIENT_ID, demo_like_studies, storescu, wait_until
-from peers import free_port
+from peers import free_port, needs_dcmtk
 from webkit import PASSWORD, web_config
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
