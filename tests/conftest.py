@@ -55,3 +55,33 @@ def make_node(tmp_path):
         n.stop()
     configure_logging(json=True, level="INFO", stream=sys.__stderr__)
     log_file.close()
+
+
+@pytest.fixture(scope="session")
+def triton_repo(tmp_path_factory):
+    """The demo bundle exported by `dicom-node-export triton` (max batch 8), shared by the Triton tests."""
+    from dicom_node.model.bundle import default_bundle_path
+    from dicom_node_export.triton import TritonRepoOptions, write_triton_repository
+
+    return write_triton_repository(default_bundle_path(), tmp_path_factory.mktemp("triton") / "repo",
+                                   TritonRepoOptions(max_batch=8))
+
+
+def start_triton(repo, workdir, **kw):
+    """A real tritonserver (nvidia-pytriton) serving `repo`; skips with the reason when this machine has none
+    (scripts/setup.sh makes .venv-triton, so CI never skips)."""
+    from dicom_node.tools.triton_server import TritonServerPeer, TritonUnavailable, triton_venv
+
+    try:
+        triton_venv()
+    except TritonUnavailable as e:
+        pytest.skip(str(e))
+    return TritonServerPeer(repo.path, workdir, **kw).start()
+
+
+@pytest.fixture(scope="module")
+def triton_server(triton_repo, tmp_path_factory):
+    """One Triton server per test module; tests that stop or kill a server start their own (`start_triton`)."""
+    peer = start_triton(triton_repo, tmp_path_factory.mktemp("tritonserver"))
+    yield peer
+    peer.stop()
