@@ -211,6 +211,15 @@ class TritonPredictor(Predictor):
             c = self._local.client = _Client(self.settings)
         return c
 
+    def _drop_client(self) -> None:
+        c: _Client | None = getattr(self._local, "client", None)
+        self._local.client = None
+        if c is not None:
+            try:
+                c.c.close()
+            except Exception:  # closing a broken connection may fail too; the new client does not need it
+                pass
+
     def _refuse(self, what: str) -> InferenceError:
         return InferenceError(f"Triton server {self.settings.where}: {what}")
 
@@ -282,6 +291,9 @@ class TritonPredictor(Predictor):
         try:
             out = self._client().infer(name, feed, tuple(s.name for s in graph.outputs))
         except Exception as exc:
+            # a fresh connection for the next request of this thread: a gRPC channel to a server that went away
+            # backs off before it reconnects, and the job's re-run should find the server as soon as it is back
+            self._drop_client()
             raise InferenceError(f"Triton server {self.settings.where}: {stage} request to model {name} failed "
                                  f"({_cause(exc)}); the job fails and runs again with `dicom-node resend` "
                                  "once the server answers") from None
