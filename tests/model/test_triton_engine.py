@@ -6,6 +6,7 @@ server that is down, a model that is not there, a repository of another bundle v
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,28 @@ def test_a_signature_other_than_the_manifests_refuses_the_start(triton_repo, tmp
             TritonPredictor(edited.manifest, TritonSettings(url=server.grpc_url))
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("inference.engine", "tensorrt", "inference.engine: 'tensorrt' is not allowed; onnxruntime or triton"),
+    ("inference.triton_protocol", "udp", "inference.triton_protocol: 'udp' is not allowed; grpc or http"),
+    ("inference.triton_url", "grpc://triton:8001", "inference.triton_url: 'grpc://triton:8001' is not allowed; "
+                                                   "HOST:PORT without a scheme"),
+    ("inference.triton_timeout_s", 0, "inference.triton_timeout_s: 0.0 is not allowed; a number of seconds > 0"),
+    ("inference.triton_cert", "/etc/client.pem", "inference.triton_key: '' is not allowed; set together with "
+                                                 "inference.triton_cert"),
+])
+def test_bad_engine_settings_are_refused_naming_key_value_and_fix(key, value, says):
+    from dicom_node.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_config(None, environ={}, overrides={"inference.engine": "triton", key: value})
+
+
+def test_the_triton_engine_takes_the_repositorys_manifest_file_as_its_bundle(triton_repo):
+    from dicom_node.config import load_config
+
+    cfg = load_config(None, environ={}, overrides={"inference.engine": "triton",
+                                                   "inference.bundle": str(triton_repo.manifest)})
+    assert TritonSettings.from_config(cfg.inference) == TritonSettings()
+    assert cfg.inference.bundle == str(triton_repo.manifest)
