@@ -96,7 +96,8 @@ class TritonServerPeer:
     http_port: int = 0
     grpc_port: int = 0
     env: dict[str, str] = field(default_factory=dict)
-    tls: tuple[Path, Path, Path] | None = None  # (server cert, server key, CA) for gRPC over TLS
+    #: (server cert, server key, CA): gRPC over mutual TLS (clients need a certificate signed by the CA)
+    tls: tuple[str, str, str] | None = None
     proc: subprocess.Popen[bytes] | None = None
     models: list[str] = field(default_factory=list)
     starts: int = 0
@@ -147,7 +148,7 @@ class TritonServerPeer:
                f"--backend-config=python,shm-region-prefix-name=dnt{os.getpid()}x{self.grpc_port}x{self.starts}"]
         if self.tls:
             cert, key, ca = self.tls
-            cmd += ["--grpc-use-ssl=true", f"--grpc-server-cert={cert}", f"--grpc-server-key={key}",
+            cmd += ["--grpc-use-ssl-mutual=true", f"--grpc-server-cert={cert}", f"--grpc-server-key={key}",
                     f"--grpc-root-cert={ca}"]
         env = {**os.environ, **self.env,
                "LD_LIBRARY_PATH": str(site / "nvidia_pytriton.libs"),

@@ -137,3 +137,23 @@ def test_the_triton_engine_takes_the_repositorys_manifest_file_as_its_bundle(tri
                                                    "inference.bundle": str(triton_repo.manifest)})
     assert TritonSettings.from_config(cfg.inference) == TritonSettings()
     assert cfg.inference.bundle == str(triton_repo.manifest)
+
+
+def test_grpc_over_mutual_tls_needs_the_ca_and_a_client_certificate(triton_repo, windows, tmp_path):
+    from pki import self_signed
+
+    paths, ca = self_signed(tmp_path / "pki")
+    server = start_triton(triton_repo, tmp_path / "server", tls=(*paths["server"], ca))
+    try:
+        tls = TritonSettings(url=server.grpc_url, tls=True, ca=ca, cert=paths["client"][0], key=paths["client"][1],
+                             timeout_s=5)
+        pred = TritonPredictor(triton_repo.manifest, tls)
+        assert pred.execution_provider == f"triton grpcs://{server.grpc_url}"
+        local = Predictor(load_bundle(DEMO), providers=("CPUExecutionProvider",)).predict(windows)
+        np.testing.assert_allclose(pred.predict(windows).window_probs, local.window_probs, atol=1e-5, rtol=0)
+        with pytest.raises(InferenceError, match=r"grpcs://127.0.0.1:\d+: not reachable"):
+            TritonPredictor(triton_repo.manifest, TritonSettings(url=server.grpc_url, tls=True, ca=ca, timeout_s=5))
+        with pytest.raises(InferenceError, match=r"grpc://127.0.0.1:\d+: not reachable"):
+            TritonPredictor(triton_repo.manifest, TritonSettings(url=server.grpc_url, timeout_s=5))
+    finally:
+        server.stop()
