@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from peers import DCMTK_BIN, ORTHANC_BIN, OrthancPeer, StoreScpPeer
+from peers import DCMTK_BIN, ORTHANC_BIN, OrthancPeer, StoreScpPeer, start_triton
 
 needs_orthanc = pytest.mark.skipif(ORTHANC_BIN is None, reason="Orthanc not installed (apt-get install orthanc)")
 needs_dcmtk = pytest.mark.skipif(DCMTK_BIN is None, reason="dcmtk not installed (apt-get install dcmtk)")
@@ -65,18 +65,6 @@ def triton_repo(tmp_path_factory):
 
     return write_triton_repository(default_bundle_path(), tmp_path_factory.mktemp("triton") / "repo",
                                    TritonRepoOptions(max_batch=8))
-
-
-def start_triton(repo, workdir, **kw):
-    """A real tritonserver (nvidia-pytriton) serving `repo`; skips with the reason when this machine has none
-    (scripts/setup.sh makes .venv-triton, so CI never skips)."""
-    from dicom_node.tools.triton_server import TritonServerPeer, TritonUnavailable, triton_venv
-
-    try:
-        triton_venv()
-    except TritonUnavailable as e:
-        pytest.skip(str(e))
-    return TritonServerPeer(repo.path, workdir, **kw).start()
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import start_triton
 from dicom_node.durability.state import JobState, State
 from dicom_node.model.bundle import default_bundle_path, load_bundle
 from dicom_node.model.inference import Predictor
@@ -29,6 +28,7 @@ from dicom_node.pipeline import analyse_series
 from dicom_node.results import ResultOptions
 from dicom_node.tools.pacs import free_port
 from nodekit import REPO, NodeProcess, phantom_series, storescu, wait_until, write_config
+from peers import start_triton
 
 pytestmark = [pytest.mark.dcmtk]
 

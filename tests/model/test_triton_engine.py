@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import start_triton
 from dicom_node.imaging.preprocess import preprocess
 from dicom_node.imaging.series import load_series
 from dicom_node.model.bundle import default_bundle_path, load_bundle
 from dicom_node.model.inference import InferenceError, Predictor
 from dicom_node.model.triton import TritonPredictor, TritonSettings
 from dicom_node.tools.pacs import free_port
+from peers import start_triton
 
 DEMO = default_bundle_path()
 
