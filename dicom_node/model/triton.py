@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -192,8 +193,6 @@ class TritonPredictor(Predictor):
             log.info("triton_batch_capped", requested=batch_size, max_batch_size=max_batch, model=self.models["stage1"])
         warm_s = 0.0
         if warmup:
-            import time
-
             t0 = time.perf_counter()
             window_shape = tuple(int(d) for d in m.stage1.inputs[0].shape[1:])
             self._stage1(np.zeros((1, *window_shape), dtype=np.float32))
