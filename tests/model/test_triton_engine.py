@@ -157,3 +157,13 @@ def test_grpc_over_mutual_tls_needs_the_ca_and_a_client_certificate(triton_repo,
             TritonPredictor(triton_repo.manifest, TritonSettings(url=server.grpc_url, timeout_s=5))
     finally:
         server.stop()
+
+
+def test_version_names_the_bundle_of_the_manifest_copy_and_the_triton_server(triton_repo, tmp_path):
+    from dicom_node.node_commands import version_text
+    from nodekit import write_config
+
+    cfg = write_config(tmp_path / "node.toml", **{"inference.engine": "triton", "inference.bundle":
+                                                  str(triton_repo.manifest), "inference.triton_url": "gpu1:8001"})
+    assert version_text(str(cfg)).splitlines()[1] == (f"model bundle: pe-demo-tiny 0.2.0 (inference.bundle "
+                                                      f"{triton_repo.manifest}, run on Triton grpc://gpu1:8001)")
