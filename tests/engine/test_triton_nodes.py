@@ -46,7 +46,10 @@ def _srs(folder: Path) -> list[pydicom.Dataset]:
     out = []
     for f in sorted(folder.iterdir()):
         if f.is_file():
-            ds = pydicom.dcmread(f, force=True)
+            try:
+                ds = pydicom.dcmread(f)
+            except Exception:  # storescp is still writing it: the next poll reads it whole
+                continue
             if str(ds.get("SOPClassUID", "")) == SR:
                 out.append(ds)
     return out
