@@ -24,4 +24,4 @@ test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-triton build *.egg-info .pytest_cache

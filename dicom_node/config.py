@@ -144,13 +144,22 @@ class ResultsConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    bundle: str = field(default="", metadata=_doc("Model bundle directory (empty = the bundled demo model)"))
+    engine: str = field(default="onnxruntime", metadata=_doc("Where the two ONNX stages run: onnxruntime (in the node process) or triton (an NVIDIA Triton Inference Server at triton_url, serving the repository `dicom-node-export triton` wrote; docs/scaling.md)"))
+    bundle: str = field(default="", metadata=_doc("Model bundle directory (empty = the bundled demo model); with engine = triton also the repository's <model>.manifest.json"))
     providers: tuple[str, ...] = field(default=("CUDAExecutionProvider", "CPUExecutionProvider"), metadata=_doc("onnxruntime execution providers in order of preference"))
     require_gpu: bool = field(default=False, metadata=_doc("Refuse to start when the CUDA provider is not available"))
     intra_op_threads: int = field(default=0, metadata=_doc("onnxruntime intra-op threads per session (0 = onnxruntime's default: all cores)"))
     graph_optimization: str = field(default="all", metadata=_doc("onnxruntime graph optimisation level: disable, basic, extended or all"))
     batch_size: int = field(default=8, metadata=_doc("Windows per stage-1 run (larger uses more memory, can be faster on a GPU)"))
     precision: str = field(default="auto", metadata=_doc("auto (float16 graphs on CUDA when the bundle has them), fp32 or fp16"))
+    triton_url: str = field(default="127.0.0.1:8001", metadata=_doc("engine = triton: HOST:PORT of the Triton server (gRPC 8001 or HTTP 8000 by default)"))
+    triton_protocol: str = field(default="grpc", metadata=_doc("engine = triton: grpc or http (KServe v2 protocol)"))
+    triton_model: str = field(default="", metadata=_doc("engine = triton: model name prefix on the server (<prefix>_stage1, <prefix>_stage2); empty = <bundle name>-<bundle version>, as dicom-node-export triton names them"))
+    triton_timeout_s: float = field(default=30.0, metadata=_doc("engine = triton: seconds one request (start checks, one stage-1 batch, stage 2) may take before the job fails"))
+    triton_tls: bool = field(default=False, metadata=_doc("engine = triton: talk TLS to the server (gRPC; HTTP behind a TLS proxy)"))
+    triton_ca: str = field(default="", metadata=_doc("engine = triton, triton_tls: PEM CA bundle that verifies the server (empty = the system's)"))
+    triton_cert: str = field(default="", metadata=_doc("engine = triton, triton_tls: PEM client certificate when the server requires one"))
+    triton_key: str = field(default="", metadata=_doc("engine = triton, triton_tls: PEM private key of triton_cert"))
 
 
 @dataclass(frozen=True)
@@ -423,8 +432,23 @@ def _validate(c: Config) -> None:
     need(c.inference.batch_size >= 1, "inference.batch_size", c.inference.batch_size, ">= 1")
     need(c.inference.precision in ("auto", "fp32", "fp16"), "inference.precision", c.inference.precision,
          "one of auto, fp32, fp16")
-    if c.inference.bundle:
-        need(Path(c.inference.bundle).is_dir(), "inference.bundle", c.inference.bundle, "an existing bundle directory or empty for the demo model")
+    inf = c.inference
+    need(inf.engine in ("onnxruntime", "triton"), "inference.engine", inf.engine, "onnxruntime or triton")
+    if inf.bundle and inf.engine == "triton":
+        need(Path(inf.bundle).is_dir() or Path(inf.bundle).is_file(), "inference.bundle", inf.bundle,
+             "an existing bundle directory or <model>.manifest.json of a Triton repository, or empty for the demo model")
+    elif inf.bundle:
+        need(Path(inf.bundle).is_dir(), "inference.bundle", inf.bundle, "an existing bundle directory or empty for the demo model")
+    need(inf.triton_protocol in ("grpc", "http"), "inference.triton_protocol", inf.triton_protocol, "grpc or http")
+    need(bool(re.fullmatch(r"[^\s/]+:\d{1,5}", inf.triton_url)), "inference.triton_url", inf.triton_url,
+         "HOST:PORT without a scheme, e.g. 127.0.0.1:8001 (set TLS with inference.triton_tls)")
+    need(inf.triton_timeout_s > 0, "inference.triton_timeout_s", inf.triton_timeout_s, "a number of seconds > 0")
+    need(bool(inf.triton_cert) == bool(inf.triton_key), "inference.triton_key", inf.triton_key,
+         "set together with inference.triton_cert (a client certificate needs its key)")
+    if inf.engine == "triton" and inf.triton_tls:
+        for k in ("triton_ca", "triton_cert", "triton_key"):
+            v = getattr(inf, k)
+            need(not v or Path(v).is_file(), f"inference.{k}", v, "an existing PEM file or empty")
     need(c.health.delivery_failure_s >= 0, "health.delivery_failure_s", c.health.delivery_failure_s,
          "a number of seconds >= 0 (0 = deliveries never make /healthz unhealthy)")
     _validate_priority(c.priority)

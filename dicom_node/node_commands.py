@@ -144,16 +144,21 @@ def version_text(config_path: str | None = None) -> str:
 
     lines = [f"dicom-node {__version__}"]
     try:
-        bundle = load_config(config_path).inference.bundle
+        inference = load_config(config_path).inference
     except ConfigError as e:
         return "\n".join(lines + [f"model bundle: unknown (configuration error: {e})"])
+    bundle = inference.bundle
     path = Path(bundle) if bundle else default_bundle_path()
     where = f"inference.bundle {path}" if bundle else f"bundled demo model {path}"
+    if inference.engine == "triton":
+        scheme = inference.triton_protocol + ("s" if inference.triton_tls else "")
+        where += f", run on Triton {scheme}://{inference.triton_url}"
+    mpath = path if path.is_file() else path / MANIFEST_NAME  # engine = triton: the repository's manifest copy
     try:
-        manifest = json.loads((path / MANIFEST_NAME).read_text())
+        manifest = json.loads(mpath.read_text())
         lines.append(f"model bundle: {manifest['name']} {manifest['version']} ({where})")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        lines.append(f"model bundle: unreadable {path / MANIFEST_NAME} ({type(e).__name__}: {e}) ({where})")
+        lines.append(f"model bundle: unreadable {mpath} ({type(e).__name__}: {e}) ({where})")
     return "\n".join(lines)
 
 

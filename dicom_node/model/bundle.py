@@ -57,6 +57,7 @@ __all__ = [
     "sha256_file",
     "read_onnx_opset",
     "load_bundle",
+    "load_manifest_only",
     "verify_bundle",
     "default_bundle_path",
 ]
@@ -579,6 +580,26 @@ def load_bundle(path: str | Path) -> Bundle:
     manifest = _parse_manifest(data, f"bundle {path}: {MANIFEST_NAME}")
     _check_files(path, manifest)
     return Bundle(path=path, manifest=manifest)
+
+
+def load_manifest_only(path: str | Path) -> Bundle:
+    """The manifest of a bundle whose graphs live elsewhere (on a Triton server): `path` is a bundle
+    directory or a manifest file (the `<model>.manifest.json` copy `dicom-node-export triton` writes).
+
+    Schema and values are checked as by `load_bundle`; the graph files are not read: the remote engine
+    compares their sha256 from the manifest with what the server says it serves
+    (`dicom_node.model.triton`). The returned `Bundle.path` is the directory of the manifest.
+    """
+    path = Path(path)
+    mpath = path / MANIFEST_NAME if path.is_dir() else path
+    if not mpath.is_file():
+        raise BundleError(f"bundle {path}: no {MANIFEST_NAME} there and not a manifest file; point inference.bundle "
+                          "at a bundle directory or at the <model>.manifest.json of a Triton model repository")
+    try:
+        data = json.loads(mpath.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"bundle {mpath}: not valid JSON ({exc})") from exc
+    return Bundle(path=mpath.parent, manifest=_parse_manifest(data, f"bundle {mpath}"))
 
 
 def _random_feed(graph: GraphSpec, batch: int, seed: int) -> dict[str, np.ndarray]:

@@ -104,6 +104,10 @@ class Predictor:
     `require_gpu=True` refuses to start unless CUDA actually runs the graphs. `intra_op_threads`
     None lets onnxruntime choose; `graph_optimization` is one of disable/basic/extended/all.
     `precision="auto"` uses the bundle's float16 graphs when CUDA runs and the bundle has them.
+
+    The engine is the two stage runners `_stage1` and `_stage2` (and the start-up that makes them):
+    `dicom_node.model.triton.TritonPredictor` replaces exactly those to run the stages on a Triton
+    server; `check_windows` and `predict`, and so everything downstream, are shared.
     """
 
     def __init__(

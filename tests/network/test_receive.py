@@ -18,6 +18,7 @@ from dicom_node.durability.state import State
 from dicom_node.engine.node import Node
 from dicom_node.log import configure_logging
 from nodekit import phantom_series, sc_job, storescu
+from pki import self_signed
 
 pytestmark = pytest.mark.dcmtk
 
