@@ -429,7 +429,8 @@ def _quick_check(c: sqlite3.Connection, path: Path) -> None:
     """Raise StateDamaged unless SQLite's quick_check passes (pages, free list, record formats; not indexes)."""
     problems = [str(r[0]) for r in c.execute("PRAGMA quick_check(5)")]
     if problems != ["ok"]:
-        raise StateDamaged(f"state database {path} is damaged (quick_check: {'; '.join(problems)[:300]}); {REBUILD_HINT}")
+        found = "; ".join(" ".join(p.replace("*** in database main ***", "").split()) for p in problems)
+        raise StateDamaged(f"state database {path} is damaged (quick_check: {found[:300]}); {REBUILD_HINT}")
 
 
 def _user_version(c: sqlite3.Connection) -> int:

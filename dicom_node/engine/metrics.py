@@ -14,6 +14,7 @@ send_failures_total{destination}, deliveries_total.
 from __future__ import annotations
 
 import json
+import socketserver
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -78,6 +79,17 @@ class NodeMetrics:
         return generate_latest(self.registry)
 
 
+class _NoLookupHTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer without the reverse name lookup of its address at bind (`socket.getfqdn`): a node
+    on a hospital network makes no name lookups it was not asked for (a DNS query with no answer also
+    delays the start by the resolver's timeout)."""
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+
 class MetricsServer:
     """Tiny HTTP server: GET /metrics (Prometheus text), GET /healthz and GET /readyz (JSON; 200 when
     `ok` / `ready` is true in what `health` / `ready` return, else 503).
@@ -109,7 +121,7 @@ class MetricsServer:
             def log_message(self, format: str, *args: Any) -> None:  # keep access logs out of the JSON event stream
                 pass
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd = _NoLookupHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
 
