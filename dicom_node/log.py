@@ -75,6 +75,7 @@ _REDACTED = "[redacted]"
 #: person-name warning quotes the whole name, caret or not): every quoted value is replaced
 VALUE_LOGGERS = ("py.warnings", "pydicom", "highdicom")
 # a quoted value: '...' or "..." on one line (an apostrophe inside a word, as in "Patient's", is no quote)
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _QUOTED = re.compile(r"(?<![\w])'[^'\n]*'(?![\w])" r'|"[^"\n]*"')
 
 # a mention of a patient-identity attribute: keyword, name with spaces, snake case or tag number
@@ -107,9 +108,23 @@ def scrub_text(text: str) -> str:
     return _PERSON_NAME.sub(_REDACTED, text)
 
 
+def _quoted(m: re.Match[str]) -> str:
+    inner = m.group(0)[1:-1]
+    if _NAME.fullmatch(inner) and ("_" in inner or _is_keyword(inner)):
+        return m.group(0)  # an argument or attribute name ("patient_name", 'PatientBirthDate'), not a value
+    return _REDACTED
+
+
+def _is_keyword(word: str) -> bool:
+    from pydicom.datadict import keyword_dict
+
+    return word in keyword_dict
+
+
 def scrub_values(text: str) -> str:
-    """`text` with every quoted value ('...' or "...") replaced: what libraries quote is a field's value."""
-    return _QUOTED.sub(_REDACTED, text)
+    """`text` with every quoted value ('...' or "...") replaced: what libraries quote is a field's value.
+    Quoted names are kept: snake_case argument names and DICOM keywords (a person's name is neither)."""
+    return _QUOTED.sub(_quoted, text)
 
 
 def error_text(e: BaseException, limit: int = 500) -> str:

@@ -83,7 +83,8 @@ class Spool:
         for d in (self.root, self.spool_dir, self.outbox_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         for d in (self.spool_dir, self.outbox_dir):  # folders of an older node were 0755: patient data, owner only
-            d.chmod(0o700)
+            if d.stat().st_mode & 0o077 and d.stat().st_uid == os.geteuid():
+                d.chmod(0o700)
 
     # --- instances --------------------------------------------------------------------------------
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
