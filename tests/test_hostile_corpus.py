@@ -75,7 +75,10 @@ class Corpus:
         self.node = NodeProcess(root, destinations=[f"STORESCP@127.0.0.1:{self.pacs.port}"], quiet=1.0, job=None,
                                 log_pipe=True, wrapper=wrapper, cwd=self.cwd, env=env, metrics_port=self.metrics_port,
                                 **{"inference.bundle": str(bundle), "inference.providers": ["CPUExecutionProvider"],
-                                   "results.top_k_heatmaps": 1})
+                                   "results.top_k_heatmaps": 1,
+                                   # DEBUG: the privacy checks hold at the chattiest level, and a line per
+                                   # instance fills the one-page log pipe at once when its reader hangs
+                                   "log.level": "DEBUG"})
         self.node.start()
         self.data = root / "data"
         self.seed = 100
@@ -395,3 +398,23 @@ def test_the_node_connects_to_nothing_but_loopback_and_sends_no_dns_query(corpus
         loopback = re.search(r'inet_addr\("127\.\d+\.\d+\.\d+"\)|inet_pton\(AF_INET6, "::1"', line)
         port_zero = "connect(" in line and "htons(0)" in line
         assert loopback or port_zero, line
+
+
+def test_the_metrics_server_binds_without_a_reverse_name_lookup(monkeypatch):
+    """http.server looks its address up (socket.getfqdn) when it binds: a query to the hospital's DNS at every
+    start, which strace shows only as a resolver call (nscd, /etc/hosts) when the name is local."""
+    import socket
+
+    from dicom_node.engine.metrics import MetricsServer, NodeMetrics
+
+    def no_lookup(*_args: object) -> str:
+        raise AssertionError("name lookup at bind")
+
+    monkeypatch.setattr(socket, "getfqdn", no_lookup)
+    monkeypatch.setattr(socket, "gethostbyaddr", no_lookup)
+    server = MetricsServer(NodeMetrics(), "127.0.0.1", 0, lambda: {"ok": True}).start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        server.stop()
