@@ -193,6 +193,12 @@ class _SinkHandler(logging.StreamHandler):
         except Exception:
             self.handleError(record)
 
+    def flush(self) -> None:
+        if self._queue is None:
+            super().flush()
+        # queued: the writer flushes each line itself; a flush from here (logging.shutdown at exit) would
+        # wait forever on a pipe whose reader hangs, and the node would not exit on SIGTERM
+
     def _write_queued(self) -> None:
         q = self._queue
         assert q is not None
