@@ -34,7 +34,7 @@ __all__ = [
     "Config", "ConfigError", "Destination", "TimeoutConfig", "TlsConfig", "RetryConfig",
     "SpoolConfig", "WorkerConfig", "SelectionConfig", "ResultsConfig", "InferenceConfig",
     "LogConfig", "HealthConfig", "PriorityConfig", "NotifyConfig", "WebConfig", "PRIORITY_VALUES", "load_config", "parse_destination", "default_config_toml",
-    "configuration_markdown", "ENV_PREFIX",
+    "configuration_markdown", "ENV_PREFIX", "insecure_files",
 ]
 
 ENV_PREFIX = "DICOM_NODE_"
@@ -580,6 +580,30 @@ def load_config(path: str | os.PathLike | None = None, *, overrides: Mapping[str
         if v is not None:
             _set_dotted(raw, k, v)
     return _build(raw)
+
+
+def insecure_files(config: Config, config_path: str | os.PathLike[str] | None = None) -> list[str]:
+    """Why the node must not start on these files, one line each naming the file, its mode and the fix.
+
+    Refused rather than warned about, because either hands the node to anyone with a login on the
+    host: a world-writable configuration lets them redirect results (patient data) to their own
+    destination or turn the allow-list off; a world-readable TLS key lets them impersonate the node
+    to the PACS and read its traffic. A warning in a log nobody reads protects nothing; the fix is one
+    chmod. Group permissions are left alone (a key shared with an `ssl-cert` group is common)."""
+    problems = []
+    if config_path:
+        p = Path(config_path)
+        mode = p.stat().st_mode & 0o777
+        if mode & 0o002:
+            problems.append(f"config file {p} is writable by every user (mode {mode:03o}); anyone on this host could "
+                            f"change where results go: chmod o-w {p}")
+    if (config.tls.enabled or any(d.tls for d in config.destinations)) and config.tls.key:
+        p = Path(config.tls.key)
+        mode = p.stat().st_mode & 0o777
+        if mode & 0o004:
+            problems.append(f"tls.key {p} is readable by every user (mode {mode:03o}); anyone on this host could "
+                            f"impersonate the node: chmod o-r {p} (e.g. chmod 600)")
+    return problems
 
 
 # ---- documentation generated from the declarations ---------------------------------------------

@@ -49,6 +49,10 @@ def add_node_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("--metrics-port", type=int, help="HTTP port for /metrics, /healthz and /readyz (0 = off)")
     p.add_argument("--job", metavar="MODULE:FUNCTION", default=_PIPELINE_JOB,
                    help="job function run_job(JobContext) -> JobResult; the default is the product pipeline")
+    p.add_argument("--rebuild-state", action="store_true",
+                   help="before starting, move a damaged, missing or empty state.sqlite aside and rebuild its instance "
+                        "records from the spool (every spooled series is analysed again; job history is not rebuilt); "
+                        "refused when the database is readable and holds records")
     p.set_defaults(func=_cmd_serve)
 
     p = subparsers.add_parser("echo", help="C-ECHO a DICOM peer (is it reachable and does it accept us?)",
@@ -190,6 +194,9 @@ def _state(args: argparse.Namespace) -> tuple[Config, State]:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from dicom_node.config import insecure_files
     from dicom_node.durability.state import StateSchemaError
     from dicom_node.engine.node import Node, NodeError, default_job_body
     from dicom_node.engine.worker import JobBody
@@ -199,8 +206,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                      quiet_period_s=args.quiet_period, metrics_port=args.metrics_port,
                      **({"inference.bundle": args.bundle} if args.bundle is not None else {}))
     cfg = _load(args, **overrides)
+    for problem in insecure_files(cfg, args.config):  # before anything is opened or written
+        print(f"dicom-node serve: refused: {problem}", file=sys.stderr)
+        return 2
+    # everything the node writes (spool, outbox, state.sqlite) holds patient data: owner only
+    os.umask(0o077)
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # before any import loads onnxruntime (model.bundle)
     configure_logging(json=cfg.log.json, level=cfg.log.level, stream=sys.stdout)
     module, _, attr = args.job.partition(":")
+    if args.rebuild_state:
+        from dicom_node.durability.rebuild import RebuildRefused, rebuild_state
+
+        try:
+            rebuild_state(cfg.data_path)
+        except (RebuildRefused, StateSchemaError, OSError) as e:
+            print(f"dicom-node serve: {e}", file=sys.stderr)
+            return 2
     try:
         if args.job == _PIPELINE_JOB:
             body = default_job_body()  # run_job with its prepare step

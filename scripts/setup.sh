@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot set-up used by `make demo` and `make test`:
 #  - Debian packages (dcmtk, dicom3tools, orthanc, gdcm tools, chromium for the dsr2html screenshot test,
-#    chromium-driver for the worklist browser test)
+#    chromium-driver for the worklist browser test; strace for the hostile-corpus check that the node connects to nothing but loopback)
 #    when running as root and missing;
 #  - a virtualenv in .venv with torch 2.13.0 (CPU build from local disk) installed BEFORE the extras,
 #    so that no multi-GB CUDA build is pulled in;
@@ -16,19 +16,19 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
 need_apt=""
-for tool in storescu dciodvfy Orthanc gdcmconv chromium chromedriver; do
+for tool in storescu dciodvfy Orthanc gdcmconv chromium chromedriver strace; do
   command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || need_apt=1
 done
 if [ -n "$need_apt" ]; then
   if [ "$(id -u)" = "0" ]; then
-    echo "setup: installing Debian packages dcmtk dicom3tools orthanc libgdcm-tools chromium chromium-driver"
+    echo "setup: installing Debian packages dcmtk dicom3tools orthanc libgdcm-tools chromium chromium-driver strace"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      dcmtk dicom3tools orthanc libgdcm-tools chromium chromium-driver >/dev/null
+      dcmtk dicom3tools orthanc libgdcm-tools chromium chromium-driver strace >/dev/null
     # The Debian package starts a system Orthanc on 4242/8042; our tests and demo start their own.
     (service orthanc stop || systemctl stop orthanc || true) >/dev/null 2>&1
   else
-    echo "setup: WARNING: dcmtk/dicom3tools/orthanc missing and not root; tests needing them will be skipped" >&2
+    echo "setup: WARNING: dcmtk/dicom3tools/orthanc/strace missing and not root; tests needing them will be skipped" >&2
   fi
 fi
 

@@ -2,7 +2,7 @@
 
 `self_signed(folder)` writes `ca.pem`, `server.pem`/`server.key` and `client.pem`/`client.key` (EC P-256,
 valid for a day, names `localhost` and 127.0.0.1) and returns ({"server": (cert, key), "client": (cert,
-key)}, ca). Used by the DICOM TLS tests (tests/network/test_receive.py) and the Triton gRPC TLS test.
+key)}, ca). Used by the DICOM TLS tests (tests/network/test_receive.py), the Triton gRPC TLS test and the worklist's HTTPS test.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def self_signed(folder: Path) -> tuple[dict[str, tuple[str, str]], str]:
         key, cert = make(who, ca_key, ca_cert.subject)
         (folder / f"{who}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                               serialization.NoEncryption()))
+        (folder / f"{who}.key").chmod(0o600)  # `dicom-node serve` refuses a world-readable key
         (folder / f"{who}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         paths[who] = (str(folder / f"{who}.pem"), str(folder / f"{who}.key"))
     (folder / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))

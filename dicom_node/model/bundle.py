@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -36,6 +38,7 @@ from dicom_node.labels import ALL_LABELS, STUDY_LABELS, WINDOW_LABEL
 
 __all__ = [
     "MANIFEST_NAME",
+    "onnxruntime_module",
     "SCHEMA_VERSION",
     "DEFAULT_WEAK_AUROC_FLOOR",
     "R3D18_HEATMAP_GRID",
@@ -616,8 +619,32 @@ def _random_feed(graph: GraphSpec, batch: int, seed: int) -> dict[str, np.ndarra
     return feed
 
 
-def _run_graph(path: Path, key: str, graph: GraphSpec, batch: int) -> dict[str, tuple[int, ...]]:
+def onnxruntime_module() -> types.ModuleType:
+    """onnxruntime, with its telemetry off (once per process).
+
+    A hospital network node sends nothing anywhere it was not told to. onnxruntime builds with 1DS
+    telemetry create a device-id store under `~/.cache/Microsoft/DeveloperTools/` when the library
+    loads and may upload events; `ORT_DISABLE_TELEMETRY=1`, read when the library loads, stops both
+    (so it is set before the first import, unless the environment says otherwise), and
+    `disable_telemetry_events()` stops the events of a library someone imported earlier. Every
+    place that makes an onnxruntime session gets the module from here (`Predictor`, the bundle check)."""
+    global _telemetry_off
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     import onnxruntime as ort
+
+    if not _telemetry_off:
+        off = getattr(ort, "disable_telemetry_events", None)
+        if off is not None:  # absent from builds compiled without telemetry
+            off()
+        _telemetry_off = True
+    return ort
+
+
+_telemetry_off = False
+
+
+def _run_graph(path: Path, key: str, graph: GraphSpec, batch: int) -> dict[str, tuple[int, ...]]:
+    ort = onnxruntime_module()
 
     try:
         sess = ort.InferenceSession(str(path / graph.file), providers=["CPUExecutionProvider"])

@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as PydicomSequence
 
 from dicom_node import RESEARCH_USE_STATEMENT
+from dicom_node.imaging.dates import clear_malformed_dates
 from dicom_node.results.codes import (
     COMMENT,
     IMPRESSION,
@@ -123,6 +124,7 @@ def _not_evaluated(series_uid: str, model_uid: str, revision: int) -> hd.sr.Meas
 def _evidence(header: Dataset) -> Dataset:
     """The header without pixel data (evidence needs the UIDs and the patient/study context only); the
     patient and study attributes an SR must carry (type 2) are added empty where the sender left them out."""
+    clear_malformed_dates(header)  # a birth date such as 19O10203 would make highdicom refuse the SR
     ds = Dataset()
     for elem in header:
         if elem.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):

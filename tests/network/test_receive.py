@@ -12,7 +12,6 @@ from pydicom import uid as U
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
-from certs import self_signed
 from dicom_node.config import load_config
 from dicom_node.durability.state import State
 from dicom_node.engine.node import Node

@@ -11,11 +11,11 @@ import ssl
 import pydicom
 import pytest
 
-from certs import self_signed
 from dicom_node.config import ConfigError, load_config
 from dicom_node.web.auth import new_token
 from nodekit import PATIENT_BIRTH, PATIENT_ID, phantom_series, storescu, wait_until
 from peers import free_port, needs_dcmtk
+from pki import self_signed
 from webkit import WebClient, csrf_of, user_entry, web_config
 
 pytestmark = needs_dcmtk
