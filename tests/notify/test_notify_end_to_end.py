@@ -33,7 +33,7 @@ def test_a_real_node_ranks_the_positive_study_first_and_notifies_webhook_and_ris
     log = open(log_path, "w")
     configure_logging(json=True, level="INFO", stream=log)
     cfg = load_config(None, environ={}, overrides={
-        "port": 0, "host": "127.0.0.1", "data_dir": str(tmp_path / "data"), "quiet_period_s": 0.5,
+        "port": 0, "host": "127.0.0.1", "data_dir": str(tmp_path / "data"), "quiet_period_s": 1.5,
         "min_free_disk_mb": 0, "inference.providers": ["CPUExecutionProvider"],
         "notify.webhook_url": hook.url, "notify.webhook_secret": "k", "notify.hl7_host": "127.0.0.1",
         "notify.hl7_port": mllp.port, "notify.include_patient_identity": True,
@@ -84,7 +84,7 @@ def test_a_failed_analysis_is_check_on_the_worklist_and_sent_to_the_ris_as_a(tmp
     files = phantom_series(tmp_path / "in", n_slices=24, rows=64)
     hook, mllp = WebhookListener().start(), MllpListener().start()
     cfg = load_config(None, environ={}, overrides={
-        "port": 0, "host": "127.0.0.1", "data_dir": str(tmp_path / "data"), "quiet_period_s": 0.5,
+        "port": 0, "host": "127.0.0.1", "data_dir": str(tmp_path / "data"), "quiet_period_s": 1.5,
         "min_free_disk_mb": 0, "notify.webhook_url": hook.url, "notify.hl7_host": "127.0.0.1",
         "notify.hl7_port": mllp.port})
     node = Node(cfg, run_job=broken_model).start()
