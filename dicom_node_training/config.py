@@ -88,6 +88,11 @@ class Phase1Config:
     #: (DATA/masks/<StudyInstanceUID>.npz, docs/training.md); windows without one are left out of it. 0 = off
     #: (the paper: RSNA has no masks)
     attention_loss_weight: float = 0.0
+    #: also hold negative windows (all-zero mask) to an empty CAM, as Shi et al. do. Off by default: with the
+    #: ReLU CAM of a randomly initialised 3D model, the many negative windows drive the map below zero
+    #: everywhere, where its gradient is zero for good; measured on phantoms (docs/benchmarks.md, heatmap
+    #: runs): attention loss flat at 0.23 for 8 epochs and every exported heatmap all zero
+    attention_on_negatives: bool = False
 
     @property
     def feature_dim(self) -> int:

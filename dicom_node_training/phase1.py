@@ -303,6 +303,7 @@ def train_phase1(config: TrainConfig, run_dir: str | os.PathLike[str], ctx: Dist
         loader = _loader(train_ds, per_rank, config.num_workers, sampler=sampler, seed=config.seed + epoch)
         net.train()
         loss_sum, study_loss_sum, attention_loss_sum, seen = 0.0, 0.0, 0.0, 0
+        dead_cams, supervised_windows = 0, 0
         bar = tqdm(loader, desc=f"phase1 epoch {epoch + 1}/{p1.epochs}", disable=not (progress and ctx.is_main))
         for batch in bar:
             x, y = batch[0].to(ctx.device, non_blocking=True), batch[1].to(ctx.device)
@@ -322,8 +323,16 @@ def train_phase1(config: TrainConfig, run_dir: str | os.PathLike[str], ctx: Dist
                 # the CAM the node will draw (GAP -> linear head), kept in the graph, against the clot's cells
                 heat = cam(window_out.activations.float(), model.fc.weight[0].float())
                 target = cells.pool(batch[-2].to(ctx.device), tuple(heat.shape[1:]))
-                attention_loss = attention_dice_loss(heat, target, batch[-1].to(ctx.device))
+                known = batch[-1].to(ctx.device)
+                if not p1.attention_on_negatives:  # see Phase1Config.attention_on_negatives
+                    known = known * target.flatten(1).any(dim=1)
+                attention_loss = attention_dice_loss(heat, target, known)
                 attention_loss_sum += attention_loss.detach().item() * len(y)
+                # a CAM that is zero everywhere on a window with embolus cells gets no gradient from the loss:
+                # counted so that a collapse shows in the history instead of in the node's empty heatmaps
+                supervised = known.bool() & target.flatten(1).any(dim=1)
+                dead_cams += int((heat.detach().flatten(1).amax(dim=1)[supervised] <= 0).sum())
+                supervised_windows += int(supervised.sum())
                 loss = loss + p1.attention_loss_weight * attention_loss
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -350,6 +359,13 @@ def train_phase1(config: TrainConfig, run_dir: str | os.PathLike[str], ctx: Dist
             metrics["train_study_loss"] = sum(gather(study_loss_sum, ctx)) / max(seen_all, 1)
         if cells is not None:  # ... and attention_loss_weight x this
             metrics["train_attention_loss"] = sum(gather(attention_loss_sum, ctx)) / max(seen_all, 1)
+            supervised_all = sum(gather(supervised_windows, ctx))
+            metrics["train_dead_cam_share"] = sum(gather(dead_cams, ctx)) / max(supervised_all, 1)
+            if ctx.is_main and supervised_all and metrics["train_dead_cam_share"] > 0.5:
+                log.warning("phase1_cam_dead", epoch=epoch, share=round(metrics["train_dead_cam_share"], 3),
+                            fix="the CAM is zero on most embolus windows, so the attention loss cannot move it and the "
+                                "node's heatmaps will be empty; keep phase1.attention_on_negatives = false, lower "
+                                "phase1.attention_loss_weight or the learning rate")
         history.append(metrics)
         # keep = "last": every epoch replaces the kept model; its value is then the epoch's validation AUROC
         improved = criterion == "last" or best["epoch"] is None or _selection(criterion, metrics) > best["value"]

@@ -39,6 +39,26 @@ def test_negative_windows_want_an_empty_map_and_windows_without_a_mask_count_for
         attention_dice_loss(cam, mask[:, :, :1], torch.ones(2))
 
 
+def test_a_cam_below_zero_everywhere_gets_no_gradient_which_is_why_negatives_are_left_out_by_default():
+    """The failure that `phase1.attention_on_negatives = false` avoids: negative windows (empty masks) push the
+    ReLU CAM below zero everywhere, and from there the loss cannot bring it back, even on an embolus window."""
+    from dicom_node_training.config import load_config
+    from dicom_node_training.models.r3d import cam
+
+    torch.manual_seed(0)
+    activations = torch.rand(1, 4, 1, 2, 2)
+    weight = (-torch.ones(4)).requires_grad_(True)  # every cell's sum below zero: the ReLU map is all zero
+    mask = torch.tensor([[[[0.0, 1.0], [0.0, 0.0]]]])
+    loss = attention_dice_loss(cam(activations, weight), mask, torch.ones(1))
+    loss.backward()
+    assert loss.item() > 0.3 and weight.grad is not None and weight.grad.abs().sum() == 0
+    # a weight with one positive channel: the map lives and the loss moves it
+    alive = torch.tensor([1.0, 0.0, 0.0, 0.0]).requires_grad_(True)
+    attention_dice_loss(cam(activations, alive), mask, torch.ones(1)).backward()
+    assert alive.grad is not None and alive.grad.abs().sum() > 0
+    assert load_config("tiny").phase1.attention_on_negatives is False
+
+
 def _gradient_centre(model: torch.nn.Module, shape: tuple[int, ...], axis: int, cell: int) -> float:
     """Centroid along `axis` of |d layer4[cell] / d input|, the cell taken in the middle of the other axes."""
     torch.manual_seed(0)

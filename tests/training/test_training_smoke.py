@@ -53,6 +53,7 @@ def test_fit_writes_checkpoints_and_report(fitted):
     assert ck["metrics"]["train_study_loss"] > 0
     # ... and the attention loss (phase1.attention_loss_weight = 1) against the phantoms' embolus masks
     assert ck["config"]["phase1"]["attention_loss_weight"] == 1.0 and ck["metrics"]["train_attention_loss"] > 0
+    assert 0.0 <= ck["metrics"]["train_dead_cam_share"] <= 1.0
     assert any(p.name.endswith(".mask.npz") for p in (run / "cache").iterdir())
     # the tiny preset keeps the last phase-1 epoch (keep = "last"), whatever its validation AUROC
     last = torch.load(run / "phase1" / "last.pt", weights_only=False)
