@@ -131,9 +131,10 @@ class NodeProcess:
     the product pipeline (give `inference.bundle` in `cfg`)."""
 
     def __init__(self, workdir: Path, *, destinations=(), quiet: float = 0.6, env: dict | None = None,
-                 job: str | None = "nodekit:SC_JOB", **cfg) -> None:
+                 job: str | None = "nodekit:SC_JOB", cwd: Path | None = None, **cfg) -> None:
         self.workdir = workdir
         self.job = job
+        self.cwd = cwd
         self.port = free_port()
         self.log_path = workdir / f"node-{self.port}.log"
         self.config = write_config(workdir / "node.toml", ae_title="PENODE", host="127.0.0.1", port=self.port,
@@ -147,7 +148,7 @@ class NodeProcess:
         log = open(self.log_path, "ab")
         job = ["--job", self.job] if self.job else []
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config), *job],
-                                     stdout=log, stderr=subprocess.STDOUT, env=self.env)
+                                     stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
         wait_for_port(self.port, proc=self.proc, timeout=60)
         return self
 
@@ -176,3 +177,35 @@ def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
             return value
         time.sleep(0.1)
     raise TimeoutError(f"{what} not reached after {timeout:.0f} s")
+
+
+def tls_files(folder: Path) -> tuple[dict[str, tuple[str, str]], str]:
+    """A test CA and a server and a client certificate signed by it, as PEM files in `folder`:
+    ({"server": (cert, key), "client": (cert, key)}, ca path). Needs the `cryptography` package."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def make(cn, issuer_key=None, issuer_name=None, ca=False):
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name or name)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+                .sign(issuer_key or key, hashes.SHA256()))
+        return key, cert
+
+    ca_key, ca_cert = make("test-ca", ca=True)
+    paths = {}
+    for who in ("server", "client"):
+        key, cert = make(who, ca_key, ca_cert.subject)
+        (folder / f"{who}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                                serialization.NoEncryption()))
+        (folder / f"{who}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        paths[who] = (str(folder / f"{who}.pem"), str(folder / f"{who}.key"))
+    (folder / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    return paths, str(folder / "ca.pem")

@@ -34,6 +34,7 @@ time).
 
 from __future__ import annotations
 
+import os
 import queue
 import select
 import socket
@@ -191,8 +192,8 @@ class GuardedSocket(AssociationSocket):
                 pass
         return sock in readable
 
-    def close(self) -> None:
-        super().close()
+    def close_wake(self) -> None:
+        """Close the wake-up socket pair (when the association's thread ends)."""
         if self._wake is not None:
             for end in self._wake:
                 end.close()
@@ -219,6 +220,7 @@ class GuardedSocket(AssociationSocket):
             if k == 0:
                 break
             got += k
+        view.release()
         if got < n:
             del buf[got:]
         return buf
@@ -366,7 +368,7 @@ class _Handler(RequestHandler):
             guarded = GuardedSocket.adopt(plain, prefix=first, guard=g, peer=peer)
             assoc.dul.socket = guarded
             _quicken(assoc, guarded)
-            _release_when_done(assoc, lambda: g.release(peer))
+            _release_when_done(assoc, lambda: (guarded.close_wake(), _discard_partial_dataset(assoc), g.release(peer)))
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
             assoc.start()
             handed_over = True
@@ -386,6 +388,10 @@ class _Handler(RequestHandler):
         try:
             tls.settimeout(max(0.001, deadline - time.monotonic()))
             tls.do_handshake()
+        except ssl.SSLEOFError:  # connected and closed: a TCP probe or a port scan, not a handshake failure
+            g.log.debug("connection_closed", peer=peer, reason="closed by the peer during the TLS handshake")
+            _close(tls)
+            raise _Closed("closed during the TLS handshake") from None
         except (OSError, ValueError) as e:  # ssl.SSLError and TimeoutError are OSErrors
             reason = (f"no TLS handshake within {g.limits.associate_s:g} s (timeouts.associate_s)"
                       if isinstance(e, TimeoutError) else f"{type(e).__name__}: {str(e)[:200]}")
@@ -401,7 +407,7 @@ class _Handler(RequestHandler):
         try:
             head = _recv_exact(sock, 6, deadline, "A-ASSOCIATE-RQ header")
         except _Closed as e:
-            if "(0 of 6 bytes)" in str(e):  # connected and sent nothing: a TCP probe or a port scan
+            if "closed by the peer" in str(e) and "(0 of 6 bytes)" in str(e):  # a TCP probe or a port scan
                 g.log.debug("connection_closed", peer=peer, reason=str(e))
                 return None
             self._refused(sock, peer, _Closed(str(e), answer=_abort_pdu(0)))
@@ -451,7 +457,21 @@ def _close(sock: socket.socket) -> None:
     sock.close()
 
 
-def _release_when_done(assoc: Association, release: Callable[[], None]) -> None:
+def _discard_partial_dataset(assoc: Association) -> None:
+    """Delete the file of a C-STORE data set the association ended in the middle of (aborted, refused,
+    connection lost): pynetdicom deletes a received data set's file after the handler, and a message
+    that never completed reaches no handler. Its message in progress is `dimse.message` (3.0)."""
+    partial = getattr(getattr(assoc.dimse, "message", None), "_data_set_file", None)
+    if partial is None:
+        return
+    try:
+        partial.close()
+        os.unlink(partial.name)
+    except OSError:
+        pass
+
+
+def _release_when_done(assoc: Association, release: Callable[[], object]) -> None:
     """Call `release` when the association's thread ends, however it ends."""
     run = assoc.run
 
@@ -470,6 +490,9 @@ class GuardedServer(ThreadedAssociationServer):
     `tls` is the server TLS context (None for plain TCP); the listening socket itself never wraps."""
 
     daemon_threads = True  # a connection still inside its deadline must not hold up stop()
+    # socketserver's default backlog of 5 makes the 6th simultaneous connect wait for a SYN retransmit
+    # (1 s): a burst of probes would delay a real sender that much
+    request_queue_size = 128
 
     def __init__(self, *args: Any, limits: ConnectionLimits, tls: ssl.SSLContext | None,
                  on_refused: Callable[[str], None] | None = None, **kwargs: Any) -> None:
