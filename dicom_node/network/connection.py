@@ -368,7 +368,13 @@ class _Handler(RequestHandler):
             guarded = GuardedSocket.adopt(plain, prefix=first, guard=g, peer=peer)
             assoc.dul.socket = guarded
             _quicken(assoc, guarded)
-            _release_when_done(assoc, lambda: (guarded.close_wake(), _discard_partial_dataset(assoc), g.release(peer)))
+
+            def ended() -> None:
+                guarded.close_wake()
+                _discard_partial_dataset(assoc)
+                g.release(peer)
+
+            _release_when_done(assoc, ended)
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
             assoc.start()
             handed_over = True
@@ -471,7 +477,7 @@ def _discard_partial_dataset(assoc: Association) -> None:
         pass
 
 
-def _release_when_done(assoc: Association, release: Callable[[], object]) -> None:
+def _release_when_done(assoc: Association, release: Callable[[], None]) -> None:
     """Call `release` when the association's thread ends, however it ends."""
     run = assoc.run
 
