@@ -4,15 +4,16 @@ instance before each acknowledgement) versus dcmtk storescp (plain write, no fsy
 
     .venv/bin/python benchmarks/receive.py [--data DIR] [--repeats 5]
 
-Both dcmtk processes run with `TCP_NODELAY=1` in their environment. Debian's dcmtk is built
-without disabling Nagle's algorithm, and dcmtk reads that variable to turn it off per process.
-With Nagle on, each C-STORE's small command PDU waits for the peer's delayed ACK (about 40 ms on
-Linux) before the data PDUs follow, so storescp, which leaves Nagle on for its responses too, looked
-five times slower than the node (whose Python sockets never waited on it). That measured the
-kernel's timers, not the receivers. The node sets TCP_NODELAY on its accepted sockets itself.
+Both dcmtk processes run with `TCP_NODELAY=1` in their environment. Debian's dcmtk leaves Nagle's
+algorithm on unless that variable says otherwise, and then each exchange of small PDUs (the C-STORE
+command, the C-STORE response) waits for the peer's delayed ACK: storescp took 13.7 s for this
+series that way (docs/benchmarks.md, the earlier "node 3x faster than storescp"), about 0.5 s with
+the variable set. That measured the kernel's ACK timer, not the receivers. The node turns Nagle off
+on the sockets it accepts (dicom_node/network/connection.py).
 
-Prints each run, then the medians as instances/s and MB/s and the ratio node/storescp throughput
-(goal >= 0.5). The node runs as a real `dicom-node serve` process with a quiet period long enough
+Prints each run, then the medians as instances/s and MB/s, the receiving process's CPU seconds
+(user + system, from /proc: steadier than wall time on a shared machine) and the ratio node/storescp
+throughput (goal >= 0.5). The node runs as a real `dicom-node serve` process with a quiet period long enough
 that no job starts while measuring; storescp runs with its default options (`-od DIR`).
 """
 
@@ -44,6 +45,12 @@ def phantom_files(data: Path, n_slices: int, size: int) -> list[Path]:
 
     study = phantom.generate_study(1, phantom.PhantomConfig(rows=size, cols=size, n_slices=n_slices))
     return sorted(phantom.write_study(study, data))
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def storescu(port: int, aet: str, files: list[Path]) -> float:
@@ -80,11 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     mb = sum(f.stat().st_size for f in files) / 1e6
     node_t: list[float] = []
     scp_t: list[float] = []
+    node_cpu: list[float] = []
+    scp_cpu: list[float] = []
     for rep in range(args.repeats):
         work = Path(tempfile.mkdtemp(prefix="recv_bench_"))
         proc, port = start_node(work)
         try:
+            c0 = cpu_s(proc.pid)
             node_t.append(storescu(port, "PENODE", files))
+            node_cpu.append(cpu_s(proc.pid) - c0)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -95,16 +106,22 @@ def main(argv: list[str] | None = None) -> int:
         scp_dir = Path(tempfile.mkdtemp(prefix="scp_bench_"))
         peer = StoreScpPeer(scp_dir, env=NO_NAGLE).start()
         try:
+            assert peer.proc is not None
+            c0 = cpu_s(peer.proc.pid)
             scp_t.append(storescu(peer.port, peer.aet, files))
+            scp_cpu.append(cpu_s(peer.proc.pid) - c0)
         finally:
             peer.stop()
             shutil.rmtree(scp_dir, ignore_errors=True)
-        print(f"run {rep + 1}: node {node_t[-1]:.2f} s, storescp {scp_t[-1]:.2f} s", flush=True)
+        print(f"run {rep + 1}: node {node_t[-1]:.2f} s ({node_cpu[-1]:.2f} s CPU), storescp {scp_t[-1]:.2f} s "
+              f"({scp_cpu[-1]:.2f} s CPU), load average {os.getloadavg()[0]:.1f}", flush=True)
     tn, ts = statistics.median(node_t), statistics.median(scp_t)
     print(f"series: {len(files)} instances, {mb:.0f} MB ({args.size}x{args.size}, uncompressed); "
           f"both dcmtk sides with TCP_NODELAY=1; load average {os.getloadavg()[0]:.1f}")
-    print(f"node (fsync + rename + SQLite row, synchronous=FULL): {tn:.2f} s  {len(files) / tn:.0f} inst/s  {mb / tn:.0f} MB/s")
-    print(f"dcmtk storescp (default options, no fsync):           {ts:.2f} s  {len(files) / ts:.0f} inst/s  {mb / ts:.0f} MB/s")
+    print(f"node (fsync + rename + SQLite row, synchronous=FULL): {tn:.2f} s  {len(files) / tn:.0f} inst/s  {mb / tn:.0f} MB/s"
+          f"  receiver CPU {statistics.median(node_cpu):.2f} s")
+    print(f"dcmtk storescp (default options, no fsync):           {ts:.2f} s  {len(files) / ts:.0f} inst/s  {mb / ts:.0f} MB/s"
+          f"  receiver CPU {statistics.median(scp_cpu):.2f} s")
     print(f"ratio node/storescp throughput: {ts / tn:.2f} (goal >= 0.5)")
     return 0
 

@@ -15,7 +15,7 @@ header, and refuses what a reader of the spooled file would choke on:
   deeper than 32 levels;
 * a Deflated Explicit VR data set that inflates to more than `max_bytes` (inflated in 1 MiB steps
   into a scratch file beside the received one, never into memory, and stopped at the limit), does
-  not end its deflate stream, or has bytes after it.
+  not end its deflate stream, or has more than 8 bytes after it.
 
 It returns the handful of top-level values the receiver needs (UIDs, the patient identifier the
 series is bound to, the image geometry that says how long native pixel data must be) as a frozen
@@ -55,6 +55,9 @@ _WANTED = {0x00080005: "charset", 0x00080016: "sop_class_uid", 0x00080018: "sop_
            0x00280011: "columns", 0x00280100: "bits_allocated"}
 _MAX_VALUE = 1024  # longest value read for a wanted element (UIDs are <= 64 bytes; longer ones are refused later)
 _INFLATE_STEP = 1 << 20
+#: bytes tolerated after a deflate stream: the pad byte to an even length (PS3.5 A.5) or the 8-byte
+#: CRC32 + size trailer some writers copy from gzip (pydicom's own image_dfl.dcm has one); readers ignore both
+_DEFLATE_TRAILER = 8
 _U16 = struct.Struct("<HH")
 _U16_1 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -284,8 +287,10 @@ def _inflate(buf: mmap.mmap, start: int, scratch: Path, max_bytes: int) -> None:
                 break
     if not d.eof:
         raise DatasetRefused("cannot_understand", "the Deflated data set's deflate stream is truncated")
-    if d.unused_data or pos < len(buf):
-        raise DatasetRefused("cannot_understand", "bytes after the end of the Deflated data set's deflate stream")
+    trailing = len(d.unused_data) + max(0, len(buf) - pos)
+    if trailing > _DEFLATE_TRAILER:
+        raise DatasetRefused("cannot_understand", f"{trailing} bytes after the end of the Deflated data set's "
+                             "deflate stream")
 
 
 def _walk_file(path: Path, start: int | None, explicit: bool) -> tuple[_Walker, int]:

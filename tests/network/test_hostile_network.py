@@ -20,6 +20,7 @@ import random
 import socket
 import ssl
 import struct
+import subprocess
 import time
 import zlib
 from collections.abc import Callable
@@ -456,6 +457,10 @@ def test_a_good_study_is_analysed_after_the_corpus(hostile, orthanc, tmp_path):
     tags = orthanc.wait_for_instances(lambda t: any(x.get("Modality") == "OT" and x.get("StudyInstanceUID") == series
                                                     for x in t), timeout=60)
     assert any(x.get("StudyInstanceUID") == series for x in tags)
+    spooled = sorted((hostile.node.workdir / "data" / "spool").rglob("*.dcm"))
+    assert len(spooled) == 9  # the instance stored at start and this study: nothing any case sent
+    r = subprocess.run(["/usr/bin/dcmdump", "-q", *map(str, spooled)], capture_output=True, text=True)
+    assert r.returncode == 0 and "E:" not in r.stderr + r.stdout, r.stderr  # every acknowledged file reads
 
 
 # --- TLS: the handshake runs in the connection's thread, within a deadline -------------------------
