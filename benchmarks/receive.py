@@ -63,14 +63,14 @@ def storescu(port: int, aet: str, files: list[Path]) -> float:
     return dt
 
 
-def start_node(workdir: Path) -> tuple[subprocess.Popen, int]:
+def start_node(workdir: Path, repo: Path = REPO, python: str = sys.executable) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cfg = workdir / "node.toml"
     cfg.write_text(f'ae_title = "PENODE"\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{workdir / "data"}"\n'
                    f'quiet_period_s = 3600.0\nmin_free_disk_mb = 0\n[log]\nlevel = "WARNING"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen([python, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo,
+                            env={**os.environ, "PYTHONPATH": str(repo), "PYTHONDONTWRITEBYTECODE": "1"})
     wait_for_port(port, proc=proc, timeout=60)
     return proc, port
 
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5, help="alternating runs per receiver; the median is reported")
+    ap.add_argument("--baseline-repo", type=Path, default=None,
+                    help="also run the node of this checkout (with its .venv), alternating, e.g. the main branch")
     args = ap.parse_args(argv)
     files = phantom_files(args.data, args.slices, args.size)
     mb = sum(f.stat().st_size for f in files) / 1e6
@@ -89,20 +91,28 @@ def main(argv: list[str] | None = None) -> int:
     scp_t: list[float] = []
     node_cpu: list[float] = []
     scp_cpu: list[float] = []
-    for rep in range(args.repeats):
+    base_t: list[float] = []
+    base_cpu: list[float] = []
+
+    def run_node(repo: Path, python: str, times: list[float], cpus: list[float]) -> None:
         work = Path(tempfile.mkdtemp(prefix="recv_bench_"))
-        proc, port = start_node(work)
+        proc, port = start_node(work, repo, python)
         try:
             c0 = cpu_s(proc.pid)
-            node_t.append(storescu(port, "PENODE", files))
-            node_cpu.append(cpu_s(proc.pid) - c0)
+            times.append(storescu(port, "PENODE", files))
+            cpus.append(cpu_s(proc.pid) - c0)
         finally:
             proc.terminate()
             proc.wait(30)
         n_spooled = len(list((work / "data" / "spool").rglob("*.dcm")))
         shutil.rmtree(work, ignore_errors=True)
         if n_spooled != len(files):
-            raise RuntimeError(f"node spooled {n_spooled} of {len(files)} instances")
+            raise RuntimeError(f"node of {repo} spooled {n_spooled} of {len(files)} instances")
+
+    for rep in range(args.repeats):
+        run_node(REPO, sys.executable, node_t, node_cpu)
+        if args.baseline_repo:
+            run_node(args.baseline_repo, str(args.baseline_repo / ".venv" / "bin" / "python"), base_t, base_cpu)
         scp_dir = Path(tempfile.mkdtemp(prefix="scp_bench_"))
         peer = StoreScpPeer(scp_dir, env=NO_NAGLE).start()
         try:
@@ -113,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             peer.stop()
             shutil.rmtree(scp_dir, ignore_errors=True)
-        print(f"run {rep + 1}: node {node_t[-1]:.2f} s ({node_cpu[-1]:.2f} s CPU), storescp {scp_t[-1]:.2f} s "
+        base = f", baseline node {base_t[-1]:.2f} s ({base_cpu[-1]:.2f} s CPU)" if base_t else ""
+        print(f"run {rep + 1}: node {node_t[-1]:.2f} s ({node_cpu[-1]:.2f} s CPU){base}, storescp {scp_t[-1]:.2f} s "
               f"({scp_cpu[-1]:.2f} s CPU), load average {os.getloadavg()[0]:.1f}", flush=True)
     tn, ts = statistics.median(node_t), statistics.median(scp_t)
     print(f"series: {len(files)} instances, {mb:.0f} MB ({args.size}x{args.size}, uncompressed); "
@@ -122,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
           f"  receiver CPU {statistics.median(node_cpu):.2f} s")
     print(f"dcmtk storescp (default options, no fsync):           {ts:.2f} s  {len(files) / ts:.0f} inst/s  {mb / ts:.0f} MB/s"
           f"  receiver CPU {statistics.median(scp_cpu):.2f} s")
+    if base_t:
+        tb = statistics.median(base_t)
+        print(f"baseline node ({args.baseline_repo}):  {tb:.2f} s  {len(files) / tb:.0f} inst/s  {mb / tb:.0f} MB/s"
+              f"  receiver CPU {statistics.median(base_cpu):.2f} s; ratio baseline/storescp {ts / tb:.2f}")
     print(f"ratio node/storescp throughput: {ts / tn:.2f} (goal >= 0.5)")
     return 0
 
