@@ -155,6 +155,7 @@ class GuardedSocket(AssociationSocket):
     _body: tuple[int, int] | None  # (type, length) of the PDU whose header was read last
     _refused: str | None
     _dataset_bytes: int
+    _pdu_deadline: float  # monotonic time by which the PDU being read must be complete
 
     @classmethod
     def adopt(cls, plain: AssociationSocket, *, prefix: bytes, guard: GuardedServer, peer: str) -> GuardedSocket:
@@ -162,7 +163,7 @@ class GuardedSocket(AssociationSocket):
         s = cls.__new__(cls)
         s.__dict__.update(plain.__dict__)
         s._prefix, s._limits, s._guard, s._peer = bytearray(prefix), guard.limits, guard, peer
-        s._body, s._refused, s._dataset_bytes, s._wake = None, None, 0, None
+        s._body, s._refused, s._dataset_bytes, s._wake, s._pdu_deadline = None, None, 0, None, 0.0
         return s
 
     _wake: tuple[socket.socket, socket.socket] | None  # (read end, write end), see _quicken
@@ -226,30 +227,29 @@ class GuardedSocket(AssociationSocket):
         return buf
 
     def recv(self, nr_bytes: int) -> bytearray:
-        deadline = time.monotonic() + self._limits.pdu_s
         if self._refused:
             return bytearray()
-        if self._body is None:  # a PDU header
-            head = self._read(nr_bytes, deadline)
+        if self._body is None:  # a PDU header: the whole PDU must follow within pdu_s of it
+            self._pdu_deadline = time.monotonic() + self._limits.pdu_s
+            head = self._read(nr_bytes, self._pdu_deadline)
             if nr_bytes == 6 and len(head) == 6:
                 pdu_type, _, length = _HEADER.unpack(head)
-                self._body = (pdu_type, length)
-                self._check_header(pdu_type, length)
+                if pdu_type in _PDU_NAMES:  # pynetdicom reads no body after an unknown type
+                    self._body = (pdu_type, length)
+                    self._check_header(pdu_type, length)
             return head
         pdu_type, length = self._body
         self._body = None
         if self._refused:  # the header was refused: do not read the body
             return bytearray()
-        body = self._read(nr_bytes, deadline)
+        body = self._read(nr_bytes, self._pdu_deadline)
         if pdu_type == 4 and len(body) == nr_bytes:
             self._count_dataset(body)
         return bytearray() if self._refused else body
 
     def _check_header(self, pdu_type: int, length: int) -> None:
         lim = self._limits
-        name = _PDU_NAMES.get(pdu_type)
-        if name is None:
-            return  # pynetdicom answers an unknown PDU type itself, without reading a body
+        name = _PDU_NAMES[pdu_type]
         if pdu_type == 4:
             if lim.max_pdu and length > lim.max_pdu:
                 self._refuse(f"P-DATA-TF of {length} bytes is longer than the maximum PDU {lim.max_pdu} the node "

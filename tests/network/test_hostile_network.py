@@ -41,6 +41,7 @@ from peers import ORTHANC_BIN, OrthancPeer
 pytestmark = [pytest.mark.dcmtk, pytest.mark.skipif(ORTHANC_BIN is None, reason="Orthanc not installed")]
 
 ASSOCIATE_S = 1.5  # timeouts.associate_s of the nodes under attack
+NETWORK_S = 3.0  # timeouts.network_s: idle associations and slow PDUs
 MAX_INSTANCE_MB = 8
 MAX_ASSOCIATIONS = 4
 PER_ADDRESS = 24
@@ -203,7 +204,8 @@ def _start(work: Path, outside: Path, **cfg) -> NodeProcess:
         (outside / d).mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     node = NodeProcess(work, cwd=outside / "cwd", env={"TMPDIR": str(outside / "tmp"), "HOME": str(outside / "home")},
-                       **{"timeouts.associate_s": ASSOCIATE_S, "max_instance_mb": MAX_INSTANCE_MB,
+                       **{"timeouts.associate_s": ASSOCIATE_S, "timeouts.network_s": NETWORK_S,
+                          "max_instance_mb": MAX_INSTANCE_MB,
                           "max_associations": MAX_ASSOCIATIONS, "max_connections_per_address": PER_ADDRESS, **cfg})
     return node.start()
 
@@ -338,6 +340,24 @@ def pdata_claims_1_gib(h: Hostile) -> None:
     s.close()
 
 
+def pdata_slow_drip(h: Hostile) -> None:
+    s = _associated(h)
+    s.sendall(struct.pack(">BBL", 4, 0, 1000))
+    t0 = time.monotonic()
+    # one byte every 0.5 s: each arrives in time, the PDU never does; the PDU deadline (or pynetdicom's
+    # idle timer, whichever fires first: both are timeouts.network_s) ends the association
+    for _ in range(int(NETWORK_S * 2) + 4):
+        try:
+            s.sendall(b"\0")
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        if closed_by_node(s, 0.5):
+            break
+    elapsed = time.monotonic() - t0
+    s.close()
+    assert elapsed < NETWORK_S + 2, f"a PDU trickling in was held {elapsed:.1f} s"
+
+
 def _rejected_for_ae(h: Hostile, rq: bytes, reason: int) -> None:
     s = connect(h.port)
     s.sendall(rq)
@@ -413,6 +433,7 @@ CORPUS = (
     HostileCase("per-address-cap", f"{PER_ADDRESS + 1} connections from one address", per_address_cap),
     HostileCase("associate-rq-4gib", "an A-ASSOCIATE-RQ claiming 0xFFFFFFF0 bytes", associate_rq_claims_4_gib),
     HostileCase("pdata-1gib", "a P-DATA-TF claiming 1 GiB on a 256 KiB maximum PDU", pdata_claims_1_gib),
+    HostileCase("pdata-slow-drip", "a P-DATA-TF trickling in one byte every 0.5 s", pdata_slow_drip),
     HostileCase("calling-ae-tab", "a calling AE title with a trailing tab", calling_ae_trailing_tab),
     HostileCase("called-ae-escape", "a called AE title with an ESC byte", called_ae_control_character),
     HostileCase("deflate-bomb", "a Deflated instance of ~33 KB inflating to 32 MiB", deflate_bomb),
