@@ -68,7 +68,12 @@ def setup(device: str = "auto") -> DistContext:
 
 
 def teardown(ctx: DistContext) -> None:
+    """Leave the process group together: rank 0 hosts the rendezvous store and often finishes last (it writes the
+    checkpoints), so a rank that destroyed its group and exited while another was still talking to the store or
+    to its gloo peers made that peer's transport thread abort the process (SIGABRT, seen in CI). A barrier first
+    lets every rank finish its work; only then does each one leave."""
     if ctx.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

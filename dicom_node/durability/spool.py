@@ -6,11 +6,14 @@ Layout under the data folder::
     outbox/<job id>/<SOPInstanceUID>.dcm                                   results waiting for delivery
     incoming/                                                              data sets being received
 
+Folders are created 0700 (spool/, outbox/ and incoming/ made so at start) and files 0600
+(`tempfile.mkstemp`, pynetdicom's `NamedTemporaryFile`): they hold patient data.
+
 A file is visible under its final name only once its bytes are on disk (`durable_write`, or
-`adopt` for a data set the SCP streamed into `incoming/`: fsync, rename, folder fsync), so a crash
-at any moment leaves either the complete file or nothing (plus a stray `.tmp-*` file or a file in
-`incoming/` that `sweep_temp_files` removes at start). Folders created for a new study or series
-are made durable in their parent before the first file in them counts.
+`adopt` for a data set the SCP streamed into `incoming/`: rename, then fsync of file and folder), so
+a crash at any moment leaves either the complete file or nothing (plus a stray `.tmp-*` file or a
+file in `incoming/` that `sweep_temp_files` removes at start). Folders created for a new study or
+series are made durable in their parent before the first file in them counts.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def make_dirs(path: Path) -> None:
         return
     make_dirs(path.parent)
     try:
-        path.mkdir()
+        path.mkdir(mode=0o700)
     except FileExistsError:
         return
     fsync_dir(path.parent)
@@ -106,7 +109,10 @@ class Spool:
         self.min_free_disk_mb = min_free_disk_mb
         self._fsync_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-fsync")
         for d in (self.root, self.spool_dir, self.outbox_dir, self.incoming_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for d in (self.spool_dir, self.outbox_dir):  # folders of an older node were 0755: patient data, owner only
+            if d.stat().st_mode & 0o077 and d.stat().st_uid == os.geteuid():
+                d.chmod(0o700)
 
     # --- instances --------------------------------------------------------------------------------
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:

@@ -18,7 +18,7 @@ def run_node(tmp_path, storescp, make_node):
     """A node delivering to dcmtk storescp that has received and delivered one 20-slice series."""
 
     def run(**overrides) -> Node:
-        node = make_node([f"STORESCP@127.0.0.1:{storescp.port}"], quiet_period_s=0.4, **overrides)
+        node = make_node([f"STORESCP@127.0.0.1:{storescp.port}"], quiet_period_s=1.5, **overrides)
         files = phantom_series(tmp_path / "in", n_slices=20)
         r = storescu(node.port, files)
         assert r.returncode == 0 and "E:" not in r.stderr, r.stderr

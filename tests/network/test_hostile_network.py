@@ -35,8 +35,9 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
-from nodekit import NodeProcess, phantom_series, storescu, tls_files, wait_until
+from nodekit import NodeProcess, phantom_series, storescu, wait_until
 from peers import ORTHANC_BIN, OrthancPeer
+from pki import self_signed
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.skipif(ORTHANC_BIN is None, reason="Orthanc not installed")]
 
@@ -489,7 +490,7 @@ def test_a_good_study_is_analysed_after_the_corpus(hostile, orthanc, tmp_path):
 def tls_node(tmp_path_factory):
     pytest.importorskip("cryptography")
     work = tmp_path_factory.mktemp("hostile-tls")
-    paths, ca = tls_files(work)
+    paths, ca = self_signed(work / "pki")
     node = _start(work / "node", work / "outside", **{"tls.enabled": True, "tls.cert": paths["server"][0],
                                                       "tls.key": paths["server"][1], "tls.ca": ca,
                                                       "tls.verify_client": True})

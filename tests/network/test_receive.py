@@ -16,7 +16,8 @@ from dicom_node.config import load_config
 from dicom_node.durability.state import State
 from dicom_node.engine.node import Node
 from dicom_node.log import configure_logging
-from nodekit import phantom_series, sc_job, storescu, tls_files
+from nodekit import phantom_series, sc_job, storescu
+from pki import self_signed
 
 pytestmark = pytest.mark.dcmtk
 
@@ -160,7 +161,7 @@ def test_other_storage_rejected_when_configured(make_node, tmp_path):
 
 def test_tls_association_with_client_certificate(make_node, tmp_path):
     pytest.importorskip("cryptography")
-    paths, ca = tls_files(tmp_path)
+    paths, ca = self_signed(tmp_path)
     node = make_node(**{"tls.enabled": True, "tls.cert": paths["server"][0], "tls.key": paths["server"][1],
                         "tls.ca": ca, "tls.verify_client": True})
     files = phantom_series(tmp_path / "in", n_slices=8)
@@ -183,7 +184,7 @@ def test_tls_association_with_client_certificate(make_node, tmp_path):
 
 def test_storescu_without_tls_cannot_store_on_tls_port(make_node, tmp_path):
     pytest.importorskip("cryptography")
-    paths, ca = tls_files(tmp_path)
+    paths, ca = self_signed(tmp_path)
     node = make_node(**{"tls.enabled": True, "tls.cert": paths["server"][0], "tls.key": paths["server"][1]})
     files = phantom_series(tmp_path / "in", n_slices=8)
     r = storescu(node.port, files[:1], timeout=60)

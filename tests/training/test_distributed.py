@@ -58,7 +58,9 @@ def _write_run(run: Path) -> None:
 
 def _ddp_worker(rank: int, run: str, port: int, study_label_weight: float) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      # gloo otherwise picks its interface from the hostname, which a CI container may not resolve
+                      GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
     from dicom_node_training.distributed import setup, teardown
     from dicom_node_training.phase1 import train_phase1
