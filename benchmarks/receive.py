@@ -1,10 +1,20 @@
-"""Receive throughput: dcmtk storescu -> the node (fsync + rename + SQLite row per instance) versus
-dcmtk storescp (plain write, no fsync), same 300-slice 512x512 phantom series, same run.
+"""Receive throughput, measured fairly: dcmtk storescu -> the node (fsync + rename + SQLite row per
+instance before each acknowledgement) versus dcmtk storescp (plain write, no fsync), the same
+300-slice 512x512 phantom series, alternating runs in one call.
 
-    .venv/bin/python benchmarks/receive.py [--data DIR] [--repeats 3]
+    .venv/bin/python benchmarks/receive.py [--data DIR] [--repeats 5]
 
-Prints instances/s and MB/s for both and the ratio node/storescp (goal >= 1.0). The node runs as a
-real `dicom-node serve` process with a quiet period long enough that no job starts while measuring.
+Both dcmtk processes run with `TCP_NODELAY=1` in their environment. Debian's dcmtk leaves Nagle's
+algorithm on unless that variable says otherwise, and then each exchange of small PDUs (the C-STORE
+command, the C-STORE response) waits for the peer's delayed ACK: storescp took 13.7 s for this
+series that way (docs/benchmarks.md, the earlier "node 3x faster than storescp"), about 0.5 s with
+the variable set. That measured the kernel's ACK timer, not the receivers. The node turns Nagle off
+on the sockets it accepts (dicom_node/network/connection.py).
+
+Prints each run, then the medians as instances/s and MB/s, the receiving process's CPU seconds
+(user + system, from /proc: steadier than wall time on a shared machine) and the ratio node/storescp
+throughput (goal >= 0.5). The node runs as a real `dicom-node serve` process with a quiet period long enough
+that no job starts while measuring; storescp runs with its default options (`-od DIR`).
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from peers import StoreScpPeer, free_port, wait_for_port  # noqa: E402
 
+NO_NAGLE = {**os.environ, "TCP_NODELAY": "1"}
+
 
 def phantom_files(data: Path, n_slices: int, size: int) -> list[Path]:
     files = sorted(data.rglob("*.dcm"))
@@ -35,64 +47,97 @@ def phantom_files(data: Path, n_slices: int, size: int) -> list[Path]:
     return sorted(phantom.write_study(study, data))
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def storescu(port: int, aet: str, files: list[Path]) -> float:
     t0 = time.perf_counter()
     r = subprocess.run(["/usr/bin/storescu", "-aec", aet, "127.0.0.1", str(port), *map(str, files)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=NO_NAGLE)
     dt = time.perf_counter() - t0
     if r.returncode != 0 or "E:" in r.stderr:
         raise RuntimeError(f"storescu to {aet} failed: {r.stderr[-500:]}")
     return dt
 
 
-def start_node(workdir: Path) -> tuple[subprocess.Popen, int]:
+def start_node(workdir: Path, repo: Path = REPO, python: str = sys.executable) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cfg = workdir / "node.toml"
     cfg.write_text(f'ae_title = "PENODE"\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{workdir / "data"}"\n'
                    f'quiet_period_s = 3600.0\nmin_free_disk_mb = 0\n[log]\nlevel = "WARNING"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen([python, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo,
+                            env={**os.environ, "PYTHONPATH": str(repo), "PYTHONDONTWRITEBYTECODE": "1"})
     wait_for_port(port, proc=proc, timeout=60)
     return proc, port
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "receive_bench_series",
                     help="folder for the phantom series (reused when it holds the right number of files)")
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=3, help="alternating runs per receiver; the median is reported")
+    ap.add_argument("--repeats", type=int, default=5, help="alternating runs per receiver; the median is reported")
+    ap.add_argument("--baseline-repo", type=Path, default=None,
+                    help="also run the node of this checkout (with its .venv), alternating, e.g. the main branch")
     args = ap.parse_args(argv)
     files = phantom_files(args.data, args.slices, args.size)
     mb = sum(f.stat().st_size for f in files) / 1e6
-    node_t, scp_t = [], []
-    for rep in range(args.repeats):
+    node_t: list[float] = []
+    scp_t: list[float] = []
+    node_cpu: list[float] = []
+    scp_cpu: list[float] = []
+    base_t: list[float] = []
+    base_cpu: list[float] = []
+
+    def run_node(repo: Path, python: str, times: list[float], cpus: list[float]) -> None:
         work = Path(tempfile.mkdtemp(prefix="recv_bench_"))
-        proc, port = start_node(work)
+        proc, port = start_node(work, repo, python)
         try:
-            node_t.append(storescu(port, "PENODE", files))
+            c0 = cpu_s(proc.pid)
+            times.append(storescu(port, "PENODE", files))
+            cpus.append(cpu_s(proc.pid) - c0)
         finally:
             proc.terminate()
             proc.wait(30)
         n_spooled = len(list((work / "data" / "spool").rglob("*.dcm")))
         shutil.rmtree(work, ignore_errors=True)
         if n_spooled != len(files):
-            raise RuntimeError(f"node spooled {n_spooled} of {len(files)} instances")
+            raise RuntimeError(f"node of {repo} spooled {n_spooled} of {len(files)} instances")
+
+    for rep in range(args.repeats):
+        run_node(REPO, sys.executable, node_t, node_cpu)
+        if args.baseline_repo:
+            run_node(args.baseline_repo, str(args.baseline_repo / ".venv" / "bin" / "python"), base_t, base_cpu)
         scp_dir = Path(tempfile.mkdtemp(prefix="scp_bench_"))
-        peer = StoreScpPeer(scp_dir).start()
+        peer = StoreScpPeer(scp_dir, env=NO_NAGLE).start()
         try:
+            assert peer.proc is not None
+            c0 = cpu_s(peer.proc.pid)
             scp_t.append(storescu(peer.port, peer.aet, files))
+            scp_cpu.append(cpu_s(peer.proc.pid) - c0)
         finally:
             peer.stop()
             shutil.rmtree(scp_dir, ignore_errors=True)
-        print(f"run {rep + 1}: node {node_t[-1]:.2f} s, storescp {scp_t[-1]:.2f} s", flush=True)
+        base = f", baseline node {base_t[-1]:.2f} s ({base_cpu[-1]:.2f} s CPU)" if base_t else ""
+        print(f"run {rep + 1}: node {node_t[-1]:.2f} s ({node_cpu[-1]:.2f} s CPU){base}, storescp {scp_t[-1]:.2f} s "
+              f"({scp_cpu[-1]:.2f} s CPU), load average {os.getloadavg()[0]:.1f}", flush=True)
     tn, ts = statistics.median(node_t), statistics.median(scp_t)
-    print(f"series: {len(files)} instances, {mb:.0f} MB ({args.size}x{args.size}, uncompressed)")
-    print(f"node (fsync + rename + SQLite row, synchronous=FULL): {tn:.2f} s  {len(files) / tn:.0f} inst/s  {mb / tn:.0f} MB/s")
-    print(f"dcmtk storescp (default options, no fsync):           {ts:.2f} s  {len(files) / ts:.0f} inst/s  {mb / ts:.0f} MB/s")
-    print(f"ratio node/storescp throughput: {ts / tn:.2f} (goal >= 1.0)")
+    print(f"series: {len(files)} instances, {mb:.0f} MB ({args.size}x{args.size}, uncompressed); "
+          f"both dcmtk sides with TCP_NODELAY=1; load average {os.getloadavg()[0]:.1f}")
+    print(f"node (fsync + rename + SQLite row, synchronous=FULL): {tn:.2f} s  {len(files) / tn:.0f} inst/s  {mb / tn:.0f} MB/s"
+          f"  receiver CPU {statistics.median(node_cpu):.2f} s")
+    print(f"dcmtk storescp (default options, no fsync):           {ts:.2f} s  {len(files) / ts:.0f} inst/s  {mb / ts:.0f} MB/s"
+          f"  receiver CPU {statistics.median(scp_cpu):.2f} s")
+    if base_t:
+        tb = statistics.median(base_t)
+        print(f"baseline node ({args.baseline_repo}):  {tb:.2f} s  {len(files) / tb:.0f} inst/s  {mb / tb:.0f} MB/s"
+              f"  receiver CPU {statistics.median(base_cpu):.2f} s; ratio baseline/storescp {ts / tb:.2f}")
+    print(f"ratio node/storescp throughput: {ts / tn:.2f} (goal >= 0.5)")
     return 0
 
 

@@ -87,7 +87,8 @@ def _check_destination(d: Destination, key: str) -> None:
 class TimeoutConfig:
     acse_s: float = field(default=30.0, metadata=_doc("Seconds to wait for association negotiation/release messages"))
     dimse_s: float = field(default=60.0, metadata=_doc("Seconds to wait for a DIMSE message (e.g. a C-STORE response)"))
-    network_s: float = field(default=60.0, metadata=_doc("Seconds an idle association is kept open before it is aborted"))
+    network_s: float = field(default=60.0, metadata=_doc("Seconds an idle association is kept open before it is aborted; also the most one PDU may take to arrive"))
+    associate_s: float = field(default=10.0, metadata=_doc("Seconds from accepting a connection to its complete A-ASSOCIATE-RQ, TLS handshake included; a slower connection is closed"))
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,9 @@ class Config:
     require_called_aet: bool = field(default=True, metadata=_doc("Reject associations whose called AE title is not `ae_title`"))
     accept_other_storage: str = field(default="ignore", metadata=_doc("Other storage SOP classes: `ignore` (accept, answer success, discard) or `reject` (no presentation context)"))
     max_associations: int = field(default=10, metadata=_doc("Simultaneous associations accepted"))
-    max_pdu: int = field(default=262144, metadata=_doc("Maximum PDU size received (0 = unlimited)"))
+    max_pdu: int = field(default=262144, metadata=_doc("Maximum PDU size received (0 = unlimited); a longer P-DATA-TF aborts the association"))
+    max_connections_per_address: int = field(default=32, metadata=_doc("Connections open at once from one IP address, negotiated or not; more are closed at once (keep above the parallel associations one sender opens)"))
+    max_instance_mb: int = field(default=512, metadata=_doc("Largest data set of one instance in MiB, as sent and as inflated from Deflated Explicit VR; larger ones are refused"))
     min_free_disk_mb: int = field(default=1024, metadata=_doc("Answer Out of Resources (0xA700) when the spool disk has less free space"))
     send_back_to_sender: bool = field(default=False, metadata=_doc("Also send results to the calling AE when it is listed in [[peers]]"))
     destinations: tuple[Destination, ...] = field(default=(), metadata=_doc("[[destinations]] results are sent to: ae_title, host, port, tls"))
@@ -391,7 +394,9 @@ def _validate(c: Config) -> None:
     for i, a in enumerate(c.allowed_calling_aets):
         ae = a.split("@", 1)[0]
         need(bool(_AE_RE.match(ae)) and ("@" not in a or bool(a.split("@", 1)[1])), f"allowed_calling_aets[{i}]", a, "AET or AET@host")
-    for k in ("acse_s", "dimse_s", "network_s"):
+    need(1 <= c.max_connections_per_address <= 10000, "max_connections_per_address", c.max_connections_per_address, "1-10000")
+    need(1 <= c.max_instance_mb <= 65536, "max_instance_mb", c.max_instance_mb, "1-65536 MiB")
+    for k in ("acse_s", "dimse_s", "network_s", "associate_s"):
         v = getattr(c.timeouts, k)
         need(v > 0, f"timeouts.{k}", v, "a number of seconds > 0")
     if c.tls.enabled or any(d.tls for d in c.destinations):

@@ -232,6 +232,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"dicom-node serve: {e}", file=sys.stderr)
         return 2
     import signal
+    import tempfile
+
+    # pynetdicom streams each received data set into tempfile.gettempdir(): in the data folder it is on
+    # the spool's filesystem (adopted by a rename, not a copy) and nothing is written outside data_dir
+    tempfile.tempdir = str(node.spool.incoming_dir)
 
     from dicom_node.config import load_config
 

@@ -4,24 +4,29 @@ Layout under the data folder::
 
     spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   received instances
     outbox/<job id>/<SOPInstanceUID>.dcm                                   results waiting for delivery
+    incoming/                                                              data sets being received
 
-Folders are created 0700 (spool/ and outbox/ made so at start) and files 0600 (`tempfile.mkstemp`):
-they hold patient data.
+Folders are created 0700 (spool/, outbox/ and incoming/ made so at start) and files 0600
+(`tempfile.mkstemp`, pynetdicom's `NamedTemporaryFile`): they hold patient data.
 
-A file is visible under its final name only once its bytes are on disk (`durable_write`), so a
-crash at any moment leaves either the complete file or nothing (plus a stray `.tmp-*` file that
-`sweep_temp_files` removes at start).
+A file is visible under its final name only once its bytes are on disk (`durable_write`, or
+`adopt` for a data set the SCP streamed into `incoming/`: rename, then fsync of file and folder), so
+a crash at any moment leaves either the complete file or nothing (plus a stray `.tmp-*` file or a
+file in `incoming/` that `sweep_temp_files` removes at start). Folders created for a new study or
+series are made durable in their parent before the first file in them counts.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["Spool", "InvalidUid", "validate_uid", "durable_write", "fsync_dir", "DiskFull"]
+__all__ = ["Spool", "InvalidUid", "validate_uid", "durable_write", "fsync_dir", "make_dirs", "DiskFull"]
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _UID_RE_LENIENT = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # leading zeros occur in the wild; still path-safe
@@ -45,6 +50,14 @@ def validate_uid(uid: object, what: str = "UID") -> str:
     return u
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -53,9 +66,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path) -> None:
+    """`mkdir -p path`, each folder it creates fsync'd into its parent (a power cut must not lose the
+    folder of a file that was fsync'd inside it)."""
+    if path.is_dir():
+        return
+    make_dirs(path.parent)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        return
+    fsync_dir(path.parent)
+
+
 def durable_write(dest: Path, data: bytes) -> None:
     """Write `data` to `dest` atomically and durably (temp file in the same folder, fsync, rename, fsync folder)."""
-    dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_dirs(dest.parent)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -79,8 +105,10 @@ class Spool:
         self.root = Path(data_dir)
         self.spool_dir = self.root / "spool"
         self.outbox_dir = self.root / "outbox"
+        self.incoming_dir = self.root / "incoming"
         self.min_free_disk_mb = min_free_disk_mb
-        for d in (self.root, self.spool_dir, self.outbox_dir):
+        self._fsync_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-fsync")
+        for d in (self.root, self.spool_dir, self.outbox_dir, self.incoming_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         for d in (self.spool_dir, self.outbox_dir):  # folders of an older node were 0755: patient data, owner only
             if d.stat().st_mode & 0o077 and d.stat().st_uid == os.geteuid():
@@ -112,6 +140,31 @@ class Spool:
         durable_write(path, data)
         return path
 
+    def adopt(self, study_uid: str, series_uid: str, sop_uid: str, received: Path) -> Path:
+        """Durably move the received Part 10 file `received` into the spool; return its path.
+
+        On the spool's filesystem (the SCP streams into `incoming/` under `dicom-node serve`): rename,
+        then the file's fsync and the folder's fsync at the same time (on a virtual disk each is a
+        cache flush of a millisecond or more; issued together they share one). Renaming before the
+        file's fsync is safe because nothing reads a spooled file before its row is committed, which
+        the caller does only after this returns; a crash in between leaves an unlisted file that the
+        sender's re-send overwrites. Elsewhere: a durable copy. `received` is gone afterwards."""
+        path = self.instance_path(study_uid, series_uid, sop_uid)
+        self.check_space(received.stat().st_size)
+        make_dirs(path.parent)
+        try:
+            os.replace(received, path)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            _durable_copy(received, path)
+            received.unlink(missing_ok=True)
+            return path
+        file_synced = self._fsync_pool.submit(_fsync_file, path)
+        fsync_dir(path.parent)
+        file_synced.result()
+        return path
+
     def delete_series(self, study_uid: str, series_uid: str) -> int:
         d = self.spool_dir / validate_uid(study_uid) / validate_uid(series_uid)
         n = len(list(d.glob("*.dcm"))) if d.is_dir() else 0
@@ -132,10 +185,33 @@ class Spool:
         return path
 
     def sweep_temp_files(self) -> int:
-        """Remove temp files left by a crash mid-write (never acknowledged, never referenced)."""
+        """Remove temp files and data sets left in `incoming/` by a crash mid-write (never acknowledged,
+        never referenced)."""
         n = 0
         for base in (self.spool_dir, self.outbox_dir):
             for p in base.rglob(".tmp-*"):
                 p.unlink(missing_ok=True)
                 n += 1
+        for p in self.incoming_dir.iterdir():
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                n += 1
         return n
+
+
+def _durable_copy(src: Path, dest: Path) -> None:
+    """Copy `src` to `dest` atomically and durably, streaming (a data set may be hundreds of MiB)."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(dest.parent)

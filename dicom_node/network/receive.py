@@ -1,15 +1,26 @@
 """The SCP: association policy from `Config` plus one list of (event, handler); thin handlers.
 
+Connections pass `dicom_node.network.connection` first (per-address cap, TLS handshake and
+A-ASSOCIATE-RQ within a deadline, AE titles checked byte by byte, PDU and data set sizes enforced).
+pynetdicom then streams each C-STORE data set into a Part 10 file in `tempfile.gettempdir()`
+(`STORE_RECV_CHUNKED_DATASET`; `dicom-node serve` points it at the data folder's `incoming/`), so a
+data set is never held in memory and never decoded here: `check_received` walks its element
+headers once (structure, the UIDs, the patient key, the pixel geometry), and the file is fsync'd and
+renamed into the spool as received, compressed or not (the worker decodes it).
+
 A C-STORE is acknowledged with 0x0000 only after the instance is fsync'd and renamed into the
-spool and its row is committed in the state database. Pixel data is never decoded here (the
-encoded bytes are written as received, compressed or not; the worker decodes them).
+spool, the folder fsync'd, and its row committed in the state database.
 
 Failure statuses (each with a `store_refused` log event naming the reason):
 
-* 0xA700 Out of Resources: free disk below `min_free_disk_mb`; 0xA701: the write failed.
-* 0xA900 Data Set does not match SOP Class: no pixel data, or the dataset's SOP Class/Instance UID
-  differs from the C-STORE request.
-* 0xC000 Cannot understand: the dataset cannot be parsed, or a UID is missing or malformed.
+* 0xA700 Out of Resources: free disk below `min_free_disk_mb`, or a Deflated data set inflating
+  past `max_instance_mb`; 0xA701: the write failed.
+* 0xA900 Data Set does not match SOP Class: no pixel data; the dataset's SOP Class/Instance UID
+  differs from the C-STORE request; the request's Affected SOP Class differs from its presentation
+  context's (CT sent on an MR context is refused, not discarded as another storage class).
+* 0xC000 Cannot understand: the data set's structure is broken (an element running past its end,
+  bytes after the data set, implicit VR bytes on an explicit VR context, ...), or a UID is missing
+  or malformed.
 
 A series is one study of one patient: an instance whose StudyInstanceUID or PatientID/Issuer differ
 from its series' first instance is refused 0xA900 (`State.series_conflict`), as is a known SOP
@@ -34,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
+import pynetdicom
 from pydicom import uid as U
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -43,13 +55,13 @@ from dicom_node.config import Config
 from dicom_node.durability.spool import DiskFull, InvalidUid, Spool, validate_uid
 from dicom_node.durability.state import InstanceRow, SeriesConflict, State, patient_key
 from dicom_node.log import get_logger
+from dicom_node.network.connection import ConnectionLimits, GuardedServer
+from dicom_node.network.dataset_check import DatasetRefused, check_received
 from dicom_node.network.tls import server_ssl_context
 
 if TYPE_CHECKING:
-    from pydicom.dataset import Dataset
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.events import Event, EventHandlerType
-    from pynetdicom.transport import ThreadedAssociationServer
 
 __all__ = ["Receiver", "CT_STORAGE_CLASSES", "ACCEPTED_TRANSFER_SYNTAXES", "STATUS",
            "calling_allowed"]
@@ -70,35 +82,14 @@ STATUS = {
     "cannot_understand": 0xC000,
 }
 
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-
-
-def _pixel_problem(ds: Dataset, transfer_syntax: U.UID) -> str | None:
-    """Why the pixel data is unusable (missing or shorter than Rows x Columns x ... says), or None.
-
-    Compressed pixel data is not decoded here; a truncated encapsulated element has no sequence
-    delimiter, which pydicom reports by leaving the element out (so: 'no pixel data')."""
-    if not any(k in ds for k in _PIXEL_KEYWORDS):
-        return "no pixel data (missing or truncated before its end)"
-    if "PixelData" in ds and not transfer_syntax.is_compressed:
-        try:
-            expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
-                        * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated)) // 8
-        except (AttributeError, TypeError, ValueError):
-            return "pixel data without Rows/Columns/BitsAllocated"
-        got = len(ds.PixelData)
-        if got < expected:
-            return f"pixel data truncated ({got} of {expected} bytes)"
-    return None
-
-
 def calling_allowed(allowed: tuple[str, ...], calling_aet: str, host: str) -> bool:
     """True when `calling_aet` from `host` matches an `AET` or `AET@host` entry (empty list = anyone)."""
     if not allowed:
         return True
     for entry in allowed:
         aet, _, want_host = entry.partition("@")
-        if aet.strip() == calling_aet.strip() and (not want_host or want_host == host):
+        # spaces are AE title padding (PS3.5 6.2); control characters never reach here (connection.py)
+        if aet.strip(" ") == calling_aet.strip(" ") and (not want_host or want_host == host):
             return True
     return False
 
@@ -121,7 +112,7 @@ class Receiver:
         self.state = state
         self.counters = _Counters(on_stored, on_refused)
         self.log = get_logger("dicom_node.network.receive")
-        self.server: ThreadedAssociationServer | None = None
+        self.server: GuardedServer | None = None
         # duplicates per association (the pynetdicom Association object) and series: counted, logged at its end
         self._duplicates: dict[object, dict[str, int]] = {}
         self._duplicates_lock = threading.Lock()
@@ -157,10 +148,23 @@ class Receiver:
             (evt.EVT_C_STORE, self._on_store),
         ]
 
-    def start(self) -> ThreadedAssociationServer | None:
+    def start(self) -> GuardedServer:
+        # process-wide pynetdicom switches: C-STORE data sets go to a file as they arrive, not to memory;
+        # and its per-PDU and per-message log handlers (INFO/DEBUG lines, formatted before the level is
+        # checked: ~5 % of the receive CPU) are bound only when the node logs at DEBUG, the one level
+        # that shows them (dicom_node.log). `pynetdicom._config` is pynetdicom's documented settings
+        # module ("Configuration Options"), underscore and all.
+        settings = pynetdicom._config
+        settings.STORE_RECV_CHUNKED_DATASET = True
+        settings.LOG_HANDLER_LEVEL = "standard" if self.config.log.level.upper() == "DEBUG" else "none"
         ae = self.build_ae()
-        self.server = ae.start_server((self.config.host, self.config.port), block=False,
-                                      evt_handlers=self.handlers(), ssl_context=server_ssl_context(self.config))
+        server = ae.make_server((self.config.host, self.config.port), evt_handlers=self.handlers(),
+                                server_class=GuardedServer, limits=ConnectionLimits.from_config(self.config),
+                                tls=server_ssl_context(self.config), on_refused=self.counters.on_refused)
+        assert isinstance(server, GuardedServer)
+        threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
+        ae._servers.append(server)  # as AE.start_server does: the server's shutdown() removes itself there
+        self.server = server
         self.log.info("scp_listening", ae_title=self.config.ae_title, host=self.config.host, port=self.port,
                       tls=self.config.tls.enabled)
         return self.server
@@ -239,28 +243,37 @@ class Receiver:
         calling = event.assoc.requestor.ae_title
         sop_class = str(rq.AffectedSOPClassUID)
         sop_uid_rq = str(rq.AffectedSOPInstanceUID)
+        received = Path(event.dataset_path)  # pynetdicom deletes it after this handler unless it was adopted
+        context_class = str(event.context.abstract_syntax)
+        if context_class != sop_class:
+            return self._refuse("dataset_mismatch", f"the C-STORE's Affected SOP Class {sop_class[:64]} differs from its "
+                                f"presentation context's {context_class}; send each class on its own context",
+                                sop_instance_uid=sop_uid_rq[:64], calling_aet=calling)
+        try:
+            facts = check_received(received, str(event.context.transfer_syntax),
+                                   max_bytes=self.config.max_instance_mb * 2**20)
+        except DatasetRefused as e:
+            return self._refuse(e.status, e.reason, sop_instance_uid=sop_uid_rq[:64], calling_aet=calling)
+        except OSError as e:
+            return self._refuse("write_failed", f"received data set unreadable: {e}", sop_instance_uid=sop_uid_rq[:64],
+                                calling_aet=calling)
+        if facts.sop_class_uid != sop_class or facts.sop_instance_uid != sop_uid_rq:
+            return self._refuse("dataset_mismatch", f"SOP Class/Instance UID in the data set ({facts.sop_class_uid[:64]}) "
+                                f"differ from the C-STORE request ({sop_class[:64]})",
+                                sop_instance_uid=sop_uid_rq[:64], calling_aet=calling)
         if sop_class not in CT_STORAGE_CLASSES:
-            self.log.info("instance_ignored", sop_class_uid=sop_class, sop_instance_uid=sop_uid_rq, calling_aet=calling,
+            self.log.info("instance_ignored", sop_class_uid=sop_class, sop_instance_uid=sop_uid_rq[:64], calling_aet=calling,
                           reason="storage class not analysed (accept_other_storage=ignore)")
             return STATUS["success"]
         try:
-            ds = event.dataset
-            study = validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-            series = validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-            sop_uid = validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+            study = validate_uid(facts.study_uid or None, "StudyInstanceUID")
+            series = validate_uid(facts.series_uid or None, "SeriesInstanceUID")
+            sop_uid = validate_uid(facts.sop_instance_uid or None, "SOPInstanceUID")
         except InvalidUid as e:
             return self._refuse("cannot_understand", str(e), sop_instance_uid=sop_uid_rq[:64], calling_aet=calling)
-        except Exception as e:  # truncated or undecodable data set
-            return self._refuse("cannot_understand", f"data set cannot be parsed: {type(e).__name__}: {str(e)[:200]}",
-                                sop_instance_uid=sop_uid_rq[:64], calling_aet=calling)
-        ds_class = str(ds.get("SOPClassUID", ""))
-        if ds_class != sop_class or sop_uid != sop_uid_rq:
-            return self._refuse("dataset_mismatch", "SOP Class/Instance UID in the data set differ from the C-STORE request",
-                                sop_instance_uid=sop_uid, sop_class_uid=ds_class, calling_aet=calling)
-        problem = _pixel_problem(ds, event.context.transfer_syntax)
+        problem = facts.pixel_problem()
         if problem:
-            return self._refuse("dataset_mismatch" if problem.startswith("no pixel") else "cannot_understand", problem,
-                                sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
+            return self._refuse(problem[0], problem[1], sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
         known = self.state.instance(sop_uid)
         if known is not None and known.series_uid != series:
             return self._refuse("dataset_mismatch", f"SOP Instance {sop_uid} is already stored in series "
@@ -274,19 +287,19 @@ class Receiver:
                               note="already stored: answered success, nothing changes; further duplicates of this "
                                    "series in this association are counted in instances_duplicate when it ends")
             return STATUS["success"]
-        key = patient_key(ds.get("PatientID"), ds.get("IssuerOfPatientID"))
+        key = patient_key(facts.patient_id, facts.issuer_of_patient_id)
         conflict = self.state.series_conflict(series, study, key)
         if conflict:
             return self._refuse("dataset_mismatch", conflict, sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
-        data = event.encoded_dataset(include_meta=True)
         try:
-            path = self.spool.store(study, series, sop_uid, data)
+            size = received.stat().st_size
+            path = self.spool.adopt(study, series, sop_uid, received)
         except DiskFull as e:
             return self._refuse("out_of_resources", str(e), sop_instance_uid=sop_uid, calling_aet=calling)
         except OSError as e:
             return self._refuse("write_failed", f"spool write failed: {e}", sop_instance_uid=sop_uid, calling_aet=calling)
         now = time.time()
-        row = InstanceRow(sop_uid, series, study, str(path), sop_class, str(event.context.transfer_syntax), now, len(data),
+        row = InstanceRow(sop_uid, series, study, str(path), sop_class, str(event.context.transfer_syntax), now, size,
                           calling)
         if known is not None:  # acknowledged before, but its spooled file had gone: stored again
             self.state.restore_instance(row)
@@ -299,7 +312,7 @@ class Receiver:
             path.unlink(missing_ok=True)
             return self._refuse("dataset_mismatch", str(e), sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
         if self.counters.on_stored and new:
-            self.counters.on_stored(len(data))
+            self.counters.on_stored(size)
         self.log.debug("instance_stored", sop_instance_uid=sop_uid, series_uid=series, study_uid=study,
-                       calling_aet=calling, bytes=len(data), ms=round((time.perf_counter() - t0) * 1000, 2))
+                       calling_aet=calling, bytes=size, ms=round((time.perf_counter() - t0) * 1000, 2))
         return STATUS["success"]

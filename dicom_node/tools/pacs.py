@@ -162,6 +162,7 @@ class StoreScpPeer:
     aet: str = "STORESCP"
     port: int = 0
     extra_args: tuple[str, ...] = ()
+    env: dict[str, str] | None = None  # the process environment (None: inherited), e.g. TCP_NODELAY=1
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> StoreScpPeer:
@@ -171,7 +172,7 @@ class StoreScpPeer:
         self.port = self.port or free_port()
         self.proc = subprocess.Popen(
             [str(DCMTK_BIN / "storescp"), "-aet", self.aet, "-od", str(self.outdir), *self.extra_args, str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env,
         )
         wait_for_port(self.port, proc=self.proc)
         return self

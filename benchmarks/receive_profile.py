@@ -1,0 +1,106 @@
+"""Where the node's CPU goes while it receives a series: per-thread CPU time of each receive stage.
+
+    .venv/bin/python benchmarks/receive_profile.py [--data DIR]
+
+Runs an in-process node (stand-in job, quiet period of an hour so nothing is analysed) with its data
+folder's `incoming/` as the temporary folder (as `dicom-node serve` does), sends the series of
+benchmarks/receive.py with dcmtk storescu (`TCP_NODELAY=1`), and prints the process's CPU seconds and,
+for each wrapped stage, the CPU seconds of the calling thread (`time.thread_time`) and the number of
+calls. Stages nest (the handler is part of the storage service), so they do not add up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from receive import NO_NAGLE, phantom_files  # noqa: E402
+
+CPU: collections.Counter[str] = collections.Counter()
+CALLS: collections.Counter[str] = collections.Counter()
+ORDER: list[str] = []
+
+
+def wrap(owner: Any, name: str, label: str) -> None:
+    """Replace owner.name by a wrapper adding the calling thread's CPU time to CPU[label]."""
+    fn: Callable[..., Any] = getattr(owner, name)
+    ORDER.append(label)
+
+    @functools.wraps(fn)
+    def timed(*a: Any, **kw: Any) -> Any:
+        t0 = time.thread_time()
+        try:
+            return fn(*a, **kw)
+        finally:
+            CPU[label] += time.thread_time() - t0
+            CALLS[label] += 1
+
+    setattr(owner, name, timed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "receive_bench_series")
+    args = ap.parse_args(argv)
+    files = phantom_files(args.data, 300, 512)
+
+    import pynetdicom.dimse as dimse
+    import pynetdicom.dimse_messages as dimse_messages
+    import pynetdicom.dul as dul
+    import pynetdicom.service_class as service_class
+
+    from dicom_node.config import load_config
+    from dicom_node.durability import spool, state
+    from dicom_node.engine.node import Node
+    from dicom_node.log import configure_logging
+    from dicom_node.network import dataset_check, receive
+    from nodekit import sc_job
+
+    wrap(dul.DULServiceProvider, "_read_pdu_data", "pynetdicom: read and decode one PDU")
+    wrap(dimse.DIMSEServiceProvider, "receive_primitive", "pynetdicom: DIMSE receive (fragments to the file)")
+    wrap(dimse_messages, "write_file_meta_info", "  of which the temporary file's meta (pydicom)")
+    wrap(service_class.StorageServiceClass, "SCP", "pynetdicom: storage service (handler + response)")
+    wrap(dimse.DIMSEServiceProvider, "send_msg", "  of which the C-STORE-RSP (pydicom command set)")
+    wrap(receive.Receiver, "_on_store", "  of which the node's C-STORE handler")
+    wrap(dataset_check, "check_received", "    element-header walk")
+    receive.check_received = dataset_check.check_received  # the name the handler calls
+    wrap(spool.Spool, "adopt", "    spool: rename + fsync file and folder")
+    wrap(state.State, "add_instance", "    SQLite: instance row committed")
+    wrap(state.State, "instance", "    SQLite: known-instance lookup")
+
+    configure_logging(json=True, level="WARNING", stream=open(os.devnull, "w"))  # noqa: SIM115
+    data = Path(tempfile.mkdtemp(prefix="recv_profile_"))
+    cfg = load_config(None, environ={}, overrides={"port": 0, "host": "127.0.0.1", "data_dir": str(data),
+                                                   "quiet_period_s": 3600.0, "min_free_disk_mb": 0})
+    node = Node(cfg, run_job=sc_job).start()
+    tempfile.tempdir = str(node.spool.incoming_dir)
+    try:
+        c0, t0 = time.process_time(), time.perf_counter()
+        r = subprocess.run(["/usr/bin/storescu", "-aec", "PENODE", "127.0.0.1", str(node.port), *map(str, files)],
+                           capture_output=True, text=True, env=NO_NAGLE)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        node.stop()
+    if r.returncode != 0 or "E:" in r.stderr:
+        raise RuntimeError(f"storescu failed: {r.stderr[-500:]}")
+    print(f"{len(files)} instances: wall {wall:.2f} s, node process CPU {cpu:.2f} s, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    for label in ORDER:
+        print(f"{CPU[label]:7.3f} s CPU  {CALLS[label]:5d} calls  {label}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
