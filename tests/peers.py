@@ -1,6 +1,6 @@
 """Real peers for tests: the DICOM peers re-exported from `dicom_node.tools.pacs` (also used by the demo and
 benchmarks), and a real Triton Inference Server (`dicom_node.tools.triton_server`, also used by
-benchmarks/triton.py)."""
+benchmarks/triton_inference.py)."""
 
 import pytest
 

@@ -52,7 +52,7 @@ def test_triton_benchmark_times_both_engines_and_prints_the_remote_overhead(tmp_
         triton_venv()
     except TritonUnavailable as e:
         pytest.skip(str(e))
-    from benchmarks import triton as bench
+    from benchmarks import triton_inference as bench
 
     assert bench.main(["--studies", "2", "--processes", "1", "--json", str(tmp_path / "out.json")]) == 0
     out = capsys.readouterr().out

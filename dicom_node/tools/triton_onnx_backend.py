@@ -1,7 +1,7 @@
 """Triton Python-backend model that runs one ONNX graph with onnxruntime (CPU): `model.py` of the loopback server.
 
 The official Triton container serves the repository of `dicom-node-export triton` with its ONNX Runtime
-backend. The `nvidia-pytriton` wheel that the tests and `benchmarks/triton.py` can install ships the same
+backend. The `nvidia-pytriton` wheel that the tests and `benchmarks/triton_inference.py` can install ships the same
 `tritonserver` binary but only the Python backend, so `dicom_node.tools.triton_server` copies the
 repository, switches each config to `backend: "python"` and puts this file beside each `model.onnx` as
 `model.py`: the server (batching, protocol, model control) is the real one, the graph runs in onnxruntime.

@@ -1,8 +1,8 @@
 """One 32-window study through local onnxruntime and through a Triton server on the same machine.
 
-    .venv/bin/python benchmarks/triton.py                        # demo bundle, 4 studies per node process
-    .venv/bin/python benchmarks/triton.py --studies 8 --protocols grpc http
-    .venv/bin/python benchmarks/triton.py --bundle bundles/pe-1.0.0 --json out.json
+    .venv/bin/python benchmarks/triton_inference.py                        # demo bundle, 4 studies per node process
+    .venv/bin/python benchmarks/triton_inference.py --studies 8 --protocols grpc http
+    .venv/bin/python benchmarks/triton_inference.py --bundle bundles/pe-1.0.0 --json out.json
 
 For each engine (local onnxruntime = the node's `Predictor`; Triton = `TritonPredictor` over gRPC and/or
 HTTP), 1 and 2 node processes, and sequential (one study at a time per process) or concurrent (two
@@ -18,6 +18,11 @@ batches of 8, stage 2 once. The Triton server is `dicom_node.tools.triton_server
 binary of nvidia-pytriton; the Python backend runs the same ONNX graphs with onnxruntime on the CPU,
 one model instance per stage, dynamic batching as exported) serving the repository
 `dicom-node-export triton` writes for the bundle. Both paths use the same CPU cores.
+
+Named triton_inference.py, not triton.py: Python puts a script's own folder first on sys.path, and a
+benchmarks/triton.py then shadowed the real `triton` package that torch's compiler stack imports
+(`import torch._dynamo` failed with "module 'triton' has no attribute 'language'" in every benchmark that
+trains or exports).
 """
 
 from __future__ import annotations
