@@ -65,3 +65,25 @@ def test_an_interrupted_shi_run_resumes_from_its_last_epoch(fitted):
     after = json.loads((run / "phase2" / "history.json").read_text())
     assert after == before  # last.pt holds every epoch: nothing to redo, report written again
     assert (run / "report.json").is_file()
+
+
+def test_the_shi_run_exports_to_a_bundle_that_verifies_and_runs_a_phantom(fitted, tmp_path):
+    from dicom_node.imaging.preprocess import preprocess
+    from dicom_node.imaging.series import load_series
+    from dicom_node.model.inference import Predictor
+    from dicom_node_export.cli import main as export_main
+    from nodekit import phantom_series
+
+    _, _, run = fitted
+    out = tmp_path / "bundle"
+    assert export_main(["bundle", "--run", str(run), "--out", str(out), "--name", "shi-tiny-test", "--version", "0.1.0",
+                        "--data-description", "synthetic phantoms"]) == 0
+    assert export_main(["verify", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = json.loads((run / "report.json").read_text())
+    assert manifest["family"] == "shi2020" and manifest["thresholds"] == report["thresholds"]
+    assert manifest["metrics"]["training"]["attention_loss_weight"] == 1.0
+    predictor = Predictor(out, providers=("CPUExecutionProvider",))
+    series = load_series(phantom_series(tmp_path / "in", n_slices=40, rows=64))
+    prediction = predictor.predict(preprocess(series, predictor.manifest.preprocessing))
+    assert 0.0 <= prediction.label_probabilities()[WINDOW_LABEL] <= 1.0 and prediction.heatmaps.shape == (50, 1, 5, 5)
