@@ -50,6 +50,7 @@ from dicom_node_training.evaluate import (
     auroc,
     auroc_ci_bootstrap,
     auroc_ci_delong,
+    json_safe,
     sensitivity_specificity,
     youden_threshold,
 )
@@ -370,9 +371,7 @@ def evaluate_run(config: TrainConfig, run_dir: str | os.PathLike[str], *, progre
                            "auroc_ci": "stratified bootstrap, percentile",
                            "auroc_ci_delong": "DeLong 1988, normal approximation"},
               "phase1": load_checkpoint(run / "phase1" / "best.pt")["metrics"], "phase2": ck["metrics"]}
-    from dicom_node_training.evaluate import _json_safe
-
-    (run / "report.json").write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+    (run / "report.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     t = out["test"]
     (run / "report.md").write_text(
         f"# Shi et al. 2020 family: {run.name}\n\n| split | studies | study AUROC (95% CI) | slab AUROC |\n|---|---|---|---|\n"

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from dicom_node.imaging.cam_grid import CamGrid
-from dicom_node_training.models.r3d import PretrainedWeightsError, WindowOutput, _read_state_dict, cam
+from dicom_node_training.models.r3d import PretrainedWeightsError, WindowOutput, cam, read_state_dict
 
 __all__ = ["ResNet2d", "resnet18_slab", "load_pretrained_2d", "grad_cam", "slab_cam", "cam_grid_2d", "RESNET18_PLANES"]
 
@@ -117,7 +117,7 @@ def load_pretrained_2d(model: ResNet2d, path: Path | str) -> list[str]:
     mis-shaped keys when the file does not fit (e.g. a width other than 64).
     """
     path = Path(path)
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     skipped = sorted(k for k in state if k.startswith("fc."))
     body = {k: v for k, v in state.items() if not k.startswith("fc.")}
