@@ -87,3 +87,13 @@ def test_the_shi_run_exports_to_a_bundle_that_verifies_and_runs_a_phantom(fitted
     series = load_series(phantom_series(tmp_path / "in", n_slices=40, rows=64))
     prediction = predictor.predict(preprocess(series, predictor.manifest.preprocessing))
     assert 0.0 <= prediction.label_probabilities()[WINDOW_LABEL] <= 1.0 and prediction.heatmaps.shape == (50, 1, 5, 5)
+
+
+def test_family_flag_picks_the_shi_preset_and_a_contradiction_is_one_clear_line(tmp_path, capsys):
+    from dicom_node_training.config import load_config
+    from dicom_node_training.fit import resolve_config
+
+    assert resolve_config(tmp_path / "r", "shi-paper").family == load_config("shi-paper").family == "shi2020"
+    rc = main(["fit", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--family", "shi2020", "--preset", "tiny"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--family shi2020 with --preset tiny (family ma2022)" in err and "Traceback" not in err
