@@ -244,7 +244,8 @@ class Geometry:
 
 @dataclass(frozen=True)
 class Windows:
-    """Model input for one series: `array` is (N, 3, window_slices, crop, crop) float32 in [0, 1]."""
+    """Model input for one series: `array` is (N, channels, window_slices, crop, crop) float32 in [0, 1] (three
+    HU windows for Ma et al.; one for the Shi et al. slabs, N = `PreprocessConfig.slabs`)."""
 
     array: np.ndarray
     series_instance_uid: str
