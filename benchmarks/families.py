@@ -4,6 +4,7 @@ on the same phantoms and the same split, plus Shi's own ablation (stage I withou
     .venv/bin/python benchmarks/families.py --out /work/bench/families                  # 600 studies (the full check)
     .venv/bin/python benchmarks/families.py --out /tmp/fam --studies 40 --rows 64 --slices 60 \\
         --shi-stage1-epochs 2 --shi-stage2-epochs 5 --skip-ma --positives 6             # a quick try
+    .venv/bin/python benchmarks/families.py --out /tmp/fam --models ma ...   # one model (another process the rest)
 
 Phantoms as `benchmarks/train_phantom.py` makes them (the same options, reused when OUT/data holds the same);
 each family trains in its own run directory (OUT/run-ma, OUT/run-shi, OUT/run-shi-noattention) with the
@@ -137,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="cache processes and DataLoader workers")
     ap.add_argument("--ma-run", type=Path, default=None, help="a finished Ma run on the same phantoms (not retrained)")
     ap.add_argument("--skip-ma", action="store_true", help="leave the Ma family out")
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help=f"which models, comma-separated (of {', '.join(MODELS)}); two processes with different "
+                         "--models may share one --out")
     ap.add_argument("--phase1-epochs", type=int, default=None, help="Ma phase 1 (default: the tiny preset's)")
     ap.add_argument("--phase2-epochs", type=int, default=None, help="Ma phase 2 (default: the tiny preset's)")
     ap.add_argument("--shi-stage1-epochs", type=int, default=None, help="default: the shi-tiny preset's")
@@ -160,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"families: {exc}", file=sys.stderr)
         return 2
-    names = [n for n in MODELS if not (n == "ma" and args.skip_ma)]
+    asked = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in asked if n not in MODELS]
+    if unknown:
+        print(f"families: --models {args.models}: unknown {unknown}; choose from {', '.join(MODELS)}", file=sys.stderr)
+        return 2
+    names = [n for n in MODELS if n in asked and not (n == "ma" and args.skip_ma)]
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         if name == "ma" and args.ma_run is not None:
