@@ -3,13 +3,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo demo-worklist test lint bench clean
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	$(VENV)/bin/dicom-node demo
+
+# the demo, then its node keeps running with the web worklist: open the printed URL, log in with the printed login
+demo-worklist: setup
+	$(VENV)/bin/dicom-node demo --worklist
 
 # lint and types first: a refactor that breaks an annotation or an import fails in seconds, not after the suite
 lint: setup
@@ -20,4 +24,4 @@ test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-triton build *.egg-info .pytest_cache

@@ -76,6 +76,11 @@ def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--timeout", type=float, default=240.0, metavar="SECONDS",
                    help="give up waiting for results after this long")
     p.add_argument("--verbose", action="store_true", help="show the node's log events")
+    p.add_argument("--worklist", action="store_true",
+                   help="then keep the node running with its web worklist on 127.0.0.1 and print the URL and a "
+                        "one-time demo login (stop with Ctrl-C)")
+    p.add_argument("--worklist-for", type=float, default=0.0, metavar="SECONDS",
+                   help="with --worklist: stop after this many seconds instead of waiting for Ctrl-C")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -85,7 +90,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from dicom_node.tools.demo import run_demo
 
     return run_demo(Path(args.out), bundle=args.bundle, prefer_orthanc=not args.no_orthanc,
-                    quiet_period_s=args.quiet_period, timeout_s=args.timeout, verbose=args.verbose)
+                    quiet_period_s=args.quiet_period, timeout_s=args.timeout, verbose=args.verbose,
+                    worklist=args.worklist, worklist_for_s=args.worklist_for)
 
 
 def _add_render(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

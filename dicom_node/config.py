@@ -4,7 +4,7 @@ Precedence (last wins): built-in defaults < TOML file < environment < CLI overri
 
 * TOML: top-level keys are the node's own (`ae_title`, `port`, ...); sections `[timeouts]`,
   `[tls]`, `[retry]`, `[spool]`, `[worker]`, `[selection]`, `[results]`, `[inference]`, `[log]`,
-  `[health]`, `[priority]`, `[notify]`;
+  `[health]`, `[priority]`, `[notify]`, `[web]`;
   arrays of tables `[[destinations]]` and `[[peers]]`.
 * Environment: `DICOM_NODE_<KEY>` for top-level keys (`DICOM_NODE_PORT=11112`) and
   `DICOM_NODE_<SECTION>_<KEY>` for section keys (`DICOM_NODE_RETRY_MAX_ATTEMPTS=5`).
@@ -33,8 +33,8 @@ import tomllib
 __all__ = [
     "Config", "ConfigError", "Destination", "TimeoutConfig", "TlsConfig", "RetryConfig",
     "SpoolConfig", "WorkerConfig", "SelectionConfig", "ResultsConfig", "InferenceConfig",
-    "LogConfig", "HealthConfig", "PriorityConfig", "NotifyConfig", "PRIORITY_VALUES", "load_config", "parse_destination", "default_config_toml",
-    "configuration_markdown", "ENV_PREFIX",
+    "LogConfig", "HealthConfig", "PriorityConfig", "NotifyConfig", "WebConfig", "PRIORITY_VALUES", "load_config", "parse_destination", "default_config_toml",
+    "configuration_markdown", "ENV_PREFIX", "insecure_files",
 ]
 
 ENV_PREFIX = "DICOM_NODE_"
@@ -144,13 +144,22 @@ class ResultsConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    bundle: str = field(default="", metadata=_doc("Model bundle directory (empty = the bundled demo model)"))
+    engine: str = field(default="onnxruntime", metadata=_doc("Where the two ONNX stages run: onnxruntime (in the node process) or triton (an NVIDIA Triton Inference Server at triton_url, serving the repository `dicom-node-export triton` wrote; docs/scaling.md)"))
+    bundle: str = field(default="", metadata=_doc("Model bundle directory (empty = the bundled demo model); with engine = triton also the repository's <model>.manifest.json"))
     providers: tuple[str, ...] = field(default=("CUDAExecutionProvider", "CPUExecutionProvider"), metadata=_doc("onnxruntime execution providers in order of preference"))
     require_gpu: bool = field(default=False, metadata=_doc("Refuse to start when the CUDA provider is not available"))
     intra_op_threads: int = field(default=0, metadata=_doc("onnxruntime intra-op threads per session (0 = onnxruntime's default: all cores)"))
     graph_optimization: str = field(default="all", metadata=_doc("onnxruntime graph optimisation level: disable, basic, extended or all"))
     batch_size: int = field(default=8, metadata=_doc("Windows per stage-1 run (larger uses more memory, can be faster on a GPU)"))
     precision: str = field(default="auto", metadata=_doc("auto (float16 graphs on CUDA when the bundle has them), fp32 or fp16"))
+    triton_url: str = field(default="127.0.0.1:8001", metadata=_doc("engine = triton: HOST:PORT of the Triton server (gRPC 8001 or HTTP 8000 by default)"))
+    triton_protocol: str = field(default="grpc", metadata=_doc("engine = triton: grpc or http (KServe v2 protocol)"))
+    triton_model: str = field(default="", metadata=_doc("engine = triton: model name prefix on the server (<prefix>_stage1, <prefix>_stage2); empty = <bundle name>-<bundle version>, as dicom-node-export triton names them"))
+    triton_timeout_s: float = field(default=30.0, metadata=_doc("engine = triton: seconds one request (start checks, one stage-1 batch, stage 2) may take before the job fails"))
+    triton_tls: bool = field(default=False, metadata=_doc("engine = triton: talk TLS to the server (gRPC; HTTP behind a TLS proxy)"))
+    triton_ca: str = field(default="", metadata=_doc("engine = triton, triton_tls: PEM CA bundle that verifies the server (empty = the system's)"))
+    triton_cert: str = field(default="", metadata=_doc("engine = triton, triton_tls: PEM client certificate when the server requires one"))
+    triton_key: str = field(default="", metadata=_doc("engine = triton, triton_tls: PEM private key of triton_cert"))
 
 
 @dataclass(frozen=True)
@@ -197,6 +206,21 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    enabled: bool = field(default=False, metadata=_doc("Serve the worklist pages and the REST API /api/v1 on the node's HTTP port (metrics_port, on metrics_host, 127.0.0.1 by default); off by default because the worklist shows patient identity"))
+    users: tuple[str, ...] = field(default=(), metadata=_doc("Users who may log in, each `name:hash` with an argon2 hash from `dicom-node hash-password` (put them in the TOML file: an argon2 hash holds commas, which the environment's list syntax splits)"))
+    admins: tuple[str, ...] = field(default=(), metadata=_doc("User (and API token) names allowed the admin actions force complete, re-run and resend (empty = every user)"))
+    api_tokens: tuple[str, ...] = field(default=(), metadata=_doc("Bearer tokens of the REST API, each `name:sha256-hex` of the token, from `dicom-node hash-password --token`"))
+    tls: bool = field(default=False, metadata=_doc("Serve the HTTP port as HTTPS with the node's [tls] cert and key (needs them set)"))
+    session_minutes: float = field(default=480.0, metadata=_doc("A login session ends after this many minutes without a request"))
+    audit_log: str = field(default="", metadata=_doc("File the access audit log is appended to, one JSON line per page, API read or action: time, user, action, study and series UID, outcome (empty = data_dir/audit.log)"))
+    refresh_s: int = field(default=30, metadata=_doc("The worklist page reloads itself after this many seconds (0 = never)"))
+    max_connections: int = field(default=200, metadata=_doc("Most open connections on the HTTP port; one more evicts the oldest connection still sending its request head, so slow or half-sent requests cannot use up the node's file descriptors"))
+    read_timeout_s: float = field(default=10.0, metadata=_doc("Seconds a client has to send a whole request (request line, headers and body) from its first byte or the connection; then the connection is closed"))
+    keepalive_s: float = field(default=5.0, metadata=_doc("Seconds an idle keep-alive connection is kept open"))
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole node configuration (see module docstring for sources and precedence)."""
 
@@ -205,8 +229,8 @@ class Config:
     port: int = field(default=11112, metadata=_doc("DICOM port (0 = any free port, for tests)"))
     data_dir: str = field(default="./dicom-node-data", metadata=_doc("Folder holding spool/, outbox/ and state.sqlite"))
     quiet_period_s: float = field(default=30.0, metadata=_doc("A series is complete after this many seconds without a new instance"))
-    metrics_port: int = field(default=0, metadata=_doc("HTTP port for /metrics and /healthz (0 = off)"))
-    metrics_host: str = field(default="127.0.0.1", metadata=_doc("Address of the metrics HTTP server"))
+    metrics_port: int = field(default=0, metadata=_doc("HTTP port for /metrics, /healthz, /readyz and, with [web] enabled, the worklist and /api/v1 (0 = off)"))
+    metrics_host: str = field(default="127.0.0.1", metadata=_doc("Address the HTTP port listens on (127.0.0.1: this machine only)"))
     allowed_calling_aets: tuple[str, ...] = field(default=(), metadata=_doc("Calling AE titles allowed to associate, optionally `AET@host` (empty = anyone)"))
     require_called_aet: bool = field(default=True, metadata=_doc("Reject associations whose called AE title is not `ae_title`"))
     accept_other_storage: str = field(default="ignore", metadata=_doc("Other storage SOP classes: `ignore` (accept, answer success, discard) or `reject` (no presentation context)"))
@@ -228,6 +252,7 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     priority: PriorityConfig = field(default_factory=PriorityConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
     @property
     def data_path(self) -> Path:
@@ -407,12 +432,28 @@ def _validate(c: Config) -> None:
     need(c.inference.batch_size >= 1, "inference.batch_size", c.inference.batch_size, ">= 1")
     need(c.inference.precision in ("auto", "fp32", "fp16"), "inference.precision", c.inference.precision,
          "one of auto, fp32, fp16")
-    if c.inference.bundle:
-        need(Path(c.inference.bundle).is_dir(), "inference.bundle", c.inference.bundle, "an existing bundle directory or empty for the demo model")
+    inf = c.inference
+    need(inf.engine in ("onnxruntime", "triton"), "inference.engine", inf.engine, "onnxruntime or triton")
+    if inf.bundle and inf.engine == "triton":
+        need(Path(inf.bundle).is_dir() or Path(inf.bundle).is_file(), "inference.bundle", inf.bundle,
+             "an existing bundle directory or <model>.manifest.json of a Triton repository, or empty for the demo model")
+    elif inf.bundle:
+        need(Path(inf.bundle).is_dir(), "inference.bundle", inf.bundle, "an existing bundle directory or empty for the demo model")
+    need(inf.triton_protocol in ("grpc", "http"), "inference.triton_protocol", inf.triton_protocol, "grpc or http")
+    need(bool(re.fullmatch(r"[^\s/]+:\d{1,5}", inf.triton_url)), "inference.triton_url", inf.triton_url,
+         "HOST:PORT without a scheme, e.g. 127.0.0.1:8001 (set TLS with inference.triton_tls)")
+    need(inf.triton_timeout_s > 0, "inference.triton_timeout_s", inf.triton_timeout_s, "a number of seconds > 0")
+    need(bool(inf.triton_cert) == bool(inf.triton_key), "inference.triton_key", inf.triton_key,
+         "set together with inference.triton_cert (a client certificate needs its key)")
+    if inf.engine == "triton" and inf.triton_tls:
+        for k in ("triton_ca", "triton_cert", "triton_key"):
+            v = getattr(inf, k)
+            need(not v or Path(v).is_file(), f"inference.{k}", v, "an existing PEM file or empty")
     need(c.health.delivery_failure_s >= 0, "health.delivery_failure_s", c.health.delivery_failure_s,
          "a number of seconds >= 0 (0 = deliveries never make /healthz unhealthy)")
     _validate_priority(c.priority)
     _validate_notify(c.notify)
+    _validate_web(c)
     need(c.log.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log.level", c.log.level, "DEBUG, INFO, WARNING or ERROR")
 
 
@@ -448,6 +489,49 @@ def _validate_notify(n: NotifyConfig) -> None:
         raise ConfigError(f"notify.max_attempts: {n.max_attempts!r} is not allowed; an integer >= 1")
     if not 0 <= n.base_delay_s <= n.max_delay_s:
         raise ConfigError(f"notify.max_delay_s: {n.max_delay_s!r} is not allowed; >= notify.base_delay_s ({n.base_delay_s}) >= 0")
+
+
+_ARGON2_RE = re.compile(r"^\$argon2(id|i|d)\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+$")
+_WEB_NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+
+
+def _validate_web(c: Config) -> None:
+    w = c.web
+    names: set[str] = set()
+    for key, entries, check, what in (
+            ("users", w.users, _ARGON2_RE.match, "an argon2 hash from `dicom-node hash-password`"),
+            ("api_tokens", w.api_tokens, re.compile(r"^[0-9a-f]{64}$").match,
+             "the sha256 hex digest from `dicom-node hash-password --token`")):
+        for i, entry in enumerate(entries):
+            name, sep, secret = entry.partition(":")
+            if not sep or not _WEB_NAME_RE.match(name) or not check(secret):
+                shown = f"{name}:(not shown)" if sep else "(not shown)"  # never print a hash or token back
+                raise ConfigError(f"web.{key}[{i}]: {shown} is not NAME:HASH; NAME is 1-64 letters, digits or ._@- "
+                                  f"and HASH {what}")
+            if name in names:
+                raise ConfigError(f"web.{key}[{i}]: the name {name!r} is used twice; give each user and token its own name")
+            names.add(name)
+    for i, name in enumerate(w.admins):
+        if name not in names:
+            raise ConfigError(f"web.admins[{i}]: {name!r} is not a name in web.users or web.api_tokens; add it there or remove it")
+    if w.enabled and not c.metrics_port:
+        raise ConfigError("web.enabled: true needs the node's HTTP port; set metrics_port (--metrics-port), e.g. 8080")
+    if w.enabled and not names:
+        raise ConfigError("web.enabled: true with no web.users and no web.api_tokens: nobody could log in; add a user "
+                          "with `dicom-node hash-password`")
+    if w.tls and not (c.tls.cert and Path(c.tls.cert).is_file() and c.tls.key and Path(c.tls.key).is_file()):
+        raise ConfigError(f"web.tls: true needs tls.cert and tls.key (PEM files); got cert {c.tls.cert!r}, key {c.tls.key!r}")
+    if not 1 <= w.session_minutes <= 7 * 24 * 60:
+        raise ConfigError(f"web.session_minutes: {w.session_minutes!r} is not allowed; 1-10080 minutes")
+    if not 0 <= w.refresh_s <= 3600:
+        raise ConfigError(f"web.refresh_s: {w.refresh_s!r} is not allowed; 0 (never) to 3600 seconds")
+    if not 8 <= w.max_connections <= 10000:
+        raise ConfigError(f"web.max_connections: {w.max_connections!r} is not allowed; 8-10000 (keep it well below the "
+                          "process's open-file limit, `ulimit -n`)")
+    for key in ("read_timeout_s", "keepalive_s"):
+        v = getattr(w, key)
+        if not 0 < v <= 300:
+            raise ConfigError(f"web.{key}: {v!r} is not allowed; a number of seconds > 0 and <= 300")
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
@@ -496,6 +580,30 @@ def load_config(path: str | os.PathLike | None = None, *, overrides: Mapping[str
         if v is not None:
             _set_dotted(raw, k, v)
     return _build(raw)
+
+
+def insecure_files(config: Config, config_path: str | os.PathLike[str] | None = None) -> list[str]:
+    """Why the node must not start on these files, one line each naming the file, its mode and the fix.
+
+    Refused rather than warned about, because either hands the node to anyone with a login on the
+    host: a world-writable configuration lets them redirect results (patient data) to their own
+    destination or turn the allow-list off; a world-readable TLS key lets them impersonate the node
+    to the PACS and read its traffic. A warning in a log nobody reads protects nothing; the fix is one
+    chmod. Group permissions are left alone (a key shared with an `ssl-cert` group is common)."""
+    problems = []
+    if config_path:
+        p = Path(config_path)
+        mode = p.stat().st_mode & 0o777
+        if mode & 0o002:
+            problems.append(f"config file {p} is writable by every user (mode {mode:03o}); anyone on this host could "
+                            f"change where results go: chmod o-w {p}")
+    if (config.tls.enabled or any(d.tls for d in config.destinations)) and config.tls.key:
+        p = Path(config.tls.key)
+        mode = p.stat().st_mode & 0o777
+        if mode & 0o004:
+            problems.append(f"tls.key {p} is readable by every user (mode {mode:03o}); anyone on this host could "
+                            f"impersonate the node: chmod o-r {p} (e.g. chmod 600)")
+    return problems
 
 
 # ---- documentation generated from the declarations ---------------------------------------------

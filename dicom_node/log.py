@@ -23,7 +23,19 @@ PHI: `redact_phi` replaces PHI keys, and `scrub_text` is applied to every string
 line, so a library message that names a patient attribute (`"patient_name" ...`, `PatientID`,
 `Patient's Birth Date`, `(0010,0020)`) keeps only the text up to that name (line by line, for
 tracebacks), and a DICOM person name (`Family^Given`) is replaced wherever it appears. Patient
-IDs and birth dates without their attribute's name cannot be recognised: never log datasets.
+IDs and birth dates without their attribute's name cannot be recognised: never log datasets. The
+DICOM libraries and Python warnings (`VALUE_LOGGERS`: pydicom, highdicom, py.warnings) quote the
+values they warn about (`Invalid value for VR DA: '19O10203'`, a person name without `^`): in their
+lines every quoted value is replaced, at every level. `error_text(e)` does the same for another
+library's exception text before it reaches a log line or the state database (`job_failed`).
+
+A failing sink never stops the node: a line that cannot be written (the reader of a pipe gone:
+EPIPE, a full disk: ENOSPC, a closed stream) is dropped and counted, not raised into the thread that
+logged it, and not reported on stderr (often the same broken pipe). On a pipe or socket the lines go
+through a bounded queue and a writer thread: a reader that stops reading (a hung `jq`) fills the
+pipe and would block every thread at its next log call while the SCP still acknowledged instances;
+instead, lines beyond the queue's 10,000 are dropped and counted. `log_sink_status()` says how many
+lines were dropped, the last error and when (shown in `/healthz`).
 
 pynetdicom (one line per PDU at INFO) and highdicom (one line per copied module at INFO) are
 kept to warnings unless the level is DEBUG.
@@ -31,15 +43,22 @@ kept to warnings unless the level is DEBUG.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import queue
 import re
+import stat
 import sys
+import threading
+import time
 from typing import TextIO
 
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
-__all__ = ["configure_logging", "get_logger", "PHI_KEYS", "redact_phi", "scrub_text"]
+__all__ = ["configure_logging", "get_logger", "PHI_KEYS", "redact_phi", "scrub_text", "scrub_values", "error_text",
+           "log_sink_status", "VALUE_LOGGERS"]
 
 #: keys that must never reach a log line
 PHI_KEYS = frozenset({
@@ -51,6 +70,13 @@ PHI_KEYS = frozenset({
 QUIET_LIBRARIES = ("pynetdicom", "highdicom")
 
 _REDACTED = "[redacted]"
+
+#: loggers whose messages quote field values (pydicom: "Invalid value for VR DA: '19O10203'"; highdicom's
+#: person-name warning quotes the whole name, caret or not): every quoted value is replaced
+VALUE_LOGGERS = ("py.warnings", "pydicom", "highdicom")
+# a quoted value: '...' or "..." on one line (an apostrophe inside a word, as in "Patient's", is no quote)
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+_QUOTED = re.compile(r"(?<![\w])'[^'\n]*'(?![\w])" r'|"[^"\n]*"')
 
 # a mention of a patient-identity attribute: keyword, name with spaces, snake case or tag number
 _PHI_MENTION = re.compile(
@@ -82,14 +108,143 @@ def scrub_text(text: str) -> str:
     return _PERSON_NAME.sub(_REDACTED, text)
 
 
+def _quoted(m: re.Match[str]) -> str:
+    inner = m.group(0)[1:-1]
+    if _NAME.fullmatch(inner) and ("_" in inner or _is_keyword(inner)):
+        return m.group(0)  # an argument or attribute name ("patient_name", 'PatientBirthDate'), not a value
+    return _REDACTED
+
+
+def _is_keyword(word: str) -> bool:
+    from pydicom.datadict import keyword_dict
+
+    return word in keyword_dict
+
+
+def scrub_values(text: str) -> str:
+    """`text` with every quoted value ('...' or "...") replaced: what libraries quote is a field's value.
+    Quoted names are kept: snake_case argument names and DICOM keywords (a person's name is neither)."""
+    return _QUOTED.sub(_quoted, text)
+
+
+def error_text(e: BaseException, limit: int = 500) -> str:
+    """`Type: message` of an exception, for a log line or the state database, without field values.
+
+    The node's own errors (`dicom_node.*` types) say the value and the fix on purpose and never name
+    patient values; other libraries' messages (`ValueError: Unable to convert '1950' to 'DA' object`)
+    quote the value they choke on, which may be a birth date or a name: quoted values are replaced."""
+    text = f"{type(e).__name__}: {e}"
+    if not type(e).__module__.startswith("dicom_node"):
+        text = scrub_values(text)
+    return scrub_text(text)[:limit]
+
+
 def redact_phi(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-    """Replace PHI keys; scrub patient identity from every string value (library messages included)."""
+    """Replace PHI keys; scrub patient identity from every string value (library messages included), and
+    quoted values from the messages of the DICOM libraries and of Python warnings (`VALUE_LOGGERS`)."""
+    if str(event_dict.get("logger", "")).startswith(VALUE_LOGGERS) and isinstance(event_dict.get("event"), str):
+        event_dict["event"] = scrub_values(event_dict["event"])
     for key, value in list(event_dict.items()):
         if key in PHI_KEYS:
             event_dict[key] = _REDACTED
         elif isinstance(value, str) and key != "timestamp":
             event_dict[key] = scrub_text(value)
     return event_dict
+
+
+class _SinkHandler(logging.StreamHandler):
+    """The one handler: a line that cannot be written is dropped and counted, never raised or reported on
+    stderr; on a pipe or socket, lines are written by a writer thread through a bounded queue, so a
+    reader that stops reading (a hung `jq`: the pipe fills, write() blocks) never blocks the thread
+    that logs. Regular files and terminals are written at once (they do not block; their lines are
+    in the file when the call returns, which the tests rely on)."""
+
+    QUEUE_LINES = 10_000
+    #: class-wide: the counts survive a reconfiguration (SIGHUP)
+    dropped = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._queue: queue.Queue[str | None] | None = None
+        if _may_block(stream):
+            self._queue = queue.Queue(self.QUEUE_LINES)
+            threading.Thread(target=self._write_queued, name="log-writer", daemon=True).start()
+            atexit.register(self._drain, 2.0)
+
+    @classmethod
+    def _count(cls, err: BaseException | None) -> None:
+        cls.dropped += 1
+        cls.last_error = f"{type(err).__name__}: {err}"[:200] if err else "unknown"
+        cls.last_error_at = time.time()
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        self._count(sys.exc_info()[1])
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._queue is None:
+            super().emit(record)
+            return
+        try:
+            self._queue.put_nowait(self.format(record) + self.terminator)
+        except queue.Full:
+            self._count(BlockingIOError(f"log stream not read: {self.QUEUE_LINES} lines already waiting"))
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        if self._queue is None:
+            super().flush()
+        # queued: the writer flushes each line itself; a flush from here (logging.shutdown at exit) would
+        # wait forever on a pipe whose reader hangs, and the node would not exit on SIGTERM
+
+    def _write_queued(self) -> None:
+        q = self._queue
+        assert q is not None
+        while (line := q.get()) is not None:
+            try:
+                self.stream.write(line)
+                self.stream.flush()
+            except Exception as e:  # EPIPE, ENOSPC, a closed stream: the line is lost, the node goes on
+                self._count(e)
+            finally:
+                q.task_done()
+        q.task_done()
+
+    def _drain(self, timeout_s: float) -> None:
+        """Give the writer up to `timeout_s` to write what is queued (at exit, on reconfiguration)."""
+        q = self._queue
+        if q is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while q.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        if self._queue is not None:
+            self._drain(1.0)
+            try:
+                self._queue.put_nowait(None)  # the writer ends after the lines before it
+            except queue.Full:
+                pass
+            atexit.unregister(self._drain)
+        super().close()
+
+
+def _may_block(stream: TextIO) -> bool:
+    """True for a pipe or socket (a reader that stops reading blocks write()); False for files and terminals."""
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):  # no descriptor (a StringIO): written in place
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def log_sink_status() -> dict[str, object]:
+    """Lines the log stream could not take since start: {"dropped": n, "last_error": ..., "last_error_at": ...}."""
+    return {"dropped": _SinkHandler.dropped, "last_error": _SinkHandler.last_error,
+            "last_error_at": _SinkHandler.last_error_at}
 
 
 def configure_logging(*, json: bool = False, level: str = "INFO", stream: TextIO | None = None) -> None:
@@ -107,7 +262,7 @@ def configure_logging(*, json: bool = False, level: str = "INFO", stream: TextIO
     ]
     renderer: Processor = (structlog.processors.JSONRenderer() if json
                            else structlog.dev.ConsoleRenderer(colors=False))
-    handler = logging.StreamHandler(stream)
+    handler = _SinkHandler(stream)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         # records of other libraries: level and time as for ours, plus the logger's name
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared, redact_phi],

@@ -1,4 +1,7 @@
-"""`dicom-node serve|echo|send|status|resend|complete|config`: the node's operational commands.
+"""`dicom-node serve|echo|send|status|resend|complete|rerun|config|hash-password`: the node's operational commands.
+
+The admin actions (`complete`, `rerun`, `resend`) are `dicom_node.engine.actions`, which the web
+worklist's buttons and `POST /api/v1/...` call too; these commands print what it returns.
 
 Registered into `dicom_node.cli` by `add_node_commands(subparsers)`. Heavy imports stay inside the
 command functions so `dicom-node --help` is fast.
@@ -13,8 +16,9 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dicom_node.config import Config, Destination
+    from dicom_node.config import Config
     from dicom_node.durability.state import State
+    from dicom_node.engine.actions import ActionResult
 
 __all__ = ["add_node_commands", "version_text"]
 
@@ -45,6 +49,10 @@ def add_node_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("--metrics-port", type=int, help="HTTP port for /metrics, /healthz and /readyz (0 = off)")
     p.add_argument("--job", metavar="MODULE:FUNCTION", default=_PIPELINE_JOB,
                    help="job function run_job(JobContext) -> JobResult; the default is the product pipeline")
+    p.add_argument("--rebuild-state", action="store_true",
+                   help="before starting, move a damaged, missing or empty state.sqlite aside and rebuild its instance "
+                        "records from the spool (every spooled series is analysed again; job history is not rebuilt); "
+                        "refused when the database is readable and holds records")
     p.set_defaults(func=_cmd_serve)
 
     p = subparsers.add_parser("echo", help="C-ECHO a DICOM peer (is it reachable and does it accept us?)",
@@ -79,6 +87,9 @@ def add_node_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
                                           "failed jobs and dead notifications the exact resend command.")
     _common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output: one object per job")
+    p.add_argument("--worklist", action="store_true",
+                   help="instead, one row per series in reading order, as the web worklist ranks them (priority, "
+                        "PE probability, state, reason; UIDs, no patient identity)")
     p.set_defaults(func=_cmd_status)
 
     p = subparsers.add_parser("resend", help="re-queue a failed job's deliveries (or the job itself) and its dead "
@@ -101,6 +112,25 @@ def add_node_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("series_uid", metavar="SERIES_UID")
     p.set_defaults(func=_cmd_complete)
 
+    p = subparsers.add_parser("rerun", help="analyse a finished series again",
+                              description="Queue SERIES_UID to be analysed again: a finished series gets a new job (a "
+                                          "new revision when its results were delivered, which replaces them in "
+                                          "PACS); a series being analysed or sent runs once more when that ends. The "
+                                          "running node picks it up. Needs the series' instances still in the spool.")
+    _common(p)
+    p.add_argument("series_uid", metavar="SERIES_UID")
+    p.set_defaults(func=_cmd_rerun)
+
+    p = subparsers.add_parser("hash-password", help="make a [web] users entry (argon2 hash) or an API token",
+                              description="Print a `[web] users` entry NAME:HASH for the worklist login: the password "
+                                          "is read from standard input (twice when it is a terminal, not echoed) and "
+                                          "hashed with argon2id and a random salt. With --token, print a new random "
+                                          "API bearer token (give it to the API client) and the `[web] api_tokens` "
+                                          "entry NAME:SHA256 that the node keeps instead.")
+    p.add_argument("name", metavar="NAME", help="the user (or token) name shown in the audit log, e.g. dr.jones")
+    p.add_argument("--token", action="store_true", help="make an API token instead of hashing a password")
+    p.set_defaults(func=_cmd_hash_password)
+
     p = subparsers.add_parser("config", help="print the effective configuration (secrets masked) or every key with "
                                              "its default")
     _common(p)
@@ -118,16 +148,21 @@ def version_text(config_path: str | None = None) -> str:
 
     lines = [f"dicom-node {__version__}"]
     try:
-        bundle = load_config(config_path).inference.bundle
+        inference = load_config(config_path).inference
     except ConfigError as e:
         return "\n".join(lines + [f"model bundle: unknown (configuration error: {e})"])
+    bundle = inference.bundle
     path = Path(bundle) if bundle else default_bundle_path()
     where = f"inference.bundle {path}" if bundle else f"bundled demo model {path}"
+    if inference.engine == "triton":
+        scheme = inference.triton_protocol + ("s" if inference.triton_tls else "")
+        where += f", run on Triton {scheme}://{inference.triton_url}"
+    mpath = path if path.is_file() else path / MANIFEST_NAME  # engine = triton: the repository's manifest copy
     try:
-        manifest = json.loads((path / MANIFEST_NAME).read_text())
+        manifest = json.loads(mpath.read_text())
         lines.append(f"model bundle: {manifest['name']} {manifest['version']} ({where})")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        lines.append(f"model bundle: unreadable {path / MANIFEST_NAME} ({type(e).__name__}: {e}) ({where})")
+        lines.append(f"model bundle: unreadable {mpath} ({type(e).__name__}: {e}) ({where})")
     return "\n".join(lines)
 
 
@@ -159,6 +194,9 @@ def _state(args: argparse.Namespace) -> tuple[Config, State]:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from dicom_node.config import insecure_files
     from dicom_node.durability.state import StateSchemaError
     from dicom_node.engine.node import Node, NodeError, default_job_body
     from dicom_node.engine.worker import JobBody
@@ -168,8 +206,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                      quiet_period_s=args.quiet_period, metrics_port=args.metrics_port,
                      **({"inference.bundle": args.bundle} if args.bundle is not None else {}))
     cfg = _load(args, **overrides)
+    for problem in insecure_files(cfg, args.config):  # before anything is opened or written
+        print(f"dicom-node serve: refused: {problem}", file=sys.stderr)
+        return 2
+    # everything the node writes (spool, outbox, state.sqlite) holds patient data: owner only
+    os.umask(0o077)
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # before any import loads onnxruntime (model.bundle)
     configure_logging(json=cfg.log.json, level=cfg.log.level, stream=sys.stdout)
     module, _, attr = args.job.partition(":")
+    if args.rebuild_state:
+        from dicom_node.durability.rebuild import RebuildRefused, rebuild_state
+
+        try:
+            rebuild_state(cfg.data_path)
+        except (RebuildRefused, StateSchemaError, OSError) as e:
+            print(f"dicom-node serve: {e}", file=sys.stderr)
+            return 2
     try:
         if args.job == _PIPELINE_JOB:
             body = default_job_body()  # run_job with its prepare step
@@ -320,8 +372,36 @@ def _status_rows(args: argparse.Namespace, st: State) -> list[dict[str, Any]]:
     return rows
 
 
+def _cmd_worklist(st: State, as_json: bool) -> int:
+    """`status --worklist`: the web worklist's query and state words (`dicom_node.web.views`), without
+    the patient columns the web page reads from the spool."""
+    from dicom_node.web.views import READING_ORDER_VALUES, display_state
+
+    rows = st.worklist(READING_ORDER_VALUES, limit=1_000_000)
+    out: list[dict[str, Any]] = [{"rank": i + 1, "study_uid": r.study_uid, "series_uid": r.series_uid, "priority": r.priority,
+            "pe_probability": r.job.priority_score if r.job else None, "state": display_state(r.series_state, r.job),
+            "reason": (r.job.priority_reason if r.job else None) or r.skip_reason, "job_id": r.job.id if r.job else None,
+            "received_at": _when(r.first_instance_at)} for i, r in enumerate(rows)]
+    if as_json:
+        print(json.dumps({"reading_order": list(READING_ORDER_VALUES), "worklist": out}, indent=2))
+        return 0
+    head = ("#", "PRIORITY", "PE", "STATE", "RECEIVED", "STUDY", "SERIES", "REASON")
+    table: list[tuple[str, ...]] = [head]
+    for r in out:
+        table.append((str(r["rank"]), str(r["priority"] or "pending"),
+                      f"{r['pe_probability']:.2f}" if r["pe_probability"] is not None else "-", str(r["state"]),
+                      str(r["received_at"]), _suffix(str(r["study_uid"])), _suffix(str(r["series_uid"])),
+                      _clip(str(r["reason"] or "-"))))
+    widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     _cfg, st = _state(args)
+    if args.worklist:
+        return _cmd_worklist(st, args.json)
     counts = st.job_counts()
     rows = _status_rows(args, st)
     with_job = {r["series_uid"] for r in rows}
@@ -374,87 +454,62 @@ def _clip(text: str, n: int = 120) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def _address(d: Destination) -> str:
-    """How a delivery row stores a destination: AE@HOST:PORT, +tls for TLS."""
-    return str(d) + ("+tls" if d.tls else "")
+def _print_action(command: str, res: ActionResult) -> int:
+    for line in res.lines:
+        print(line)
+    if res.error:
+        print(f"dicom-node {command}: {res.error}", file=sys.stderr)
+    return res.code
 
 
 def _cmd_resend(args: argparse.Namespace) -> int:
-    from dicom_node.config import ConfigError, parse_destination
-    from dicom_node.durability.state import DeliveryState, JobState
+    from dicom_node.engine.actions import resend_job
 
     cfg, st = _state(args)
-    job = st.job(args.job_id)
-    if job is None:
-        print(f"dicom-node resend: job {args.job_id} does not exist; `dicom-node status` lists jobs", file=sys.stderr)
-        return 1
-    notified = st.reset_notifications(job.id)
-    if notified:
-        print(f"job {job.id}: {notified} notification(s) pending again: "
-              + ", ".join(n.target for n in st.notifications(job.id) if n.state.value == "pending"))
-    if job.state is not JobState.FAILED:
-        if notified:
-            return 0
-        print(f"dicom-node resend: job {job.id} is {job.state.value}, not failed, and has no dead notification; "
-              "nothing to do", file=sys.stderr)
-        return 1
-    try:
-        override = parse_destination(args.to, "--to") if args.to else None
-    except ConfigError as e:
-        print(f"dicom-node resend: {e}", file=sys.stderr)
-        return 2
-    failed = st.deliveries(job.id, DeliveryState.FAILED)
-    configured = {d.ae_title: d for d in (*cfg.destinations, *cfg.peers)}
-    targets: dict[int, str] = {}
-    if override is not None:
-        same = [d for d in failed if parse_destination(d.destination).ae_title == override.ae_title]
-        chosen = same or (failed if len(failed) == 1 else [])
-        if not chosen:
-            print(f"dicom-node resend: --to {args.to}: job {job.id} has {len(failed)} failed deliveries "
-                  f"({', '.join(d.destination for d in failed) or 'none'}) and none with AE title {override.ae_title}; "
-                  "give the AE title of the one to replace", file=sys.stderr)
-            return 2
-        targets = {d.id: _address(override) for d in chosen}
-    else:
-        for d in failed:
-            now = configured.get(parse_destination(d.destination).ae_title)
-            if now is None:
-                print(f"job {job.id}: {d.destination} is no longer configured; re-sending to the stored address "
-                      "(pass --to AE@HOST:PORT to change it)")
-            elif _address(now) != d.destination:
-                targets[d.id] = _address(now)
-    for d in failed:
-        if d.id in targets and targets[d.id] != d.destination:
-            st.retarget_delivery(d.id, targets[d.id])
-            print(f"job {job.id}: {d.destination} -> {targets[d.id]}")
-    n = st.reset_deliveries(job.id)
-    if st.deliveries(job.id) and job.result_uids:
-        st.transition(job.id, JobState.SENDING, stage="resend")
-        print(f"job {job.id}: {n} delivery(ies) pending again: "
-              + ", ".join(d.destination for d in st.deliveries(job.id, DeliveryState.PENDING)))
-    else:
-        st.transition(job.id, JobState.QUEUED, stage="requeued")
-        print(f"job {job.id}: queued to run again")
-    return 0
+    return _print_action("resend", resend_job(cfg, st, args.job_id, args.to))
 
 
 def _cmd_complete(args: argparse.Namespace) -> int:
-    from dicom_node.durability.spool import InvalidUid, validate_uid
+    from dicom_node.engine.actions import complete_series
 
     _cfg, st = _state(args)
-    try:
-        uid = validate_uid(args.series_uid, "SERIES_UID")
-    except InvalidUid as e:
-        print(f"dicom-node complete: {e}", file=sys.stderr)
+    return _print_action("complete", complete_series(st, args.series_uid))
+
+
+def _cmd_rerun(args: argparse.Namespace) -> int:
+    from dicom_node.engine.actions import rerun_series
+
+    _cfg, st = _state(args)
+    return _print_action("rerun", rerun_series(st, args.series_uid))
+
+
+def _cmd_hash_password(args: argparse.Namespace) -> int:
+    import getpass
+    import re
+
+    from dicom_node.web.auth import hash_password, new_token
+
+    if not re.fullmatch(r"[A-Za-z0-9._@-]{1,64}", args.name):
+        print(f"dicom-node hash-password: NAME {args.name!r} is not allowed; use 1-64 letters, digits or ._@-",
+              file=sys.stderr)
         return 2
-    s = st.series(uid)
-    if s is None:
-        print(f"dicom-node complete: series {uid} is unknown to this node", file=sys.stderr)
-        return 1
-    if not st.force_complete(uid):
-        print(f"dicom-node complete: series {uid} is {s.state.value}, not receiving; nothing to do", file=sys.stderr)
-        return 1
-    print(f"series {uid}: will be completed at the node's next poll")
+    if args.token:
+        token, digest = new_token()
+        print(f"token (give it to the API client; it is not stored): {token}")
+        print(f'[web] api_tokens entry: "{args.name}:{digest}"')
+        return 0
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("dicom-node hash-password: the two passwords differ; nothing printed", file=sys.stderr)
+            return 2
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 8:
+        print("dicom-node hash-password: the password has fewer than 8 characters; choose a longer one",
+              file=sys.stderr)
+        return 2
+    print(f'"{args.name}:{hash_password(password)}"')
     return 0
 
 
@@ -469,5 +524,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
     effective = dataclasses.asdict(_load(args))
     if effective["notify"]["webhook_secret"]:  # a key, not for terminals and support tickets
         effective["notify"]["webhook_secret"] = "(set; not shown)"
+    for key in ("users", "api_tokens"):  # hashes: useless to show, and an offline guessing target
+        effective["web"][key] = [f"{e.partition(':')[0]}:(hash not shown)" for e in effective["web"][key]]
     print(json.dumps(effective, indent=2))
     return 0

@@ -3,7 +3,8 @@
 `run_job(ctx)` is the product's job body for `dicom_node.engine.worker.Worker`: it loads the spooled
 series into a `CtSeries`, preprocesses it with the bundle's own preprocessing parameters, runs the
 two ONNX stages through a `Predictor` (cached per bundle and provider settings, so the graphs are
-loaded and warmed up once per process), and builds the SR, heatmap Secondary Captures, summary SC
+loaded and warmed up once per process; `[inference] engine = "triton"` runs them on a Triton server
+instead, `dicom_node.model.triton`), and builds the SR, heatmap Secondary Captures, summary SC
 and optional KOS with deterministic UIDs. Delivery, retries and durability are the worker's and
 the sender's business.
 
@@ -36,6 +37,7 @@ from dicom_node.imaging.series import SeriesError, load_series
 from dicom_node.log import get_logger
 from dicom_node.model.bundle import default_bundle_path, load_bundle
 from dicom_node.model.inference import Predictor
+from dicom_node.model.triton import TritonPredictor, TritonSettings
 from dicom_node.results import ResultOptions, ResultSet, build_results
 from dicom_node.results.incomplete import build_not_analysed_sr
 from dicom_node.results.sr import predecessor_reference
@@ -43,7 +45,7 @@ from dicom_node.results.sr import predecessor_reference
 if TYPE_CHECKING:
     from dicom_node.config import Config
 
-__all__ = ["JOB_BODY", "run_job", "prepare", "analyse_series", "get_predictor", "bundle_dir"]
+__all__ = ["JOB_BODY", "run_job", "prepare", "analyse_series", "get_predictor", "predictor_for", "bundle_dir"]
 
 log = get_logger("dicom_node.pipeline")
 _predictors: dict[tuple[object, ...], Predictor] = {}
@@ -56,31 +58,40 @@ def bundle_dir(configured: str) -> Path:
 
 
 def get_predictor(bundle: str = "", providers: Sequence[str] = ("CUDAExecutionProvider", "CPUExecutionProvider"),
-                  require_gpu: bool = False, **session: Any) -> Predictor:
-    """One verified, warmed-up Predictor per (bundle, providers, require_gpu, session options) in this process.
+                  require_gpu: bool = False, *, triton: TritonSettings | None = None, **session: Any) -> Predictor:
+    """One verified, warmed-up Predictor per (bundle, providers, require_gpu, engine, session options) in this process.
 
     `session` passes onnxruntime settings through to `Predictor` (intra_op_threads, graph_optimization,
-    batch_size, precision).
+    batch_size, precision). With `triton` settings the stages run on that Triton server instead
+    (`TritonPredictor`: the manifest is read from `bundle`, the server checked against it; of the
+    session settings only batch_size applies).
     """
     path = bundle_dir(bundle).resolve()
-    key = (str(path), tuple(providers), bool(require_gpu), tuple(sorted(session.items())))
+    key = (str(path), tuple(providers), bool(require_gpu), triton, tuple(sorted(session.items())))
     with _lock:
         if key not in _predictors:
-            _predictors[key] = Predictor(load_bundle(path), providers=providers, require_gpu=require_gpu, **session)
+            if triton is not None:
+                _predictors[key] = TritonPredictor(path, triton, batch_size=int(session.get("batch_size", 8)))
+            else:
+                _predictors[key] = Predictor(load_bundle(path), providers=providers, require_gpu=require_gpu,
+                                             **session)
         return _predictors[key]
 
 
-def _predictor_for(config: Config, bundle: str = "") -> Predictor:
+def predictor_for(config: Config, bundle: str = "") -> Predictor:
+    """The Predictor the configuration asks for (`[inference]`: engine, bundle and its settings); cached."""
     inf = config.inference
     threads = inf.intra_op_threads or None
-    return get_predictor(bundle or inf.bundle, inf.providers, inf.require_gpu, intra_op_threads=threads,
-                         graph_optimization=inf.graph_optimization, batch_size=inf.batch_size,
-                         precision=inf.precision)
+    triton = TritonSettings.from_config(inf) if inf.engine == "triton" else None
+    return get_predictor(bundle or inf.bundle, inf.providers, inf.require_gpu, triton=triton,
+                         intra_op_threads=threads, graph_optimization=inf.graph_optimization,
+                         batch_size=inf.batch_size, precision=inf.precision)
 
 
 def prepare(config: Config) -> None:
-    """Node start-up: load and verify the bundle, honour require_gpu, warm up (raises on any failure)."""
-    _predictor_for(config)
+    """Node start-up: load and verify the bundle, honour require_gpu, warm up; with engine = triton check the
+    server, its models and their signatures against the manifest (raises on any failure)."""
+    predictor_for(config)
 
 
 def _options(ctx: JobContext) -> ResultOptions:
@@ -119,7 +130,7 @@ def analyse_series(paths: Iterable[str | Path], predictor: Predictor, options: R
 def run_job(ctx: JobContext) -> JobResult:
     """The worker's job body (see module docstring)."""
     t0 = time.perf_counter()
-    predictor = _predictor_for(ctx.config, ctx.bundle)
+    predictor = predictor_for(ctx.config, ctx.bundle)
     timings: dict[str, float] = {}
 
     def mark(stage: str) -> None:

@@ -1,5 +1,6 @@
-"""`dicom-node-export` command line: `bundle` (a trained run -> verified ONNX model bundle for the node)
-and `verify` (check a bundle as the node does and run both graphs on random input)."""
+"""`dicom-node-export` command line: `bundle` (a trained run -> verified ONNX model bundle for the node),
+`verify` (check a bundle as the node does and run both graphs on random input) and `triton` (a bundle ->
+a Triton Inference Server model repository, `dicom_node_export.triton`)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_bundle(sub)
     _add_verify(sub)
+    _add_triton(sub)
     return parser
 
 
@@ -135,6 +137,66 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"verify failed: {exc}", file=sys.stderr)
         return 1
     print(report.summary())
+    return 0
+
+
+def _add_triton(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "triton",
+        help="write a Triton Inference Server model repository for a bundle (docs/scaling.md)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""Write a model repository for NVIDIA Triton Inference Server from a verified bundle:
+REPO/<model>_stage1/1/model.onnx and config.pbtxt, the same for stage 2 (ONNX Runtime backend,
+dims and dtypes from the manifest, dynamic batching, instance groups, optional TensorRT with FP16 and
+an engine cache) and REPO/<model>.manifest.json, the manifest the node reads with
+[inference] engine = "triton". <model> is the bundle's <name>-<version>, so several versions share
+one repository. Every config.pbtxt is checked by parsing it into Triton's ModelConfig (tritonclient).
+
+examples:
+  dicom-node-export triton bundles/pe-1.0.0 --out /srv/triton-models --max-batch 16 --instances 2
+  dicom-node-export triton bundles/pe-1.0.0 --out /srv/triton-models --tensorrt --fp16
+  docker run --gpus all -p 8001:8001 -v /srv/triton-models:/models nvcr.io/nvidia/tritonserver:<yy.mm>-py3 \\
+      tritonserver --model-repository=/models""",
+    )
+    p.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle directory (verified as the node does)")
+    p.add_argument("--out", type=Path, required=True, metavar="REPO",
+                   help="model repository to write or add to (created when missing)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N",
+                   help="max_batch_size and preferred dynamic batch of both models (default 8)")
+    p.add_argument("--instances", type=int, default=1, metavar="K", help="model instances per device (default 1)")
+    p.add_argument("--kind", choices=("gpu", "cpu"), default="gpu",
+                   help="instance group kind: gpu (default; every visible GPU) or cpu")
+    p.add_argument("--tensorrt", action="store_true",
+                   help="use the TensorRT accelerator of the ONNX Runtime backend (engines cached, see --trt-cache)")
+    p.add_argument("--fp16", action="store_true", help="TensorRT precision FP16 (needs --tensorrt)")
+    p.add_argument("--trt-cache", default="/trt-cache", metavar="DIR",
+                   help="TensorRT engine cache directory inside the server, one sub-directory per model "
+                        "(default /trt-cache: mount a volume there)")
+    p.add_argument("--model-name", default="", metavar="NAME",
+                   help="model name prefix instead of <name>-<version> (set the node's inference.triton_model to it)")
+    p.add_argument("--model-version", type=int, default=1, metavar="V", help="Triton version directory (default 1)")
+    p.add_argument("--queue-delay-us", type=int, default=2000, metavar="US",
+                   help="longest wait for a fuller dynamic batch, in microseconds (default 2000)")
+    p.add_argument("--force", action="store_true", help="replace models of the same name already in REPO")
+    p.set_defaults(func=_cmd_triton)
+
+
+def _cmd_triton(args: argparse.Namespace) -> int:
+    from dicom_node.model.bundle import BundleError
+    from dicom_node_export.triton import TritonExportError, TritonRepoOptions, write_triton_repository
+
+    options = TritonRepoOptions(max_batch=args.max_batch, instances=args.instances, kind=args.kind,
+                                tensorrt=args.tensorrt, fp16=args.fp16, trt_cache=args.trt_cache,
+                                model_name=args.model_name, version=args.model_version,
+                                queue_delay_us=args.queue_delay_us)
+    try:
+        repo = write_triton_repository(args.bundle, args.out, options, force=args.force)
+    except (BundleError, TritonExportError, OSError) as exc:
+        print(f"dicom-node-export triton: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {repo.path}: models {repo.model}_stage1 and {repo.model}_stage2 (version {options.version}), "
+          "configs parsed into Triton's ModelConfig")
+    print(f"  node: [inference] engine = \"triton\", bundle = \"{repo.manifest}\"")
     return 0
 
 

@@ -6,10 +6,7 @@ import sys
 
 import pytest
 
-from peers import DCMTK_BIN, ORTHANC_BIN, OrthancPeer, StoreScpPeer
-
-needs_orthanc = pytest.mark.skipif(ORTHANC_BIN is None, reason="Orthanc not installed (apt-get install orthanc)")
-needs_dcmtk = pytest.mark.skipif(DCMTK_BIN is None, reason="dcmtk not installed (apt-get install dcmtk)")
+from peers import DCMTK_BIN, ORTHANC_BIN, OrthancPeer, StoreScpPeer, needs_dcmtk, needs_orthanc, start_triton  # noqa: F401 (re-exported)
 
 
 @pytest.fixture
@@ -55,3 +52,21 @@ def make_node(tmp_path):
         n.stop()
     configure_logging(json=True, level="INFO", stream=sys.__stderr__)
     log_file.close()
+
+
+@pytest.fixture(scope="session")
+def triton_repo(tmp_path_factory):
+    """The demo bundle exported by `dicom-node-export triton` (max batch 8), shared by the Triton tests."""
+    from dicom_node.model.bundle import default_bundle_path
+    from dicom_node_export.triton import TritonRepoOptions, write_triton_repository
+
+    return write_triton_repository(default_bundle_path(), tmp_path_factory.mktemp("triton") / "repo",
+                                   TritonRepoOptions(max_batch=8))
+
+
+@pytest.fixture(scope="module")
+def triton_server(triton_repo, tmp_path_factory):
+    """One Triton server per test module; tests that stop or kill a server start their own (`start_triton`)."""
+    peer = start_triton(triton_repo, tmp_path_factory.mktemp("tritonserver"))
+    yield peer
+    peer.stop()

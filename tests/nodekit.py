@@ -11,10 +11,13 @@ NODE_TEST_JOB_MARKER=DIR writes `started-<job>-<revision>` there when a job star
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -103,6 +106,23 @@ def phantom_series(root: Path, *, seed: int = 7, n_slices: int = 24, rows: int =
     return phantom.write_study(study, root)
 
 
+def demo_like_studies(root: Path) -> dict[str, list[Path]]:
+    """The demo's two studies (dicom_node.tools.demo: same phantom geometry and seeds), with the test patient."""
+    from dicom_node.tools.demo import DEMO_PHANTOM
+    from dicom_node_phantoms import PhantomConfig, generate_study, write_study
+
+    cfg = PhantomConfig(**DEMO_PHANTOM)
+    out = {}
+    for name, seed, kind in (("positive", 20261125, "positive"), ("negative", 20261126, "negative")):
+        st = generate_study(seed, cfg, kind=kind)
+        while kind == "positive" and not st.study_labels["central_pe"]:
+            seed += 2
+            st = generate_study(seed, cfg, kind=kind)
+        st = dataclasses.replace(st, patient_name=PATIENT_NAME, patient_id=PATIENT_ID, patient_birth_date=PATIENT_BIRTH)
+        out[name] = write_study(st, root / name)
+    return out
+
+
 def storescu(port: int, files, *, aet: str = "STORESCU", called: str = "PENODE", extra: tuple[str, ...] = (),
              timeout: float = 120) -> subprocess.CompletedProcess:
     """dcmtk storescu; returns the completed process (read `E:` lines in stderr for failures)."""
@@ -128,10 +148,15 @@ def write_config(path: Path, **kw) -> Path:
 
 class NodeProcess:
     """`dicom-node serve` as a real subprocess running `nodekit:SC_JOB` (JSON log to a file); `job=None` runs
-    the product pipeline (give `inference.bundle` in `cfg`)."""
+    the product pipeline (give `inference.bundle` in `cfg`).
+
+    `log_pipe=True`: stdout and stderr go through a one-page pipe to a `cat` process that appends to the log file
+    (`self.cat`: stop it with SIGSTOP to make a reader that hangs, kill it for EPIPE). `wrapper`: a command
+    the node runs under (e.g. `strace -f -o FILE`); `pid` is the node's own process then."""
 
     def __init__(self, workdir: Path, *, destinations=(), quiet: float = 0.6, env: dict | None = None,
-                 job: str | None = "nodekit:SC_JOB", **cfg) -> None:
+                 job: str | None = "nodekit:SC_JOB", log_pipe: bool = False, wrapper: tuple[str, ...] = (),
+                 cwd: Path | None = None, **cfg) -> None:
         self.workdir = workdir
         self.job = job
         self.port = free_port()
@@ -141,22 +166,55 @@ class NodeProcess:
                                    destinations=list(destinations), **{"retry.base_delay_s": 0.2,
                                                                        "retry.max_delay_s": 1.0, **cfg})
         self.env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}", **(env or {})}
+        self.log_pipe = log_pipe
+        self.wrapper = tuple(wrapper)
+        self.cwd = cwd
         self.proc: subprocess.Popen | None = None
+        self.cat: subprocess.Popen | None = None
 
-    def start(self) -> NodeProcess:
-        log = open(self.log_path, "ab")
+    def command(self, *extra: str) -> list[str]:
         job = ["--job", self.job] if self.job else []
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config), *job],
-                                     stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        return [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config), *job, *extra]
+
+    def start(self, *extra: str) -> NodeProcess:
+        """Start `serve` (with `extra` flags, e.g. --rebuild-state) and wait for its DICOM port."""
+        log = open(self.log_path, "ab")
+        out = log
+        if self.log_pipe:
+            self.cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=log)
+            out = self.cat.stdin
+            fcntl.fcntl(out.fileno(), 1031, 4096)  # F_SETPIPE_SZ: one page, so a reader that stops is felt at once
+        self.proc = subprocess.Popen([*self.wrapper, *self.command(*extra)], stdout=out, stderr=subprocess.STDOUT,
+                                     env=self.env, cwd=self.cwd)
+        if self.cat is not None:
+            self.cat.stdin.close()  # the node holds the write end; the pipe breaks when cat goes
         wait_for_port(self.port, proc=self.proc, timeout=60)
         return self
+
+    @property
+    def pid(self) -> int:
+        """The node's process id (not the wrapper's)."""
+        if not self.wrapper:
+            return self.proc.pid
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return int(children[0])
 
     def kill9(self) -> None:
         self.proc.kill()
         self.proc.wait()
 
     def stop(self) -> None:
+        if self.wrapper and self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)  # the wrapper ends with the node
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
         terminate(self.proc, 20)
+        if self.cat is not None:
+            if self.cat.poll() is None:
+                self.cat.send_signal(signal.SIGCONT)
+            terminate(self.cat, 5)
 
     def events(self) -> list[dict]:
         out = []

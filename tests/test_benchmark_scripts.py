@@ -45,6 +45,24 @@ def test_phase1_throughput_runs_the_real_training_loop(tmp_path, capsys):
     assert sum(h["train_windows"] for h in history[:1]) == 2 * 4  # two training studies of 4 windows
 
 
+def test_triton_benchmark_times_both_engines_and_prints_the_remote_overhead(tmp_path, capsys):
+    from dicom_node.tools.triton_server import TritonUnavailable, triton_venv
+
+    try:
+        triton_venv()
+    except TritonUnavailable as e:
+        pytest.skip(str(e))
+    from benchmarks import triton as bench
+
+    assert bench.main(["--studies", "2", "--processes", "1", "--json", str(tmp_path / "out.json")]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "out.json").read_text())
+    assert [(r["engine"], r["processes"], r["concurrency"], r["studies"]) for r in rows] == [
+        ("onnxruntime", 1, 1, 2), ("onnxruntime", 1, 2, 2), ("triton-grpc", 1, 1, 2), ("triton-grpc", 1, 2, 2)]
+    assert all(r["median_s"] > 0 and r["studies_per_min"] > 0 for r in rows)
+    assert re.search(r"remote path overhead \(triton-grpc, 1 process, sequential\): [+-]\d+ ms per study", out)
+
+
 def test_families_reads_the_study_level_figures_of_either_familys_report(tmp_path):
     from benchmarks import families
 

@@ -189,5 +189,68 @@ def test_gpu_image_installs_the_gpu_runtime():
     ins = _instructions(DOCKER / "Dockerfile.gpu")
     assert re.match(r"nvidia/cuda:\S+-runtime", [r for w, r in ins if w == "FROM"][0])
     assert any(w == "RUN" and '".[gpu]"' in r for w, r in ins)
-    assert any(w == "RUN" and '".[cpu]"' in r for w, r in _instructions(DOCKER / "Dockerfile.cpu"))
+    assert any(w == "RUN" and '".[cpu,triton]"' in r for w, r in _instructions(DOCKER / "Dockerfile.cpu"))
 
+
+
+@pytest.fixture(scope="module")
+def compose_triton() -> dict:
+    return yaml.safe_load((DOCKER / "compose.triton.yaml").read_text())
+
+
+def _mounts(service: dict) -> dict[str, str]:
+    """container path -> host source of short-syntax volumes."""
+    return {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
+
+
+def test_triton_compose_serves_the_exported_repository_on_the_gpu(compose_triton):
+    triton = compose_triton["services"]["triton"]
+    assert triton["image"].startswith("nvcr.io/nvidia/tritonserver:")
+    (repo_arg,) = [a for a in triton["command"] if a.startswith("--model-repository=")]
+    repo = repo_arg.split("=", 1)[1]
+    assert _mounts(triton)[repo] == "./triton-models"
+    assert _mounts(triton)["/trt-cache"] in compose_triton["volumes"], "TensorRT engines on a named volume"
+    devices = triton["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    url = urlparse(next(t for t in triton["healthcheck"]["test"] if t.startswith("http")))
+    assert (url.port, url.path) == (8000, "/v2/health/ready")
+    ports = _container_ports(triton)
+    assert {8000, 8001} <= set(ports) and all(ports[p].startswith("127.0.0.1:") for p in ports)
+
+
+def test_triton_compose_runs_two_nodes_that_share_triton_each_with_its_own_port_and_data(compose_triton, cfg,
+                                                                                         tmp_path):
+    from dicom_node.model.bundle import default_bundle_path
+    from dicom_node_export.triton import write_triton_repository
+
+    services = compose_triton["services"]
+    nodes = {k: s for k, s in services.items() if (s.get("environment") or {}).get("DICOM_NODE_INFERENCE_ENGINE")}
+    assert len(nodes) == 2
+    exported = write_triton_repository(default_bundle_path(), tmp_path / "triton-models")
+    triton_repo = next(a for a in services["triton"]["command"] if a.startswith("--model-repository=")).split("=")[1]
+    seen_ports, seen_volumes, aets = set(), set(), set()
+    for name, node in nodes.items():
+        assert (DOCKER / node["build"]["context"] / node["build"]["dockerfile"]).resolve() == DOCKER / "Dockerfile.cpu"
+        env = {k: str(v) for k, v in node["environment"].items()}
+        bundle = Path(env["DICOM_NODE_INFERENCE_BUNDLE"])
+        # the manifest copy is where the export writes it, in the folder Triton serves
+        assert bundle.name == exported.manifest.name
+        assert _mounts(node)[str(bundle.parent)] == _mounts(services["triton"])[triton_repo]
+        c = load_config(DOCKER / "node.toml", environ={**env, "DICOM_NODE_INFERENCE_BUNDLE": str(exported.manifest)})
+        assert c.inference.engine == "triton" and c.inference.triton_protocol == "grpc"
+        host, port = c.inference.triton_url.rsplit(":", 1)
+        assert host == "triton" and int(port) in _container_ports(services["triton"])
+        assert node["depends_on"]["triton"]["condition"] == "service_healthy"
+        ports = _container_ports(node)
+        assert set(ports) == {cfg.port, cfg.metrics_port}
+        seen_ports.add(ports[cfg.port].split(":")[0])
+        data = _mounts(node)[cfg.data_dir]
+        assert data in compose_triton["volumes"]
+        seen_volumes.add(data)
+        aets.add((c.ae_title, name, c.port))
+    assert len(seen_ports) == 2 and len(seen_volumes) == 2, "each node its own DICOM port and its own data volume"
+    (dest,) = cfg.destinations
+    orthanc = services[dest.host]
+    assert orthanc["extends"] == {"file": "compose.yaml", "service": "orthanc"}
+    modalities = json.loads(orthanc["environment"]["ORTHANC__DICOM_MODALITIES"])
+    assert {tuple(v) for v in modalities.values()} == aets

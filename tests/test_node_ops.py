@@ -1,4 +1,4 @@
-"""Operations: no PHI in the JSON log, /metrics and /healthz, CLI serve/complete/echo/send/status,
+"""Operations: no PHI in the JSON log (worklist pages and API viewed too), /metrics and /healthz, CLI serve/complete/echo/send/status,
 selection of the right series in a study with a localizer and a thick series."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dicom_node.cli import main as cli_main
 from dicom_node.durability.state import JobState, SeriesState, State
 from nodekit import PATIENT_BIRTH, PATIENT_ID, PATIENT_NAME, NodeProcess, phantom_series, storescu, wait_until
 from peers import free_port
+from webkit import WebClient, web_config
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.dcmtk]
 
@@ -33,8 +34,8 @@ def test_json_log_never_contains_patient_identity_and_metrics_count(tmp_path, or
     files = phantom_series(tmp_path / "in", n_slices=20)
     assert pydicom.dcmread(files[0]).PatientName == PATIENT_NAME
     mport = free_port()
-    node = NodeProcess(tmp_path, destinations=[f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"], metrics_port=mport,
-                       **{"log.level": "DEBUG"}).start()
+    node = NodeProcess(tmp_path, destinations=[f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"],
+                       **{"log.level": "DEBUG", **web_config(mport)}).start()  # the worklist on, too
     try:
         r = storescu(node.port, files)
         assert r.returncode == 0 and "E:" not in r.stderr
@@ -57,6 +58,14 @@ def test_json_log_never_contains_patient_identity_and_metrics_count(tmp_path, or
         assert metrics["dicom_node_inference_seconds_count"] == 1
         status, health = _get(mport, "/healthz")
         assert status == 200 and json.loads(health)["ok"] is True and json.loads(health)["jobs"]["done"] == 1
+        web = WebClient(mport)  # the web app shows identity to a logged-in user, and logs none of it
+        web.login("alice", "wrong password")
+        web.login("alice")
+        page = web.get("/worklist")
+        assert page.status == 200 and PATIENT_ID in page.text
+        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        assert PATIENT_ID in web.get(f"/studies/{study}").text
+        assert PATIENT_ID in web.get("/api/v1/studies").text
     finally:
         node.stop()
     log = node.log_path.read_text()

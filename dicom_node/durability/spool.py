@@ -5,6 +5,9 @@ Layout under the data folder::
     spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   received instances
     outbox/<job id>/<SOPInstanceUID>.dcm                                   results waiting for delivery
 
+Folders are created 0700 (spool/ and outbox/ made so at start) and files 0600 (`tempfile.mkstemp`):
+they hold patient data.
+
 A file is visible under its final name only once its bytes are on disk (`durable_write`), so a
 crash at any moment leaves either the complete file or nothing (plus a stray `.tmp-*` file that
 `sweep_temp_files` removes at start).
@@ -52,7 +55,7 @@ def fsync_dir(path: Path) -> None:
 
 def durable_write(dest: Path, data: bytes) -> None:
     """Write `data` to `dest` atomically and durably (temp file in the same folder, fsync, rename, fsync folder)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -78,7 +81,10 @@ class Spool:
         self.outbox_dir = self.root / "outbox"
         self.min_free_disk_mb = min_free_disk_mb
         for d in (self.root, self.spool_dir, self.outbox_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for d in (self.spool_dir, self.outbox_dir):  # folders of an older node were 0755: patient data, owner only
+            if d.stat().st_mode & 0o077 and d.stat().st_uid == os.geteuid():
+                d.chmod(0o700)
 
     # --- instances --------------------------------------------------------------------------------
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:

@@ -37,6 +37,11 @@ The cost is one WAL fsync per commit, measured by benchmarks/receive.py.
 
 One connection per thread (`threading.local`); every method is one short transaction.
 
+Integrity: opening a `State` runs `PRAGMA quick_check`; a file that is not a database (garbage in its
+header) or fails the check raises `StateDamaged` (a `StateSchemaError`) naming the file, what SQLite
+found and the fix (`REBUILD_HINT`: `dicom-node serve --rebuild-state`, `dicom_node.durability.rebuild`),
+never a traceback. A new database file is created 0600.
+
 Schema versions: `PRAGMA user_version` is the schema version; `MIGRATIONS` lists the steps in
 order (1 = the tables of the unversioned schema, which installed nodes have at version 0) and
 opening a `State` applies every step from the file's version to `SCHEMA_VERSION`, each in its own
@@ -50,6 +55,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -67,7 +73,8 @@ __all__ = ["State", "SeriesState", "JobState", "DeliveryState", "InstanceRow", "
            "SeriesConflict", "patient_key", "StateMachine", "SERIES_TRANSITIONS", "JOB_TRANSITIONS",
            "DELIVERY_TRANSITIONS", "NOTIFICATION_TRANSITIONS", "SERIES_MACHINE", "JOB_MACHINE", "DELIVERY_MACHINE",
            "NOTIFICATION_MACHINE", "MACHINES", "TRANSITIONS",
-           "JOB_STAGES", "stage_durations", "Migration", "MIGRATIONS", "SCHEMA_VERSION", "StateSchemaError"]
+           "JOB_STAGES", "stage_durations", "Migration", "MIGRATIONS", "SCHEMA_VERSION", "StateSchemaError",
+           "StateDamaged", "REBUILD_HINT"]
 
 
 class SeriesState(str, Enum):
@@ -407,6 +414,25 @@ class StateSchemaError(RuntimeError):
     """The state database cannot be brought to this code's schema; the message names file, versions and fix."""
 
 
+#: how an operator gets a working database back (docs/operations.md, "State database damaged or lost")
+REBUILD_HINT = ("stop the node and start it once with `dicom-node serve --rebuild-state` (it moves the damaged files "
+                "aside and rebuilds the instance records from the spool; the series are analysed again), or restore "
+                "state.sqlite from a back-up")
+
+
+class StateDamaged(StateSchemaError):
+    """The state database is not a readable SQLite database or fails `PRAGMA quick_check`; the message names the
+    file, what SQLite said and the fix (`REBUILD_HINT`)."""
+
+
+def _quick_check(c: sqlite3.Connection, path: Path) -> None:
+    """Raise StateDamaged unless SQLite's quick_check passes (pages, free list, record formats; not indexes)."""
+    problems = [str(r[0]) for r in c.execute("PRAGMA quick_check(5)")]
+    if problems != ["ok"]:
+        found = "; ".join(" ".join(p.replace("*** in database main ***", "").split()) for p in problems)
+        raise StateDamaged(f"state database {path} is damaged (quick_check: {found[:300]}); {REBUILD_HINT}")
+
+
 def _user_version(c: sqlite3.Connection) -> int:
     v: int = c.execute("PRAGMA user_version").fetchone()[0]
     return v
@@ -534,8 +560,15 @@ class State:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        if not self.path.exists():  # created private: it holds which studies were received when
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         try:
-            _migrate(self._conn(), self.path)
+            try:
+                c = self._conn()
+                _quick_check(c, self.path)
+            except sqlite3.DatabaseError as e:  # garbage header ("file is not a database"), malformed pages
+                raise StateDamaged(f"state database {self.path} is damaged ({e}); {REBUILD_HINT}") from None
+            _migrate(c, self.path)
         except BaseException:
             self.close()
             raise
@@ -546,9 +579,13 @@ class State:
         if c is None:
             c = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=True)
             c.row_factory = sqlite3.Row
-            c.execute("PRAGMA journal_mode=WAL")
-            c.execute("PRAGMA synchronous=FULL")
-            c.execute("PRAGMA foreign_keys=ON")
+            try:
+                c.execute("PRAGMA journal_mode=WAL")
+                c.execute("PRAGMA synchronous=FULL")
+                c.execute("PRAGMA foreign_keys=ON")
+            except BaseException:
+                c.close()  # a damaged file: no descriptor left behind
+                raise
             self._local.conn = c
         return c
 
@@ -642,6 +679,10 @@ class State:
             _move(c, SERIES_MACHINE, series_uid, SeriesState.RECEIVING,
                   "skip_reason=NULL, last_instance_at=MAX(last_instance_at, ?), completed_at=NULL", (t,))
             return True
+
+    def instance_count(self) -> int:
+        n: int = self._conn().execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+        return n
 
     def instances(self, series_uid: str) -> list[InstanceRow]:
         rows = self._conn().execute("SELECT * FROM instances WHERE series_uid=? ORDER BY sop_uid", (series_uid,))
@@ -809,12 +850,13 @@ class State:
 
     # --- worklist --------------------------------------------------------------------------------
     def worklist(self, order: Sequence[str], *, priorities: Sequence[str] | None = None, limit: int = 500,
-                 offset: int = 0) -> list[WorklistRow]:
+                 offset: int = 0, study_uid: str | None = None) -> list[WorklistRow]:
         """Every series with its newest job, read-first first: priority class in `order` (the
         reading order, `dicom_node.engine.priority.READING_ORDER` values), series not analysed yet
         just before the last class of `order` (routine), then higher score, then earlier arrival.
 
-        `priorities`: only these classes (use "" for series without a priority yet)."""
+        `priorities`: only these classes (use "" for series without a priority yet); `study_uid`:
+        only that study's series. Every value is a bound parameter, never part of the SQL text."""
         n = len(order)
         rank = "CASE j.priority_class " + " ".join("WHEN ? THEN ?" for _ in order) + f" ELSE {max(n - 1, 0)} END"
         rank_args: list[object] = []
@@ -826,6 +868,9 @@ class State:
             where = "WHERE (j.priority_class IN (" + ",".join("?" * len(wanted)) + ")" if wanted else "WHERE (0"
             where += " OR j.priority_class IS NULL)" if "" in priorities else ")"
             args = list(wanted)
+        if study_uid is not None:
+            where = (where + " AND" if where else "WHERE") + " s.study_uid = ?"
+            args.append(study_uid)
         rows = self._conn().execute(
             "SELECT s.series_uid s_series_uid, s.study_uid s_study_uid, s.state s_state, s.first_instance_at,"
             " s.last_instance_at, s.n_instances, s.skip_reason, j.* FROM series s"
@@ -836,6 +881,18 @@ class State:
         return [WorklistRow(r["s_series_uid"], r["s_study_uid"], SeriesState(r["s_state"]), r["first_instance_at"],
                             r["last_instance_at"], r["n_instances"], r["skip_reason"],
                             _job(r) if r["id"] is not None else None) for r in rows]
+
+    def first_instance_paths(self, series_uids: Sequence[str]) -> dict[str, str]:
+        """series UID -> the spooled path of one of its instances (the web worklist reads study and
+        patient fields from that file's header: they are not kept in this database)."""
+        out: dict[str, str] = {}
+        uids = list(series_uids)
+        for i in range(0, len(uids), 500):  # well under SQLite's bound-parameter limit
+            chunk = uids[i:i + 500]
+            rows = self._conn().execute("SELECT series_uid, MIN(path) p FROM instances WHERE series_uid IN ("
+                                        + ",".join("?" * len(chunk)) + ") GROUP BY series_uid", chunk)
+            out.update({r["series_uid"]: r["p"] for r in rows})
+        return out
 
     # --- notifications ----------------------------------------------------------------------------
     def notifications(self, job_id: int | None = None, state: NotificationState | None = None) -> list[NotificationRow]:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from dicom_node.durability.state import SeriesState
 from dicom_node.engine.background import BackgroundLoop
 from dicom_node.engine.selection import SelectionDecision, read_header, select_series
-from dicom_node.log import get_logger
+from dicom_node.log import error_text, get_logger
 
 if TYPE_CHECKING:
     from dicom_node.config import Config
@@ -78,7 +78,7 @@ class CompletionScheduler(BackgroundLoop):
         try:
             decision = select_series(read_header(paths), self.config.selection) if paths else None
         except Exception as e:  # unreadable header: skip with the reason
-            decision = SelectionDecision(False, f"header unreadable: {type(e).__name__}: {str(e)[:120]}")
+            decision = SelectionDecision(False, f"header unreadable: {error_text(e, 160)}")  # kept as skip_reason
         if decision is None:
             decision = SelectionDecision(False, "no instances in the spool")
         if decision.incomplete and self.config.results.not_analysed_sr:

@@ -1,4 +1,6 @@
-"""Prometheus metrics, health and readiness on `metrics_port` (`/metrics`, `/healthz`, `/readyz`).
+"""Prometheus metrics of the node; served with health and readiness on `metrics_port` (`/metrics`,
+`/healthz`, `/readyz`) by the node's ASGI app (`dicom_node.web.app`, prometheus-client's ASGI app for
+`/metrics`) in a uvicorn thread (`dicom_node.web.server.HttpServer`).
 
 `/healthz` answers 200 with a JSON body while the node is healthy and 503 with the same body, whose
 `reasons` say why, when it is not (`Node.health`: spool disk below `min_free_disk_mb`, deliveries to
@@ -13,19 +15,16 @@ send_failures_total{destination}, deliveries_total.
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 if TYPE_CHECKING:
     from dicom_node.durability.state import JobRow, State
 
-__all__ = ["NodeMetrics", "MetricsServer"]
+__all__ = ["NodeMetrics"]
 
 
 class _JobsCollector:
@@ -76,51 +75,3 @@ class NodeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class MetricsServer:
-    """Tiny HTTP server: GET /metrics (Prometheus text), GET /healthz and GET /readyz (JSON; 200 when
-    `ok` / `ready` is true in what `health` / `ready` return, else 503).
-
-    The port is bound in the constructor, so a port in use fails there (OSError), before anything else."""
-
-    def __init__(self, metrics: NodeMetrics, host: str, port: int, health: Callable[[], dict[str, Any]],
-                 ready: Callable[[], dict[str, Any]] | None = None) -> None:
-        m, h = metrics, health
-        r = ready or (lambda: {"ready": True})
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                path = self.path.split("?")[0]
-                if path == "/metrics":
-                    body, ctype, code = m.render(), CONTENT_TYPE_LATEST, 200
-                elif path in ("/healthz", "/readyz"):
-                    info = h() if path == "/healthz" else r()
-                    good = info.get("ok") if path == "/healthz" else info.get("ready")
-                    body, ctype, code = json.dumps(info).encode(), "application/json", 200 if good else 503
-                else:
-                    body, ctype, code = b"not found: try /metrics, /healthz or /readyz\n", "text/plain", 404
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # keep access logs out of the JSON event stream
-                pass
-
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return int(self.httpd.server_address[1])
-
-    def start(self) -> MetricsServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()

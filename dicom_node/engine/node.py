@@ -13,10 +13,18 @@ before `scp_listening` for the metrics port, and nothing is left running.
 
 `health()` (served as `/healthz`) is unhealthy, with `reasons`, when the spool disk has less free
 space than `min_free_disk_mb`, when every delivery to a destination has failed for longer than
-`[health] delivery_failure_s`, or when the SCP is not listening after start. `reload(config)`
+`[health] delivery_failure_s`, when the SCP is not listening after start, or when one of the worker
+threads (completion, worker dispatch, sender, notifier, retention) has died (`dicom_node.engine.health`,
+the thread named). Its `log_sink` says how many log lines could not be written (a closed pipe, a full
+disk): a failing log never stops the node (`dicom_node.log`). `reload(config)`
 applies the keys that can change while running (`LIVE_KEYS`: destinations, selection, allow-list,
 retry, health, quiet period, log level, priority rules, notification targets) and reports the others as needing a restart; `dicom-node
 serve` calls it on SIGHUP.
+
+The state database must match the spool: a damaged one (`StateDamaged`, `PRAGMA quick_check` at open)
+or one without instance records over a spool that holds instances (deleted, truncated, replaced)
+stops the node with one line naming the file and the fix (`dicom-node serve --rebuild-state`,
+`dicom_node.durability.rebuild`).
 
 Start-up recovery (before the SCP accepts anything): stray temp files are removed; jobs that were
 running go back to the queue (their deterministic result UIDs make a re-run overwrite, never
@@ -36,16 +44,20 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from dicom_node.durability.rebuild import spool_has_instances
 from dicom_node.durability.spool import Spool
-from dicom_node.durability.state import JobState, State
+from dicom_node.durability.state import REBUILD_HINT, JobState, State
+from dicom_node.engine.background import BackgroundLoop
 from dicom_node.engine.completion import CompletionScheduler
 from dicom_node.engine.delivery import Sender
-from dicom_node.engine.metrics import MetricsServer, NodeMetrics
+from dicom_node.engine.health import thread_liveness
+from dicom_node.engine.metrics import NodeMetrics
 from dicom_node.engine.retention import Retention
 from dicom_node.engine.worker import JobBody, Worker, destinations_for
-from dicom_node.log import get_logger
+from dicom_node.log import get_logger, log_sink_status
 from dicom_node.network.receive import Receiver
 from dicom_node.notify.outbox import NotificationSender
+from dicom_node.web.server import HttpServer
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -111,6 +123,11 @@ class Node:
         self.log = get_logger("dicom_node.engine.node")
         self.spool = Spool(config.data_dir, min_free_disk_mb=config.min_free_disk_mb)
         self.state = State(config.data_path / "state.sqlite")
+        if self.state.instance_count() == 0 and spool_has_instances(self.spool.spool_dir):
+            self.state.close()
+            raise NodeError(f"state database {self.state.path} has no instance records but the spool {self.spool.spool_dir} "
+                            "holds received instances (the database was deleted, truncated or replaced); the node will "
+                            f"not start over them with its history lost: {REBUILD_HINT}")
         self.metrics = NodeMetrics(self.state)
         self.retention = Retention(config, self.state, self.spool)
         self.sender = Sender(config, self.state, self.spool, on_failure=self.metrics.send_failed,
@@ -121,7 +138,7 @@ class Node:
         self.notifier = NotificationSender(config, self.state)
         self.completion = CompletionScheduler(config, self.state, self.spool, on_queued=self.worker.wake)
         self.receiver = Receiver(config, self.spool, self.state, on_stored=self.metrics.stored, on_refused=self.metrics.refused)
-        self.metrics_server: MetricsServer | None = None
+        self.metrics_server: HttpServer | None = None
         self._stopped = threading.Event()
         self._reload = threading.Event()
         self._prepared = False
@@ -176,12 +193,18 @@ class Node:
             if cfg.health.delivery_failure_s and now - since > cfg.health.delivery_failure_s:
                 reasons.append(f"deliveries to {dest} have failed for {now - since:.0f} s (more than "
                                f"health.delivery_failure_s {cfg.health.delivery_failure_s:g}); last error: {err}")
+        if self.started_at is not None:
+            reasons += thread_liveness(self._loops())[1]
         counts = self.state.job_counts()
         self.state.close()
         return {"ok": not reasons, "reasons": reasons, "ready": self._prepared, "ae_title": cfg.ae_title,
                 "port": self.port, "free_disk_mb": round(free), "min_free_disk_mb": cfg.min_free_disk_mb,
                 "failing_destinations": failing, "jobs": counts,
-                "uptime_s": round(now - (self.started_at or now), 1)}
+                "uptime_s": round(now - (self.started_at or now), 1), "log_sink": log_sink_status()}
+
+    def _loops(self) -> tuple[BackgroundLoop, ...]:
+        """The node's worker threads, for `/healthz` (`thread_liveness`)."""
+        return (self.completion, self.worker, self.sender, self.notifier, self.retention)
 
     def ready(self) -> dict[str, Any]:
         """The `/readyz` body: `ready` once the job body is prepared (model loaded) and the SCP listens."""
@@ -219,8 +242,7 @@ class Node:
         c = self.config
         if c.metrics_port:  # bound first: a busy metrics port fails before anything listens or runs
             try:
-                self.metrics_server = MetricsServer(self.metrics, c.metrics_host, c.metrics_port, self.health,
-                                                    self.ready).start()
+                self.metrics_server = self._http_server().start()
             except OSError as e:
                 self.state.close()
                 raise NodeError(_port_error("metrics_port", c.metrics_host, c.metrics_port, e, "--metrics-port")) from None
@@ -246,6 +268,7 @@ class Node:
         self.retention.start()
         self.started_at = time.time()
         self.log.info("node_started", ae_title=self.config.ae_title, port=self.port, metrics_port=self.metrics_port,
+                      worklist=bool(c.web.enabled and self.metrics_server), https=bool(c.web.tls and self.metrics_server),
                       destinations=[str(d) for d in self.config.destinations], quiet_period_s=self.config.quiet_period_s)
         if block:
             try:
@@ -258,6 +281,16 @@ class Node:
             finally:
                 self.stop()
         return self
+
+    def _http_server(self) -> HttpServer:
+        """The HTTP port: /metrics, /healthz, /readyz, and the worklist + API when [web] enabled."""
+        from dicom_node.web.app import WebContext, create_app
+
+        c = self.config
+        app = create_app(WebContext(c, self.state, self.spool, self.metrics, self.health, self.ready))
+        return HttpServer(app, c.metrics_host, c.metrics_port, max_connections=c.web.max_connections,
+                          read_timeout_s=c.web.read_timeout_s, keepalive_s=c.web.keepalive_s,
+                          certfile=c.tls.cert if c.web.tls else "", keyfile=c.tls.key if c.web.tls else "")
 
     def _abort_start(self) -> None:
         if self.metrics_server:

@@ -36,7 +36,7 @@ from dicom_node.durability.spool import Spool
 from dicom_node.durability.state import JobOutcome, JobRow, JobState, State, stage_durations
 from dicom_node.engine.background import BackgroundLoop
 from dicom_node.engine.priority import Findings, decide_priority
-from dicom_node.log import get_logger
+from dicom_node.log import error_text, get_logger
 from dicom_node.notify.document import notifications_for, study_context
 
 __all__ = ["JobContext", "JobResult", "RunJob", "JobBody", "Worker", "destinations_for"]
@@ -169,7 +169,7 @@ class Worker(BackgroundLoop):
             result = self.run_job(ctx)
             uids = self._write_outbox(job.id, result)
         except Exception as e:
-            err = f"{type(e).__name__}: {str(e)[:500]}"
+            err = error_text(e)  # another library's message may quote a field value: not into the log or database
             log.error("job_failed", error=err, stage="run", s=round(time.perf_counter() - t0, 3))
             outcome = self._outcome(job, rows[0].path if rows else None, None, err)
             finished, rerun = self.state.finish_job(job.id, JobState.FAILED, error=err, outcome=outcome)

@@ -17,6 +17,12 @@ their received neighbours (`dicom_node.imaging.gaps`), so the `CtSeries` is regu
 nearest received neighbour (results reference only received slices: `received_indices`). The
 default factor 1 fills nothing. A refusal's `SeriesError.plain` says the reason in plain words for
 a "not analysed" report.
+
+Geometry is checked before anything is computed from it: ImageOrientationPatient must be two
+orthogonal unit vectors (within `GEOMETRY_TOLERANCE`) and RescaleSlope non-zero (absent = 1), else
+`SeriesError` (a "not analysed" SR says why). Dates and times in the header that do not parse
+(`PatientBirthDate` `19O10203`) are emptied in `ref_dataset` (`dicom_node.imaging.dates`), so the
+results are still made and the raw value is never copied or logged.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from dicom_node.imaging.dates import clear_malformed_dates
 from dicom_node.imaging.gaps import SliceGap, bridge, classify_gaps
 from dicom_node.log import get_logger
 
@@ -267,6 +274,13 @@ def _floats(value: Any, n: int, what: str, series_uid: str, sop_uid: str) -> np.
     return arr
 
 
+def _rescale_slope(item: Dataset) -> float:
+    """RescaleSlope of an instance or functional group item: 1 when absent or empty, else its value as written
+    (0 included: `_check_consistent` refuses it rather than reading it as 1)."""
+    value = item.get("RescaleSlope")
+    return 1.0 if value is None or value == "" else float(value)
+
+
 def _slices_of(ds: Dataset, series_uid: str) -> list[_Slice]:
     sop_uid = str(ds.get("SOPInstanceUID", "") or "")
     sop_class = str(ds.get("SOPClassUID", "") or "")
@@ -285,7 +299,7 @@ def _slices_of(ds: Dataset, series_uid: str) -> list[_Slice]:
                     "PlanePositionSequence/PlaneOrientationSequence/PixelMeasuresSequence; expected "
                     "them in the shared or per-frame functional groups"
                 )
-            slope = float(val_item.get("RescaleSlope", 1.0)) if val_item is not None else float(ds.get("RescaleSlope", 1.0))
+            slope = _rescale_slope(val_item if val_item is not None else ds)
             intercept = (
                 float(val_item.get("RescaleIntercept", 0.0)) if val_item is not None else float(ds.get("RescaleIntercept", 0.0))
             )
@@ -314,7 +328,7 @@ def _slices_of(ds: Dataset, series_uid: str) -> list[_Slice]:
             pixel_spacing=_floats(ds.get("PixelSpacing"), 2, "PixelSpacing", series_uid, sop_uid),
             rows=rows,
             cols=cols,
-            slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
+            slope=_rescale_slope(ds),
             intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
         )
     ]
@@ -347,8 +361,42 @@ def _check_instances(uid: str, items: list[Dataset]) -> None:
         )
 
 
+#: how far from 1 a direction cosine's length, and from 0 the row and column cosines' dot product, may be:
+#: scanners write 4-6 decimals, so real orientations are within 1e-4; 0.01 still refuses (1,0,0,0.6,0.8,0)
+#: (dot 0.6) and (2,0,0,0,2,0) (length 2)
+GEOMETRY_TOLERANCE = 0.01
+
+
+def _check_geometry(uid: str, s: _Slice) -> None:
+    """Orientation made of two orthogonal unit vectors, and a usable RescaleSlope: the voxel grid and HU rest on them."""
+    row, col = s.orientation[:3], s.orientation[3:]
+    lengths = (float(np.linalg.norm(row)), float(np.linalg.norm(col)))
+    dot = float(np.dot(row, col))
+    where = f"instance {s.sop_uid}{_frame_txt(s)}"
+    if max(abs(n - 1.0) for n in lengths) > GEOMETRY_TOLERANCE:
+        raise SeriesError(
+            f"Series {uid}: {where} has ImageOrientationPatient {np.round(s.orientation, 4).tolist()} whose row and "
+            f"column cosines have lengths {lengths[0]:.3f} and {lengths[1]:.3f}; expected unit vectors",
+            plain=f"the image orientation is invalid (direction cosines of length {lengths[0]:.2f} and "
+                  f"{lengths[1]:.2f}, not 1): the slice geometry cannot be trusted")
+    if abs(dot) > GEOMETRY_TOLERANCE:
+        angle = float(np.degrees(np.arccos(np.clip(dot / (lengths[0] * lengths[1]), -1.0, 1.0))))
+        raise SeriesError(
+            f"Series {uid}: {where} has ImageOrientationPatient {np.round(s.orientation, 4).tolist()} whose row and "
+            f"column cosines are {angle:.1f} degrees apart; expected orthogonal unit vectors",
+            plain=f"the image orientation is invalid (image rows and columns {angle:.0f} degrees apart, not 90): "
+                  "the slice geometry cannot be trusted")
+    if not np.isfinite(s.slope) or s.slope == 0.0:
+        raise SeriesError(
+            f"Series {uid}: {where} has RescaleSlope {s.slope:g}; expected a non-zero number (HU = value x slope + "
+            "intercept)",
+            plain=f"the pixel values cannot be converted to Hounsfield units (RescaleSlope {s.slope:g})")
+
+
 def _check_consistent(uid: str, slices: list[_Slice]) -> None:
     first = slices[0]
+    for s in slices:
+        _check_geometry(uid, s)
     for s in slices[1:]:
         if np.max(np.abs(s.orientation - first.orientation)) > _ORIENTATION_TOLERANCE:
             raise SeriesError(
@@ -519,6 +567,10 @@ def _instance_number(ds: Dataset) -> int | None:
 
 
 def _ref_dataset(ds: Dataset) -> Dataset:
+    cleared = clear_malformed_dates(ds)  # before the copy: copying converts values, and pydicom warns with them
+    if cleared:
+        _log.warning("malformed_dates_cleared", series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+                     keywords=list(cleared), note="values not logged; the results carry these attributes empty")
     ref = Dataset()
     for elem in ds:
         if elem.tag not in _PIXEL_TAGS:

@@ -30,6 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -44,6 +46,7 @@ from dicom_node.labels import ALL_LABELS, STUDY_LABELS, WINDOW_LABEL
 
 __all__ = [
     "MANIFEST_NAME",
+    "onnxruntime_module",
     "SCHEMA_VERSION",
     "DEFAULT_WEAK_AUROC_FLOOR",
     "R3D18_HEATMAP_GRID",
@@ -68,6 +71,7 @@ __all__ = [
     "sha256_file",
     "read_onnx_opset",
     "load_bundle",
+    "load_manifest_only",
     "verify_bundle",
     "default_bundle_path",
 ]
@@ -620,6 +624,26 @@ def load_bundle(path: str | Path) -> Bundle:
     return Bundle(path=path, manifest=manifest)
 
 
+def load_manifest_only(path: str | Path) -> Bundle:
+    """The manifest of a bundle whose graphs live elsewhere (on a Triton server): `path` is a bundle
+    directory or a manifest file (the `<model>.manifest.json` copy `dicom-node-export triton` writes).
+
+    Schema and values are checked as by `load_bundle`; the graph files are not read: the remote engine
+    compares their sha256 from the manifest with what the server says it serves
+    (`dicom_node.model.triton`). The returned `Bundle.path` is the directory of the manifest.
+    """
+    path = Path(path)
+    mpath = path / MANIFEST_NAME if path.is_dir() else path
+    if not mpath.is_file():
+        raise BundleError(f"bundle {path}: no {MANIFEST_NAME} there and not a manifest file; point inference.bundle "
+                          "at a bundle directory or at the <model>.manifest.json of a Triton model repository")
+    try:
+        data = json.loads(mpath.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"bundle {mpath}: not valid JSON ({exc})") from exc
+    return Bundle(path=mpath.parent, manifest=_parse_manifest(data, f"bundle {mpath}"))
+
+
 def _random_feed(graph: GraphSpec, batch: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feed = {}
@@ -634,8 +658,32 @@ def _random_feed(graph: GraphSpec, batch: int, seed: int) -> dict[str, np.ndarra
     return feed
 
 
-def _run_graph(path: Path, key: str, graph: GraphSpec, batch: int) -> dict[str, tuple[int, ...]]:
+def onnxruntime_module() -> types.ModuleType:
+    """onnxruntime, with its telemetry off (once per process).
+
+    A hospital network node sends nothing anywhere it was not told to. onnxruntime builds with 1DS
+    telemetry create a device-id store under `~/.cache/Microsoft/DeveloperTools/` when the library
+    loads and may upload events; `ORT_DISABLE_TELEMETRY=1`, read when the library loads, stops both
+    (so it is set before the first import, unless the environment says otherwise), and
+    `disable_telemetry_events()` stops the events of a library someone imported earlier. Every
+    place that makes an onnxruntime session gets the module from here (`Predictor`, the bundle check)."""
+    global _telemetry_off
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     import onnxruntime as ort
+
+    if not _telemetry_off:
+        off = getattr(ort, "disable_telemetry_events", None)
+        if off is not None:  # absent from builds compiled without telemetry
+            off()
+        _telemetry_off = True
+    return ort
+
+
+_telemetry_off = False
+
+
+def _run_graph(path: Path, key: str, graph: GraphSpec, batch: int) -> dict[str, tuple[int, ...]]:
+    ort = onnxruntime_module()
 
     try:
         sess = ort.InferenceSession(str(path / graph.file), providers=["CPUExecutionProvider"])

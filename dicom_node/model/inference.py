@@ -30,7 +30,7 @@ from dicom_node.imaging.cam_grid import CamGrid
 from dicom_node.imaging.preprocess import PreprocessConfig, Windows
 from dicom_node.labels import ALL_LABELS, STUDY_LABELS, WINDOW_LABEL, make_consistent, sigmoid
 from dicom_node.log import get_logger
-from dicom_node.model.bundle import Bundle, GraphSpec, load_bundle
+from dicom_node.model.bundle import Bundle, GraphSpec, load_bundle, onnxruntime_module
 from dicom_node.model.sequence import from_fixed_length, to_fixed_length
 
 __all__ = ["Prediction", "Predictor", "InferenceError", "available_providers"]
@@ -105,9 +105,7 @@ class Prediction:
 
 
 def available_providers() -> list[str]:
-    import onnxruntime as ort
-
-    return list(ort.get_available_providers())
+    return list(onnxruntime_module().get_available_providers())
 
 
 def _same_preprocessing(a: PreprocessConfig, b: PreprocessConfig) -> list[str]:
@@ -123,6 +121,10 @@ class Predictor:
     `require_gpu=True` refuses to start unless CUDA actually runs the graphs. `intra_op_threads`
     None lets onnxruntime choose; `graph_optimization` is one of disable/basic/extended/all.
     `precision="auto"` uses the bundle's float16 graphs when CUDA runs and the bundle has them.
+
+    The engine is the two stage runners `_stage1` and `_stage2` (and the start-up that makes them):
+    `dicom_node.model.triton.TritonPredictor` replaces exactly those to run the stages on a Triton
+    server; `check_windows` and `predict`, and so everything downstream, are shared.
     """
 
     def __init__(
@@ -136,8 +138,7 @@ class Predictor:
         precision: str = "auto",
         warmup: bool = True,
     ) -> None:
-        import onnxruntime as ort
-
+        ort = onnxruntime_module()
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.manifest = m = self.bundle.manifest
         if batch_size < 1:

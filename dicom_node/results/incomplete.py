@@ -23,16 +23,16 @@ from typing import TYPE_CHECKING, Any
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as PydicomSequence
 
-from dicom_node import RESEARCH_USE_STATEMENT, __version__
+from dicom_node import RESEARCH_USE_STATEMENT
+from dicom_node.imaging.dates import clear_malformed_dates
 from dicom_node.results.codes import (
     COMMENT,
     IMPRESSION,
     PE_FINDING,
     PROCEDURE_CODES,
     QUALITATIVE_EVALUATIONS,
-    private_scheme_item,
 )
-from dicom_node.results.sr import BundleInfo, ReportError, device_observer_context
+from dicom_node.results.sr import BundleInfo, ReportError, device_observer_context, research_sr
 from dicom_node.results.uids import result_uid
 
 if TYPE_CHECKING:
@@ -102,25 +102,8 @@ def build_not_analysed_sr(
     containers = [i for i, item in enumerate(root.ContentSequence) if item.ValueType == "CONTAINER"]
     root.ContentSequence.insert(containers[0] if containers else len(root.ContentSequence), statement)
     evidence = list({str(h.SOPInstanceUID): _evidence(h) for h in headers}.values())
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence,
-        content=root,
-        series_instance_uid=result_uid("sr-series", series_uid, bundle.model_uid, revision),
-        series_number=series_number,
-        sop_instance_uid=result_uid("sr", series_uid, bundle.model_uid, revision),
-        instance_number=1,
-        manufacturer=bundle.manufacturer,
-        is_complete=False,
-        is_final=False,
-        is_verified=False,
-        previous_versions=[predecessor] if predecessor is not None else None,
-        performed_procedure_codes=[PROCEDURE_CODES[0]],
-    )
-    sr.SeriesDescription = series_description[:64]
-    sr.ManufacturerModelName = bundle.name[:64]
-    sr.SoftwareVersions = [f"dicom-node {__version__}", f"{bundle.name} {bundle.version}"[:64]]  # type: ignore[assignment]
-    sr.CodingSchemeIdentificationSequence = [private_scheme_item()]
-    return sr
+    return research_sr(root, evidence, series_uid, bundle, revision=revision, series_number=series_number,
+                       series_description=series_description, predecessor=predecessor)
 
 
 def _not_evaluated(series_uid: str, model_uid: str, revision: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -141,6 +124,7 @@ def _not_evaluated(series_uid: str, model_uid: str, revision: int) -> hd.sr.Meas
 def _evidence(header: Dataset) -> Dataset:
     """The header without pixel data (evidence needs the UIDs and the patient/study context only); the
     patient and study attributes an SR must carry (type 2) are added empty where the sender left them out."""
+    clear_malformed_dates(header)  # a birth date such as 19O10203 would make highdicom refuse the SR
     ds = Dataset()
     for elem in header:
         if elem.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):

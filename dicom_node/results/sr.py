@@ -117,6 +117,7 @@ __all__ = [
     "impression",
     "predecessor_reference",
     "region_point",
+    "research_sr",
 ]
 
 DEVICE_NAME = "dicom-node PE"
@@ -332,12 +333,27 @@ def build_sr(
     root.ContentSequence.insert(first_container, statement)
     root.ContentSequence.insert(first_container + 1, image_library(library))
 
+    # slices interpolated over a gap are no instances
+    return research_sr(root, [images[z] for z in series.received_indices], series.series_instance_uid, bundle,
+                       revision=revision, series_number=series_number, series_description=series_description,
+                       predecessor=predecessor, institution_name=institution_name)
+
+
+def research_sr(content: Any, evidence: Sequence[Dataset], series_uid: str, bundle: BundleInfo, *, revision: int,
+                series_number: int, series_description: str, predecessor: Any = None,
+                institution_name: str | None = None) -> hd.sr.Comprehensive3DSR:
+    """The Comprehensive 3D SR around `content` (a TID 1500 root) that every report of the node is: its UIDs
+    derived from the source series, model and revision, never complete, final or verified (research use), the
+    previous revision named when there is one, the node's and the model's versions in SoftwareVersions.
+    `build_sr` (an analysed series) and `build_not_analysed_sr` (a refused one) both end here."""
+    import highdicom as hd
+
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[images[z] for z in series.received_indices],  # slices interpolated over a gap are no instances
-        content=root,
-        series_instance_uid=result_uid("sr-series", series.series_instance_uid, bundle.model_uid, revision),
+        evidence=evidence,
+        content=content,
+        series_instance_uid=result_uid("sr-series", series_uid, bundle.model_uid, revision),
         series_number=series_number,
-        sop_instance_uid=result_uid("sr", series.series_instance_uid, bundle.model_uid, revision),
+        sop_instance_uid=result_uid("sr", series_uid, bundle.model_uid, revision),
         instance_number=1,
         manufacturer=bundle.manufacturer,
         institution_name=institution_name,

@@ -277,13 +277,11 @@ def _scan(input_dir: Path, out_dir: Path, say: Callable[[str], None]) -> tuple[d
 def _predictor(config: Config) -> Predictor:
     from dicom_node.model.bundle import BundleError
     from dicom_node.model.inference import InferenceError
-    from dicom_node.pipeline import bundle_dir, get_predictor
+    from dicom_node.pipeline import bundle_dir, predictor_for
 
     inf = config.inference
     try:
-        return get_predictor(inf.bundle, inf.providers, inf.require_gpu, intra_op_threads=inf.intra_op_threads or None,
-                             graph_optimization=inf.graph_optimization, batch_size=inf.batch_size,
-                             precision=inf.precision)
+        return predictor_for(config)
     except (BundleError, InferenceError, OSError) as e:
         raise AnalyseError(f"model bundle {bundle_dir(inf.bundle)}: {e}") from None
 

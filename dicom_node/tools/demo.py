@@ -7,7 +7,9 @@
 4. sends both studies to the node by C-STORE, like a scanner would;
 5. waits for the SRs and heatmap images to arrive in the PACS, reads the findings back from the
    received SRs and prints them as a table, writes the heatmap Secondary Captures as PNG files;
-6. shuts everything down.
+6. with `--worklist`: keeps the node running with its web worklist on 127.0.0.1 and prints the URL
+   and a one-time login (user `demo`, a random password), until Ctrl-C (or `--worklist-for`);
+7. shuts everything down.
 
 The demo model was trained on synthetic phantoms only: research use, never on patients.
 """
@@ -223,6 +225,21 @@ def _print_findings(studies: list[DemoStudy], results: list[Dataset]) -> dict[st
     return by_study
 
 
+def _serve_worklist(node: Any, password: str, seconds: float) -> None:
+    """Keep the node (and its worklist) running until Ctrl-C, or for `seconds` when > 0."""
+    url = f"http://127.0.0.1:{node.metrics_port}/worklist"
+    print(f"\nworklist: {url}")
+    print(f"log in as: demo / {password}   (a one-time demo login; it ends with this demo)")
+    print("the positive study is ranked first; open it for the heatmap previews. "
+          + (f"Stopping in {seconds:g} s." if seconds > 0 else "Stop with Ctrl-C."), flush=True)
+    deadline = time.monotonic() + seconds if seconds > 0 else float("inf")
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print()
+
+
 #: written into every demo output folder: only a folder holding it is ever emptied by a later demo
 DEMO_MARKER = ".dicom-node-demo"
 #: what the demo writes into its output folder (and so the only entries a re-run removes)
@@ -251,7 +268,8 @@ def prepare_output_dir(out: Path) -> str | None:
 
 
 def run_demo(out_dir: Path | None = None, *, bundle: str = "", prefer_orthanc: bool = True,
-             quiet_period_s: float = 2.0, timeout_s: float = 240.0, verbose: bool = False) -> int:
+             quiet_period_s: float = 2.0, timeout_s: float = 240.0, verbose: bool = False, worklist: bool = False,
+             worklist_for_s: float = 0.0) -> int:
     """Run the demo (see module docstring); return 0 when the results of both studies came back.
 
     Whether the model's calls match the phantoms' truth is printed, not turned into the exit status:
@@ -281,10 +299,20 @@ def run_demo(out_dir: Path | None = None, *, bundle: str = "", prefer_orthanc: b
     node = None
     try:
         print(f"[2/5] receiving PACS: {pacs.kind} ({pacs.aet}@127.0.0.1:{pacs.port})")
+        web: dict[str, Any] = {}
+        password = ""
+        if worklist:  # a one-time user: the password exists only in this process and on the screen
+            import secrets
+
+            from dicom_node.web.auth import hash_password
+
+            password = secrets.token_urlsafe(9)
+            web = {"metrics_port": free_port(), "metrics_host": "127.0.0.1", "web.enabled": True,
+                   "web.users": [f"demo:{hash_password(password)}"], "web.refresh_s": 10}
         config = load_config(overrides={
             "ae_title": "PENODE", "host": "127.0.0.1", "port": node_port, "data_dir": str(work / "node-data"),
             "quiet_period_s": quiet_period_s, "min_free_disk_mb": 64, "inference.bundle": bundle,
-            "results.send_kos": True, "log.json": False,
+            "results.send_kos": True, "log.json": False, **web,
         })
         config = replace(config, destinations=(Destination(pacs.aet, "127.0.0.1", pacs.port),))
         node = Node(config).start()
@@ -316,6 +344,8 @@ def run_demo(out_dir: Path | None = None, *, bundle: str = "", prefer_orthanc: b
                    "the model's calls do NOT match the truth for both studies (a small phantom-trained model "
                    "misses some studies: see dicom_node/model/README.md for its measured quality)")
         print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s: results for both studies came back; {verdict}")
+        if worklist:
+            _serve_worklist(node, password, worklist_for_s)
         return 0
     finally:
         if node is not None:

@@ -3,7 +3,6 @@ association policy (called AE, allow-list, TLS), disk minimum and malformed inpu
 
 from __future__ import annotations
 
-import datetime
 import ssl
 import sys
 
@@ -18,6 +17,7 @@ from dicom_node.durability.state import State
 from dicom_node.engine.node import Node
 from dicom_node.log import configure_logging
 from nodekit import phantom_series, sc_job, storescu
+from pki import self_signed
 
 pytestmark = pytest.mark.dcmtk
 
@@ -159,39 +159,9 @@ def test_other_storage_rejected_when_configured(make_node, tmp_path):
     assert CTImageStorage in accepted and MRImageStorage not in accepted
 
 
-def _self_signed(tmp_path):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    def make(cn, issuer_key=None, issuer_name=None, ca=False):
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name or name)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-                .sign(issuer_key or key, hashes.SHA256()))
-        return key, cert
-
-    ca_key, ca_cert = make("test-ca", ca=True)
-    paths = {}
-    for who in ("server", "client"):
-        key, cert = make(who, ca_key, ca_cert.subject)
-        (tmp_path / f"{who}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                                serialization.NoEncryption()))
-        (tmp_path / f"{who}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        paths[who] = (str(tmp_path / f"{who}.pem"), str(tmp_path / f"{who}.key"))
-    (tmp_path / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    return paths, str(tmp_path / "ca.pem")
-
-
 def test_tls_association_with_client_certificate(make_node, tmp_path):
     pytest.importorskip("cryptography")
-    paths, ca = _self_signed(tmp_path)
+    paths, ca = self_signed(tmp_path)
     node = make_node(**{"tls.enabled": True, "tls.cert": paths["server"][0], "tls.key": paths["server"][1],
                         "tls.ca": ca, "tls.verify_client": True})
     files = phantom_series(tmp_path / "in", n_slices=8)
@@ -214,7 +184,7 @@ def test_tls_association_with_client_certificate(make_node, tmp_path):
 
 def test_storescu_without_tls_cannot_store_on_tls_port(make_node, tmp_path):
     pytest.importorskip("cryptography")
-    paths, ca = _self_signed(tmp_path)
+    paths, ca = self_signed(tmp_path)
     node = make_node(**{"tls.enabled": True, "tls.cert": paths["server"][0], "tls.key": paths["server"][1]})
     files = phantom_series(tmp_path / "in", n_slices=8)
     r = storescu(node.port, files[:1], timeout=60)

@@ -5,47 +5,29 @@ with patient identity in the notifications when configured and never in the node
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 
 import pydicom
 import pytest
 
-from conftest import needs_dcmtk
 from dicom_node.config import load_config
 from dicom_node.durability.state import NotificationState
 from dicom_node.engine.node import Node
 from dicom_node.engine.priority import READING_ORDER
 from dicom_node.log import configure_logging
 from dicom_node.notify.webhook import SIGNATURE_HEADER, verify_signature
-from nodekit import PATIENT_BIRTH, PATIENT_ID, PATIENT_NAME, storescu, wait_until
+from nodekit import PATIENT_BIRTH, PATIENT_ID, PATIENT_NAME, demo_like_studies, storescu, wait_until
 from notify_peers import MllpListener, WebhookListener
+from peers import needs_dcmtk
 
 PHI = (PATIENT_NAME, PATIENT_ID, PATIENT_BIRTH, "Testperson", "Phantomina", "93817264")
-
-
-def _demo_like_studies(root):
-    """The demo's two studies (dicom_node.tools.demo: same phantom geometry and seeds), with the test patient."""
-    from dicom_node.tools.demo import DEMO_PHANTOM
-    from dicom_node_phantoms import PhantomConfig, generate_study, write_study
-
-    cfg = PhantomConfig(**DEMO_PHANTOM)
-    out = {}
-    for name, seed, kind in (("positive", 20261125, "positive"), ("negative", 20261126, "negative")):
-        st = generate_study(seed, cfg, kind=kind)
-        while kind == "positive" and not st.study_labels["central_pe"]:
-            seed += 2
-            st = generate_study(seed, cfg, kind=kind)
-        st = dataclasses.replace(st, patient_name=PATIENT_NAME, patient_id=PATIENT_ID, patient_birth_date=PATIENT_BIRTH)
-        out[name] = write_study(st, root / name)
-    return out
 
 
 @needs_dcmtk
 @pytest.mark.slow
 def test_a_real_node_ranks_the_positive_study_first_and_notifies_webhook_and_ris(tmp_path):
-    studies = _demo_like_studies(tmp_path / "in")
+    studies = demo_like_studies(tmp_path / "in")
     hook, mllp = WebhookListener().start(), MllpListener().start()
     log_path = tmp_path / "node.log"
     log = open(log_path, "w")

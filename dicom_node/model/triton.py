@@ -1,0 +1,330 @@
+"""The remote engine: a bundle's two stages run on an NVIDIA Triton Inference Server (KServe v2 protocol).
+
+`TritonPredictor` is a `Predictor` (same `predict`, same `Prediction`; everything downstream is
+unchanged) whose two stages are requests to a Triton server instead of local onnxruntime sessions:
+stage 1 in batches of `batch_size` windows (at most the server's `max_batch_size`), stage 2 once per
+study. Triton batches the requests of several nodes dynamically on its GPUs.
+
+The repository the server serves is written by `dicom-node-export triton` (`dicom_node_export.triton`):
+models `<model>_stage1` and `<model>_stage2` (`<model>` = `triton_model_name(manifest)`, the bundle's
+name and version unless the export named it otherwise), each carrying in its config `parameters`
+the bundle's version, model UID and the sha256 of the ONNX graph it serves (`PARAM_*`). The node
+reads the manifest only (`inference.bundle` = the bundle directory or the repository's
+`<model>.manifest.json`) and at start checks, before it accepts any study:
+
+- the server is live (one request within `triton_timeout_s`);
+- both models are ready;
+- their config parameters name this bundle's version, model UID and graph sha256 (so a node never
+  reports results of a graph other than the one its manifest describes);
+- their input/output names, datatypes and dims equal the manifest's graph specs (`triton_dims`).
+
+Any difference refuses the start with one line naming the model, what differs and the fix, as a bad
+bundle does (`InferenceError`). During a job a failed request (server gone, timeout, model unloaded)
+raises `InferenceError` naming the server, the model and the cause: the job fails like any other job
+failure, keeps its spooled instances and is run again by `dicom-node resend` (or a re-sent instance).
+
+`tritonclient` (the `[triton]` extra) is imported only here and only when the engine is used. One
+client per thread: the HTTP client (geventhttpclient) must not be shared between OS threads, and the
+worker runs `worker.concurrency` jobs on their own threads.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dicom_node.log import get_logger
+from dicom_node.model.bundle import Bundle, BundleManifest, GraphSpec, TensorSpec, load_manifest_only
+from dicom_node.model.inference import InferenceError, Predictor
+
+if TYPE_CHECKING:
+    from dicom_node.config import InferenceConfig
+
+__all__ = ["TritonSettings", "TritonPredictor", "triton_model_name", "triton_dims", "triton_datatype",
+           "PARAM_BUNDLE_NAME", "PARAM_BUNDLE_VERSION", "PARAM_MODEL_UID", "PARAM_ONNX_SHA256", "PARAM_STAGE",
+           "STAGES"]
+
+log = get_logger("dicom_node.model.triton")
+
+#: config.pbtxt `parameters` the export writes and the node checks (string values)
+PARAM_BUNDLE_NAME = "bundle_name"
+PARAM_BUNDLE_VERSION = "bundle_version"
+PARAM_MODEL_UID = "model_uid"
+PARAM_ONNX_SHA256 = "onnx_sha256"
+PARAM_STAGE = "stage"
+STAGES = ("stage1", "stage2")
+_DATATYPES = {"float32": "FP32", "float16": "FP16"}
+
+
+def triton_model_name(manifest: BundleManifest) -> str:
+    """The default Triton model name prefix of a bundle: `<name>-<version>`, characters outside
+    `[A-Za-z0-9_.-]` replaced by `_`, so two versions of one model sit side by side in one repository."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{manifest.name}-{manifest.version}")
+
+
+def triton_dims(spec: TensorSpec) -> tuple[int, ...]:
+    """The Triton `dims` of a batched tensor: the manifest shape without its batch dim, symbolic dims as -1.
+    A tensor that is only the batch dim (the stage-1 `window_logit`) is `[1]` (the export reshapes it to `[]`)."""
+    dims = tuple(d if isinstance(d, int) else -1 for d in spec.shape[1:])
+    return dims or (1,)
+
+
+def triton_datatype(spec: TensorSpec) -> str:
+    """The KServe v2 datatype of a manifest tensor (FP32 or FP16)."""
+    return _DATATYPES[spec.dtype]
+
+
+@dataclass(frozen=True)
+class TritonSettings:
+    """Where the Triton server is and how to talk to it (the `[inference] triton_*` keys).
+
+    `url` is `host:port` (gRPC port 8001 or HTTP port 8000 of the official container); `model` empty
+    = `triton_model_name(manifest)`; `timeout_s` bounds every request (start checks and inference);
+    `tls` with `ca` (server verification) and optionally `cert`/`key` (client certificate).
+    """
+
+    url: str = "127.0.0.1:8001"
+    protocol: str = "grpc"
+    model: str = ""
+    timeout_s: float = 30.0
+    tls: bool = False
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+    @classmethod
+    def from_config(cls, inf: InferenceConfig) -> TritonSettings:
+        return cls(url=inf.triton_url, protocol=inf.triton_protocol, model=inf.triton_model,
+                   timeout_s=inf.triton_timeout_s, tls=inf.triton_tls, ca=inf.triton_ca, cert=inf.triton_cert,
+                   key=inf.triton_key)
+
+    @property
+    def where(self) -> str:
+        """The server as logs and messages name it, e.g. `grpc://127.0.0.1:8001` (TLS: `grpcs://`)."""
+        scheme = {"grpc": "grpc", "http": "http"}[self.protocol] + ("s" if self.tls else "")
+        return f"{scheme}://{self.url}"
+
+
+class _Client:
+    """The few KServe v2 calls the node makes, over gRPC or HTTP, answers normalised to plain dicts."""
+
+    def __init__(self, s: TritonSettings) -> None:
+        self.s = s
+        try:
+            if s.protocol == "grpc":
+                import tritonclient.grpc as mod
+            else:
+                import tritonclient.http as mod
+        except ImportError as exc:
+            raise InferenceError(f"inference.engine = triton needs the Triton client ({exc}); install the [triton] "
+                                 "extra: pip install -c constraints.txt 'dicom-node-pe[triton]'") from None
+        self.mod = mod
+        if s.protocol == "grpc":
+            self.c: Any = mod.InferenceServerClient(
+                s.url, ssl=s.tls, root_certificates=s.ca or None, private_key=s.key or None,
+                certificate_chain=s.cert or None)
+        else:
+            ssl_options = {k: v for k, v in (("ca_certs", s.ca), ("certfile", s.cert), ("keyfile", s.key)) if v}
+            self.c = mod.InferenceServerClient(s.url, ssl=s.tls, ssl_options=ssl_options or None,
+                                               connection_timeout=s.timeout_s, network_timeout=s.timeout_s)
+
+    def _kw(self) -> dict[str, Any]:
+        # gRPC takes a deadline per call; the HTTP client's timeouts were set when it was made
+        return {"client_timeout": self.s.timeout_s} if self.s.protocol == "grpc" else {}
+
+    def live(self) -> bool:
+        return bool(self.c.is_server_live(**self._kw()))
+
+    def ready(self, model: str) -> bool:
+        return bool(self.c.is_model_ready(model, **self._kw()))
+
+    def config(self, model: str) -> dict[str, Any]:
+        cfg = self.c.get_model_config(model, as_json=True, **self._kw()) if self.s.protocol == "grpc" \
+            else self.c.get_model_config(model)
+        return dict(cfg.get("config", cfg))
+
+    def metadata(self, model: str) -> dict[str, Any]:
+        meta = self.c.get_model_metadata(model, as_json=True, **self._kw()) if self.s.protocol == "grpc" \
+            else self.c.get_model_metadata(model)
+        return dict(meta)
+
+    def infer(self, model: str, feed: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        inputs = []
+        for name, arr in feed.items():
+            t = self.mod.InferInput(name, list(arr.shape), "FP16" if arr.dtype == np.float16 else "FP32")
+            t.set_data_from_numpy(arr)
+            inputs.append(t)
+        wanted = [self.mod.InferRequestedOutput(n) for n in outputs]
+        res = self.c.infer(model, inputs, outputs=wanted, **self._kw())
+        return {n: res.as_numpy(n) for n in outputs}
+
+
+class TritonPredictor(Predictor):
+    """A `Predictor` whose stages run on a Triton server (see the module docstring for the start checks).
+
+    `bundle` is a `Bundle`, a bundle directory or a `<model>.manifest.json` file; `batch_size` is the
+    stage-1 request size (capped at the server's `max_batch_size`); `warmup` sends one window and one
+    sequence at start, so a model that loads but cannot run refuses the start too.
+    """
+
+    def __init__(self, bundle: Bundle | str | Path, settings: TritonSettings, *, batch_size: int = 8,
+                 warmup: bool = True) -> None:
+        if settings.protocol not in ("grpc", "http"):
+            raise InferenceError(f"triton protocol '{settings.protocol}' is not one of grpc, http")
+        if batch_size < 1:
+            raise InferenceError(f"batch_size must be >= 1, got {batch_size}")
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_manifest_only(bundle)
+        self.manifest = m = self.bundle.manifest
+        if m.family != "ma2022":  # its stage 2 has other inputs and outputs (dicom_node.model.bundle)
+            raise InferenceError(f"bundle {self.bundle.path} is a {m.family} model; the Triton engine runs ma2022 "
+                                 "bundles only so far: set [inference] engine = onnxruntime for it")
+        self.settings = settings
+        self.precision = "fp32"
+        self.execution_provider = f"triton {settings.where}"
+        prefix = settings.model or triton_model_name(m)
+        self.models = {stage: f"{prefix}_{stage}" for stage in STAGES}
+        self._local = threading.local()
+        max_batch = self._check_server()
+        self.batch_size = min(batch_size, max_batch)
+        if self.batch_size < batch_size:
+            log.info("triton_batch_capped", requested=batch_size, max_batch_size=max_batch, model=self.models["stage1"])
+        warm_s = 0.0
+        if warmup:
+            t0 = time.perf_counter()
+            window_shape = tuple(int(d) for d in m.stage1.inputs[0].shape[1:])
+            self._stage1(np.zeros((1, *window_shape), dtype=np.float32))
+            self._stage2(np.zeros((m.sequence_length, m.feature_dim), np.float32), np.ones(m.sequence_length, np.float32))
+            warm_s = time.perf_counter() - t0
+        log.info("model_loaded", engine="triton", server=settings.where, models=list(self.models.values()),
+                 model_name=m.name, model_version=m.version, model_uid=m.model_uid, batch_size=self.batch_size,
+                 warmup_s=round(warm_s, 3))
+
+    # ------------------------------------------------------------------------------------------ start checks
+
+    def _client(self) -> _Client:
+        c: _Client | None = getattr(self._local, "client", None)
+        if c is None:
+            c = self._local.client = _Client(self.settings)
+        return c
+
+    def _drop_client(self) -> None:
+        c: _Client | None = getattr(self._local, "client", None)
+        self._local.client = None
+        if c is not None:
+            try:
+                c.c.close()
+            except Exception:  # closing a broken connection may fail too; the new client does not need it
+                pass
+
+    def _refuse(self, what: str) -> InferenceError:
+        return InferenceError(f"Triton server {self.settings.where}: {what}")
+
+    def _check_server(self) -> int:
+        """Live, both models ready, parameters and signatures equal to the manifest; returns stage 1's max batch."""
+        m, c = self.manifest, self._client()
+        try:
+            live = c.live()
+        except Exception as exc:  # tritonclient raises its own and socket errors
+            raise self._refuse(f"not reachable ({_cause(exc)}); start the server or fix inference.triton_url "
+                               "and inference.triton_protocol") from None
+        if not live:
+            raise self._refuse("is not live; check the server's log")
+        max_batch = 0
+        for stage, graph in (("stage1", m.stage1), ("stage2", m.stage2)):
+            name = self.models[stage]
+            try:
+                ready = c.ready(name)
+                cfg = c.config(name) if ready else {}
+                meta = c.metadata(name) if ready else {}
+            except Exception as exc:
+                raise self._refuse(f"model {name}: {_cause(exc)}; generate the repository with "
+                                   "`dicom-node-export triton BUNDLE --out REPO` and serve it") from None
+            if not ready:
+                raise self._refuse(f"model {name} is not ready (not in the repository, or it failed to load); "
+                                   f"serve the repository `dicom-node-export triton` wrote for bundle {m.name} "
+                                   f"{m.version}, or set inference.triton_model to its model name")
+            self._check_parameters(name, stage, graph, cfg)
+            self._check_signature(name, graph, meta)
+            if stage == "stage1":
+                max_batch = int(cfg.get("max_batch_size") or 0)
+            elif int(cfg.get("max_batch_size") or 0) < 1:
+                raise self._refuse(f"model {name} has max_batch_size {cfg.get('max_batch_size')!r}; expected >= 1")
+        if max_batch < 1:
+            raise self._refuse(f"model {self.models['stage1']} has max_batch_size {max_batch}; expected >= 1 "
+                               "(dicom-node-export triton --max-batch N)")
+        return max_batch
+
+    def _check_parameters(self, name: str, stage: str, graph: GraphSpec, cfg: dict[str, Any]) -> None:
+        m = self.manifest
+        params = {k: (v or {}).get("string_value", "") for k, v in (cfg.get("parameters") or {}).items()}
+        expect = {PARAM_BUNDLE_VERSION: m.version, PARAM_MODEL_UID: m.model_uid,
+                  PARAM_ONNX_SHA256: m.files.get(graph.file, ""), PARAM_STAGE: stage}
+        for key, want in expect.items():
+            have = params.get(key)
+            if have is None:
+                raise self._refuse(f"model {name} has no config parameter '{key}'; it was not made from this bundle "
+                                   f"by `dicom-node-export triton`; regenerate the repository from bundle {m.name} "
+                                   f"{m.version}")
+            if have != want:
+                raise self._refuse(f"model {name} serves {key} {have!r} but bundle {m.name} {m.version} "
+                                   f"({self.bundle.path}) has {want!r}; serve the repository generated from this "
+                                   "bundle, or point inference.bundle at the manifest of the served one")
+
+    def _check_signature(self, name: str, graph: GraphSpec, meta: dict[str, Any]) -> None:
+        for kind, specs in (("inputs", graph.inputs), ("outputs", graph.outputs)):
+            served = [(str(t.get("name")), str(t.get("datatype")), tuple(int(d) for d in t.get("shape", ())))
+                      for t in meta.get(kind, [])]
+            expect = [(s.name, triton_datatype(s), (-1, *triton_dims(s))) for s in specs]
+            if sorted(served) != sorted(expect):
+                raise self._refuse(f"model {name} {kind} are {_sig(served)}; bundle {self.manifest.name} "
+                                   f"{self.manifest.version} needs {_sig(expect)}; regenerate the repository with "
+                                   "dicom-node-export triton")
+
+    # ------------------------------------------------------------------------------------------ the stages
+
+    def _run(self, stage: str, feed: dict[str, np.ndarray], graph: GraphSpec) -> list[np.ndarray]:
+        name = self.models[stage]
+        try:
+            out = self._client().infer(name, feed, tuple(s.name for s in graph.outputs))
+        except Exception as exc:
+            # a fresh connection for the next request of this thread: a gRPC channel to a server that went away
+            # backs off before it reconnects, and the job's re-run should find the server as soon as it is back
+            self._drop_client()
+            raise InferenceError(f"Triton server {self.settings.where}: {stage} request to model {name} failed "
+                                 f"({_cause(exc)}); the job fails and runs again with `dicom-node resend` "
+                                 "once the server answers") from None
+        batch = next(iter(feed.values())).shape[0]
+        arrays = []
+        for spec in graph.outputs:
+            dims = tuple(d for d in spec.shape[1:] if isinstance(d, int))
+            arr = np.asarray(out[spec.name], dtype=np.float32)
+            arrays.append(arr.reshape(batch, *dims) if len(dims) == len(spec.shape) - 1 else arr)
+        return arrays
+
+    def _stage1(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        g = self.manifest.stage1
+        feats, logit, heat = self._run("stage1", {"windows": np.ascontiguousarray(batch, dtype=np.float32)}, g)
+        return feats, logit, heat
+
+    def _stage2(self, x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        g = self.manifest.stage2
+        feed = {"features": np.ascontiguousarray(x[None], dtype=np.float32),
+                "mask": np.ascontiguousarray(mask[None], dtype=np.float32)}
+        wl, sl, att = self._run("stage2", feed, g)
+        return wl[0], sl[0], att[0]
+
+
+def _cause(exc: BaseException) -> str:
+    """One line: the exception's type and first line (tritonclient's messages can run to many lines)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+def _sig(items: list[tuple[str, str, tuple[int, ...]]]) -> str:
+    return ", ".join(f"{n} {dt} {list(shape)}" for n, dt, shape in items)

@@ -1,0 +1,162 @@
+"""Who may see the worklist and do what: password and token checks, login sessions, CSRF, the audit log.
+
+* Users are `name:argon2-hash` entries of `[web] users`; `hash_password` makes the hash (argon2id with
+  argon2-cffi's parameters, a random salt per hash). `check_password` verifies in constant time and,
+  for an unknown name, verifies against a dummy hash, so the answer time does not tell which user
+  names exist.
+* API tokens are `name:sha256-hex` entries of `[web] api_tokens`; `new_token` makes a random token
+  (256 bits) and its digest. A token is compared by digest: it is random, so a slow hash would add
+  latency to every API call without adding strength.
+* `Sessions` keeps login sessions in memory (a restart logs everyone out, which is the safe way
+  round); a session has a random id (the cookie) and its own CSRF token, which every state-changing
+  request must echo (form field `csrf_token` or header `X-CSRF-Token`). Bearer-token requests carry
+  no ambient credential a third-party page could ride on, so they need no CSRF token.
+* `AuditLog` appends one JSON line per access (time, user, client, action, study and series UID,
+  outcome) to its own file, not to the operational log. UIDs are not patient identity; names,
+  IDs and birth dates never go there either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+__all__ = ["Principal", "Session", "Sessions", "AuditLog", "Credentials", "hash_password", "new_token",
+           "token_digest"]
+
+_HASHER = PasswordHasher()
+#: verified when the user name is unknown, so that a wrong name costs the same time as a wrong password
+_DUMMY_HASH = _HASHER.hash(secrets.token_hex(16))
+
+
+def hash_password(password: str) -> str:
+    """An argon2id hash (random salt) for `[web] users` (`name:<this>`)."""
+    if not password:
+        raise ValueError("the password is empty; choose one of at least 8 characters")
+    return _HASHER.hash(password)
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> tuple[str, str]:
+    """(token, sha256 hex digest): the token goes to the API client, the digest into `[web] api_tokens`."""
+    token = secrets.token_urlsafe(32)
+    return token, token_digest(token)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: a logged-in user or an API token's name; `admin` may run the admin actions."""
+
+    name: str
+    admin: bool
+    via: str  # "session" or "token"
+
+
+class Credentials:
+    """The users and tokens of `[web]`, checked without revealing which names exist."""
+
+    def __init__(self, users: tuple[str, ...], api_tokens: tuple[str, ...], admins: tuple[str, ...]) -> None:
+        self.users = dict(u.split(":", 1) for u in users)
+        self.tokens = {digest: name for name, digest in (t.split(":", 1) for t in api_tokens)}
+        self.admins = set(admins)
+
+    def _principal(self, name: str, via: str) -> Principal:
+        return Principal(name, admin=not self.admins or name in self.admins, via=via)
+
+    def check_password(self, name: str, password: str) -> Principal | None:
+        stored = self.users.get(name)
+        try:
+            ok = _HASHER.verify(stored or _DUMMY_HASH, password) and stored is not None
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            ok = False
+        return self._principal(name, "session") if ok else None
+
+    def check_token(self, token: str) -> Principal | None:
+        digest = token_digest(token)
+        for known, name in self.tokens.items():
+            if hmac.compare_digest(known, digest):
+                return self._principal(name, "token")
+        return None
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    principal: Principal
+    csrf_token: str
+    expires_at: float
+
+
+class Sessions:
+    """Login sessions in memory, each ending `idle_s` after its last use."""
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self._by_id: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def create(self, principal: Principal) -> Session:
+        s = Session(secrets.token_urlsafe(32), principal, secrets.token_urlsafe(32), time.time() + self.idle_s)
+        with self._lock:
+            now = time.time()
+            self._by_id = {k: v for k, v in self._by_id.items() if v.expires_at > now}
+            self._by_id[s.id] = s
+        return s
+
+    def get(self, session_id: str | None) -> Session | None:
+        if not session_id:
+            return None
+        with self._lock:
+            s = self._by_id.get(session_id)
+            if s is None or s.expires_at <= time.time():
+                self._by_id.pop(session_id, None)
+                return None
+            s = Session(s.id, s.principal, s.csrf_token, time.time() + self.idle_s)
+            self._by_id[s.id] = s
+            return s
+
+    def end(self, session_id: str | None) -> None:
+        with self._lock:
+            self._by_id.pop(session_id or "", None)
+
+
+class AuditLog:
+    """Append-only JSON lines: who saw which study, which action, with what outcome."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, *, user: str, client: str, action: str, outcome: str, study_uid: str | None = None,
+              series_uid: str | None = None, job_id: int | None = None, detail: str | None = None) -> None:
+        entry: dict[str, str | int] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "user": user, "client": client,
+                                       "action": action,
+                 "outcome": outcome}
+        entry.update({k: v for k, v in (("study_uid", study_uid), ("series_uid", series_uid), ("job_id", job_id),
+                                        ("detail", detail)) if v is not None})
+        line = json.dumps(entry) + "\n"
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+
+    def entries(self) -> list[dict[str, object]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,177 @@
+"""Node processes with `[inference] engine = "triton"` against a real Triton server process (tritonserver of
+nvidia-pytriton on loopback, `dicom_node.tools.triton_server`), dcmtk storescu as the scanners and dcmtk
+storescp as the PACS:
+
+* a node whose Triton server is down refuses to start, in one line;
+* two nodes on different ports share one Triton: every study is delivered exactly once, its SR equal to
+  the SR the same study gets from local onnxruntime (probabilities to 1e-5, the same key slices), and
+  the server ran stage 2 exactly once per study;
+* the server is killed while a job's request is in flight: the job fails naming the server and the
+  cause, nothing is delivered; with the server back, `dicom-node resend` runs it and the study is
+  delivered exactly once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_node.durability.state import JobState, State
+from dicom_node.model.bundle import default_bundle_path, load_bundle
+from dicom_node.model.inference import Predictor
+from dicom_node.pipeline import analyse_series
+from dicom_node.results import ResultOptions
+from dicom_node.tools.pacs import free_port
+from nodekit import REPO, NodeProcess, phantom_series, storescu, wait_until, write_config
+from peers import start_triton
+
+pytestmark = [pytest.mark.dcmtk]
+
+SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def _node(workdir: Path, repo, server, dest, **cfg) -> NodeProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    return NodeProcess(workdir, destinations=[f"STORESCP@127.0.0.1:{dest.port}"], quiet=1.0, job=None, **{
+        "inference.engine": "triton", "inference.bundle": str(repo.manifest), "inference.triton_url": server.grpc_url,
+        "inference.batch_size": 2, "inference.triton_timeout_s": 20.0, "results.top_k_heatmaps": 1, **cfg})
+
+
+def _srs(folder: Path) -> list[pydicom.Dataset]:
+    out = []
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            try:
+                ds = pydicom.dcmread(f)
+            except Exception:  # storescp is still writing it: the next poll reads it whole
+                continue
+            if str(ds.get("SOPClassUID", "")) == SR:
+                out.append(ds)
+    return out
+
+
+def _content(ds: pydicom.Dataset) -> list[tuple[str, str, object]]:
+    """Every content item of an SR as (value type, concept, value); NUM values as floats."""
+    out: list[tuple[str, str, object]] = []
+    for item in ds.get("ContentSequence", []):
+        concept = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
+        vt = item.ValueType
+        if vt == "NUM":
+            value: object = float(item.MeasuredValueSequence[0].NumericValue)
+        elif vt == "IMAGE":
+            value = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        elif vt == "TEXT":
+            value = str(item.TextValue)
+        elif vt == "CODE":
+            value = item.ConceptCodeSequence[0].CodeMeaning
+        else:
+            value = None
+        out.append((vt, concept, value))
+        out += _content(item)
+    return out
+
+
+def _assert_same_sr(remote: pydicom.Dataset, local: pydicom.Dataset) -> None:
+    a, b = _content(remote), _content(local)
+    assert [(vt, c) for vt, c, _ in a] == [(vt, c) for vt, c, _ in b]
+    for (vt, concept, va), (_, _, vb) in zip(a, b):
+        if vt == "NUM":
+            assert va == pytest.approx(vb, abs=1e-5), concept
+        elif isinstance(va, str) and "execution_provider=" in va:
+            assert "execution_provider=triton grpc://127.0.0.1:" in va  # the one line that says where it ran
+        else:
+            assert va == vb, (vt, concept)
+    images = [v for vt, _, v in a if vt == "IMAGE"]
+    assert images, "the SR references its key slices"
+
+
+def test_a_node_whose_triton_server_is_down_refuses_to_start_in_one_line(triton_repo, tmp_path):
+    port = free_port()
+    cfg = write_config(tmp_path / "node.toml", ae_title="PENODE", port=free_port(), data_dir=str(tmp_path / "data"),
+                       **{"inference.engine": "triton", "inference.bundle": str(triton_repo.manifest),
+                          "inference.triton_url": f"127.0.0.1:{port}", "inference.triton_timeout_s": 2.0})
+    r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)], capture_output=True,
+                       text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith(f"dicom-node serve: cannot start: Triton server grpc://127.0.0.1:{port}: not reachable")
+    assert "fix inference.triton_url" in r.stderr
+
+
+def test_two_nodes_share_one_triton_and_deliver_every_study_exactly_once_with_the_local_sr(triton_repo, storescp,
+                                                                                          tmp_path):
+    server = start_triton(triton_repo, tmp_path / "triton")
+    nodes = [_node(tmp_path / f"node{i}", triton_repo, server, storescp).start() for i in range(2)]
+    try:
+        assert nodes[0].port != nodes[1].port
+        studies = [phantom_series(tmp_path / f"in{i}", n_slices=60, rows=128, seed=40 + i) for i in range(4)]
+        senders = [subprocess.Popen(["/usr/bin/storescu", "-aet", "SCANNER", "-aec", "PENODE", "127.0.0.1",
+                                     str(nodes[i % 2].port), *map(str, files)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True) for i, files in enumerate(studies)]
+        for s in senders:  # all four studies arrive at the same time, two per node
+            out, _ = s.communicate(timeout=120)
+            assert s.returncode == 0 and "E:" not in out, out
+        wait_until(lambda: len(_srs(storescp.outdir)) >= 4, 180, "four SRs delivered")
+        for n in nodes:
+            st = State(n.workdir / "data" / "state.sqlite")
+            wait_until(lambda st=st: len(st.jobs(JobState.DONE)) == 2, 60, "both jobs of a node done")
+            st.close()
+        time.sleep(2.0)  # nothing more may follow
+        srs = {str(ds.StudyInstanceUID): ds for ds in _srs(storescp.outdir)}
+        assert len(_srs(storescp.outdir)) == 4 and len(srs) == 4, "exactly one SR per study"
+        # the server ran stage 2 once per study (+ one warm-up per node start): no request was repeated
+        counts = server.infer_counts()
+        assert counts["pe-demo-tiny-0.2.0_stage2"] == 4 + 2, counts
+        local = Predictor(load_bundle(default_bundle_path()), providers=("CPUExecutionProvider",))
+        for files in studies:
+            ref = analyse_series(files, local, ResultOptions(key_slices=1)).sr
+            remote = srs[str(ref.StudyInstanceUID)]
+            assert remote.SOPInstanceUID == ref.SOPInstanceUID  # deterministic UIDs: the same result object
+            _assert_same_sr(remote, ref)
+        for n in nodes:
+            assert any(e.get("event") == "model_loaded" and e.get("engine") == "triton" for e in n.events())
+    finally:
+        for n in nodes:
+            n.stop()
+        server.stop()
+
+
+def test_a_server_killed_mid_job_fails_the_job_and_resend_delivers_it_once_when_the_server_is_back(
+        triton_repo, storescp, tmp_path):
+    # each request takes 1.5 s inside the server, so the kill lands while the job's request is in flight
+    server = start_triton(triton_repo, tmp_path / "triton", env={"TRITON_TEST_DELAY_S": "1.5"})
+    node = _node(tmp_path / "node", triton_repo, server, storescp).start()
+    try:
+        files = phantom_series(tmp_path / "in", n_slices=60, rows=128, seed=51)
+        r = storescu(node.port, files, aet="SCANNER")
+        assert r.returncode == 0 and "E:" not in r.stderr, r.stderr
+        wait_until(lambda: any(e.get("event") == "job_started" for e in node.events()), 60, "job started")
+        time.sleep(0.5)
+        server.kill()
+        failed = wait_until(lambda: [e for e in node.events() if e.get("event") == "job_failed"], 60, "job failed")
+        assert "InferenceError: Triton server grpc://" in failed[0]["error"]
+        assert "request to model pe-demo-tiny-0.2.0_stage" in failed[0]["error"] and "resend" in failed[0]["error"]
+        st = State(node.workdir / "data" / "state.sqlite")
+        # the worker logs job_failed, then records the state
+        (job,) = wait_until(lambda: st.jobs(JobState.FAILED), 30, "job recorded as failed")
+        assert len(st.jobs()) == 1 and "Triton server" in (job.error or "")
+        assert _srs(storescp.outdir) == []
+
+        server.start()  # back on the same ports
+        r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "resend", str(job.id), "--config",
+                            str(node.config)], capture_output=True, text=True, timeout=60, env=node.env)
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: st.job(job.id).state is JobState.DONE, 120, "re-run job done")
+        time.sleep(1.5)
+        srs = _srs(storescp.outdir)
+        assert len(srs) == 1 and str(srs[0].StudyInstanceUID) == str(pydicom.dcmread(files[0]).StudyInstanceUID)
+        assert [j.state for j in st.jobs()] == [JobState.DONE]
+        st.close()
+    finally:
+        node.stop()
+        server.stop()
