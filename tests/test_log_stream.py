@@ -104,10 +104,12 @@ def test_serve_stdout_is_one_json_object_per_line_with_duplicates_summarised(tmp
         assert r.returncode == 0 and "E:" not in r.stderr, r.stderr
         wait_until(lambda: node.stdout_has('"series_completed"'), 30, "series_completed logged")
         _broken_peer(node.port)  # pynetdicom logs errors (one with a traceback) of its own
-        r = storescu(node.port, files)  # the same study again: every instance is a duplicate
+        # the same study again: every instance is a duplicate; the job failed (one destination refused), so the
+        # re-send is the repair (State.duplicate_received): the series is analysed and delivered once more
+        r = storescu(node.port, files)
         assert r.returncode == 0 and "E:" not in r.stderr, r.stderr
-        wait_until(lambda: node.stdout_has('"job_finished"') and node.stdout_count('"association_released"') >= 2, 60,
-                   "job_finished and the second association released")
+        wait_until(lambda: node.stdout_count('"delivery_failed"') >= 2 and node.stdout_count('"association_released"') >= 2,
+                   90, "the re-opened job's delivery failed too and the second association released")
     finally:
         node.stop()
     lines = _assert_stream(node)
@@ -116,7 +118,8 @@ def test_serve_stdout_is_one_json_object_per_line_with_duplicates_summarised(tmp
             "delivery_failed", "job_finished", "association_released"} <= set(events)
     assert [o for o in lines if o["event"] == "results_sent"][0]["destination"].startswith("STORESCP@")
     failed = [o for o in lines if o["event"] == "delivery_failed"]
-    assert len(failed) == 1 and failed[0]["destination"] == f"NOBODY@127.0.0.1:{closed}" and failed[0]["attempts"] == 2
+    assert len(failed) == 2  # the first job and the one the re-send re-opened
+    assert all(o["destination"] == f"NOBODY@127.0.0.1:{closed}" and o["attempts"] == 2 for o in failed), failed
     # the broken peer made pynetdicom log errors of its own: JSON with level, logger and the traceback
     foreign = [o for o in lines if o.get("logger", "").startswith("pynetdicom")]
     assert any(o["event"] == "Unable to decode the received PDU data" and o["level"] == "error"
@@ -127,6 +130,7 @@ def test_serve_stdout_is_one_json_object_per_line_with_duplicates_summarised(tmp
     first = [o for o in lines if o["event"] == "instance_duplicate"]
     summary = [o for o in lines if o["event"] == "instances_duplicate"]
     assert len(first) == 1 and first[0]["series_uid"] == series_uid and first[0]["level"] == "info"
+    assert first[0]["series_reopened"] is True
     assert len(summary) == 1 and summary[0]["series_uid"] == series_uid and summary[0]["count"] == len(files)
     assert summary[0]["calling_aet"] == "STORESCU"
     assert len(first) + len(summary) < len(files)
