@@ -31,12 +31,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-# torch looks for the `triton` package when its compiler stack is first imported (Adam's first step, the ONNX
-# exporter); with benchmarks/ on sys.path it would find benchmarks/triton.py (the Triton serving benchmark)
-# instead and fail. Import that stack while the path is clean.
-import torch._dynamo  # noqa: E402,F401  (for its side effect, before benchmarks/ is on the path)
-
 REPO = Path(__file__).resolve().parents[1]
+# torch looks for the `triton` package when its compiler stack is first imported (Adam's first step, the ONNX
+# exporter); with benchmarks/ on sys.path (python puts a script's folder first) it finds benchmarks/triton.py,
+# the Triton serving benchmark, and fails. Import that stack with benchmarks/ off the path, then put it back.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
+import torch._dynamo  # noqa: E402,F401  (for its side effect)
+
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
