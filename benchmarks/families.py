@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -98,7 +99,8 @@ def export(run: Path, bundle: Path, name: str) -> int:
         from dicom_node_export.bundle import bundle_from_run
 
         bundle_from_run(run, bundle, name=f"bench-{name}", version="0.0.0",
-                        data_description="synthetic phantoms (benchmarks/families.py)")
+                        data_description="synthetic phantoms (benchmarks/families.py)",
+                        commands=[shlex.join(["benchmarks/families.py", *sys.argv[1:]])])
     return sum(f.stat().st_size for f in bundle.iterdir() if f.is_file())
 
 

@@ -237,6 +237,8 @@ the last conv block in closed form) and a bidirectional Conv-LSTM over the {sequ
 Input: {preprocess.slabs} slabs of {preprocess.window_slices} slices (every {preprocess.slab_stride}th of
 {preprocess.slabs * preprocess.slab_stride} resized lung slices)"""
     cmd = "\n".join(commands) if commands else "(not recorded)"
+    consistency = ("; labels follow the RSNA-STR consistency rules." if family == "ma2022" else
+                   "; one label, so no label-consistency rules apply.")
     return f"""# Model card: {name} {version}
 
 Model UID `{model_uid}`, exported {created}.
@@ -266,7 +268,7 @@ Research and software testing of the PE-detection DICOM node only.
 
 ## Limits
 - Metrics hold only for data like the data above; they say nothing about real patients unless that data was real CTPA.
-- Thresholds were chosen on the run's validation split; labels follow the RSNA-STR consistency rules.
+- Thresholds were chosen on the run's validation split{consistency}
 - Heatmaps are coarse ({preprocess.window_slices}-slice windows, last-block resolution): they show where the
   window logit comes from, not a segmentation of the clot.
 

@@ -32,7 +32,7 @@ def test_a_shi_bundle_says_its_family_its_one_label_and_its_slab_preprocessing(s
     assert m.stage2.inputs[0].shape == ("batch", 50, 64, 2, 2) and m.stage2.outputs[0].name == "study_logit"
     assert (m.heatmap_grid.stride, m.heatmap_grid.offset) == ((5.0, 16.0, 16.0), (2.0, 0.0, 0.0))
     card = (shi_bundle.path / "MODEL_CARD.md").read_text()
-    assert "Shi et al. 2020" in card and "negative_exam_for_pe" not in card
+    assert "Shi et al. 2020" in card and "negative_exam_for_pe" not in card and "no label-consistency rules" in card
 
 
 def test_both_graphs_match_torch_within_1e_4_at_batch_sizes_1_and_8(shi_bundle):
