@@ -84,7 +84,9 @@ def oracle_heatmaps(series: Any, embolus_mask: np.ndarray, windows: Any, config:
 def cell_size_mm(windows: Any, grid: Any) -> tuple[float, float, float]:
     """(t, h, w) size of one CAM cell in mm on this study: stride x the model voxel size."""
     g = windows.geometry
-    return (grid.stride[0] * g.spacing_mm,
+    # slabs (Shi et al.): the box's z range is resized to z_resize slices, so a slab slice is box / z_resize thick
+    z_mm = g.box_slices * g.spacing_mm / g.z_resize if g.z_resize else g.spacing_mm
+    return (grid.stride[0] * z_mm,
             grid.stride[1] * (g.lung_box[3] - g.lung_box[2]) * g.spacing_mm / g.resize,
             grid.stride[2] * (g.lung_box[5] - g.lung_box[4]) * g.spacing_mm / g.resize)
 

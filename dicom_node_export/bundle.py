@@ -51,7 +51,6 @@ if TYPE_CHECKING:  # torch and training load only when a bundle is made
     from torch import nn
 
     from dicom_node_training.config import TrainConfig
-    from dicom_node_training.models import SequenceModel, VideoResNet
 
 __all__ = ["ExportResult", "write_bundle", "load_checkpoint_models", "read_report", "bundle_from_checkpoints",
            "bundle_from_run", "describe_data", "portable_command", "portable_path", "MODEL_CARD_NAME"]
@@ -215,15 +214,31 @@ def _heatmap_section(metrics: dict, grid: CamGrid) -> str:
 def _model_card(*, name: str, version: str, model_uid: str, created: str, metrics: dict, thresholds: dict,
                 preprocess: PreprocessConfig, sequence_length: int, feature_dim: int, checks: dict,
                 commands: list[str], source: dict, weak_labels: tuple[str, ...] | None = None,
-                weak_auroc_floor: float = DEFAULT_WEAK_AUROC_FLOOR, grid: CamGrid | None = None) -> str:
+                weak_auroc_floor: float = DEFAULT_WEAK_AUROC_FLOOR, grid: CamGrid | None = None,
+                family: str = "ma2022") -> str:
     grid = grid or R3D18_HEATMAP_GRID
+    labels = (WINDOW_LABEL, *STUDY_LABELS) if family == "ma2022" else (WINDOW_LABEL,)
     auroc = metrics.get("test_auroc") or {}
     val = metrics.get("validation_auroc") or {}
     rows = "\n".join(f"| {k} | {_fmt(val.get(k))} | {_fmt(auroc.get(k))} | {thresholds[k]:.3f} | "
                      f"{'weak' if weak_labels and k in weak_labels else ''} |".replace("|  |", "| |")
-                     for k in (WINDOW_LABEL, *STUDY_LABELS))
+                     for k in labels)
     p1, p2 = checks.get("stage1", {}), checks.get("stage2", {})
+    if family == "ma2022":
+        model = f"""Two stages after Ma et al. 2022: a 3D ResNet-18 window encoder (`stage1.onnx`, {feature_dim}-d
+features, window logit, CAM heatmap of the last conv block, which equals Grad-CAM for its
+GAP -> linear head) and a sequence model with nine attention heads over {sequence_length} windows
+(`stage2.onnx`). Input: {preprocess.window_slices}-slice windows"""
+    else:
+        model = f"""Two stages after Shi et al. 2020 (family `shi2020`): a 2D ResNet-18 slab encoder trained with an
+attention loss (`stage1.onnx`: {feature_dim} feature maps per slab, slab logit, the attention map = Grad-CAM of
+the last conv block in closed form) and a bidirectional Conv-LSTM over the {sequence_length} slabs of the study
+(`stage2.onnx`, unrolled) giving one probability, PE present (`{WINDOW_LABEL}`); no other label.
+Input: {preprocess.slabs} slabs of {preprocess.window_slices} slices (every {preprocess.slab_stride}th of
+{preprocess.slabs * preprocess.slab_stride} resized lung slices)"""
     cmd = "\n".join(commands) if commands else "(not recorded)"
+    consistency = ("; labels follow the RSNA-STR consistency rules." if family == "ma2022" else
+                   "; one label, so no label-consistency rules apply.")
     return f"""# Model card: {name} {version}
 
 Model UID `{model_uid}`, exported {created}.
@@ -233,10 +248,7 @@ Research and software testing of the PE-detection DICOM node only.
 **Not a medical device; not for diagnosis, triage or any decision about a patient.**{" This model was trained on synthetic phantom data and must never be used on patients." if "synthetic" in str(metrics.get("data", "")).lower() else ""}
 
 ## Model
-Two stages after Ma et al. 2022: a 3D ResNet-18 window encoder (`stage1.onnx`, {feature_dim}-d
-features, window logit, CAM heatmap of the last conv block, which equals Grad-CAM for its
-GAP -> linear head) and a sequence model with nine attention heads over {sequence_length} windows
-(`stage2.onnx`). Input: {preprocess.window_slices}-slice windows, {preprocess.crop} x {preprocess.crop} crop of
+{model}, {preprocess.crop} x {preprocess.crop} crop of
 {preprocess.resize} x {preprocess.resize}, {preprocess.spacing_mm} mm spacing, HU windows
 {[list(w) for w in preprocess.hu_windows]} (preprocessing version {preprocess.version}).
 
@@ -256,7 +268,7 @@ GAP -> linear head) and a sequence model with nine attention heads over {sequenc
 
 ## Limits
 - Metrics hold only for data like the data above; they say nothing about real patients unless that data was real CTPA.
-- Thresholds were chosen on the run's validation split; labels follow the RSNA-STR consistency rules.
+- Thresholds were chosen on the run's validation split{consistency}
 - Heatmaps are coarse ({preprocess.window_slices}-slice windows, last-block resolution): they show where the
   window logit comes from, not a segmentation of the clot.
 
@@ -275,10 +287,14 @@ Commands:
 """
 
 
-def _heatmap_grid(stage1_model: nn.Module) -> CamGrid:
-    """Where stage 1's heatmap cells sit in the window, from the model's own convolutions (R3D-18: `cam_grid`)."""
+def _heatmap_grid(stage1_model: nn.Module, slices: int = 10) -> CamGrid:
+    """Where stage 1's heatmap cells sit in the window, from the model's own convolutions (R3D-18: `cam_grid`;
+    the slab ResNet-18 of Shi et al.: `cam_grid_2d`, one cell on the central slice of the slab)."""
     from dicom_node_training.models.r3d import VideoResNet, cam_grid
+    from dicom_node_training.models.resnet2d import ResNet2d, cam_grid_2d
 
+    if isinstance(stage1_model, ResNet2d):
+        return cam_grid_2d(stage1_model, slices)
     if not isinstance(stage1_model, VideoResNet):
         raise TypeError(f"stage-1 model {type(stage1_model).__name__}; the export knows the heatmap grid of "
                         "VideoResNet (R3D-18) window encoders only")
@@ -304,6 +320,7 @@ def write_bundle(
     force: bool = False,
     stage1_conv_rewrite: str | None = "gather",
     weak_auroc_floor: float = DEFAULT_WEAK_AUROC_FLOOR,
+    family: str = "ma2022",
 ) -> ExportResult:
     """Export, check and write a bundle directory at `out` (which must not exist, be empty, or `force`).
 
@@ -311,17 +328,23 @@ def write_bundle(
     the default, as Conv2d with BatchNorm folded; None as plain Conv3d, for comparison).
     `weak_auroc_floor`: labels whose `metrics["validation_auroc"]` is below it (or missing) are written as
     `weak_labels`; without `validation_auroc` in `metrics`, `weak_labels` is null (unknown).
+    `family`: "ma2022" (R3D-18 + sequence model) or "shi2020" (slab ResNet-18 + Conv-LSTM over
+    `sequence_length` = `preprocess.slabs` slabs; one label, no float16 variant yet).
     """
     import torch
     from pydicom.uid import generate_uid
 
     from dicom_node_export.onnx_export import (
         FP16_PROB_TOLERANCE,
+        check_parity_shi,
         check_parity_stage1,
         check_parity_stage2,
         convert_fp16,
+        export_shi_stage1,
+        export_shi_stage2,
         export_stage1,
         export_stage2,
+        shi_stage2_specs,
         stage1_specs,
         stage2_specs,
     )
@@ -331,9 +354,14 @@ def write_bundle(
         raise ValueError(f"weak AUROC floor {weak_auroc_floor}; expected a value in [0, 1]")
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"bundle output {out} exists and is not empty; choose a new --out or pass --force")
+    if family not in ("ma2022", "shi2020"):
+        raise ValueError(f"family {family!r}; expected 'ma2022' or 'shi2020'")
+    if family == "shi2020" and fp16:
+        raise ValueError("--fp16: float16 graphs are not made for shi2020 bundles yet; export without --fp16")
+    labels = (WINDOW_LABEL, *STUDY_LABELS) if family == "ma2022" else (WINDOW_LABEL,)
     notes: list[str] = []
     thresholds = dict(thresholds or {})
-    missing = [k for k in (WINDOW_LABEL, *STUDY_LABELS) if k not in thresholds]
+    missing = [k for k in labels if k not in thresholds]
     if missing:
         msg = f"no threshold for {', '.join(missing)} in the report; using 0.5 for those"
         warnings.warn(msg, stacklevel=2)
@@ -342,28 +370,49 @@ def write_bundle(
     stage1_model = stage1_model.eval()
     stage2_model = stage2_model.eval()
     ws, crop = preprocess.window_slices, preprocess.crop
-    in1, out1 = stage1_specs(stage1_model, ws, crop)
+    in1, out1 = stage1_specs(stage1_model, ws, crop, channels=preprocess.channels, family=family)
     feature_dim = int(out1[0].shape[1])
-    in2, out2 = stage2_specs(sequence_length, feature_dim)
+    feature_shape = tuple(int(d) for d in out1[0].shape[1:])
+    if family == "ma2022":
+        in2, out2 = stage2_specs(sequence_length, feature_dim)
+    else:
+        in2, out2 = shi_stage2_specs(sequence_length, feature_shape)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be read by the node's user
     try:
-        with torch.no_grad():
-            g1 = export_stage1(stage1_model, tmp / STAGE1_FILE, window_slices=ws, crop=crop, opset=opset,
-                               conv_rewrite=stage1_conv_rewrite)
-            g2 = export_stage2(stage2_model, tmp / STAGE2_FILE, sequence_length=sequence_length,
-                               feature_dim=feature_dim, opset=opset)
-        checks: dict[str, Any] = {
-            "stage1": check_parity_stage1(g1, tmp / STAGE1_FILE, window_slices=ws, crop=crop,
-                                          batch_sizes=parity_batches).to_json(),
-            "stage2": check_parity_stage2(g2, tmp / STAGE2_FILE, sequence_length=sequence_length,
-                                          feature_dim=feature_dim, batch_sizes=parity_batches).to_json(),
-            "onnx_checker": "passed",
-            "provider": "CPUExecutionProvider",
-            "stage1_conv_rewrite": stage1_conv_rewrite or "none",
-        }
-        log.info("export_parity", stage1_max_logit_diff=checks["stage1"]["worst_logit_diff"],
+        checks: dict[str, Any]
+        if family == "shi2020":
+            with torch.no_grad():
+                s1 = export_shi_stage1(stage1_model, tmp / STAGE1_FILE, channels=preprocess.channels,
+                                       window_slices=ws, crop=crop, opset=opset)
+                s2 = export_shi_stage2(stage2_model, tmp / STAGE2_FILE, sequence_length=sequence_length,
+                                       feature_shape=feature_shape, opset=opset)
+            checks = {
+                "stage1": check_parity_shi(s1, tmp / STAGE1_FILE, "windows", (preprocess.channels, ws, crop, crop),
+                                           tuple(t.name for t in out1), "window_logit",
+                                           batch_sizes=parity_batches).to_json(),
+                "stage2": check_parity_shi(s2, tmp / STAGE2_FILE, "features", (sequence_length, *feature_shape),
+                                           tuple(t.name for t in out2), "study_logit",
+                                           batch_sizes=parity_batches).to_json(),
+                "onnx_checker": "passed", "provider": "CPUExecutionProvider", "stage1_conv_rewrite": "none",
+            }
+        else:
+            with torch.no_grad():
+                g1 = export_stage1(stage1_model, tmp / STAGE1_FILE, window_slices=ws, crop=crop, opset=opset,
+                                   conv_rewrite=stage1_conv_rewrite)
+                g2 = export_stage2(stage2_model, tmp / STAGE2_FILE, sequence_length=sequence_length,
+                                   feature_dim=feature_dim, opset=opset)
+            checks = {
+                "stage1": check_parity_stage1(g1, tmp / STAGE1_FILE, window_slices=ws, crop=crop,
+                                              batch_sizes=parity_batches).to_json(),
+                "stage2": check_parity_stage2(g2, tmp / STAGE2_FILE, sequence_length=sequence_length,
+                                              feature_dim=feature_dim, batch_sizes=parity_batches).to_json(),
+                "onnx_checker": "passed",
+                "provider": "CPUExecutionProvider",
+                "stage1_conv_rewrite": stage1_conv_rewrite or "none",
+            }
+        log.info("export_parity", family=family, stage1_max_logit_diff=checks["stage1"]["worst_logit_diff"],
                  stage2_max_logit_diff=checks["stage2"]["worst_logit_diff"])
         fp16_specs: dict[str, GraphSpec] = {}
         if fp16:
@@ -384,27 +433,28 @@ def write_bundle(
         model_uid = generate_uid()
         metrics = dict(metrics or {})
         val_auroc = metrics.get("validation_auroc")
-        weak = weak_labels_below(val_auroc, weak_auroc_floor) if isinstance(val_auroc, Mapping) else None
+        weak = weak_labels_below(val_auroc, weak_auroc_floor, labels) if isinstance(val_auroc, Mapping) else None
         source = _portable_source(source or {}, Path.cwd())
         (tmp / MODEL_CARD_NAME).write_text(_model_card(
             name=name, version=version, model_uid=model_uid, created=created, metrics=metrics,
             thresholds=thresholds, preprocess=preprocess, sequence_length=sequence_length,
             feature_dim=feature_dim, checks=checks, commands=list(commands or []), source=source,
-            weak_labels=weak, weak_auroc_floor=float(weak_auroc_floor), grid=_heatmap_grid(stage1_model)),
+            weak_labels=weak, weak_auroc_floor=float(weak_auroc_floor), grid=_heatmap_grid(stage1_model, ws),
+            family=family),
             encoding="utf-8")
         files = {f: sha256_file(tmp / f) for f in
                  (STAGE1_FILE, STAGE2_FILE, *(STAGE1_FP16_FILE, STAGE2_FP16_FILE)[: 2 if fp16 else 0], MODEL_CARD_NAME)}
         manifest = BundleManifest(
             name=name, version=version, model_uid=model_uid, created=created,
-            window_label=WINDOW_LABEL, study_labels=STUDY_LABELS,
-            thresholds={k: float(thresholds[k]) for k in (WINDOW_LABEL, *STUDY_LABELS)},
+            window_label=WINDOW_LABEL, study_labels=labels[1:],
+            thresholds={k: float(thresholds[k]) for k in labels},
             preprocessing=preprocess, preprocessing_version=preprocess.version,
             sequence_length=sequence_length, feature_dim=feature_dim, opset=opset,
             stage1=GraphSpec(STAGE1_FILE, in1, out1), stage2=GraphSpec(STAGE2_FILE, in2, out2),
             files=files, versions=_versions(), metrics=metrics, fp16=fp16_specs,
             export_checks={**checks, "warnings": notes, "source": source}, schema_version=SCHEMA_VERSION,
             weak_labels=weak, weak_auroc_floor=float(weak_auroc_floor), weak_labels_source="manifest",
-            heatmap_grid=_heatmap_grid(stage1_model),
+            heatmap_grid=_heatmap_grid(stage1_model, ws), family=family,
         )
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
         verify_bundle(tmp, run_graphs=True)
@@ -425,8 +475,9 @@ def write_bundle(
 
 def load_checkpoint_models(
     stage1_ckpt: str | Path, stage2_ckpt: str | Path,
-) -> tuple[VideoResNet, SequenceModel, TrainConfig, dict[str, Any], dict[str, Any]]:
-    """Rebuild the phase-1 and phase-2 models from their checkpoints -> (r3d, sequence, TrainConfig, ck1, ck2)."""
+) -> tuple[nn.Module, nn.Module, TrainConfig, dict[str, Any], dict[str, Any]]:
+    """Rebuild the phase-1 and phase-2 models from their checkpoints -> (stage 1, stage 2, TrainConfig, ck1, ck2):
+    R3D-18 + sequence model, or for a shi2020 run the slab ResNet-18 + Conv-LSTM."""
     from dicom_node_training.checkpoint import load_checkpoint
     from dicom_node_training.config import config_from_dict
     from dicom_node_training.models import r3d_18, sequence_model
@@ -438,6 +489,16 @@ def load_checkpoint_models(
                              f"(dicom_node_training.checkpoint); got keys {sorted(ck) if isinstance(ck, dict) else type(ck).__name__}")
     cfg1 = config_from_dict(ck1["config"])
     cfg2 = config_from_dict(ck2["config"])
+    if cfg1.family == "shi2020" or cfg2.family == "shi2020":
+        from dicom_node_training.shi import build_stage1, build_stage2
+
+        if cfg1.family != cfg2.family or cfg1.shi1 != cfg2.shi1 or cfg1.preprocess != cfg2.preprocess:
+            raise ValueError(f"checkpoints {stage1_ckpt} and {stage2_ckpt} come from different runs or families "
+                             f"({cfg1.family} / {cfg2.family}); export a stage-2 model trained on these features")
+        s1, s2 = build_stage1(cfg1, pretrained=False), build_stage2(cfg2)
+        s1.load_state_dict(ck1["model"])
+        s2.load_state_dict(ck2["model"])
+        return s1.eval(), s2.eval(), cfg2, ck1, ck2
     if cfg1.phase1.width != cfg2.phase1.width or cfg1.preprocess != cfg2.preprocess:
         raise ValueError(f"checkpoints {stage1_ckpt} and {stage2_ckpt} come from different configurations "
                          f"(phase1.width {cfg1.phase1.width} vs {cfg2.phase1.width}, preprocess differs: "
@@ -526,15 +587,17 @@ def bundle_from_checkpoints(stage1: str | Path, stage2: str | Path, report: str 
     m1, m2, cfg, ck1, ck2 = load_checkpoint_models(stage1, stage2)
     thresholds, metrics, _ = read_report(report)
     metrics["data"] = describe_data(run, metrics, data_description)
-    metrics["training"] = {"attention_loss_weight": float(cfg.phase1.attention_loss_weight)}
+    shi = cfg.family == "shi2020"
+    weight = cfg.shi1.attention_loss_weight if shi else cfg.phase1.attention_loss_weight
+    metrics["training"] = {"attention_loss_weight": float(weight)}
     if localisation is not None:
         metrics["localisation"] = read_localisation(localisation)
     source = {"run": str(run) if run else None, "stage1": str(stage1), "stage2": str(stage2),
               "report": str(report) if report else None,
               "git_revision": ck2.get("git_revision") or git_revision(),
               "stage1_best": ck1.get("best"), "stage2_best": ck2.get("best")}
-    return write_bundle(m1, m2, out, name=name, version=version, preprocess=cfg.preprocess,
-                        sequence_length=cfg.phase2.seq_len, thresholds=thresholds, metrics=metrics, opset=opset,
+    return write_bundle(m1, m2, out, name=name, version=version, preprocess=cfg.preprocess, family=cfg.family,
+                        sequence_length=cfg.preprocess.slabs if shi else cfg.phase2.seq_len, thresholds=thresholds, metrics=metrics, opset=opset,
                         fp16=fp16, commands=commands or [portable_command(sys.argv[1:])],
                         source=source, force=force, weak_auroc_floor=weak_auroc_floor)
 

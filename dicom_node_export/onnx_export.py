@@ -4,6 +4,8 @@
   `window_logit` (B,), `heatmap` (B, t, h, w). The heatmap is CAM, ReLU(sum_c w_c A_c) of the last
   conv block with the fc weights; for a GAP -> linear head Grad-CAM of the logit over that block
   equals it up to a positive factor 1/(t*h*w), so it lives in the graph and needs no backward pass.
+- `ShiStage1Graph` / `ShiStage2Graph`: the Shi et al. 2020 family (slab maps, attention map, unrolled
+  Conv-LSTM -> `study_logit`), exported and checked the same way (`check_parity_shi`).
 - `Stage2Graph` wraps the sequence model: `features` (B, L, F) + `mask` (B, L) float32 ->
   `window_logits` (B, L), `study_logits` (B, 9), `attention` (B, 9, L). Weight norm is folded.
 
@@ -24,7 +26,15 @@ import torch
 from torch import Tensor, nn
 
 from dicom_node.labels import sigmoid
-from dicom_node.model.bundle import STAGE1_INPUTS, STAGE1_OUTPUTS, STAGE2_INPUTS, STAGE2_OUTPUTS, TensorSpec
+from dicom_node.model.bundle import (
+    SHI_STAGE2_INPUTS,
+    SHI_STAGE2_OUTPUTS,
+    STAGE1_INPUTS,
+    STAGE1_OUTPUTS,
+    STAGE2_INPUTS,
+    STAGE2_OUTPUTS,
+    TensorSpec,
+)
 from dicom_node_export.conv_rewrite import rewrite_conv3d
 from dicom_node_training.models import cam, fold_weight_norm
 
@@ -39,7 +49,13 @@ __all__ = [
     "ExportError",
     "Stage1Graph",
     "Stage2Graph",
+    "ShiStage1Graph",
+    "ShiStage2Graph",
     "ParityResult",
+    "export_shi_stage1",
+    "export_shi_stage2",
+    "check_parity_shi",
+    "shi_stage2_specs",
     "export_stage1",
     "export_stage2",
     "convert_fp16",
@@ -73,6 +89,32 @@ class Stage1Graph(nn.Module):
         fc = cast(nn.Linear, self.model.fc)  # the window encoder's 1-output head
         heatmap = cam(out.activations, fc.weight[0])
         return out.features, out.logit, heatmap
+
+
+class ShiStage1Graph(nn.Module):
+    """Slab ResNet-18 (Shi et al.): `features` = the layer4 maps (B, F, h, w) stage 2 reads, the slab logit, and
+    the attention map (B, 1, h, w) in closed form, ReLU(sum_k w_k f_k): Grad-CAM of the GAP -> linear head up to
+    the factor 1/(h w) (`dicom_node_training.models.resnet2d.grad_cam`; tests/export/test_shi_export.py)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, windows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.model(windows)
+        fc = cast(nn.Linear, self.model.fc)
+        return out.activations[:, :, 0], out.logit, cam(out.activations, fc.weight[0])
+
+
+class ShiStage2Graph(nn.Module):
+    """Bidirectional Conv-LSTM over a study's slab maps (B, L, F, h, w) -> `study_logit` (B,), unrolled over L."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: Tensor) -> tuple[Tensor]:
+        return (self.model(features),)
 
 
 class Stage2Graph(nn.Module):
@@ -123,13 +165,15 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs: tup
         raise ExportError(f"{path.name}: onnx.checker rejected the exported graph: {exc}") from exc
 
 
-def stage1_specs(model: nn.Module, window_slices: int, crop: int, dtype: str = "float32") -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Input/output specs of stage 1, with the heatmap shape found by running the model once."""
+def stage1_specs(model: nn.Module, window_slices: int, crop: int, dtype: str = "float32", *, channels: int = 3,
+                 family: str = "ma2022") -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Input/output specs of stage 1, with the heatmap (and shi2020 feature map) shape found by running the model once."""
+    wrap = Stage1Graph if family == "ma2022" else ShiStage1Graph
     with torch.no_grad():
-        out = Stage1Graph(model).eval()(torch.zeros(1, 3, window_slices, crop, crop))
-    feat_dim, heat = out[0].shape[1], tuple(out[2].shape[1:])
-    ins = (TensorSpec("windows", (BATCH, 3, window_slices, crop, crop), dtype),)
-    outs = (TensorSpec("features", (BATCH, int(feat_dim)), dtype), TensorSpec("window_logit", (BATCH,), dtype),
+        out = wrap(model).eval()(torch.zeros(1, channels, window_slices, crop, crop))
+    feat, heat = tuple(int(d) for d in out[0].shape[1:]), tuple(out[2].shape[1:])
+    ins = (TensorSpec("windows", (BATCH, channels, window_slices, crop, crop), dtype),)
+    outs = (TensorSpec("features", (BATCH, *feat), dtype), TensorSpec("window_logit", (BATCH,), dtype),
             TensorSpec("heatmap", (BATCH, *map(int, heat)), dtype))
     return ins, outs
 
@@ -157,6 +201,38 @@ def export_stage1(model: nn.Module, path: Path, *, window_slices: int, crop: int
         exported = Stage1Graph(rewrite_conv3d(model, mode=conv_rewrite)).eval()
     _export(exported, (torch.rand(2, 3, window_slices, crop, crop),), Path(path), STAGE1_INPUTS, STAGE1_OUTPUTS, opset)
     return graph
+
+
+def shi_stage2_specs(sequence_length: int, feature_shape: tuple[int, ...],
+                     dtype: str = "float32") -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    return ((TensorSpec("features", (BATCH, sequence_length, *feature_shape), dtype),),
+            (TensorSpec("study_logit", (BATCH,), dtype),))
+
+
+def export_shi_stage1(model: nn.Module, path: Path, *, channels: int, window_slices: int, crop: int,
+                      opset: int = DEFAULT_OPSET) -> ShiStage1Graph:
+    graph = ShiStage1Graph(model).eval()
+    _export(graph, (torch.rand(2, channels, window_slices, crop, crop),), Path(path), STAGE1_INPUTS, STAGE1_OUTPUTS, opset)
+    return graph
+
+
+def export_shi_stage2(model: nn.Module, path: Path, *, sequence_length: int, feature_shape: tuple[int, ...],
+                      opset: int = DEFAULT_OPSET) -> ShiStage2Graph:
+    """The Conv-LSTM unrolled for `sequence_length` steps (the Python loop is traced step by step)."""
+    graph = ShiStage2Graph(model).eval()
+    _export(graph, (torch.rand(2, sequence_length, *feature_shape),), Path(path), SHI_STAGE2_INPUTS,
+            SHI_STAGE2_OUTPUTS, opset)
+    return graph
+
+
+def check_parity_shi(graph: nn.Module, onnx_path: Path, input_name: str, input_shape: tuple[int, ...],
+                     outputs: tuple[str, ...], logit: str, *, batch_sizes: tuple[int, ...] = (1, 8), tolerance: float = LOGIT_TOLERANCE,
+                     probabilities: bool = False, seed: int = 0) -> ParityResult:
+    """onnxruntime vs torch on random input (B, *input_shape) at each batch size; fails beyond `tolerance`."""
+    rng = np.random.default_rng(seed)
+    feeds = {b: {input_name: rng.random((b, *input_shape), dtype=np.float32)} for b in batch_sizes}
+    return _compare(Path(onnx_path).name, _session(onnx_path), graph.eval(), feeds, outputs, (logit,), tolerance,
+                    probabilities)
 
 
 def export_stage2(model: nn.Module, path: Path, *, sequence_length: int, feature_dim: int,

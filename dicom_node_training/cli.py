@@ -137,16 +137,23 @@ def _add_run_args(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument("--data", required=True,
                        help="RSNA-layout data directory: DATA/train.csv + DATA/train/<study>/<series>/<sop>.dcm")
     p.add_argument("--out", required=True, help="run directory RUN (config.json, split.json, cache/, phase1/, features/, phase2/, report.json)")
-    p.add_argument("--preset", choices=("paper", "tiny"), default=None,
+    p.add_argument("--preset", choices=("paper", "tiny", "shi-paper", "shi-tiny"), default=None,
                    help="settings: 'paper' = Ma et al. 2022 (224/192 px, batch 16, 20 + 200 epochs); 'tiny' = narrow "
-                        "network on 96/80 px for CPU. Default: the run's stored config.json, else 'paper'")
+                        "network on 96/80 px for CPU; 'shi-paper' = Shi et al. 2020 (50 slabs of 5 slices, 384 px, 2D ResNet-18 "
+                        "with attention loss + bidirectional Conv-LSTM); 'shi-tiny' = the same, narrow, 96/80 px for CPU. "
+                        "Default: the run's stored config.json, else 'paper'")
+    p.add_argument("--family", choices=("ma2022", "shi2020"), default=None,
+                   help="model family without naming a preset: ma2022 = --preset paper, shi2020 = --preset shi-paper "
+                        "(with --preset, it must agree with the preset's family)")
     p.add_argument("--config", default=None, help="TOML/JSON file overriding preset settings, e.g. [phase1] epochs = 2")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the config's)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers and cache processes (default: the config's)")
     if "pretrained" in flags:
         p.add_argument("--pretrained", default=None, metavar="PATH",
                        help="local Kinetics-400 r3d_18 state_dict to start phase 1 from (torchvision parameter names; "
-                            "never downloaded). Without it phase 1 starts from random weights, with a warning")
+                            "never downloaded); for shi-* presets a torchvision resnet18 ImageNet state_dict, its RGB "
+                            "conv1 averaged over colour and repeated for the 5 slab slices x 3/5. Without it phase 1 "
+                            "starts from random weights")
     if "progress" in flags:
         p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars (log events only)")
     p.add_argument("--log-json", action="store_true", help="log events as JSON lines")
@@ -191,7 +198,16 @@ def _start(args: argparse.Namespace, *, new_run: bool) -> tuple[TrainConfig, Dis
     from dicom_node_training.fit import resolve_config
 
     configure_logging(json=args.log_json)
-    config = resolve_config(args.out, args.preset, args.config, device=args.device, workers=args.workers,
+    preset = args.preset
+    if args.family is not None:
+        from dicom_node_training.config import PRESETS, ConfigError
+
+        if preset is None:
+            preset = "paper" if args.family == "ma2022" else "shi-paper"
+        elif PRESETS[preset].family != args.family:
+            raise ConfigError(f"--family {args.family} with --preset {preset} (family {PRESETS[preset].family}); "
+                              "drop one, or choose a preset of that family (shi-paper / shi-tiny for shi2020)")
+    config = resolve_config(args.out, preset, args.config, device=args.device, workers=args.workers,
                             new_run=new_run, pretrained=getattr(args, "pretrained", None))
     return config, setup(config.device)
 

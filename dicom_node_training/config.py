@@ -1,5 +1,8 @@
 """Training configuration: typed frozen dataclasses, the ``paper`` and ``tiny`` presets, overrides.
 
+``shi-paper`` and ``shi-tiny`` train the other family, Shi et al. 2020 (``family = "shi2020"``, settings in
+``shi1``/``shi2``, slab preprocessing; `dicom_node_training.shi`).
+
 ``paper`` holds the settings of Ma et al. 2022 (Implementation details): phase 1 Adam 4e-4,
 batch 16, 20 epochs, random crop 192 of 224 and +-15 degree rotation on 10-slice windows;
 phase 2 sequences of 40, TCN 2 levels kernel 3, 128 channels, dropout 0.2, Adam 5e-4 decayed by
@@ -31,11 +34,13 @@ from typing import Any, Literal, cast
 
 import tomllib
 
-from dicom_node.imaging.preprocess import PreprocessConfig
+from dicom_node.imaging.preprocess import SHI2020_PREPROCESSING, PreprocessConfig
 
 __all__ = [
     "Phase1Config",
     "Phase2Config",
+    "ShiStage1Config",
+    "ShiStage2Config",
     "TrainConfig",
     "ConfigError",
     "PRESETS",
@@ -119,10 +124,45 @@ class Phase2Config:
 
 
 @dataclass(frozen=True)
+class ShiStage1Config:
+    """Shi et al. 2020 stage I: slab ResNet-18 trained with L = CE + lambda * continuous Dice (attention loss)."""
+
+    width: int = 64  # planes of layer1 (64 -> 512 feature maps, the published ResNet-18)
+    #: 1 = 16 px cells (the paper's 24 x 24 map at 384 px); 2 = torchvision's 32 px cells
+    layer4_stride: int = 1
+    pretrained: str | None = None  # local torchvision resnet18 ImageNet state_dict; never downloaded
+    lr: float = 1e-4  # Adam
+    batch_size: int = 48
+    epochs: int = 100
+    #: lambda of eq. 3 (1.0 in the paper); 0 = classification loss only (the paper's "without AT" ablation)
+    attention_loss_weight: float = 1.0
+    #: negative slabs drawn per positive slab each epoch (the paper: an equal number)
+    negatives_per_positive: float = 1.0
+
+
+@dataclass(frozen=True)
+class ShiStage2Config:
+    """Shi et al. 2020 stage II: bidirectional Conv-LSTM over the frozen stage-I feature maps of the slabs."""
+
+    filters: int = 96
+    units: int = 2
+    input_dropout: float = 0.2  # channel dropout on inputs and recurrent states
+    dropout: float = 0.5  # before the output layer
+    lr: float = 1e-4  # Adam
+    batch_size: int = 32
+    epochs: int = 50
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     phase1: Phase1Config = field(default_factory=Phase1Config)
     phase2: Phase2Config = field(default_factory=Phase2Config)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    #: which model family the run trains: "ma2022" (phase1/phase2 settings) or "shi2020" (shi1/shi2 settings,
+    #: with slab preprocessing); the other family's settings are not used
+    family: Literal["ma2022", "shi2020"] = "ma2022"
+    shi1: ShiStage1Config = field(default_factory=ShiStage1Config)
+    shi2: ShiStage2Config = field(default_factory=ShiStage2Config)
     seed: int = 0
     #: study-level split proportions (train, validation, test); normalised to sum 1
     split: tuple[float, float, float] = cast(tuple[float, float, float], tuple(n / sum(PAPER_SPLIT) for n in PAPER_SPLIT))
@@ -141,6 +181,19 @@ PRESETS: dict[str, TrainConfig] = {
         # 20 steps would cut the learning rate 10x by epoch 16 and stall phase 2 (docs/benchmarks.md, run J)
         phase2=Phase2Config(hidden=64, batch_size=16, epochs=100, lr_decay_every=200),
         preprocess=replace(PreprocessConfig(), resize=96, crop=80, spacing_mm=2.5),
+        num_workers=0,
+        device="cpu",
+        amp=False,
+    ),
+    # Shi et al. 2020 (section 3.2): 2.5 mm grid, 50 slabs of 5 slices, 384 px, -1024..500 HU; stage I Adam 1e-4,
+    # batch 48, 100 epochs, lambda 1; stage II 2 units of 96 filters, Adam 1e-4, batch 32, 50 epochs
+    "shi-paper": TrainConfig(family="shi2020", preprocess=SHI2020_PREPROCESSING),
+    # narrow and small for this CPU: 80 px crops of 96 px slabs (5 x 5 cells), width 16, 24 filters
+    "shi-tiny": TrainConfig(
+        family="shi2020",
+        preprocess=replace(SHI2020_PREPROCESSING, resize=96, crop=80),
+        shi1=ShiStage1Config(width=16, lr=1e-3, batch_size=16, epochs=8),
+        shi2=ShiStage2Config(filters=24, lr=1e-3, batch_size=8, epochs=30),
         num_workers=0,
         device="cpu",
         amp=False,
@@ -243,6 +296,18 @@ def validate(config: TrainConfig) -> TrainConfig:
     if not p1.attention_loss_weight >= 0.0:
         raise ConfigError(f"config phase1.attention_loss_weight: must be >= 0 (0 = off, 1 = Shi et al.'s lambda), "
                           f"got {p1.attention_loss_weight!r}")
+    s1, s2 = config.shi1, config.shi2
+    for where, v in (("shi1.width", s1.width), ("shi1.lr", s1.lr), ("shi1.batch_size", s1.batch_size),
+                     ("shi1.epochs", s1.epochs), ("shi1.negatives_per_positive", s1.negatives_per_positive),
+                     ("shi2.filters", s2.filters), ("shi2.units", s2.units), ("shi2.lr", s2.lr),
+                     ("shi2.batch_size", s2.batch_size), ("shi2.epochs", s2.epochs)):
+        _positive(where, v)
+    if not s1.attention_loss_weight >= 0.0:
+        raise ConfigError(f"config shi1.attention_loss_weight: must be >= 0 (0 = no attention loss, 1 = the paper), "
+                          f"got {s1.attention_loss_weight!r}")
+    if config.family == "shi2020" and not pp.slabs:
+        raise ConfigError("config preprocess.slabs: the shi2020 family reads a fixed number of slabs per study; "
+                          "set preprocess.slabs (50 in the paper) or start from the shi-paper / shi-tiny preset")
     if not 0.0 <= p1.rotation_deg <= 180.0:
         raise ConfigError(f"config phase1.rotation_deg: must be in [0, 180], got {p1.rotation_deg}")
     for where, v in (("phase2.dropout", p2.dropout),):

@@ -8,7 +8,8 @@ Layout read (the RSNA-STR Pulmonary Embolism challenge's, also written by `dicom
 Everything the run derives lives under RUN::
 
     RUN/split.json                 study-level train/validation/test split (seeded)
-    RUN/cache/<study>.npy          windows at resize size, uint8 (N, 3, 10, R, R) = round(255 * x)
+    RUN/cache/<study>.npy          windows at resize size, uint8 (N, 3, 10, R, R) = round(255 * x); for the
+                                   Shi family the 50 slabs (50, 1, 5, R, R), labelled by their central slice
     RUN/cache/<study>.json         window labels, study labels, shape, preprocessing config
     RUN/cache/<study>.mask.npz     when DATA/masks/<study>.npz exists: the embolus mask in model space
                                    (`dicom_node.imaging.preprocess.mask_to_windows`) of the windows that
@@ -287,6 +288,10 @@ def _window_masks(path: Path, series: Any, windows: Any, pp_config: PreprocessCo
                         "write one mask slice per SOP Instance UID (`sop_uids`), or remove the file")
     order = [where[u] for u in series.sop_instance_uids]  # mask slices in the series' sorted order
     model_mask = mask_to_windows(series, mask[order], windows.geometry, pp_config)
+    if windows.geometry.z_resize:  # slabs (Shi et al.): a slab's mask is known when its central slice was annotated
+        from dicom_node.imaging.preprocess import slab_centre_slices
+
+        return model_mask, annotated[np.asarray(order)[slab_centre_slices(windows.geometry)]]
     known = np.array([bool(annotated[[order[i] for i in idx]].any()) if idx else False
                       for idx in windows.slice_indices], dtype=bool)
     return model_mask, known

@@ -48,6 +48,7 @@ __all__ = [
     "evaluate",
     "write_report",
     "THRESHOLD_RULE",
+    "json_safe",
 ]
 
 THRESHOLD_RULE = (
@@ -235,18 +236,19 @@ class Report:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe({
+        return json_safe({
             "test": self.test, "validation": self.validation, "thresholds": self.thresholds,
             "threshold_rule": THRESHOLD_RULE, "consistency": self.consistency,
             "notes": list(self.notes), "settings": self.settings,
         })
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """`obj` with NaN -> None and numpy scalars -> Python numbers (report.json allows no NaN)."""
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (float, np.floating)):
         return None if math.isnan(float(obj)) else float(obj)
     if isinstance(obj, np.integer):
@@ -390,7 +392,7 @@ def write_report(report: Report, out_dir: Path | str, validation: SplitPredictio
     clash = sorted(set(data) & set(extra or {}))
     if clash:
         raise ValueError(f"write_report: extra sections {clash} would replace the report's own")
-    data.update(_json_safe(dict(extra or {})))
+    data.update(json_safe(dict(extra or {})))
     paths["json"].write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     paths["markdown"].write_text(_markdown(report), encoding="utf-8")
     for split, pred in (("test", test), ("validation", validation)):

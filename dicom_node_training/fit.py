@@ -81,7 +81,10 @@ def resolve_config(run_dir: str | os.PathLike[str], preset: str | None = None, c
         if not Path(pretrained).is_file():
             raise ConfigError(f"--pretrained {pretrained}: no such file; pass a local Kinetics-400 r3d_18 state_dict "
                               "(.pth/.pt) or leave it out for random initialisation")
-        config = replace(config, phase1=replace(config.phase1, pretrained=str(pretrained)))
+        if config.family == "shi2020":
+            config = replace(config, shi1=replace(config.shi1, pretrained=str(pretrained)))
+        else:
+            config = replace(config, phase1=replace(config.phase1, pretrained=str(pretrained)))
     if workers is not None:
         if workers < 0:
             raise ConfigError(f"--workers {workers}: must be >= 0")
@@ -128,6 +131,10 @@ def run_step(step: str, config: TrainConfig, data_dir: str | os.PathLike[str] | 
     if step == "cache":
         assert data_dir is not None and records is not None  # check_rsna_data passed
         result = _cache_step(config, data_dir, records, run, ctx, progress)
+    elif config.family == "shi2020" and step != "cache":  # same steps, same files, the other family's models
+        from dicom_node_training import shi
+        result = {"phase1": shi.train_stage1, "features": shi.extract_features, "phase2": shi.train_stage2,
+                  "evaluate": shi.evaluate_run}[step](config, run, progress=progress)
     elif step == "phase1":
         from dicom_node_training.phase1 import train_phase1
         result = train_phase1(config, run, ctx, resume=True, progress=progress)

@@ -1,4 +1,4 @@
-"""The benchmark scripts' own logic: phantom reuse in train_phantom.py, the phase-1 throughput run."""
+"""The benchmark scripts' own logic: phantom reuse in train_phantom.py, the phase-1 throughput run, families.py's report reading."""
 
 from __future__ import annotations
 
@@ -61,3 +61,21 @@ def test_triton_benchmark_times_both_engines_and_prints_the_remote_overhead(tmp_
         ("onnxruntime", 1, 1, 2), ("onnxruntime", 1, 2, 2), ("triton-grpc", 1, 1, 2), ("triton-grpc", 1, 2, 2)]
     assert all(r["median_s"] > 0 and r["studies_per_min"] > 0 for r in rows)
     assert re.search(r"remote path overhead \(triton-grpc, 1 process, sequential\): [+-]\d+ ms per study", out)
+
+
+def test_families_reads_the_study_level_figures_of_either_familys_report(tmp_path):
+    from benchmarks import families
+
+    ma, shi = tmp_path / "ma", tmp_path / "shi"
+    ma.mkdir()
+    shi.mkdir()
+    (ma / "report.json").write_text(json.dumps({"test": {"n_studies": 82, "study_flag": {
+        "auroc": 0.97, "auroc_ci": [0.94, 1.0], "sensitivity": 0.9, "specificity": 0.95}}}))
+    w = "pe_present_on_window"
+    (shi / "report.json").write_text(json.dumps({"family": "shi2020", "test": {
+        "n_studies": 82, "auroc": {w: 0.91}, "auroc_ci": {w: [0.85, 0.96]}, "sensitivity": {w: 0.8},
+        "specificity": {w: 0.85}, "slab_auroc": 0.88}}))
+    assert families.study_figures(ma) == {"auroc": 0.97, "auroc_ci": [0.94, 1.0], "sensitivity": 0.9,
+                                          "specificity": 0.95, "n": 82}
+    assert families.study_figures(shi)["auroc"] == 0.91 and families.study_figures(shi)["slab_auroc"] == 0.88
+    assert families.MODELS["shi-noattention"][1] == {"shi1": {"attention_loss_weight": 0.0}}

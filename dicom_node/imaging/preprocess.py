@@ -11,6 +11,14 @@ channels, and the slices are split into windows of `window_slices` (the last win
 repeating its last slice, `pad="edge"`; `pad="zero"` fills with 0). `preprocess` adds the centre
 crop to `crop` x `crop` used for inference; training crops and rotates the `prepare` output itself.
 
+Slabs (Shi et al. 2020, `slabs` > 0): instead of tiling the box with windows, the box's z range is
+resized to `slabs * slab_stride` slices (half-pixel convention, like the in-plane resize; 50 x 4 = 200
+in the paper) and slab k is the `window_slices` slices centred on resized slice
+`slab_stride * k + slab_stride // 2` (edges clamped), so every study gives the same number of slabs.
+One HU window (-1024..500 HU -> [0, 1], `SHI2020_PREPROCESSING`) makes one channel; the slab's slices
+are its depth, as a Ma window's slices are. A slab covers (for key slices and heatmaps) the original
+slices nearest to its centre: resized slices [slab_stride * k, slab_stride * (k + 1)).
+
 Grids. The resampled grid has voxel k at k * spacing_mm from the centre of original voxel 0 on
 every axis (original index = k * spacing_mm / original spacing). In-plane, resize pixel q of a
 box [y0, y1) samples resampled coordinate y0 + (q + 0.5) * (y1 - y0) / resize - 0.5 (half-pixel
@@ -55,6 +63,8 @@ __all__ = [
     "heatmap_to_slices",
     "mask_to_windows",
     "PREPROCESSING_VERSION",
+    "SHI2020_PREPROCESSING",
+    "slab_centre_slices",
 ]
 
 PREPROCESSING_VERSION = "1"
@@ -89,6 +99,11 @@ class PreprocessConfig:
     min_slice_area_fraction: float = 0.02
     #: padding of the last window: "edge" repeats the last slice, "zero" fills with 0
     pad: str = "edge"
+    #: 0 = windows tile the lung box (Ma et al.); > 0 = this fixed number of slabs over the lung box (Shi et al.:
+    #: 50), the box's z range resized to slabs * slab_stride slices (module docstring)
+    slabs: int = 0
+    #: resized slices between slab centres (Shi et al.: every 4th of 200); used only with slabs > 0
+    slab_stride: int = 4
 
     def __post_init__(self) -> None:
         if self.crop is not None and not 0 < self.crop <= self.resize:
@@ -101,10 +116,22 @@ class PreprocessConfig:
             raise ValueError(f"PreprocessConfig: pad={self.pad!r}; expected 'edge' or 'zero'")
         if any(w <= 0 for _, w in self.hu_windows):
             raise ValueError(f"PreprocessConfig: hu_windows={self.hu_windows}; expected positive widths")
+        if self.slabs < 0 or self.slab_stride < 1:
+            raise ValueError(f"PreprocessConfig: slabs={self.slabs}, slab_stride={self.slab_stride}; expected slabs >= 0 "
+                             "(0 = tiling windows) and slab_stride >= 1")
+
+    @property
+    def channels(self) -> int:
+        """Input channels of the model: one per HU window."""
+        return len(self.hu_windows)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hu_windows"] = [list(w) for w in self.hu_windows]
+        if not self.slabs:
+            # tiling windows (Ma et al.): the slab keys are left out, so that every manifest, cache stamp and
+            # model card written before slabs existed reads back equal
+            del d["slabs"], d["slab_stride"]
         return d
 
     @classmethod
@@ -117,6 +144,13 @@ class PreprocessConfig:
         if "hu_windows" in d:
             d["hu_windows"] = tuple(tuple(float(v) for v in w) for w in d["hu_windows"])
         return cls(**d)
+
+
+#: Shi et al. 2020: 2.5 mm grid for the lung box, 50 slabs of 5 slices (every 4th of 200 resized lung slices),
+#: centre crop 384 of 384 (the paper crops 384 x 384 around the centre; here the lung box is resized first),
+#: -1024..500 HU -> [0, 1] as one channel
+SHI2020_PREPROCESSING = PreprocessConfig(spacing_mm=2.5, hu_windows=((-262.0, 1524.0),), resize=384, crop=384,
+                                         window_slices=5, slabs=50, slab_stride=4)
 
 
 @dataclass(frozen=True)
@@ -141,10 +175,33 @@ class Geometry:
     spacing_mm: float = 1.0
     n_windows: int = 0
     lung_volume_ml: float = 0.0
+    #: slabs (PreprocessConfig.slabs > 0): the box's z range is resized to this many slices; 0 = tiling windows
+    z_resize: int = 0
+    #: resized slices between slab centres (with z_resize)
+    slab_stride: int = 0
 
     @property
     def box_slices(self) -> int:
         return self.lung_box[1] - self.lung_box[0]
+
+    def _z_model_to_resampled(self, window: npt.ArrayLike, s: npt.ArrayLike) -> np.ndarray:
+        """Window (or slab) index and slice within it -> resampled z coordinate (slab slices clamped to the box)."""
+        w = np.asarray(window, dtype=np.float64)
+        s = np.asarray(s, dtype=np.float64)
+        if not self.z_resize:
+            return self.lung_box[0] + w * self.window_slices + s
+        u = np.clip(self.slab_stride * w + self.slab_stride // 2 + s - self.window_slices // 2, 0, self.z_resize - 1)
+        return self.lung_box[0] + (u + 0.5) * self.box_slices / self.z_resize - 0.5
+
+    def _z_resampled_to_model(self, z_res: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+        """Resampled z coordinate -> (window or slab index, slice within it); a slab is the one whose centre is nearest."""
+        z_rel = np.asarray(z_res, dtype=np.float64) - self.lung_box[0]
+        if not self.z_resize:
+            window = np.floor((z_rel + 0.5) / self.window_slices).astype(int)
+            return window, z_rel - window * self.window_slices
+        u = (z_rel + 0.5) * self.z_resize / self.box_slices - 0.5
+        slab = np.clip(np.floor(u / self.slab_stride), 0, self.n_windows - 1).astype(int)
+        return slab, u - (self.slab_stride * slab + self.slab_stride // 2 - self.window_slices // 2)
 
     def _scale(self, axis: int) -> float:
         return self.spacing_mm / self.original_spacing_mm[axis]
@@ -161,7 +218,7 @@ class Geometry:
         self, window: int, s: npt.ArrayLike, r: npt.ArrayLike, c: npt.ArrayLike
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Model coordinates (window, slice s, row r, col c of the crop) -> original (z, y, x) voxel coordinates."""
-        z_res = self.lung_box[0] + window * self.window_slices + np.asarray(s, dtype=np.float64)
+        z_res = self._z_model_to_resampled(window, s)
         y_res = self._resize_to_resampled(np.asarray(r) + self.crop_offset[0], 1)
         x_res = self._resize_to_resampled(np.asarray(c) + self.crop_offset[1], 2)
         return z_res * self._scale(0), y_res * self._scale(1), x_res * self._scale(2)
@@ -170,24 +227,25 @@ class Geometry:
         self, z: npt.ArrayLike, y: npt.ArrayLike, x: npt.ArrayLike
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Original (z, y, x) voxel coordinates -> (window, s, r, c) in model space (floats; s within the window)."""
-        z_rel = np.asarray(z, dtype=np.float64) / self._scale(0) - self.lung_box[0]
-        window = np.floor((z_rel + 0.5) / self.window_slices).astype(int)
-        s = z_rel - window * self.window_slices
+        window, s = self._z_resampled_to_model(np.asarray(z, dtype=np.float64) / self._scale(0))
         r = self._resampled_to_resize(np.asarray(y, dtype=np.float64) / self._scale(1), 1) - self.crop_offset[0]
         c = self._resampled_to_resize(np.asarray(x, dtype=np.float64) / self._scale(2), 2) - self.crop_offset[1]
         return window, s, r, c
 
     def window_slice_indices(self) -> tuple[tuple[int, ...], ...]:
-        """Original slice indices whose centre falls in each window (a partition of the box's slices, in order)."""
-        z_rel = np.arange(self.original_shape[0]) / self._scale(0) - self.lung_box[0]
+        """Original slice indices whose centre falls in each window (a partition of the box's slices, in order);
+        for slabs, the slices nearest to each slab's centre."""
+        z_res = np.arange(self.original_shape[0]) / self._scale(0)
+        z_rel = z_res - self.lung_box[0]
         inside = (z_rel >= -0.5) & (z_rel < self.box_slices - 0.5)
-        window = np.floor((z_rel + 0.5) / self.window_slices).astype(int)
+        window, _ = self._z_resampled_to_model(z_res)
         return tuple(tuple(int(i) for i in np.flatnonzero(inside & (window == w))) for w in range(self.n_windows))
 
 
 @dataclass(frozen=True)
 class Windows:
-    """Model input for one series: `array` is (N, 3, window_slices, crop, crop) float32 in [0, 1]."""
+    """Model input for one series: `array` is (N, channels, window_slices, crop, crop) float32 in [0, 1] (three
+    HU windows for Ma et al.; one for the Shi et al. slabs, N = `PreprocessConfig.slabs`)."""
 
     array: np.ndarray
     series_instance_uid: str
@@ -300,9 +358,11 @@ def _resampled_shape(shape: tuple[int, ...], spacing: tuple[float, float, float]
 
 
 def _box_volume(hu: np.ndarray, spacing: tuple[float, float, float], box: tuple[int, int, int, int, int, int],
-                config: PreprocessConfig, n_total: int, offset: int = 0, size: int | None = None) -> np.ndarray:
+                config: PreprocessConfig, n_total: int, offset: int = 0, size: int | None = None,
+                z_res: np.ndarray | None = None) -> np.ndarray:
     """(n_total, size, size) float32 HU: the box resampled to spacing_mm in z and resized in-plane to
-    resize x resize, of which only pixels [offset, offset + size) are computed (a crop), padded in z."""
+    resize x resize, of which only pixels [offset, offset + size) are computed (a crop), padded in z.
+    `z_res` (n_total,) = the resampled z coordinates to sample instead (slabs; no padding)."""
     z0, z1, y0, y1, x0, x1 = box
     R = config.resize
     size = R - offset if size is None else size
@@ -313,7 +373,7 @@ def _box_volume(hu: np.ndarray, spacing: tuple[float, float, float], box: tuple[
     xi0, xi1, wx = _linear_taps(X, R, lo=x0, step=(x1 - x0) / R, scale=sp / spacing[2], first=offset, count=size)
     R = size
     # z taps: resampled slice k at original index k * sp / sz
-    zpos = np.clip(np.arange(z0, z1) * sp / spacing[0], 0, Z - 1)
+    zpos = np.clip((np.arange(z0, z1) if z_res is None else z_res) * sp / spacing[0], 0, Z - 1)
     zi0 = np.floor(zpos).astype(np.intp)
     zi1 = np.minimum(zi0 + 1, Z - 1)
     wz = (zpos - zi0).astype(np.float32)
@@ -340,7 +400,7 @@ def _box_volume(hu: np.ndarray, spacing: tuple[float, float, float], box: tuple[
         a2 += b2
         planes[c0 - zlo : c1 - zlo] = a2
     vol = np.empty((n_total, R, R), dtype=np.float32)
-    nb = z1 - z0
+    nb = z1 - z0 if z_res is None else len(z_res)
     for c0 in range(0, nb, chunk):
         c1 = min(nb, c0 + chunk)
         a = planes[zi0[c0:c1] - zlo]
@@ -391,7 +451,19 @@ def _normalise_labels(series: CtSeries, slice_labels: SliceLabels) -> np.ndarray
     return (arr != 0).astype(np.int64)
 
 
+def slab_centre_slices(geometry: Geometry) -> np.ndarray:
+    """(N,) the original slice nearest to each slab's central slice (slabs only): the slice whose label and
+    mask the slab carries (Shi et al. annotate the central slice of a slab)."""
+    if not geometry.z_resize:
+        raise ValueError("slab_centre_slices: the geometry has tiling windows, not slabs (PreprocessConfig.slabs = 0)")
+    W = geometry.window_slices
+    z_res = geometry._z_model_to_resampled(np.arange(geometry.n_windows), np.full(geometry.n_windows, W // 2))
+    return np.clip(np.rint(z_res * geometry._scale(0)), 0, geometry.original_shape[0] - 1).astype(np.intp)
+
+
 def _window_labels(geometry: Geometry, indices: tuple[tuple[int, ...], ...], labels: np.ndarray) -> np.ndarray:
+    if geometry.z_resize:
+        return labels[slab_centre_slices(geometry)].astype(np.int64)
     out = np.zeros(len(indices), dtype=np.int64)
     scale = geometry._scale(0)
     for w, idx in enumerate(indices):
@@ -430,7 +502,7 @@ def _prepare(series: CtSeries, config: PreprocessConfig, slice_labels: SliceLabe
     spacing = series.spacing_mm
     box, volume_ml = find_lung_box(series, config)
     nb = box[1] - box[0]
-    n_windows = int(math.ceil(nb / config.window_slices))
+    n_windows = config.slabs or int(math.ceil(nb / config.window_slices))
     nz, ny, nx = series.hu.shape
     geometry = Geometry(
         original_shape=(int(nz), int(ny), int(nx)),
@@ -444,8 +516,11 @@ def _prepare(series: CtSeries, config: PreprocessConfig, slice_labels: SliceLabe
         spacing_mm=config.spacing_mm,
         n_windows=n_windows,
         lung_volume_ml=volume_ml,
+        z_resize=config.slabs * config.slab_stride,
+        slab_stride=config.slab_stride if config.slabs else 0,
     )
-    vol = _box_volume(series.hu, spacing, box, config, n_windows * config.window_slices, offset, size)
+    vol = _box_volume(series.hu, spacing, box, config, n_windows * config.window_slices, offset, size,
+                      z_res=_slab_z(geometry))
     array = _windows_array(vol, config, n_windows)
     del vol
     indices = geometry.window_slice_indices()
@@ -473,6 +548,15 @@ def _prepare(series: CtSeries, config: PreprocessConfig, slice_labels: SliceLabe
     )
 
 
+def _slab_z(geometry: Geometry) -> np.ndarray | None:
+    """Resampled z coordinate of every slab slice, slab-major (None for tiling windows)."""
+    if not geometry.z_resize:
+        return None
+    W = geometry.window_slices
+    k, s = np.meshgrid(np.arange(geometry.n_windows), np.arange(W), indexing="ij")
+    return geometry._z_model_to_resampled(k.ravel(), s.ravel())
+
+
 def mask_to_windows(series: CtSeries, mask: npt.ArrayLike, geometry: Geometry, config: PreprocessConfig) -> np.ndarray:
     """A (Z, Y, X) truth mask of `series` (slices in `series` order) -> (N, window_slices, R, R) bool in model space.
 
@@ -490,8 +574,9 @@ def mask_to_windows(series: CtSeries, mask: npt.ArrayLike, geometry: Geometry, c
                               f"prepare() (resize {config.resize} px, no crop)")
     W = config.window_slices
     n = geometry.n_windows * W
-    vol = _box_volume(m.astype(np.float32), series.spacing_mm, geometry.lung_box, config, n)
-    vol[geometry.box_slices:] = 0.0
+    vol = _box_volume(m.astype(np.float32), series.spacing_mm, geometry.lung_box, config, n, z_res=_slab_z(geometry))
+    if not geometry.z_resize:
+        vol[geometry.box_slices:] = 0.0
     out: np.ndarray = np.nan_to_num(vol, nan=0.0) > 0
     return out.reshape(geometry.n_windows, W, config.resize, config.resize)
 
@@ -578,8 +663,8 @@ def heatmap_to_slices(windows_or_geometry: Windows | Geometry, window_index: int
     xi0, xi1, wx = xi0[c0:c1], xi1[c0:c1], wx[None, c0:c1]
     out = []
     for z in g.window_slice_indices()[window_index]:
-        s = z / g._scale(0) - g.lung_box[0] - window_index * g.window_slices
-        s = float(np.clip(s, 0, g.window_slices - 1))
+        _, s_at = g._z_resampled_to_model(z / g._scale(0))
+        s = float(np.clip(s_at, 0, g.window_slices - 1))
         s0 = min(int(math.floor(s)), g.window_slices - 1)
         s1 = min(s0 + 1, g.window_slices - 1)
         plane = hm[s0] * (1 - (s - s0)) + hm[s1] * (s - s0)

@@ -14,6 +14,14 @@ The results mark those labels ("low confidence, not validated"); `label_validati
 same from whatever the results get as the bundle (a manifest, its JSON dict, or an object with
 the attributes).
 
+Families: `family` says which model the graphs hold; a manifest without it is "ma2022" (every bundle made
+before the Shi family). "ma2022" (Ma et al. 2022): stage 1 windows -> features (B, F), window logit, heatmap;
+stage 2 features (B, L, F) + mask -> window logits, nine study logits, attention; labels = the window label and
+the nine study labels. "shi2020" (Shi et al. 2020): stage 1 slabs (B, 1, 5, H, W) -> feature maps (B, F, h, w),
+slab logit, attention map (B, 1, h, w) under the same names; stage 2 the fixed L = 50 slabs' maps
+(B, L, F, h, w) -> `study_logit` (B,); labels = the window label only ("PE present": the study's probability),
+with its one threshold. `BundleManifest.labels` is what a bundle predicts; the results carry only those.
+
 No torch here (the node never imports torch); onnxruntime is imported only to run graphs.
 """
 
@@ -51,6 +59,9 @@ __all__ = [
     "STAGE1_OUTPUTS",
     "STAGE2_INPUTS",
     "STAGE2_OUTPUTS",
+    "SHI_STAGE2_INPUTS",
+    "SHI_STAGE2_OUTPUTS",
+    "FAMILIES",
     "BundleError",
     "TensorSpec",
     "GraphSpec",
@@ -84,19 +95,24 @@ STAGE1_INPUTS = ("windows",)
 STAGE1_OUTPUTS = ("features", "window_logit", "heatmap")
 STAGE2_INPUTS = ("features", "mask")
 STAGE2_OUTPUTS = ("window_logits", "study_logits", "attention")
+SHI_STAGE2_INPUTS = ("features",)
+SHI_STAGE2_OUTPUTS = ("study_logit",)
+#: model families a bundle may declare (module docstring); the first is the default of manifests without `family`
+FAMILIES: tuple[str, ...] = ("ma2022", "shi2020")
 
 
 class BundleError(ValueError):
     """The bundle cannot be used; the message names the bundle, the file or key, and why."""
 
 
-def weak_labels_below(validation_auroc: Mapping[str, Any], floor: float = DEFAULT_WEAK_AUROC_FLOOR) -> tuple[str, ...]:
-    """The labels (in `ALL_LABELS` order) whose AUROC in `validation_auroc` is below `floor`, missing,
-    null or NaN: a label without a validation figure is not validated either."""
+def weak_labels_below(validation_auroc: Mapping[str, Any], floor: float = DEFAULT_WEAK_AUROC_FLOOR,
+                      labels: tuple[str, ...] = ALL_LABELS) -> tuple[str, ...]:
+    """The `labels` (in that order; default `ALL_LABELS`) whose AUROC in `validation_auroc` is below `floor`,
+    missing, null or NaN: a label without a validation figure is not validated either."""
     if not 0.0 <= float(floor) <= 1.0:
         raise ValueError(f"weak AUROC floor {floor}; expected a value in [0, 1]")
     out = []
-    for label in ALL_LABELS:
+    for label in labels:
         v = validation_auroc.get(label)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(float(v)) or float(v) < floor:
             out.append(label)
@@ -124,7 +140,8 @@ class LabelValidation:
         return self.weak is not None and label in self.weak
 
 
-def _validation_from(weak: Any, floor: Any, metrics: Any, where: str) -> LabelValidation:
+def _validation_from(weak: Any, floor: Any, metrics: Any, where: str,
+                     labels: tuple[str, ...] = ALL_LABELS) -> LabelValidation:
     """The manifest's recorded `weak_labels`/`weak_auroc_floor`, else computed from `metrics.validation_auroc`."""
     if floor is None:
         floor = DEFAULT_WEAK_AUROC_FLOOR
@@ -136,7 +153,7 @@ def _validation_from(weak: Any, floor: Any, metrics: Any, where: str) -> LabelVa
         return LabelValidation(tuple(w for w in ALL_LABELS if w in weak), float(floor), "manifest")
     val = metrics.get("validation_auroc") if isinstance(metrics, Mapping) else None
     if isinstance(val, Mapping):
-        return LabelValidation(weak_labels_below(val, float(floor)), float(floor), "metrics")
+        return LabelValidation(weak_labels_below(val, float(floor), labels), float(floor), "metrics")
     return LabelValidation(None, float(floor), "unknown")
 
 
@@ -220,6 +237,13 @@ class BundleManifest:
     #: where the stage-1 heatmap's cells sit in the window (`CamGrid`); bundles exported before it was
     #: recorded are R3D-18 window models, whose grid follows from the architecture (R3D18_HEATMAP_GRID)
     heatmap_grid: CamGrid = R3D18_HEATMAP_GRID
+    #: "ma2022" or "shi2020" (module docstring)
+    family: str = "ma2022"
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The labels this bundle predicts, in order: the window label, then its study labels (none for shi2020)."""
+        return (self.window_label, *self.study_labels)
 
     @property
     def label_validation(self) -> LabelValidation:
@@ -254,6 +278,7 @@ class BundleManifest:
         p = self.preprocessing
         return {
             "schema_version": self.schema_version,
+            "family": self.family,
             "name": self.name,
             "version": self.version,
             "model_uid": self.model_uid,
@@ -382,14 +407,20 @@ def _parse_manifest(data: Any, where: str) -> BundleManifest:
     if schema != SCHEMA_VERSION:
         raise BundleError(f"{where}: schema_version {schema} is not supported (this node reads {SCHEMA_VERSION}); "
                           "re-export the bundle with this version of dicom-node-export")
+    family = data.get("family", FAMILIES[0]) if isinstance(data, dict) else FAMILIES[0]
+    if family not in FAMILIES:
+        raise BundleError(f"{where}: family {family!r} is unknown to this node (it runs {list(FAMILIES)}); "
+                          "export the bundle with a matching dicom-node-export or upgrade the node")
     labels = _req(data, "labels", dict, where)
     window_label = _req(labels, "window", str, f"{where}: labels")
     study_labels = tuple(_req(labels, "study", list, f"{where}: labels"))
-    if window_label != WINDOW_LABEL or study_labels != STUDY_LABELS:
-        raise BundleError(f"{where}: labels {[window_label, *study_labels]} differ from the node's "
-                          f"{[WINDOW_LABEL, *STUDY_LABELS]} (dicom_node.labels); the model heads must use that order")
+    expected_study = STUDY_LABELS if family == "ma2022" else ()
+    if window_label != WINDOW_LABEL or study_labels != expected_study:
+        raise BundleError(f"{where}: labels {[window_label, *study_labels]} differ from what a {family} bundle "
+                          f"predicts, {[WINDOW_LABEL, *expected_study]} (dicom_node.labels); the model heads must "
+                          "use that order")
     thresholds = _req(data, "thresholds", dict, where)
-    for label in (WINDOW_LABEL, *STUDY_LABELS):
+    for label in (WINDOW_LABEL, *expected_study):
         t = _req(thresholds, label, (int, float), f"{where}: thresholds")
         if not (0.0 <= float(t) <= 1.0) or math.isnan(float(t)):
             raise BundleError(f"{where}: thresholds.{label} = {t}; expected a probability in [0, 1]")
@@ -416,10 +447,10 @@ def _parse_manifest(data: Any, where: str) -> BundleManifest:
     graphs = _req(data, "graphs", dict, where)
     stage1 = _graph(_req(graphs, "stage1", dict, f"{where}: graphs"), f"{where}: graphs.stage1",
                     STAGE1_INPUTS, STAGE1_OUTPUTS)
-    stage2 = _graph(_req(graphs, "stage2", dict, f"{where}: graphs"), f"{where}: graphs.stage2",
-                    STAGE2_INPUTS, STAGE2_OUTPUTS)
-    fp16 = {k: _graph(g, f"{where}: fp16.{k}", STAGE1_INPUTS if k == "stage1" else STAGE2_INPUTS,
-                      STAGE1_OUTPUTS if k == "stage1" else STAGE2_OUTPUTS)
+    s2_in, s2_out = (STAGE2_INPUTS, STAGE2_OUTPUTS) if family == "ma2022" else (SHI_STAGE2_INPUTS, SHI_STAGE2_OUTPUTS)
+    stage2 = _graph(_req(graphs, "stage2", dict, f"{where}: graphs"), f"{where}: graphs.stage2", s2_in, s2_out)
+    fp16 = {k: _graph(g, f"{where}: fp16.{k}", STAGE1_INPUTS if k == "stage1" else s2_in,
+                      STAGE1_OUTPUTS if k == "stage1" else s2_out)
             for k, g in (data.get("fp16") or {}).items()}
     if set(fp16) - {"stage1", "stage2"}:
         raise BundleError(f"{where}: fp16 has keys {sorted(fp16)}; expected stage1 and stage2")
@@ -433,19 +464,26 @@ def _parse_manifest(data: Any, where: str) -> BundleManifest:
         if g.file not in files:
             raise BundleError(f"{where}: graph file {g.file} has no sha256 in 'files'")
     metrics = _req(data, "metrics", dict, where)
-    validation = _validation_from(data.get("weak_labels"), data.get("weak_auroc_floor"), metrics, where)
+    validation = _validation_from(data.get("weak_labels"), data.get("weak_auroc_floor"), metrics, where,
+                                  (WINDOW_LABEL, *expected_study))
     seq = _req(data, "sequence_length", int, where)
     feat = _req(data, "feature_dim", int, where)
     win_shape = stage1.inputs[0].shape
-    expect = (3, preprocessing.window_slices, preprocessing.crop, preprocessing.crop)
+    expect = (preprocessing.channels, preprocessing.window_slices, preprocessing.crop, preprocessing.crop)
     if len(win_shape) != 5 or tuple(win_shape[1:]) != expect:
         raise BundleError(f"{where}: graphs.stage1 input 'windows' has shape {list(win_shape)}; with the "
                           f"manifest's preprocessing it must be [batch, {', '.join(map(str, expect))}]")
     if len(stage1.outputs[2].shape) != 4 or not all(isinstance(d, int) for d in stage1.outputs[2].shape[1:]):
         raise BundleError(f"{where}: graphs.stage1 output 'heatmap' must be [batch, t, h, w] with fixed t, h, w")
-    if tuple(stage2.inputs[0].shape[1:]) != (seq, feat):
+    if family == "shi2020" and preprocessing.slabs != seq:
+        raise BundleError(f"{where}: sequence_length {seq} differs from preprocessing.slabs {preprocessing.slabs}; "
+                          "a shi2020 stage 2 reads every slab of the study")
+    # ma2022: one feature vector per window; shi2020: the stage-1 feature maps, on the heatmap's cells
+    feat_shape = (seq, feat) if family == "ma2022" else (seq, feat, *stage1.outputs[2].shape[2:])
+    if tuple(stage2.inputs[0].shape[1:]) != feat_shape:
         raise BundleError(f"{where}: graphs.stage2 input 'features' has shape {list(stage2.inputs[0].shape)}; "
-                          f"expected [batch, {seq}, {feat}] (sequence_length, feature_dim)")
+                          f"expected [batch, {', '.join(map(str, feat_shape))}] (sequence_length, feature_dim"
+                          f"{', heatmap h, w' if family == 'shi2020' else ''})")
     try:
         grid = CamGrid.from_dict(data["heatmap_grid"]) if data.get("heatmap_grid") is not None else R3D18_HEATMAP_GRID
     except (TypeError, ValueError) as exc:
@@ -458,7 +496,7 @@ def _parse_manifest(data: Any, where: str) -> BundleManifest:
         created=_req(data, "created", str, where),
         window_label=window_label,
         study_labels=study_labels,
-        thresholds={k: float(thresholds[k]) for k in (WINDOW_LABEL, *STUDY_LABELS)},
+        thresholds={k: float(thresholds[k]) for k in (WINDOW_LABEL, *expected_study)},
         preprocessing=preprocessing,
         preprocessing_version=version,
         sequence_length=seq,
@@ -475,6 +513,7 @@ def _parse_manifest(data: Any, where: str) -> BundleManifest:
         weak_labels=validation.weak,
         weak_auroc_floor=validation.floor,
         weak_labels_source=validation.source,
+        family=family,
     )
 
 

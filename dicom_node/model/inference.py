@@ -6,6 +6,14 @@ series into a typed `Prediction`: stage 1 in batches -> fixed-length sequence
 (`dicom_node.model.sequence`) -> stage 2 -> sigmoid -> back to the N windows -> RSNA consistency rules
 at the manifest's thresholds.
 
+A shi2020 bundle (Shi et al. 2020; `dicom_node.model.bundle`) runs the same way up to stage 1 (slabs in place of
+windows); stage 2 reads all the slabs' feature maps at once and gives one probability, PE present
+(`Prediction.pe_probability`, the window label's probability). Its `window_probs` are the stage-1 slab
+probabilities, its `attention` one row: each slab's share of the attention-map peaks over the study (the
+"attention evidence", so the key slices are the slabs where a probable PE draws the most attention), its
+`labels` the window label alone, its `window_positive` the slabs at or above 0.5 when the study is called
+positive (at least the highest-scoring one).
+
 `Prediction` is the contract between inference and the results (`dicom_node.results`: key slices, SR, SCs, KOS).
 """
 
@@ -20,7 +28,7 @@ import numpy as np
 
 from dicom_node.imaging.cam_grid import CamGrid
 from dicom_node.imaging.preprocess import PreprocessConfig, Windows
-from dicom_node.labels import STUDY_LABELS, WINDOW_LABEL, make_consistent, sigmoid
+from dicom_node.labels import ALL_LABELS, STUDY_LABELS, WINDOW_LABEL, make_consistent, sigmoid
 from dicom_node.log import get_logger
 from dicom_node.model.bundle import Bundle, GraphSpec, load_bundle, onnxruntime_module
 from dicom_node.model.sequence import from_fixed_length, to_fixed_length
@@ -70,6 +78,15 @@ class Prediction:
     timings_s: dict[str, float] = field(default_factory=dict)
     #: where the heatmaps' cells sit in the window (the bundle's `heatmap_grid`); None = half-pixel resize
     heatmap_grid: CamGrid | None = None
+    #: the bundle's model family ("ma2022" / "shi2020")
+    family: str = "ma2022"
+    #: shi2020: stage 2's study probability of PE (the window label's probability); None for ma2022
+    pe_probability: float | None = None
+
+    @property
+    def predicted_labels(self) -> tuple[str, ...]:
+        """The labels this prediction carries (the bundle's), in `ALL_LABELS` order."""
+        return tuple(k for k in ALL_LABELS if k in self.labels)
 
     @property
     def positive(self) -> bool:
@@ -80,6 +97,8 @@ class Prediction:
         """Probability per label (WINDOW_LABEL first, then the study labels); for WINDOW_LABEL
         ("PE present on any window") the highest window probability (0.0 for a series without windows)."""
         wp = np.asarray(self.window_probs, dtype=np.float64).reshape(-1)
+        if self.pe_probability is not None:  # shi2020: the study's probability from stage 2
+            return {WINDOW_LABEL: float(self.pe_probability)}
         probs = {WINDOW_LABEL: float(wp.max()) if wp.size else 0.0}
         probs.update({k: float(v) for k, v in self.study_probs.items()})
         return probs
@@ -180,7 +199,12 @@ class Predictor:
             # all int: _parse_manifest checks them against (3, window_slices, crop, crop)
             window_shape = tuple(int(d) for d in m.stage1.inputs[0].shape[1:])
             self._stage1(np.zeros((1, *window_shape), dtype=np.float32))
-            self._stage2(np.zeros((m.sequence_length, m.feature_dim), np.float32), np.ones(m.sequence_length, np.float32))
+            if m.family == "shi2020":
+                self._s2.run(None, {"features": np.zeros((1, *(int(d) for d in m.stage2.inputs[0].shape[1:])),
+                                                         dtype=self._in2)})
+            else:
+                self._stage2(np.zeros((m.sequence_length, m.feature_dim), np.float32),
+                             np.ones(m.sequence_length, np.float32))
             warm_s = time.perf_counter() - t1
         log.info("model_loaded", bundle=str(self.bundle.path), model_name=m.name, model_version=m.version,
                  model_uid=m.model_uid, provider=self.execution_provider, providers=self._s1.get_providers(),
@@ -213,6 +237,8 @@ class Predictor:
 
     def predict(self, windows: Windows) -> Prediction:
         self.check_windows(windows)
+        if self.manifest.family == "shi2020":
+            return self._predict_shi(windows)
         m = self.manifest
         t0 = time.perf_counter()
         arr = np.ascontiguousarray(windows.array, dtype=np.float32)
@@ -260,4 +286,41 @@ class Predictor:
                  positive=pred.positive, max_window_prob=round(float(window_probs.max()), 4),
                  provider=self.execution_provider, stage1_s=round(t1 - t0, 3), stage2_s=round(t2 - t1, 3),
                  duration_s=round(total, 3), consistency_changed=list(consistent.changed))
+        return pred
+
+    def _predict_shi(self, windows: Windows) -> Prediction:
+        """Shi et al. 2020: slabs -> stage 1 (maps, slab logits, attention maps) -> stage 2 over all slabs (module doc)."""
+        m = self.manifest
+        t0 = time.perf_counter()
+        arr = np.ascontiguousarray(windows.array, dtype=np.float32)
+        n = arr.shape[0]
+        if n != m.sequence_length:
+            raise InferenceError(f"series {windows.series_instance_uid}: {n} slabs; bundle {m.name} reads exactly "
+                                 f"{m.sequence_length} (preprocess with the bundle's PreprocessConfig)")
+        parts = [self._stage1(arr[i:i + self.batch_size]) for i in range(0, n, self.batch_size)]
+        features = np.concatenate([p[0] for p in parts])
+        slab_probs = sigmoid(np.concatenate([p[1] for p in parts])).astype(np.float32)
+        heatmaps = np.maximum(np.concatenate([p[2] for p in parts]), 0.0)
+        t1 = time.perf_counter()
+        (logit,) = self._s2.run(None, {"features": features[None].astype(self._in2, copy=False)})
+        pe = float(sigmoid(np.asarray(logit, dtype=np.float64).reshape(-1))[0])
+        t2 = time.perf_counter()
+        peaks = heatmaps.reshape(n, -1).max(axis=1).astype(np.float64)
+        evidence = peaks / peaks.sum() if peaks.sum() > 0 else np.full(n, 1.0 / n)
+        positive = pe >= m.thresholds[WINDOW_LABEL]
+        window_positive = np.zeros(n, dtype=bool)
+        if positive:
+            window_positive = slab_probs >= 0.5
+            window_positive[int(np.argmax(slab_probs * evidence))] = True
+        total = time.perf_counter() - t0
+        pred = Prediction(
+            series_instance_uid=windows.series_instance_uid, window_probs=slab_probs, study_probs={},
+            attention=evidence[None].astype(np.float32), heatmaps=heatmaps, thresholds=dict(m.thresholds),
+            window_positive=window_positive, labels={WINDOW_LABEL: bool(positive)}, model_name=m.name,
+            model_version=m.version, model_uid=m.model_uid, execution_provider=self.execution_provider,
+            stage1_probs=slab_probs, timings_s={"stage1": t1 - t0, "stage2": t2 - t1, "total": total},
+            heatmap_grid=m.heatmap_grid, family="shi2020", pe_probability=pe)
+        log.info("inference_finished", series_uid=windows.series_instance_uid, family="shi2020", slabs=n,
+                 positive=pred.positive, pe_probability=round(pe, 4), provider=self.execution_provider,
+                 stage1_s=round(t1 - t0, 3), stage2_s=round(t2 - t1, 3), duration_s=round(total, 3))
         return pred

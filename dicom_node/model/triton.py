@@ -181,6 +181,9 @@ class TritonPredictor(Predictor):
             raise InferenceError(f"batch_size must be >= 1, got {batch_size}")
         self.bundle = bundle if isinstance(bundle, Bundle) else load_manifest_only(bundle)
         self.manifest = m = self.bundle.manifest
+        if m.family != "ma2022":  # its stage 2 has other inputs and outputs (dicom_node.model.bundle)
+            raise InferenceError(f"bundle {self.bundle.path} is a {m.family} model; the Triton engine runs ma2022 "
+                                 "bundles only so far: set [inference] engine = onnxruntime for it")
         self.settings = settings
         self.precision = "fp32"
         self.execution_provider = f"triton {settings.where}"

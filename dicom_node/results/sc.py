@@ -40,7 +40,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node import RESEARCH_USE_STATEMENT
-from dicom_node.labels import ALL_LABELS, PE_FINDING_LABELS, WINDOW_LABEL, display_name
+from dicom_node.labels import PE_FINDING_LABELS, WINDOW_LABEL, display_name
 from dicom_node.model.bundle import LabelValidation
 from dicom_node.results.codes import SOURCE_IMAGE_PURPOSE
 
@@ -432,7 +432,8 @@ def render_summary_chart(prediction: Prediction, width: int = 640, height: int =
     # --- probabilities vs thresholds
     top, row_h, x0, bar_w = 46, 22, 190, width - 190 - 70
     used: set[str] = set()
-    for i, label in enumerate(ALL_LABELS):
+    shown = prediction.predicted_labels  # the bundle's labels only (the window label alone for shi2020)
+    for i, label in enumerate(shown):
         y = top + i * row_h
         p, t = probs[label], float(prediction.thresholds[label])
         on = bool(prediction.labels[label])
@@ -446,7 +447,7 @@ def render_summary_chart(prediction: Prediction, width: int = 640, height: int =
         d.line([tx, y, tx, y + row_h - 2], fill=colours["text"], width=2)
         d.text((x0 + bar_w + 6, y + 4), f"{p:.2f}  {'yes' if on else 'no'}", fill=colours["text"], font=small)
     # --- legend: only the colours the chart uses (a study called no PE shows no red at all)
-    ly = top + len(ALL_LABELS) * row_h + 2
+    ly = top + len(shown) * row_h + 2
     x = 8
     for kind, text in (("pe_finding", "PE finding called"), ("called_no_pe", "called, no PE (negative / indeterminate)"),
                        ("not_called", "not called (below threshold)")):
@@ -509,7 +510,8 @@ def build_summary_sc(series: CtSeries, prediction: Prediction, *, series_instanc
     probs = prediction.label_probabilities()
     rows = "; ".join(f"{display_name(k)} p {probs[k]:.2f} threshold {float(prediction.thresholds[k]):.2f} "
                      f"{'called' if prediction.labels[k] else 'not called'}"
-                     f"{' (' + NOT_VALIDATED + ')' if validation.is_weak(k) else ''}" for k in ALL_LABELS)
+                     f"{' (' + NOT_VALIDATED + ')' if validation.is_weak(k) else ''}"
+                     for k in prediction.predicted_labels)
     weak = ("label validation unknown (no validation AUROC in the bundle)" if not validation.known else
             f"{NOT_VALIDATED} (validation AUROC < {validation.floor:.2f}): "
             f"{', '.join(display_name(k) for k in validation.weak or ()) or 'none'}")

@@ -186,11 +186,13 @@ def check_prediction(series: CtSeries, prediction: Prediction) -> None:
             f"{series.series_instance_uid}; report on the series that was analysed"
         )
     labels = {k: bool(v) for k, v in prediction.labels.items()}
-    missing = [k for k in ALL_LABELS if k not in labels or (k != WINDOW_LABEL and k not in prediction.study_probs)
+    # a bundle reports the labels it predicts: all ten (ma2022) or the window label alone (shi2020)
+    expected = ALL_LABELS if prediction.family == "ma2022" else (WINDOW_LABEL,)
+    missing = [k for k in expected if k not in labels or (k != WINDOW_LABEL and k not in prediction.study_probs)
                or k not in prediction.thresholds]
     if missing:
         raise ReportError(f"Series {series.series_instance_uid}: prediction lacks labels/probabilities/thresholds {missing}")
-    broken = consistency_violations(np.asarray(prediction.window_positive, bool), labels)
+    broken = consistency_violations(np.asarray(prediction.window_positive, bool), labels) if expected == ALL_LABELS else []
     if broken:
         raise ReportError(
             f"Series {series.series_instance_uid}: labels break the RSNA consistency rules ({'; '.join(broken)}); "
@@ -295,7 +297,8 @@ def build_sr(
     floor = validation.floor if validation is not None else 0.0
     left_out = {label for label in weak if omit_weak_labels and label != WINDOW_LABEL}
     for finding, (tracking, _main) in FINDING_GROUPS.items():
-        members = [label for label in ALL_LABELS if LABEL_CODING[label].finding == finding and label not in left_out]
+        members = [label for label in ALL_LABELS if LABEL_CODING[label].finding == finding and label not in left_out
+                   and label in labels]  # only the labels the bundle predicts (no RV/LV group from a shi2020 model)
         if not members:
             continue  # every label of this finding is weak and left out
         group = _finding_group(finding, tracking, prediction, labels, algo, track,
@@ -432,6 +435,8 @@ def impression(labels: Mapping[str, bool]) -> str:
     "AI suggests no pulmonary embolism; exam quality adequate", or "...; exam indeterminate
     (quality not adequate to exclude pulmonary embolism)" when the exam is called indeterminate.
     """
+    if WINDOW_LABEL in labels and len(labels) == 1:  # a model that predicts PE present only (shi2020)
+        return "AI suggests pulmonary embolism: present" if labels[WINDOW_LABEL] else "AI suggests no pulmonary embolism"
     if labels[WINDOW_LABEL]:
         sites = [name for label, name in (("central_pe", "central"), ("leftsided_pe", "left"),
                                           ("rightsided_pe", "right")) if labels[label]]
@@ -495,7 +500,7 @@ def _finding_group(finding: Any, tracking: str, prediction: Prediction, labels: 
         elif name != PE_ACUITY:
             negative = DIAGNOSTIC_QUALITY if value == INDETERMINATE else ABSENT
             evaluations.append(hd.sr.QualitativeEvaluation(name=name, value=value if labels[label] else negative))
-    if finding == PE_FINDING and labels[WINDOW_LABEL]:
+    if finding == PE_FINDING and labels[WINDOW_LABEL] and "chronic_pe" in labels:  # acuity only when predicted
         acuity = CHRONIC if labels["chronic_pe"] else ACUTE_ON_CHRONIC if labels["acute_and_chronic_pe"] else ACUTE
         evaluations.append(hd.sr.QualitativeEvaluation(name=PE_ACUITY, value=acuity))
     return hd.sr.MeasurementsAndQualitativeEvaluations(

@@ -16,6 +16,7 @@ The demo model was trained on synthetic phantoms only: research use, never on pa
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import tempfile
@@ -207,7 +208,10 @@ def _print_findings(studies: list[DemoStudy], results: list[Dataset]) -> dict[st
     print()
     print(f"{'label':<22}" + "".join(f"{n + ' (truth ' + ('PE' if s.truth_positive else 'no PE') + ')':>34}"
                                     for n, s in zip(names, studies)))
-    for label in ALL_LABELS:
+    # the labels the bundle reports (all ten for a Ma bundle; PE present alone for a shi2020 one)
+    reported = [label for label in ALL_LABELS
+                if any(f is not None and not math.isnan(f.probability) for f in (by_study[n].get(label) for n in names))]
+    for label in reported or ALL_LABELS:
         row = f"{label:<22}"
         for n in names:
             f = by_study[n].get(label)

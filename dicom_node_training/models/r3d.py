@@ -34,6 +34,7 @@ __all__ = [
     "PretrainedWeightsError",
     "r3d_18",
     "load_pretrained",
+    "read_state_dict",
     "cam",
     "cam_grid",
     "window_heatmap",
@@ -160,7 +161,8 @@ class VideoResNet(nn.Module):
         return WindowOutput(logit=logit, features=features, activations=a)
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """A local state_dict file (optionally under "state_dict"/"model", "module." prefixes dropped); never downloaded."""
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights {path}: no such file; pass a local torchvision r3d_18 state_dict (never downloaded)")
     obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -181,7 +183,7 @@ def load_pretrained(model: VideoResNet, path: Path | str) -> list[str]:
     :class:`PretrainedWeightsError` lists the missing, unexpected and shape-mismatched keys.
     """
     path = Path(path)
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     own = model.state_dict()
     skipped = sorted(k for k in state if k.startswith("fc."))
     body = {k: v for k, v in state.items() if not k.startswith("fc.")}

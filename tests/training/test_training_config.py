@@ -73,7 +73,7 @@ def test_unknown_preset_and_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown format '.yaml'"):
         (tmp_path / "x.yaml").write_text("a: 1")
         load_config("paper", tmp_path / "x.yaml")
-    assert set(PRESETS) == {"paper", "tiny"}
+    assert set(PRESETS) == {"paper", "tiny", "shi-paper", "shi-tiny"}
 
 
 def test_pretrained_flag_sets_phase1_weights_and_refuses_missing_file(tmp_path):
