@@ -23,8 +23,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = ["Spool", "InvalidUid", "validate_uid", "durable_write", "fsync_dir", "make_dirs", "DiskFull"]
 
@@ -82,10 +84,16 @@ def make_dirs(path: Path) -> None:
 def durable_write(dest: Path, data: bytes) -> None:
     """Write `data` to `dest` atomically and durably (temp file in the same folder, fsync, rename, fsync folder)."""
     make_dirs(dest.parent)
+    _durable_replace(dest, lambda f: f.write(data))
+
+
+def _durable_replace(dest: Path, fill: Callable[[BinaryIO], object]) -> None:
+    """`fill` a temp file in `dest`'s folder, fsync it, rename it to `dest`, fsync the folder; on any error the temp
+    file is removed and `dest` is untouched."""
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)
@@ -201,17 +209,5 @@ class Spool:
 
 def _durable_copy(src: Path, dest: Path) -> None:
     """Copy `src` to `dest` atomically and durably, streaming (a data set may be hundreds of MiB)."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(dest.parent)
+    with open(src, "rb") as inp:
+        _durable_replace(dest, lambda out: shutil.copyfileobj(inp, out, 1 << 20))
