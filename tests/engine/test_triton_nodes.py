@@ -126,7 +126,7 @@ def test_two_nodes_share_one_triton_and_deliver_every_study_exactly_once_with_th
         assert len(_srs(storescp.outdir)) == 4 and len(srs) == 4, "exactly one SR per study"
         # the server ran stage 2 once per study (+ one warm-up per node start): no request was repeated
         counts = server.infer_counts()
-        assert counts["pe-demo-tiny-0.2.0_stage2"] == 4 + 2, counts
+        assert counts["pe-demo-tiny-0.3.0_stage2"] == 4 + 2, counts
         local = Predictor(load_bundle(default_bundle_path()), providers=("CPUExecutionProvider",))
         for files in studies:
             ref = analyse_series(files, local, ResultOptions(key_slices=1)).sr
@@ -155,7 +155,7 @@ def test_a_server_killed_mid_job_fails_the_job_and_resend_delivers_it_once_when_
         server.kill()
         failed = wait_until(lambda: [e for e in node.events() if e.get("event") == "job_failed"], 60, "job failed")
         assert "InferenceError: Triton server grpc://" in failed[0]["error"]
-        assert "request to model pe-demo-tiny-0.2.0_stage" in failed[0]["error"] and "resend" in failed[0]["error"]
+        assert "request to model pe-demo-tiny-0.3.0_stage" in failed[0]["error"] and "resend" in failed[0]["error"]
         st = State(node.workdir / "data" / "state.sqlite")
         # the worker logs job_failed, then records the state
         (job,) = wait_until(lambda: st.jobs(JobState.FAILED), 30, "job recorded as failed")

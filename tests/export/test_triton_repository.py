@@ -71,13 +71,13 @@ def test_two_bundle_versions_sit_side_by_side_and_an_existing_model_needs_force(
     assert main(["triton", str(DEMO), "--out", str(tmp_path)]) == 0
     assert main(["triton", str(DEMO), "--out", str(tmp_path), "--model-name", "pe-next"]) == 0
     assert sorted(p.parent.name for p in tmp_path.glob("*/config.pbtxt")) == [
-        "pe-demo-tiny-0.2.0_stage1", "pe-demo-tiny-0.2.0_stage2", "pe-next_stage1", "pe-next_stage2"]
+        "pe-demo-tiny-0.3.0_stage1", "pe-demo-tiny-0.3.0_stage2", "pe-next_stage1", "pe-next_stage2"]
     capsys.readouterr()
     assert main(["triton", str(DEMO), "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "already has pe-demo-tiny-0.2.0_stage1" in err and "--force" in err
+    assert err.count("\n") == 0 and "already has pe-demo-tiny-0.3.0_stage1" in err and "--force" in err
     assert main(["triton", str(DEMO), "--out", str(tmp_path), "--force", "--max-batch", "4"]) == 0
-    assert _parsed(tmp_path / "pe-demo-tiny-0.2.0_stage1" / "config.pbtxt").max_batch_size == 4
+    assert _parsed(tmp_path / "pe-demo-tiny-0.3.0_stage1" / "config.pbtxt").max_batch_size == 4
     assert not list(tmp_path.glob(".triton-*")), "the temporary build directory is removed"
 
 

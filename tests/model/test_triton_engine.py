@@ -81,17 +81,17 @@ def _manifest_copy(tmp_path: Path, repo, **changes) -> Path:
 
 
 def test_a_served_repository_of_another_bundle_version_refuses_the_start(triton_server, triton_repo, tmp_path):
-    other = _manifest_copy(tmp_path, triton_repo, version="0.3.0")
+    other = _manifest_copy(tmp_path, triton_repo, version="9.9.9")
     # the node looks for the served models under the name of ITS bundle unless told otherwise
-    with pytest.raises(InferenceError, match=r"model pe-demo-tiny-0.2.0_stage1 serves bundle_version '0.2.0' but "
-                                             r"bundle pe-demo-tiny 0.3.0 .* has '0.3.0'"):
-        TritonPredictor(other, TritonSettings(url=triton_server.grpc_url, model="pe-demo-tiny-0.2.0"))
+    with pytest.raises(InferenceError, match=r"model pe-demo-tiny-0.3.0_stage1 serves bundle_version '0.3.0' but "
+                                             r"bundle pe-demo-tiny 9.9.9 .* has '9.9.9'"):
+        TritonPredictor(other, TritonSettings(url=triton_server.grpc_url, model="pe-demo-tiny-0.3.0"))
 
 
 def test_a_served_graph_other_than_the_manifests_refuses_the_start(triton_server, triton_repo, tmp_path):
     other = _manifest_copy(tmp_path, triton_repo, stage2_sha="0" * 64)
-    with pytest.raises(InferenceError, match=r"model pe-demo-tiny-0.2.0_stage2 serves onnx_sha256 '[0-9a-f]{64}' but "
-                                             r"bundle pe-demo-tiny 0.2.0 .* has '0{64}'"):
+    with pytest.raises(InferenceError, match=r"model pe-demo-tiny-0.3.0_stage2 serves onnx_sha256 '[0-9a-f]{64}' but "
+                                             r"bundle pe-demo-tiny 0.3.0 .* has '0{64}'"):
         TritonPredictor(other, TritonSettings(url=triton_server.http_url, protocol="http"))
 
 
@@ -101,13 +101,13 @@ def test_a_signature_other_than_the_manifests_refuses_the_start(triton_repo, tmp
 
     repo = tmp_path / "repo"
     shutil.copytree(triton_repo.path, repo)
-    cfg = repo / "pe-demo-tiny-0.2.0_stage2" / "config.pbtxt"
+    cfg = repo / "pe-demo-tiny-0.3.0_stage2" / "config.pbtxt"
     cfg.write_text(cfg.read_text().replace("dims: [ 40, 128 ]", "dims: [ 32, 128 ]"))
     edited = type(triton_repo)(path=repo, model=triton_repo.model, configs={}, manifest=repo / triton_repo.manifest.name)
     server = start_triton(edited, tmp_path / "server")
     try:
-        with pytest.raises(InferenceError, match=r"model pe-demo-tiny-0.2.0_stage2 inputs are features FP32 "
-                                                 r"\[-1, 32, 128\], mask FP32 \[-1, 40\]; bundle pe-demo-tiny 0.2.0 "
+        with pytest.raises(InferenceError, match=r"model pe-demo-tiny-0.3.0_stage2 inputs are features FP32 "
+                                                 r"\[-1, 32, 128\], mask FP32 \[-1, 40\]; bundle pe-demo-tiny 0.3.0 "
                                                  r"needs features FP32 \[-1, 40, 128\]"):
             TritonPredictor(edited.manifest, TritonSettings(url=server.grpc_url))
     finally:
@@ -165,5 +165,5 @@ def test_version_names_the_bundle_of_the_manifest_copy_and_the_triton_server(tri
 
     cfg = write_config(tmp_path / "node.toml", **{"inference.engine": "triton", "inference.bundle":
                                                   str(triton_repo.manifest), "inference.triton_url": "gpu1:8001"})
-    assert version_text(str(cfg)).splitlines()[1] == (f"model bundle: pe-demo-tiny 0.2.0 (inference.bundle "
+    assert version_text(str(cfg)).splitlines()[1] == (f"model bundle: pe-demo-tiny 0.3.0 (inference.bundle "
                                                       f"{triton_repo.manifest}, run on Triton grpc://gpu1:8001)")

@@ -31,24 +31,39 @@ def _demo_manifest() -> dict:
     return json.loads((default_bundle_path() / MANIFEST_NAME).read_text())
 
 
-def test_demo_bundle_loads_unchanged_with_unknown_validation():
+def _older_manifest() -> dict:
+    """The demo manifest as a bundle exported before weak labels were recorded (no weak_labels, no floor)."""
+    data = _demo_manifest()
+    for key in ("weak_labels", "weak_auroc_floor"):
+        data.pop(key, None)
+    data["metrics"].pop("validation_auroc", None)
+    return data
+
+
+def test_demo_bundle_loads_unchanged_with_the_weak_labels_it_records():
     path = default_bundle_path()
     raw = (path / MANIFEST_NAME).read_bytes()
     m = load_bundle(path).manifest  # sha256 of every file verified
-    assert "weak_labels" not in json.loads(raw) and "validation_auroc" not in m.metrics
-    assert m.weak_labels is None and m.weak_labels_source == "unknown"
+    recorded = json.loads(raw)["weak_labels"]  # demo 0.3.0 records its list (empty: every label validated >= 0.70)
+    assert m.weak_labels == tuple(recorded) and m.weak_labels_source == "manifest"
     assert m.weak_auroc_floor == DEFAULT_WEAK_AUROC_FLOOR == 0.70
-    assert not m.label_validation.known and not m.label_validation.is_weak("chronic_pe")
-    assert "weak_labels" not in m.to_json()  # nothing computed is written back
-    assert (path / MANIFEST_NAME).read_bytes() == raw
+    assert m.label_validation.known and not m.label_validation.is_weak("chronic_pe")
+    assert (path / MANIFEST_NAME).read_bytes() == raw  # loading writes nothing back
     tracked = subprocess.run(["git", "-C", str(ROOT), "show", f"HEAD:dicom_node/model/demo/{MANIFEST_NAME}"],
                              capture_output=True)
     if tracked.returncode == 0:  # in a checkout: the shipped manifest is the committed one
         assert hashlib.sha256(tracked.stdout).hexdigest() == hashlib.sha256(raw).hexdigest()
 
 
+def test_an_older_manifest_without_validation_loads_with_unknown_weak_labels():
+    m = BundleManifest.from_json(_older_manifest())
+    assert m.weak_labels is None and m.weak_labels_source == "unknown"
+    assert not m.label_validation.known and not m.label_validation.is_weak("chronic_pe")
+    assert "weak_labels" not in m.to_json()  # nothing computed is written back
+
+
 def test_older_manifest_with_validation_metrics_gets_weak_labels_at_load():
-    data = _demo_manifest()
+    data = _older_manifest()
     data["metrics"]["validation_auroc"] = {k: 0.9 for k in ALL_LABELS} | {"chronic_pe": 0.55, "indeterminate": 0.6999}
     del data["metrics"]["validation_auroc"]["central_pe"]  # undefined (one class): not validated
     m = BundleManifest.from_json(data)
@@ -90,7 +105,7 @@ def test_label_validation_of_what_the_results_get():
     m = BundleManifest.from_json(_demo_manifest() | {"weak_labels": ["chronic_pe"], "weak_auroc_floor": 0.7})
     assert label_validation_of(m) == LabelValidation(("chronic_pe",), 0.7, "manifest")
     assert label_validation_of(m.to_json()) == LabelValidation(("chronic_pe",), 0.7, "manifest")
-    assert label_validation_of(_demo_manifest()) == LabelValidation(None, 0.7, "unknown")
+    assert label_validation_of(_older_manifest()) == LabelValidation(None, 0.7, "unknown")
     assert label_validation_of(None) == LabelValidation()
     assert label_validation_of(BundleInfo(name="x", version="1", model_uid="2.25.1")) == LabelValidation()
     assert label_validation_of({"metrics": {"validation_auroc": {k: 0.9 for k in ALL_LABELS}}}).weak == ()
