@@ -67,12 +67,13 @@ def _models(name: str):
     return m1.eval(), sequence_model(in_features=8 * width, hidden=hidden).eval()
 
 
-def _windows(name: str):
+def random_windows(cfg, n: int = 0):
+    """`n` windows (default N_WINDOWS) of random values with `cfg`'s window size and crop, and a geometry that
+    covers them: timing does not depend on the values (also used by triton_inference.py)."""
     from dicom_node.imaging.preprocess import Geometry, Windows
 
-    cfg = _preprocess(name)
     ws, size, crop = cfg.window_slices, cfg.resize, cfg.crop
-    n = N_WINDOWS
+    n = n or N_WINDOWS
     off = (size - crop) // 2
     g = Geometry(original_shape=(n * ws, size, size), original_spacing_mm=(1.0, 1.0, 1.0),
                  resampled_shape=(n * ws, size, size), lung_box=(0, n * ws, 0, size, 0, size), resize=size,
@@ -95,7 +96,7 @@ def _rss_mb() -> float:
 
 
 def worker(engine: str, name: str, bundle: str, repeats: int, threads_opt: int | None = None) -> dict:
-    windows = _windows(name)
+    windows = random_windows(_preprocess(name))
     base = _rss_mb()
     if engine in ("torch", "torch-cuda"):
         import torch

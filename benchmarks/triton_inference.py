@@ -39,8 +39,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -49,19 +47,12 @@ BATCH = 8
 
 
 def _windows(bundle: str):
-    from dicom_node.imaging.preprocess import Geometry, Windows
+    """The 32 random windows of `benchmarks/inference.py` with the bundle's preprocessing."""
+    from inference import random_windows  # the worker runs as a script: its folder is on sys.path
+
     from dicom_node.model.bundle import load_manifest_only
 
-    cfg = load_manifest_only(bundle).manifest.preprocessing
-    ws, size, crop, n = cfg.window_slices, cfg.resize, cfg.crop, N_WINDOWS
-    off = (size - crop) // 2
-    g = Geometry(original_shape=(n * ws, size, size), original_spacing_mm=(1.0, 1.0, 1.0),
-                 resampled_shape=(n * ws, size, size), lung_box=(0, n * ws, 0, size, 0, size), resize=size,
-                 crop=crop, crop_offset=(off, off), window_slices=ws, n_windows=n)
-    arr = np.random.default_rng(0).random((n, 3, ws, crop, crop), dtype=np.float32)
-    idx = g.window_slice_indices()
-    return Windows(array=arr, series_instance_uid="1.2.3", slice_uids=tuple(tuple(str(i) for i in w) for w in idx),
-                   geometry=g, config=cfg, slice_indices=idx)
+    return random_windows(load_manifest_only(bundle).manifest.preprocessing, N_WINDOWS)
 
 
 def worker(spec: dict) -> None:

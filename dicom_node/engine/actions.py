@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from dicom_node.config import ConfigError, parse_destination
 from dicom_node.durability.spool import InvalidUid, validate_uid
-from dicom_node.durability.state import DeliveryState, JobState, SeriesState
+from dicom_node.durability.state import DeliveryState, JobState, SeriesRow, SeriesState
 
 if TYPE_CHECKING:
     from dicom_node.config import Config, Destination
@@ -48,14 +48,21 @@ def destination_address(d: Destination) -> str:
     return str(d) + ("+tls" if d.tls else "")
 
 
-def complete_series(st: State, series_uid: str) -> ActionResult:
+def _known_series(st: State, series_uid: str) -> SeriesRow | ActionResult:
+    """The state row of `series_uid`, or the refusal (2: not a UID; 1: unknown here) that every series action gives."""
     try:
         uid = validate_uid(series_uid, "SERIES_UID")
     except InvalidUid as e:
         return ActionResult(2, error=str(e))
     s = st.series(uid)
-    if s is None:
-        return ActionResult(1, error=f"series {uid} is unknown to this node")
+    return ActionResult(1, error=f"series {uid} is unknown to this node") if s is None else s
+
+
+def complete_series(st: State, series_uid: str) -> ActionResult:
+    s = _known_series(st, series_uid)
+    if isinstance(s, ActionResult):
+        return s
+    uid = s.series_uid
     if not st.force_complete(uid):
         return ActionResult(1, error=f"series {uid} is {s.state.value}, not receiving; nothing to do")
     return ActionResult(0, (f"series {uid}: will be completed at the node's next poll",))
@@ -64,13 +71,10 @@ def complete_series(st: State, series_uid: str) -> ActionResult:
 def rerun_series(st: State, series_uid: str) -> ActionResult:
     """Analyse the series again: a running job is marked for one re-run when it ends; a finished one
     gets a new job (the revision rule of `State` decides its number); a queued one needs nothing."""
-    try:
-        uid = validate_uid(series_uid, "SERIES_UID")
-    except InvalidUid as e:
-        return ActionResult(2, error=str(e))
-    s = st.series(uid)
-    if s is None:
-        return ActionResult(1, error=f"series {uid} is unknown to this node")
+    s = _known_series(st, series_uid)
+    if isinstance(s, ActionResult):
+        return s
+    uid = s.series_uid
     job = st.latest_job(uid)
     if job is None or s.state in (SeriesState.RECEIVING, SeriesState.COMPLETE, SeriesState.SKIPPED):
         why = s.skip_reason if s.state is SeriesState.SKIPPED else "it has not been analysed yet"
