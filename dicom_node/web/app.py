@@ -280,17 +280,22 @@ def _add_worklist(app: FastAPI, ctx: WebContext) -> None:  # noqa: C901 - one cl
             "sel_priority": priority or [], "sel_state": states or [], "q": text, "refresh_s": web.refresh_s,
             "query_base": _query(priority, state, text, limit)})
 
+    def audited_study(request: Request, user: str, study_uid: str, action: str) -> Any:
+        """The study's detail for `user`, the view written to the audit log either way; 404 when unknown."""
+        _uid(study_uid, "study UID")
+        detail = study_detail(ctx.state, ctx.spool, identities, study_uid)
+        audit.write(user=user, client=client(request), action=action, study_uid=study_uid,
+                    outcome="done" if detail else "not found")
+        if detail is None:
+            raise HTTPException(404, f"study {study_uid} is unknown to this node")
+        return detail
+
     @app.get("/studies/{study_uid}", include_in_schema=False)
     def study_page(request: Request, study_uid: str, message: str = "", error: str = "") -> Response:
         p, csrf = who(request)
         if p is None:
             return login_page(request, 401, next_url=request.url.path)
-        _uid(study_uid, "study UID")
-        detail = study_detail(ctx.state, ctx.spool, identities, study_uid)
-        audit.write(user=p.name, client=client(request), action="view_study", study_uid=study_uid,
-                    outcome="done" if detail else "not found")
-        if detail is None:
-            raise HTTPException(404, f"study {study_uid} is unknown to this node")
+        detail = audited_study(request, p.name, study_uid, "view_study")
         return templates.TemplateResponse(request, "study.html", {
             "user": p, "csrf": csrf or "", "study": detail, "now": time.time(), "message": message[:500],
             "error": error[:500]})
@@ -342,12 +347,7 @@ def _add_worklist(app: FastAPI, ctx: WebContext) -> None:  # noqa: C901 - one cl
     @app.get("/api/v1/studies/{study_uid}", tags=["worklist"], summary="A study: series, jobs, findings, images")
     def api_study(request: Request, study_uid: str) -> dict[str, Any]:
         p = need_api(request)
-        _uid(study_uid, "study UID")
-        detail = study_detail(ctx.state, ctx.spool, identities, study_uid)
-        audit.write(user=p.name, client=client(request), action="api_study", study_uid=study_uid,
-                    outcome="done" if detail else "not found")
-        if detail is None:
-            raise HTTPException(404, f"study {study_uid} is unknown to this node")
+        detail = audited_study(request, p.name, study_uid, "api_study")
         return _study_json(detail)
 
     @app.get("/api/v1/jobs/{job_id}", tags=["worklist"], summary="One job with its study")
