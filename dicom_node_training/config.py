@@ -130,6 +130,8 @@ class ShiStage1Config:
     width: int = 64  # planes of layer1 (64 -> 512 feature maps, the published ResNet-18)
     #: 1 = 16 px cells (the paper's 24 x 24 map at 384 px); 2 = torchvision's 32 px cells
     layer4_stride: int = 1
+    #: 2 = torchvision's; 1 halves the cells again (8 px with layer4_stride 1): small CPU crops need it
+    layer3_stride: int = 2
     pretrained: str | None = None  # local torchvision resnet18 ImageNet state_dict; never downloaded
     lr: float = 1e-4  # Adam
     batch_size: int = 48
@@ -188,11 +190,13 @@ PRESETS: dict[str, TrainConfig] = {
     # Shi et al. 2020 (section 3.2): 2.5 mm grid, 50 slabs of 5 slices, 384 px, -1024..500 HU; stage I Adam 1e-4,
     # batch 48, 100 epochs, lambda 1; stage II 2 units of 96 filters, Adam 1e-4, batch 32, 50 epochs
     "shi-paper": TrainConfig(family="shi2020", preprocess=SHI2020_PREPROCESSING),
-    # narrow and small for this CPU: 80 px crops of 96 px slabs (5 x 5 cells), width 16, 24 filters
+    # narrow and small for this CPU: 80 px crops of 96 px slabs, width 16, 24 filters; layer3 at stride 1 gives
+    # 10 x 10 cells of 8 px (5 x 5 of 16 px put a cell centre up to 22 mm from a clot on phantoms: run S2 of
+    # docs/benchmarks.md, 27 % within 10 mm)
     "shi-tiny": TrainConfig(
         family="shi2020",
         preprocess=replace(SHI2020_PREPROCESSING, resize=96, crop=80),
-        shi1=ShiStage1Config(width=16, lr=1e-3, batch_size=16, epochs=8),
+        shi1=ShiStage1Config(width=16, layer3_stride=1, lr=1e-3, batch_size=16, epochs=8),
         shi2=ShiStage2Config(filters=24, lr=1e-3, batch_size=8, epochs=30),
         num_workers=0,
         device="cpu",

@@ -76,7 +76,7 @@ def study_pe_label(entry: CacheEntry) -> int:
 def build_stage1(config: TrainConfig, pretrained: bool = True) -> ResNet2d:
     s1, pp = config.shi1, config.preprocess
     return resnet18_slab(in_channels=pp.channels * pp.window_slices, width=s1.width, layer4_stride=s1.layer4_stride,
-                         pretrained=s1.pretrained if pretrained else None)
+                         layer3_stride=s1.layer3_stride, pretrained=s1.pretrained if pretrained else None)
 
 
 def stage1_cells(config: TrainConfig) -> tuple[int, int]:

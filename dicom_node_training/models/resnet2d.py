@@ -10,7 +10,9 @@ torchvision loads by name with :func:`load_pretrained`. Two differences, both wi
   slices excites ``conv1`` exactly as the same grey image did in RGB (the filters see intensity, not colour);
 * ``layer4`` may run at stride 1 (``layer4_stride=1``, the default): the paper's attention map is 24 x 24 at
   384 px, i.e. 16 px per cell, which torchvision's stride-32 ResNet-18 (12 x 12) cannot give. The 1 x 1
-  shortcut of ``layer4.0`` keeps its shape, so pretrained weights still fit.
+  shortcut of ``layer4.0`` keeps its shape, so pretrained weights still fit. ``layer3`` may run at stride 1
+  as well (``layer3_stride=1``: 8 px cells), which a small CPU crop needs to keep cells near a clot's size
+  (80 px -> 10 x 10 cells instead of 5 x 5); it costs layer3 and layer4 four times their arithmetic.
 
 Input: slabs (B, channels, slices, H, W) as the shared preprocessing makes them (``Windows.array``) or
 (B, slices, H, W); the slices become the input channels. The forward pass returns the Ma family's
@@ -73,7 +75,8 @@ class ResNet2d(nn.Module):
     layer3: nn.Sequential
     layer4: nn.Sequential
 
-    def __init__(self, in_channels: int = 5, width: int = 64, layer4_stride: int = 1, num_outputs: int = 1) -> None:
+    def __init__(self, in_channels: int = 5, width: int = 64, layer4_stride: int = 1, num_outputs: int = 1,
+                 layer3_stride: int = 2) -> None:
         super().__init__()
         planes = [p * width // 64 for p in RESNET18_PLANES]
         if width < 1 or min(planes) < 1:
@@ -81,14 +84,18 @@ class ResNet2d(nn.Module):
         if layer4_stride not in (1, 2):
             raise ValueError(f"resnet18_slab: layer4_stride {layer4_stride}; expected 1 (16 px cells, the paper's "
                              "24 x 24 at 384 px) or 2 (torchvision's 32 px cells)")
+        if layer3_stride not in (1, 2):
+            raise ValueError(f"resnet18_slab: layer3_stride {layer3_stride}; expected 2 (torchvision's) or 1 "
+                             "(half the cell size again: 8 px cells with layer4_stride 1)")
         self.in_channels, self.width, self.layer4_stride = in_channels, width, layer4_stride
+        self.layer3_stride = layer3_stride
         self.feature_dim = planes[-1]
         self.conv1 = nn.Conv2d(in_channels, planes[0], 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(planes[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         inplanes = planes[0]
-        for i, (p, s) in enumerate(zip(planes, (1, 2, 2, layer4_stride)), start=1):
+        for i, (p, s) in enumerate(zip(planes, (1, 2, layer3_stride, layer4_stride)), start=1):
             setattr(self, f"layer{i}", nn.Sequential(BasicBlock2d(inplanes, p, s), BasicBlock2d(p, p)))
             inplanes = p
         self.fc = nn.Linear(self.feature_dim, num_outputs)
@@ -138,9 +145,9 @@ def load_pretrained_2d(model: ResNet2d, path: Path | str) -> list[str]:
 
 
 def resnet18_slab(in_channels: int = 5, width: int = 64, layer4_stride: int = 1,
-                  pretrained: Path | str | None = None) -> ResNet2d:
+                  pretrained: Path | str | None = None, layer3_stride: int = 2) -> ResNet2d:
     """Build the stage-I network; ``pretrained``: a local torchvision resnet18 state_dict (never downloaded)."""
-    model = ResNet2d(in_channels=in_channels, width=width, layer4_stride=layer4_stride)
+    model = ResNet2d(in_channels=in_channels, width=width, layer4_stride=layer4_stride, layer3_stride=layer3_stride)
     if pretrained is not None:
         load_pretrained_2d(model, pretrained)
     elif width == 64:
