@@ -148,15 +148,18 @@ class Spool:
         durable_write(path, data)
         return path
 
-    def adopt(self, study_uid: str, series_uid: str, sop_uid: str, received: Path) -> Path:
+    def adopt(self, study_uid: str, series_uid: str, sop_uid: str, received: Path,
+              during: Callable[[], None] | None = None) -> Path:
         """Durably move the received Part 10 file `received` into the spool; return its path.
 
         On the spool's filesystem (the SCP streams into `incoming/` under `dicom-node serve`): rename,
         then the file's fsync and the folder's fsync at the same time (on a virtual disk each is a
-        cache flush of a millisecond or more; issued together they share one). Renaming before the
-        file's fsync is safe because nothing reads a spooled file before its row is committed, which
-        the caller does only after this returns; a crash in between leaves an unlisted file that the
-        sender's re-send overwrites. Elsewhere: a durable copy. `received` is gone afterwards."""
+        cache flush of a millisecond or more; issued together they share one). `during` (the SCP's
+        state row commit, itself flushed) runs while those flushes are under way; this returns, or
+        raises what `during` raised, only when all of them are done. So a crash before the caller
+        acknowledges can leave an unlisted file, or a row whose file is missing or short; both are
+        repaired by the sender's re-send (nothing was acknowledged), which the SCP detects by the
+        size recorded in the row. Elsewhere: a durable copy, then `during`. `received` is gone afterwards."""
         path = self.instance_path(study_uid, series_uid, sop_uid)
         self.check_space(received.stat().st_size)
         make_dirs(path.parent)
@@ -167,10 +170,17 @@ class Spool:
                 raise
             _durable_copy(received, path)
             received.unlink(missing_ok=True)
+            if during is not None:
+                during()
             return path
         file_synced = self._fsync_pool.submit(_fsync_file, path)
-        fsync_dir(path.parent)
-        file_synced.result()
+        dir_synced = self._fsync_pool.submit(fsync_dir, path.parent)
+        try:
+            if during is not None:
+                during()
+        finally:
+            file_synced.result()
+            dir_synced.result()
         return path
 
     def delete_series(self, study_uid: str, series_uid: str) -> int:

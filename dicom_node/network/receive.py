@@ -38,6 +38,7 @@ closes.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -81,6 +82,15 @@ STATUS = {
     "dataset_mismatch": 0xA900,
     "cannot_understand": 0xC000,
 }
+
+def _intact(row: InstanceRow) -> bool:
+    """The spooled file of an instance row is there with the size received (a crash between the row's
+    commit and the file's flush, before the acknowledgement, can leave it short or missing)."""
+    try:
+        return os.stat(row.path).st_size == row.bytes
+    except OSError:
+        return False
+
 
 def calling_allowed(allowed: tuple[str, ...], calling_aet: str, host: str) -> bool:
     """True when `calling_aet` from `host` matches an `AET` or `AET@host` entry (empty list = anyone)."""
@@ -212,10 +222,10 @@ class Receiver:
         self._report_duplicates(event, "closed")  # nothing left when released or aborted before
 
     # --- duplicates: counted per association and series -------------------------------------------
-    def _count_duplicate(self, event: Event, series_uid: str) -> int:
+    def _count_duplicate(self, assoc: object, series_uid: str) -> int:
         """Count one duplicate of `series_uid` in this association; returns the count so far."""
         with self._duplicates_lock:
-            per_series = self._duplicates.setdefault(event.assoc, {})
+            per_series = self._duplicates.setdefault(assoc, {})
             per_series[series_uid] = per_series.get(series_uid, 0) + 1
             return per_series[series_uid]
 
@@ -238,20 +248,28 @@ class Receiver:
         return STATUS[status_name]
 
     def _on_store(self, event: Event) -> int:
-        t0 = time.perf_counter()
+        """pynetdicom's C-STORE path (`fast_store = false`, or a message the node's own path passes on)."""
         rq = cast("C_STORE", event.request)  # EVT_C_STORE carries a C-STORE request
-        calling = event.assoc.requestor.ae_title
-        sop_class = str(rq.AffectedSOPClassUID)
-        sop_uid_rq = str(rq.AffectedSOPInstanceUID)
-        received = Path(event.dataset_path)  # pynetdicom deletes it after this handler unless it was adopted
-        context_class = str(event.context.abstract_syntax)
+        # pynetdicom deletes the file after this handler unless it was adopted
+        return self.store(event.assoc, Path(event.dataset_path), str(rq.AffectedSOPClassUID),
+                          str(rq.AffectedSOPInstanceUID), str(event.context.abstract_syntax),
+                          str(event.context.transfer_syntax))
+
+    def store(self, assoc: object, received: Path, sop_class: str, sop_uid_rq: str, context_class: str,
+              transfer_syntax: str) -> int:
+        """Decide one received C-STORE data set (the Part 10 file `received`); returns the status to answer.
+
+        The one C-STORE handler of both receive paths (pynetdicom's and `dicom_node.network.fast_store`).
+        `assoc` is the pynetdicom Association (its requestor's AE title is the calling AE; duplicates are
+        counted per association); the caller deletes `received` when it was not adopted."""
+        t0 = time.perf_counter()
+        calling = assoc.requestor.ae_title  # type: ignore[attr-defined]
         if context_class != sop_class:
             return self._refuse("dataset_mismatch", f"the C-STORE's Affected SOP Class {sop_class[:64]} differs from its "
                                 f"presentation context's {context_class}; send each class on its own context",
                                 sop_instance_uid=sop_uid_rq[:64], calling_aet=calling)
         try:
-            facts = check_received(received, str(event.context.transfer_syntax),
-                                   max_bytes=self.config.max_instance_mb * 2**20)
+            facts = check_received(received, transfer_syntax, max_bytes=self.config.max_instance_mb * 2**20)
         except DatasetRefused as e:
             return self._refuse(e.status, e.reason, sop_instance_uid=sop_uid_rq[:64], calling_aet=calling)
         except OSError as e:
@@ -279,8 +297,8 @@ class Receiver:
             return self._refuse("dataset_mismatch", f"SOP Instance {sop_uid} is already stored in series "
                                 f"{known.series_uid}, not {series}; give each instance its own SOPInstanceUID",
                                 sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
-        if known is not None and Path(known.path).is_file():
-            if self._count_duplicate(event, series) == 1:
+        if known is not None and _intact(known):
+            if self._count_duplicate(assoc, series) == 1:
                 repaired = self.state.duplicate_received(series)  # re-send after a failed job: analyse again
                 self.log.info("instance_duplicate", sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling,
                               series_reopened=repaired,
@@ -293,24 +311,34 @@ class Receiver:
             return self._refuse("dataset_mismatch", conflict, sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
         try:
             size = received.stat().st_size
-            path = self.spool.adopt(study, series, sop_uid, received)
+            path = self.spool.instance_path(study, series, sop_uid)
+        except OSError as e:
+            return self._refuse("write_failed", f"received data set unreadable: {e}", sop_instance_uid=sop_uid,
+                                calling_aet=calling)
+        row = InstanceRow(sop_uid, series, study, str(path), sop_class, transfer_syntax, time.time(), size, calling)
+        added: list[bool] = []
+
+        def record() -> None:  # the row's commit shares the time of the file's and folder's flushes
+            if known is not None:
+                self.state.restore_instance(row)
+            else:
+                added.append(self.state.add_instance(row, patient_key=key))
+
+        try:
+            self.spool.adopt(study, series, sop_uid, received, during=record)
         except DiskFull as e:
             return self._refuse("out_of_resources", str(e), sop_instance_uid=sop_uid, calling_aet=calling)
-        except OSError as e:
-            return self._refuse("write_failed", f"spool write failed: {e}", sop_instance_uid=sop_uid, calling_aet=calling)
-        now = time.time()
-        row = InstanceRow(sop_uid, series, study, str(path), sop_class, str(event.context.transfer_syntax), now, size,
-                          calling)
-        if known is not None:  # acknowledged before, but its spooled file had gone: stored again
-            self.state.restore_instance(row)
-            self.log.warning("instance_restored", sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling,
-                             missing=known.path, note="the spooled file was missing; the series is analysed again")
-            return STATUS["success"]
-        try:
-            new = self.state.add_instance(row, patient_key=key)
         except SeriesConflict as e:  # another association bound the series meanwhile
             path.unlink(missing_ok=True)
             return self._refuse("dataset_mismatch", str(e), sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
+        except OSError as e:
+            return self._refuse("write_failed", f"spool write failed: {e}", sop_instance_uid=sop_uid, calling_aet=calling)
+        if known is not None:  # acknowledged before, but its spooled file had gone: stored again
+            self.log.warning("instance_restored", sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling,
+                             missing=known.path, note="the spooled file was missing or damaged; the series is "
+                                                      "analysed again")
+            return STATUS["success"]
+        new = bool(added and added[0])
         if self.counters.on_stored and new:
             self.counters.on_stored(size)
         self.log.debug("instance_stored", sop_instance_uid=sop_uid, series_uid=series, study_uid=study,
