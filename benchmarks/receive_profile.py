@@ -29,6 +29,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from receive import NO_NAGLE, phantom_files  # noqa: E402
 
 CPU: collections.Counter[str] = collections.Counter()
+WALL: collections.Counter[str] = collections.Counter()
 CALLS: collections.Counter[str] = collections.Counter()
 ORDER: list[str] = []
 
@@ -40,11 +41,12 @@ def wrap(owner: Any, name: str, label: str) -> None:
 
     @functools.wraps(fn)
     def timed(*a: Any, **kw: Any) -> Any:
-        t0 = time.thread_time()
+        t0, w0 = time.thread_time(), time.perf_counter()
         try:
             return fn(*a, **kw)
         finally:
             CPU[label] += time.thread_time() - t0
+            WALL[label] += time.perf_counter() - w0
             CALLS[label] += 1
 
     setattr(owner, name, timed)
@@ -53,8 +55,10 @@ def wrap(owner: Any, name: str, label: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "receive_bench_series")
+    ap.add_argument("--pynetdicom", action="store_true", help="profile pynetdicom's C-STORE path (fast_store = false)")
     args = ap.parse_args(argv)
     files = phantom_files(args.data, 300, 512)
+    fast = not args.pynetdicom
 
     import pynetdicom.dimse as dimse
     import pynetdicom.dimse_messages as dimse_messages
@@ -65,25 +69,34 @@ def main(argv: list[str] | None = None) -> int:
     from dicom_node.durability import spool, state
     from dicom_node.engine.node import Node
     from dicom_node.log import configure_logging
-    from dicom_node.network import dataset_check, receive
+    from dicom_node.network import connection, dataset_check, fast_store, receive
     from nodekit import sc_job
 
-    wrap(dul.DULServiceProvider, "_read_pdu_data", "pynetdicom: read and decode one PDU")
-    wrap(dimse.DIMSEServiceProvider, "receive_primitive", "pynetdicom: DIMSE receive (fragments to the file)")
-    wrap(dimse_messages, "write_file_meta_info", "  of which the temporary file's meta (pydicom)")
-    wrap(service_class.StorageServiceClass, "SCP", "pynetdicom: storage service (handler + response)")
-    wrap(dimse.DIMSEServiceProvider, "send_msg", "  of which the C-STORE-RSP (pydicom command set)")
-    wrap(receive.Receiver, "_on_store", "  of which the node's C-STORE handler")
-    wrap(dataset_check, "check_received", "    element-header walk")
+    if fast:
+        wrap(connection.GuardedSocket, "_read_fast", "node's path: one PDU read and handled (DUL thread)")
+        wrap(fast_store.FastStore, "take", "  of which P-DATA values handled")
+        wrap(fast_store.FastStore, "_append", "    of which file writes + write-back started")
+        wrap(fast_store.FastStore, "_begin", "    of which C-STORE-RQ command sets read, files opened")
+        wrap(receive.Receiver, "store", "    of which the node's C-STORE decision")
+        wrap(connection.GuardedSocket, "_send_now", "    of which the C-STORE-RSP sent")
+    else:
+        wrap(dul.DULServiceProvider, "_read_pdu_data", "pynetdicom: read and decode one PDU")
+        wrap(dimse.DIMSEServiceProvider, "receive_primitive", "pynetdicom: DIMSE receive (fragments to the file)")
+        wrap(dimse_messages, "write_file_meta_info", "  of which the temporary file's meta (pydicom)")
+        wrap(service_class.StorageServiceClass, "SCP", "pynetdicom: storage service (handler + response)")
+        wrap(dimse.DIMSEServiceProvider, "send_msg", "  of which the C-STORE-RSP (pydicom command set)")
+        wrap(receive.Receiver, "store", "  of which the node's C-STORE decision")
+    wrap(dataset_check, "check_received", "      element-header walk")
     receive.check_received = dataset_check.check_received  # the name the handler calls
-    wrap(spool.Spool, "adopt", "    spool: rename + fsync file and folder")
-    wrap(state.State, "add_instance", "    SQLite: instance row committed")
-    wrap(state.State, "instance", "    SQLite: known-instance lookup")
+    wrap(spool.Spool, "adopt", "      spool: rename, flush of file and folder, the row's commit meanwhile")
+    wrap(state.State, "add_instance", "        SQLite: instance row committed")
+    wrap(state.State, "instance", "      SQLite: known-instance lookup")
 
     configure_logging(json=True, level="WARNING", stream=open(os.devnull, "w"))  # noqa: SIM115
     data = Path(tempfile.mkdtemp(prefix="recv_profile_"))
     cfg = load_config(None, environ={}, overrides={"port": 0, "host": "127.0.0.1", "data_dir": str(data),
-                                                   "quiet_period_s": 3600.0, "min_free_disk_mb": 0})
+                                                   "quiet_period_s": 3600.0, "min_free_disk_mb": 0,
+                                                   "fast_store": fast})
     node = Node(cfg, run_job=sc_job).start()
     tempfile.tempdir = str(node.spool.incoming_dir)
     try:
@@ -98,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(files)} instances: wall {wall:.2f} s, node process CPU {cpu:.2f} s, "
           f"load average {os.getloadavg()[0]:.1f}")
     for label in ORDER:
-        print(f"{CPU[label]:7.3f} s CPU  {CALLS[label]:5d} calls  {label}")
+        print(f"{CPU[label]:7.3f} s CPU  {WALL[label]:7.3f} s wall  {CALLS[label]:5d} calls  {label}")
     return 0
 
 

@@ -238,6 +238,7 @@ class Config:
     max_associations: int = field(default=10, metadata=_doc("Simultaneous associations accepted"))
     max_pdu: int = field(default=262144, metadata=_doc("Maximum PDU size received (0 = unlimited); a longer P-DATA-TF aborts the association"))
     max_connections_per_address: int = field(default=32, metadata=_doc("Connections open at once from one IP address, negotiated or not; more are closed at once (keep above the parallel associations one sender opens)"))
+    fast_store: bool = field(default=True, metadata=_doc("Receive C-STOREs on the node's own DIMSE path (data set fragments straight to a file, the response encoded directly; the same checks and durability); false = pynetdicom's path for every message, about half as fast"))
     max_instance_mb: int = field(default=512, metadata=_doc("Largest data set of one instance in MiB, as sent and as inflated from Deflated Explicit VR; larger ones are refused"))
     min_free_disk_mb: int = field(default=1024, metadata=_doc("Answer Out of Resources (0xA700) when the spool disk has less free space"))
     send_back_to_sender: bool = field(default=False, metadata=_doc("Also send results to the calling AE when it is listed in [[peers]]"))

@@ -29,7 +29,9 @@ end when there is work: the DUL thread waits in `select` on the socket and on a 
 written when a primitive is queued for sending, the association thread waits on its message queue.
 The loops still come round at least every `_IDLE_WAIT_S` to check timers, releases and aborts. The
 socket wrapper reads each PDU with `recv_into` straight into one buffer (pynetdicom reads 4 KiB at a
-time).
+time). Once the association is established, the DUL thread's readiness check reads each P-DATA-TF
+itself and gives it to `dicom_node.network.fast_store` (C-STOREs to a file and answered without
+pynetdicom's DIMSE layer); what that path does not take is queued for pynetdicom's `recv` unchanged.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from dicom_node.config import Config
 from dicom_node.log import get_logger
+from dicom_node.network.fast_store import FastStore, StoreFn
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -156,6 +159,7 @@ class GuardedSocket(AssociationSocket):
     _refused: str | None
     _dataset_bytes: int
     _pdu_deadline: float  # monotonic time by which the PDU being read must be complete
+    _fast: FastStore | None  # the node's C-STORE path, when `fast_store` is on
 
     @classmethod
     def adopt(cls, plain: AssociationSocket, *, prefix: bytes, guard: GuardedServer, peer: str) -> GuardedSocket:
@@ -164,6 +168,7 @@ class GuardedSocket(AssociationSocket):
         s.__dict__.update(plain.__dict__)
         s._prefix, s._limits, s._guard, s._peer = bytearray(prefix), guard.limits, guard, peer
         s._body, s._refused, s._dataset_bytes, s._wake, s._pdu_deadline = None, None, 0, None, 0.0
+        s._fast = None
         return s
 
     _wake: tuple[socket.socket, socket.socket] | None  # (read end, write end), see _quicken
@@ -178,7 +183,7 @@ class GuardedSocket(AssociationSocket):
         if sock is None or not self._is_connected:
             return False
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return True
+            return self._fast_or_ready()
         busy = self._wake is None or not self.event_queue.empty()
         watch = [sock] if self._wake is None else [sock, self._wake[0]]
         try:
@@ -191,7 +196,56 @@ class GuardedSocket(AssociationSocket):
                 self._wake[0].recv(4096)
             except OSError:
                 pass
-        return sock in readable
+        return sock in readable and self._fast_or_ready()
+
+    def _fast_or_ready(self) -> bool:
+        """Data is waiting: read it on the node's C-STORE path when that is on, else let pynetdicom."""
+        if self._fast is None or self._refused or not self._assoc.is_established:
+            return True
+        return self._read_fast()
+
+    def _read_fast(self) -> bool:
+        """Read the next PDU here; a P-DATA-TF goes to the node's C-STORE path (`fast_store`), and what
+        that hands on, or any other PDU, is queued for pynetdicom's `recv` (then True: ready)."""
+        assert self._fast is not None
+        deadline = time.monotonic() + self._limits.pdu_s
+        head = self._read(6, deadline)
+        if len(head) < 6:
+            self._prefix += head
+            return True
+        pdu_type, _, length = _HEADER.unpack(head)
+        if pdu_type != 4 or (self._limits.max_pdu and length > self._limits.max_pdu):
+            self._prefix += head  # pynetdicom reads (or recv refuses) the rest as before
+            return True
+        body = self._read(length, deadline)
+        if len(body) < length or self._refused:
+            self._prefix += head + body
+            return True
+        rest = self._fast.take(body)
+        if rest is None:
+            self._assoc.dul._idle_timer.restart()  # as pynetdicom does for a PDU it read
+            return bool(self._refused)  # refused: let pynetdicom's recv see the connection end
+        self._prefix += _HEADER.pack(4, 0, len(rest)) + rest
+        return True
+
+    def enable_fast_store(self, store: StoreFn) -> None:
+        """Serve C-STOREs on the node's own path (`dicom_node.network.fast_store`) once established."""
+        self._fast = FastStore(self._assoc, store, self._send_now, self._refuse, self._limits.max_instance_bytes)
+
+    def _send_now(self, data: bytes) -> None:
+        """Send from the DUL thread (the one thread that sends on this socket), as pynetdicom's `send`."""
+        sock = self.socket
+        try:
+            assert sock is not None
+            sock.settimeout(self._limits.pdu_s)
+            sock.sendall(data)
+        except (OSError, ValueError, AssertionError):
+            self.event_queue.put("Evt17")
+
+    def discard_fast(self) -> None:
+        """Drop the node's C-STORE in progress, if any (the association ended mid-message)."""
+        if self._fast is not None:
+            self._fast.discard()
 
     def close_wake(self) -> None:
         """Close the wake-up socket pair (when the association's thread ends)."""
@@ -368,9 +422,12 @@ class _Handler(RequestHandler):
             guarded = GuardedSocket.adopt(plain, prefix=first, guard=g, peer=peer)
             assoc.dul.socket = guarded
             _quicken(assoc, guarded)
+            if g.store is not None:
+                guarded.enable_fast_store(g.store)
 
             def ended() -> None:
                 guarded.close_wake()
+                guarded.discard_fast()
                 _discard_partial_dataset(assoc)
                 g.release(peer)
 
@@ -501,8 +558,10 @@ class GuardedServer(ThreadedAssociationServer):
     request_queue_size = 128
 
     def __init__(self, *args: Any, limits: ConnectionLimits, tls: ssl.SSLContext | None,
-                 on_refused: Callable[[str], None] | None = None, **kwargs: Any) -> None:
+                 on_refused: Callable[[str], None] | None = None, store: StoreFn | None = None,
+                 **kwargs: Any) -> None:
         self.limits = limits
+        self.store = store  # the C-STORE decision for the node's own path; None = pynetdicom's path only
         self.tls = tls
         self.on_refused = on_refused
         self.log = get_logger("dicom_node.network.connection")

@@ -170,7 +170,8 @@ class Receiver:
         ae = self.build_ae()
         server = ae.make_server((self.config.host, self.config.port), evt_handlers=self.handlers(),
                                 server_class=GuardedServer, limits=ConnectionLimits.from_config(self.config),
-                                tls=server_ssl_context(self.config), on_refused=self.counters.on_refused)
+                                tls=server_ssl_context(self.config), on_refused=self.counters.on_refused,
+                                store=self.store if self.config.fast_store else None)
         assert isinstance(server, GuardedServer)
         threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
         ae._servers.append(server)  # as AE.start_server does: the server's shutdown() removes itself there
