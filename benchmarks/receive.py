@@ -14,7 +14,16 @@ on the sockets it accepts (dicom_node/network/connection.py).
 Prints each run, then the medians as instances/s and MB/s, the receiving process's CPU seconds
 (user + system, from /proc: steadier than wall time on a shared machine) and the ratio node/storescp
 throughput (goal >= 0.5). The node runs as a real `dicom-node serve` process with a quiet period long enough
-that no job starts while measuring; storescp runs with its default options (`-od DIR`).
+that no job starts while measuring; storescp runs with its default options (`-od DIR`). Also measured
+in the same call, alternating:
+
+* the node with `fast_store = false` (pynetdicom's C-STORE path, the path before
+  `dicom_node/network/fast_store.py`);
+* "durability alone": the node's own durability code for the same 300 files with no network and no
+  DICOM at all (write to `incoming/`, `Spool.adopt`: rename, fsync of file and folder while
+  `State.add_instance` commits the row with synchronous=FULL). storescp writes only to the page cache,
+  so "storescp + durability alone" is what a receiver as fast as storescp would take with the node's
+  durability: the best ratio any such receiver could reach on this disk.
 """
 
 from __future__ import annotations
@@ -63,11 +72,38 @@ def storescu(port: int, aet: str, files: list[Path]) -> float:
     return dt
 
 
-def start_node(workdir: Path, repo: Path = REPO, python: str = sys.executable) -> tuple[subprocess.Popen, int]:
+def durability_alone(files: list[Path]) -> float:
+    """Seconds for the node's durability steps on `files` (no network, no DICOM decoding): each file is
+    written to `incoming/` and adopted into the spool while its row commits, as `Receiver.store` does."""
+    from dicom_node.durability.spool import Spool
+    from dicom_node.durability.state import InstanceRow, State
+
+    work = Path(tempfile.mkdtemp(prefix="durability_bench_"))
+    spool, state = Spool(work), State(work / "state.sqlite")
+    blobs = [f.read_bytes() for f in files]
+    try:
+        t0 = time.perf_counter()
+        for i, data in enumerate(blobs):
+            tmp = spool.incoming_dir / f"{i}.dcm"
+            with open(tmp, "wb") as out:
+                out.write(data)
+            sop = f"1.2.3.{i}"
+            row = InstanceRow(sop, "1.2.3", "1.2", str(spool.instance_path("1.2", "1.2.3", sop)), "1.2.840.10008.5.1.4.1.1.2",
+                              "1.2.840.10008.1.2.1", time.time(), len(data), "BENCH")
+            spool.adopt("1.2", "1.2.3", sop, tmp, during=lambda row=row: state.add_instance(row))
+        return time.perf_counter() - t0
+    finally:
+        state.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def start_node(workdir: Path, repo: Path = REPO, python: str = sys.executable,
+               fast_store: bool = True) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cfg = workdir / "node.toml"
     cfg.write_text(f'ae_title = "PENODE"\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{workdir / "data"}"\n'
-                   f'quiet_period_s = 3600.0\nmin_free_disk_mb = 0\n[log]\nlevel = "WARNING"\n')
+                   f'quiet_period_s = 3600.0\nmin_free_disk_mb = 0\n'
+                   + ("" if fast_store else "fast_store = false\n") + '[log]\nlevel = "WARNING"\n')
     proc = subprocess.Popen([python, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo,
                             env={**os.environ, "PYTHONPATH": str(repo), "PYTHONDONTWRITEBYTECODE": "1"})
@@ -93,10 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     scp_cpu: list[float] = []
     base_t: list[float] = []
     base_cpu: list[float] = []
+    slow_t: list[float] = []
+    slow_cpu: list[float] = []
+    floor_t: list[float] = []
 
-    def run_node(repo: Path, python: str, times: list[float], cpus: list[float]) -> None:
+    def run_node(repo: Path, python: str, times: list[float], cpus: list[float], fast_store: bool = True) -> None:
         work = Path(tempfile.mkdtemp(prefix="recv_bench_"))
-        proc, port = start_node(work, repo, python)
+        proc, port = start_node(work, repo, python, fast_store)
         try:
             c0 = cpu_s(proc.pid)
             times.append(storescu(port, "PENODE", files))
@@ -111,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for rep in range(args.repeats):
         run_node(REPO, sys.executable, node_t, node_cpu)
+        run_node(REPO, sys.executable, slow_t, slow_cpu, fast_store=False)
+        floor_t.append(durability_alone(files))
         if args.baseline_repo:
             run_node(args.baseline_repo, str(args.baseline_repo / ".venv" / "bin" / "python"), base_t, base_cpu)
         scp_dir = Path(tempfile.mkdtemp(prefix="scp_bench_"))
@@ -124,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             peer.stop()
             shutil.rmtree(scp_dir, ignore_errors=True)
         base = f", baseline node {base_t[-1]:.2f} s ({base_cpu[-1]:.2f} s CPU)" if base_t else ""
-        print(f"run {rep + 1}: node {node_t[-1]:.2f} s ({node_cpu[-1]:.2f} s CPU){base}, storescp {scp_t[-1]:.2f} s "
-              f"({scp_cpu[-1]:.2f} s CPU), load average {os.getloadavg()[0]:.1f}", flush=True)
+        print(f"run {rep + 1}: node {node_t[-1]:.2f} s ({node_cpu[-1]:.2f} s CPU), pynetdicom path {slow_t[-1]:.2f} s "
+              f"({slow_cpu[-1]:.2f} s CPU){base}, storescp {scp_t[-1]:.2f} s ({scp_cpu[-1]:.2f} s CPU), durability "
+              f"alone {floor_t[-1]:.2f} s, load average {os.getloadavg()[0]:.1f}", flush=True)
     tn, ts = statistics.median(node_t), statistics.median(scp_t)
     print(f"series: {len(files)} instances, {mb:.0f} MB ({args.size}x{args.size}, uncompressed); "
           f"both dcmtk sides with TCP_NODELAY=1; load average {os.getloadavg()[0]:.1f}")
@@ -133,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
           f"  receiver CPU {statistics.median(node_cpu):.2f} s")
     print(f"dcmtk storescp (default options, no fsync):           {ts:.2f} s  {len(files) / ts:.0f} inst/s  {mb / ts:.0f} MB/s"
           f"  receiver CPU {statistics.median(scp_cpu):.2f} s")
+    tp, tf = statistics.median(slow_t), statistics.median(floor_t)
+    print(f"node, pynetdicom's C-STORE path (fast_store = false): {tp:.2f} s  {len(files) / tp:.0f} inst/s  {mb / tp:.0f} MB/s"
+          f"  receiver CPU {statistics.median(slow_cpu):.2f} s; ratio to storescp {ts / tp:.2f}")
+    print(f"durability alone (write, rename, fsync file + folder, SQLite row FULL; no network): {tf:.2f} s; storescp + "
+          f"that = {ts + tf:.2f} s: the best ratio a receiver as fast as storescp could reach with this durability "
+          f"is {ts / (ts + tf):.2f}; the node takes {tn - ts - tf:+.2f} s more than that")
     if base_t:
         tb = statistics.median(base_t)
         print(f"baseline node ({args.baseline_repo}):  {tb:.2f} s  {len(files) / tb:.0f} inst/s  {mb / tb:.0f} MB/s"

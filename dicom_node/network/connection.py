@@ -211,16 +211,14 @@ class GuardedSocket(AssociationSocket):
         deadline = time.monotonic() + self._limits.pdu_s
         head = self._read(6, deadline)
         if len(head) < 6:
-            self._prefix += head
-            return True
+            return True  # as a short body below
         pdu_type, _, length = _HEADER.unpack(head)
         if pdu_type != 4 or (self._limits.max_pdu and length > self._limits.max_pdu):
             self._prefix += head  # pynetdicom reads (or recv refuses) the rest as before
             return True
         body = self._read(length, deadline)
         if len(body) < length or self._refused:
-            self._prefix += head + body
-            return True
+            return True  # refused past the deadline, or the peer closed: pynetdicom's recv sees the end
         rest = self._fast.take(body)
         if rest is None:
             self._assoc.dul._idle_timer.restart()  # as pynetdicom does for a PDU it read
@@ -264,12 +262,14 @@ class GuardedSocket(AssociationSocket):
         sock = self.socket
         while got < n and sock is not None:
             left = deadline - time.monotonic()
-            if left <= 0:
-                self._refuse(f"PDU incomplete {self._limits.pdu_s:g} s after it began (timeouts.network_s)", 0)
-                break
             try:
+                if left <= 0:
+                    raise TimeoutError
                 sock.settimeout(left)
                 k = sock.recv_into(view[got:], n - got)
+            except TimeoutError:
+                self._refuse(f"PDU incomplete {self._limits.pdu_s:g} s after it began (timeouts.network_s)", 0)
+                break
             except (OSError, ValueError):
                 break
             if k == 0:

@@ -9,10 +9,11 @@ P-DATA-TF body once the association is established) and does the same work direc
 * a P-DATA-TF whose first value is a whole command set (one fragment) that is a C-STORE-RQ with a data
   set, on an accepted storage context, with plain UIDs (digits and dots, at most 64) starts a message:
   the command set is read here (implicit VR little endian, group 0000);
-* the Part 10 preamble and file meta (the fields pynetdicom writes) and each data set fragment go to
-  a new file in the temporary folder (`incoming/` under `dicom-node serve`) as they arrive, and the
-  kernel's write-back of each fragment is started at once (`sync_file_range`), so the flush before the
-  acknowledgement finds little left to write;
+* the Part 10 preamble and file meta (the fields pynetdicom writes) and each data set fragment are
+  written to a file in the temporary folder (`incoming/` under `dicom-node serve`) as they arrive. (Measured and
+  left out: writing in a writer thread while the DUL thread reads on, and starting the kernel's
+  write-back per fragment with `sync_file_range`: on 2 cores both cost more CPU than they saved
+  flush time, docs/benchmarks.md);
 * on the last fragment the receiver's `store` (the one C-STORE decision, `Receiver.store`) decides it,
   and the C-STORE-RSP (status, message ID, the SOP class and instance) is encoded here and sent.
 
@@ -25,14 +26,13 @@ in the configuration leaves every message to pynetdicom.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import itertools
 import os
 import re
 import secrets
 import struct
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,26 +56,14 @@ _VERIFICATION = "1.2.840.10008.1.1"
 _PLAIN_UID = re.compile(rb"[0-9.]{1,64}")
 _C_STORE_RQ, _C_STORE_RSP, _NO_DATA_SET = 0x0001, 0x8001, 0x0101
 _HANDLER_FAILED = 0xC211  # pynetdicom's status when a C-STORE handler raises
+_WRITE_FAILED = 0xA701  # Out of Resources: the data set could not be written (as the receiver's write_failed)
 _names = itertools.count()
 _log = get_logger("dicom_node.network.fast_store")
 
 
-def _sync_file_range() -> Callable[[int, int, int], None]:
-    """`sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)`: start write-back, do not wait (Linux);
-    a no-op where libc lacks it."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    fn = getattr(libc, "sync_file_range", None)
-    if fn is None:
-        return lambda fd, offset, n: None
-    fn.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
-
-    def start_writeback(fd: int, offset: int, n: int) -> None:
-        fn(fd, offset, n, 2)  # SYNC_FILE_RANGE_WRITE; failure only means the flush does all the work
-
-    return start_writeback
-
-
-_start_writeback = lambda fd, o, n: None  # _sync_file_range()
+def _new_file() -> tuple[Path, int]:
+    path = Path(tempfile.gettempdir()) / f"fs-{os.getpid()}-{next(_names)}-{secrets.token_hex(4)}.dcm"
+    return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
 
 
 def parse_command_set(data: bytes | memoryview) -> dict[int, bytes] | None:
@@ -146,8 +134,7 @@ class _Message:
     transfer_syntax: str
     path: Path
     fd: int
-    size: int = 0  # data set bytes written
-    offset: int = 0  # file offset the next fragment is written at
+    size: int = 0  # data set bytes received
 
 
 class FastStore:
@@ -173,10 +160,15 @@ class FastStore:
         self.assoc, self.store, self.send, self.refuse, self.max_bytes = assoc, store, send, refuse, max_bytes
         self.message: _Message | None = None
         self._command_open = False  # a command set handed to pynetdicom is still arriving in fragments
+        self._lock = threading.Lock()
 
     def take(self, body: bytearray) -> bytes | None:
         """Handle one P-DATA-TF body. None: all of it was handled here; otherwise the P-DATA-TF body
         (the whole one, or its values from the first one not handled here) to hand to pynetdicom."""
+        with self._lock:  # the association's end (another thread) discards under the same lock
+            return self._take(body)
+
+    def _take(self, body: bytearray) -> bytes | None:
         view = memoryview(body)
         pos, end = 0, len(body)
         while pos + 6 <= end:
@@ -186,17 +178,17 @@ class FastStore:
             data = view[pos + 6:pos + 4 + item_len]
             if control & 1:  # a command fragment
                 if self.message is not None:  # a new message before the data set ended: drop that one
-                    self.discard()
+                    self._drop()
                 if self._command_open or control & 2 == 0 or not self._begin(context_id, data):
                     return self._hand_on(view, pos)
             elif self.message is None or context_id != self.message.context_id:
-                self.discard()
+                self._drop()
                 return self._hand_on(view, pos)
             elif not self._write(data, last=bool(control & 2)):
                 return None  # refused: the association is being aborted
             pos += 4 + item_len
         if pos != end:
-            self.discard()
+            self._drop()
             return self._hand_on(view, pos)
         return None
 
@@ -225,21 +217,17 @@ class FastStore:
         if cx is None or not cx.transfer_syntax or str(cx.abstract_syntax) == _VERIFICATION:
             return False
         ts = str(cx.transfer_syntax[0])
-        path = Path(tempfile.gettempdir()) / f"fs-{os.getpid()}-{next(_names)}-{secrets.token_hex(4)}.dcm"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        path, fd = _new_file()
         self.message = m = _Message(context_id, _US.unpack(cs[0x0110])[0], sop_class, sop_instance,
                                     str(cx.abstract_syntax), ts, path, fd)
         self._append(m, file_meta(sop_class, sop_instance, ts))
         return True
 
     def _append(self, m: _Message, data: bytes | memoryview) -> None:
-        n = len(data)
         view = memoryview(data)
         done = 0
-        while done < n:
+        while done < len(view):
             done += os.write(m.fd, view[done:])
-        _start_writeback(m.fd, m.offset, n)
-        m.offset += n
 
     def _write(self, data: memoryview, *, last: bool) -> bool:
         """Append a data set fragment; on the last one decide and answer. False when refused."""
@@ -247,16 +235,20 @@ class FastStore:
         assert m is not None
         m.size += len(data)
         if m.size > self.max_bytes:
-            self.discard()
+            self._drop()
             self.refuse(f"data set longer than {self.max_bytes // 2**20} MiB (max_instance_mb)", 0)
             return False
         self._append(m, data)
         if last:
             self.message = None
-            os.close(m.fd)
             try:
+                os.close(m.fd)
                 status = self.store(self.assoc, m.path, m.sop_class.decode(), m.sop_instance.decode(),
                                     m.abstract_syntax, m.transfer_syntax)
+            except OSError as e:
+                _log.warning("store_refused", sop_instance_uid=m.sop_instance.decode(), status="0xA701",
+                             reason=f"writing the received data set failed: {e}")
+                status = _WRITE_FAILED
             except Exception as e:  # noqa: BLE001  # as pynetdicom answers a failing handler: not acknowledged
                 _log.error("store_failed", sop_instance_uid=m.sop_instance.decode(), status="0xC211",
                            reason=f"{type(e).__name__}: {str(e)[:200]}")
@@ -267,11 +259,20 @@ class FastStore:
         return True
 
     def discard(self) -> None:
-        """Drop the message in progress (its file too): the association ended or broke off mid-message."""
+        """Drop the message in progress (its file too): the association ended mid-message."""
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
         m, self.message = self.message, None
         if m is not None:
-            try:
-                os.close(m.fd)
-            except OSError:
-                pass
-            m.path.unlink(missing_ok=True)
+            _close_and_remove(m.fd, m.path)
+
+
+
+def _close_and_remove(fd: int, path: Path) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    path.unlink(missing_ok=True)
