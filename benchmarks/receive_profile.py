@@ -1,12 +1,13 @@
-"""Where the node's CPU goes while it receives a series: per-thread CPU time of each receive stage.
+"""Where the node's time goes while it receives a series: per-thread CPU and wall time of each receive stage.
 
-    .venv/bin/python benchmarks/receive_profile.py [--data DIR]
+    .venv/bin/python benchmarks/receive_profile.py [--data DIR] [--pynetdicom]
 
 Runs an in-process node (stand-in job, quiet period of an hour so nothing is analysed) with its data
 folder's `incoming/` as the temporary folder (as `dicom-node serve` does), sends the series of
 benchmarks/receive.py with dcmtk storescu (`TCP_NODELAY=1`), and prints the process's CPU seconds and,
-for each wrapped stage, the CPU seconds of the calling thread (`time.thread_time`) and the number of
-calls. Stages nest (the handler is part of the storage service), so they do not add up.
+for each wrapped stage, the CPU seconds of the calling thread (`time.thread_time`), the wall seconds and
+the number of calls. Stages nest (the decision is part of handling a PDU), so they do not add up. By
+default the node's own C-STORE path (`fast_store = true`); `--pynetdicom` profiles pynetdicom's.
 """
 
 from __future__ import annotations

@@ -196,8 +196,8 @@ PRESETS: dict[str, TrainConfig] = {
     "shi-tiny": TrainConfig(
         family="shi2020",
         preprocess=replace(SHI2020_PREPROCESSING, resize=96, crop=80),
-        shi1=ShiStage1Config(width=16, layer3_stride=1, lr=1e-3, batch_size=16, epochs=8),
-        shi2=ShiStage2Config(filters=24, lr=1e-3, batch_size=8, epochs=30),
+        shi1=ShiStage1Config(width=16, layer3_stride=1, lr=1e-3, batch_size=16, epochs=40),
+        shi2=ShiStage2Config(filters=24, lr=1e-3, batch_size=8, epochs=60),
         num_workers=0,
         device="cpu",
         amp=False,

@@ -8,8 +8,10 @@ data set is never held in memory and never decoded here: `check_received` walks 
 headers once (structure, the UIDs, the patient key, the pixel geometry), and the file is fsync'd and
 renamed into the spool as received, compressed or not (the worker decodes it).
 
-A C-STORE is acknowledged with 0x0000 only after the instance is fsync'd and renamed into the
-spool, the folder fsync'd, and its row committed in the state database.
+A C-STORE is acknowledged with 0x0000 only after the instance is renamed into the spool and the
+file and folder are fsync'd, and its row committed in the state database (the commit runs during the
+flushes). `Receiver.store` is that decision for both receive paths: pynetdicom's (`_on_store`) and the
+node's own (`dicom_node.network.fast_store`, `fast_store = true`).
 
 Failure statuses (each with a `store_refused` log event naming the reason):
 
@@ -27,7 +29,8 @@ from its series' first instance is refused 0xA900 (`State.series_conflict`), as 
 Instance UID sent in another series.
 
 Duplicates (a SOP Instance UID already stored) are answered 0x0000 and change nothing, except: a
-duplicate whose spooled file is missing is stored again (`instance_restored`), and the first
+duplicate whose spooled file is missing or shorter than received is stored again (`instance_restored`;
+a crash between the row's commit and the file's flush, before the answer, can leave it short), and the first
 duplicate of a series whose newest job failed sends the series back to receiving
 (`State.duplicate_received`): a sender's re-send repairs it. They are
 logged once per series and association, not per instance: `instance_duplicate` for the first one
