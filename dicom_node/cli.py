@@ -69,7 +69,7 @@ def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     p.add_argument("--out", default="demo-output", metavar="DIR",
                    help="where results (DICOM) and PNG renderings are written (replaced)")
-    p.add_argument("--bundle", default="", metavar="DIR", help="model bundle to use (empty: the bundled demo model)")
+    p.add_argument("--bundle", default="", metavar="DIR", help="model bundle to use: a bundle directory, builtin:ma2022 (the default, Ma et al. 2022 family) or builtin:shi2020 (Shi et al. 2020 family)")
     p.add_argument("--no-orthanc", action="store_true", help="use the built-in storage SCP even if Orthanc is installed")
     p.add_argument("--quiet-period", type=float, default=2.0, metavar="SECONDS",
                    help="series completion quiet period for the demo node")

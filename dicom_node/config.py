@@ -30,6 +30,8 @@ from typing import Any
 
 import tomllib
 
+from dicom_node.model import builtin_bundle_path
+
 __all__ = [
     "Config", "ConfigError", "Destination", "TimeoutConfig", "TlsConfig", "RetryConfig",
     "SpoolConfig", "WorkerConfig", "SelectionConfig", "ResultsConfig", "InferenceConfig",
@@ -146,7 +148,7 @@ class ResultsConfig:
 @dataclass(frozen=True)
 class InferenceConfig:
     engine: str = field(default="onnxruntime", metadata=_doc("Where the two ONNX stages run: onnxruntime (in the node process) or triton (an NVIDIA Triton Inference Server at triton_url, serving the repository `dicom-node-export triton` wrote; docs/scaling.md)"))
-    bundle: str = field(default="", metadata=_doc("Model bundle directory (empty = the bundled demo model); with engine = triton also the repository's <model>.manifest.json"))
+    bundle: str = field(default="", metadata=_doc("Model bundle directory (empty = the bundled demo model; `builtin:ma2022` or `builtin:shi2020` = a shipped demo model); with engine = triton also the repository's <model>.manifest.json"))
     providers: tuple[str, ...] = field(default=("CUDAExecutionProvider", "CPUExecutionProvider"), metadata=_doc("onnxruntime execution providers in order of preference"))
     require_gpu: bool = field(default=False, metadata=_doc("Refuse to start when the CUDA provider is not available"))
     intra_op_threads: int = field(default=0, metadata=_doc("onnxruntime intra-op threads per session (0 = onnxruntime's default: all cores)"))
@@ -585,6 +587,12 @@ def load_config(path: str | os.PathLike | None = None, *, overrides: Mapping[str
     for k, v in (overrides or {}).items():
         if v is not None:
             _set_dotted(raw, k, v)
+    inference = raw.get("inference")
+    if isinstance(inference, dict) and isinstance(inference.get("bundle"), str):
+        try:
+            inference["bundle"] = builtin_bundle_path(inference["bundle"])
+        except ValueError as e:
+            raise ConfigError(f"config inference.bundle: {e}") from None
     return _build(raw)
 
 
