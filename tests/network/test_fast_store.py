@@ -6,7 +6,6 @@ wrong context), each checked against what is spooled and answered."""
 from __future__ import annotations
 
 import struct
-import sys
 import time
 
 import pydicom
@@ -19,33 +18,16 @@ from pynetdicom import AE
 from pynetdicom.dsutils import create_file_meta, decode, encode
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicom_node.config import load_config
 from dicom_node.engine.node import Node
-from dicom_node.log import configure_logging
 from dicom_node.network.fast_store import file_meta, parse_command_set, store_response_pdu
-from nodekit import phantom_series, sc_job, storescu
+from nodekit import phantom_series, storescu
 
 pytestmark = pytest.mark.dcmtk
 
 
-@pytest.fixture
-def make_node(tmp_path):
-    nodes = []
-
-    def make(**overrides) -> Node:
-        base = dict(port=0, host="127.0.0.1", data_dir=str(tmp_path / f"data{len(nodes)}"), quiet_period_s=60.0,
-                    min_free_disk_mb=0)
-        node = Node(load_config(None, overrides={**base, **overrides}, environ={}), run_job=sc_job).start()
-        nodes.append(node)
-        return node
-
-    log_file = open(tmp_path / "node.log", "w")
-    configure_logging(json=True, level="INFO", stream=log_file)
-    yield make
-    for n in nodes:
-        n.stop()
-    configure_logging(json=True, level="INFO", stream=sys.__stderr__)
-    log_file.close()
+def _node(make_node, tmp_path, name: str = "data", **overrides) -> Node:
+    """A node (the shared fixture's) that completes no series while a test runs."""
+    return make_node([], data_dir=str(tmp_path / name), quiet_period_s=60.0, **overrides)
 
 
 def _spooled(node: Node, files) -> dict[str, bytes]:
@@ -130,7 +112,7 @@ def test_file_meta_and_response_are_what_pydicom_and_pynetdicom_make():
 @pytest.mark.parametrize("variant,flag", [(None, ()), ("jpeg-ls", ("-xt",))])
 def test_storescu_series_spools_the_same_bytes_on_both_paths(make_node, tmp_path, variant, flag):
     files = phantom_series(tmp_path / "in", n_slices=8, variant=variant)
-    fast, slow = make_node(), make_node(fast_store=False)
+    fast, slow = _node(make_node, tmp_path), _node(make_node, tmp_path, "slow", fast_store=False)
     for node in (fast, slow):
         r = storescu(node.port, files, extra=flag)
         assert r.returncode == 0 and "E:" not in r.stderr, r.stderr
@@ -141,7 +123,7 @@ def test_storescu_series_spools_the_same_bytes_on_both_paths(make_node, tmp_path
 
 def test_small_pdus_and_echoes_between_stores_on_one_association(make_node, tmp_path):
     files = phantom_series(tmp_path / "in", n_slices=8, rows=96)[:3]
-    node = make_node(max_pdu=4096)  # 96 x 96 slices arrive in 5 PDUs each
+    node = _node(make_node, tmp_path, max_pdu=4096)  # 96 x 96 slices arrive in 5 PDUs each
     assoc = _scu(node)
     try:
         statuses = [assoc.send_c_echo().Status]
@@ -156,7 +138,7 @@ def test_small_pdus_and_echoes_between_stores_on_one_association(make_node, tmp_
 
 def test_command_split_over_two_pdus_goes_to_pynetdicom_and_is_stored(make_node, tmp_path):
     f1, f2 = phantom_series(tmp_path / "in", n_slices=8)[:2]
-    node = make_node()
+    node = _node(make_node, tmp_path)
     assoc = _scu(node)
     try:
         cx = _store_context(assoc)
@@ -177,7 +159,7 @@ def test_command_split_over_two_pdus_goes_to_pynetdicom_and_is_stored(make_node,
 
 def test_two_stores_in_one_pdu_are_both_answered(make_node, tmp_path):
     files = phantom_series(tmp_path / "in", n_slices=8)[:2]
-    node = make_node()
+    node = _node(make_node, tmp_path)
     assoc = _scu(node)
     try:
         cx = _store_context(assoc)
@@ -195,7 +177,7 @@ def test_two_stores_in_one_pdu_are_both_answered(make_node, tmp_path):
 
 def test_a_fragment_on_another_context_drops_the_message_and_the_node_keeps_serving(make_node, tmp_path):
     f1, f2 = phantom_series(tmp_path / "in", n_slices=8)[:2]
-    node = make_node()
+    node = _node(make_node, tmp_path)
     assoc = _scu(node)
     echo_cx = next(cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == Verification)
     cx = _store_context(assoc)
@@ -214,7 +196,7 @@ def test_a_spooled_file_left_short_is_stored_again_on_re_send(make_node, tmp_pat
     """A crash between the row's commit and the file's flush (nothing acknowledged) can leave the file
     short; the sender's re-send must not be taken for a duplicate."""
     files = phantom_series(tmp_path / "in", n_slices=8)[:3]
-    node = make_node()
+    node = _node(make_node, tmp_path)
     assert storescu(node.port, files).returncode == 0
     row = node.state.instance(pydicom.dcmread(files[1], stop_before_pixels=True).SOPInstanceUID)
     with open(row.path, "r+b") as f:
