@@ -82,7 +82,9 @@ def read_findings(sr: Dataset) -> dict[str, Finding]:
 
     Only the finding groups count (Tracking Identifier one of `FINDING_GROUPS`); in each, a label's
     Probability / Threshold Value NUMs are the ones with its HAS CONCEPT MOD (none for the group's
-    main label), and it is present when the group holds its `present` CODE item.
+    main label), and it is present when the group holds its `present` CODE item. A label is read only
+    when the SR reports its probability (a Shi et al. 2020 bundle reports the PE finding alone, and
+    the labels sharing its finding code are then absent, not "present: no, probability unknown").
     """
     found: dict[str, Finding] = {}
     trackers = {tracking for tracking, _ in FINDING_GROUPS.values()}
@@ -112,9 +114,10 @@ def read_findings(sr: Dataset) -> dict[str, Finding]:
                 matches = (not mods) if coding.modifier is None else any(is_pair(m, *coding.modifier) for m in mods)
                 if matches:
                     nums[str(c.ConceptNameCodeSequence[0].CodeValue)] = float(c.MeasuredValueSequence[0].NumericValue)
+            if PROBABILITY.value not in nums:  # labels sharing this finding code that the SR does not report
+                continue
             present = any(is_pair(p, *coding.present) for p in codes_here)
-            found[label] = Finding(label, nums.get(PROBABILITY.value, float("nan")),
-                                   nums.get(THRESHOLD.value, float("nan")), present)
+            found[label] = Finding(label, nums[PROBABILITY.value], nums.get(THRESHOLD.value, float("nan")), present)
 
     def walk(items: Sequence) -> None:
         for item in items:
