@@ -5,23 +5,31 @@ A missing demo bundle fails the suite.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from dicom_node.model import builtin_bundle_path
 from dicom_node.model.bundle import default_bundle_path, load_bundle, verify_bundle
 
 DEMO = default_bundle_path()
 
 
 
-def test_demo_bundle_is_inside_the_package_and_verifies():
+@pytest.mark.parametrize("name, family", [("ma2022", "ma2022"), ("shi2020", "shi2020")])
+def test_each_shipped_bundle_is_inside_the_package_and_verifies(name, family):
     import dicom_node
 
-    assert DEMO.resolve().is_relative_to(__import__("pathlib").Path(dicom_node.__file__).resolve().parent)
-    report = verify_bundle(DEMO, run_graphs=True)
+    path = Path(builtin_bundle_path(f"builtin:{name}"))
+    if name == "ma2022":
+        assert path == DEMO  # the default bundle is the Ma family's
+    assert path.resolve().is_relative_to(Path(dicom_node.__file__).resolve().parent)
+    report = verify_bundle(path, run_graphs=True)
     assert set(report.files_checked) >= {"stage1.onnx", "stage2.onnx", "MODEL_CARD.md"}
-    size = sum(p.stat().st_size for p in DEMO.iterdir() if p.is_file())
-    assert size <= 20 * 1024 * 1024, f"demo bundle is {size / 1e6:.1f} MB; the package limit is 20 MB"
-    card = (DEMO / "MODEL_CARD.md").read_text()
+    assert load_bundle(path).manifest.family == family
+    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    assert size <= 20 * 1024 * 1024, f"shipped bundle {name} is {size / 1e6:.1f} MB; the package limit is 20 MB"
+    card = (path / "MODEL_CARD.md").read_text()
     assert "synthetic" in card and "must never be used on patients" in card
 
 

@@ -89,3 +89,16 @@ def test_a_later_demo_replaces_only_what_an_earlier_demo_wrote(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert prepare_output_dir(empty) is None and (empty / DEMO_MARKER).is_file()
+
+
+def test_demo_with_the_shipped_shi_bundle_reports_the_pe_finding_alone(tmp_path):
+    """`--bundle builtin:shi2020`: the second shipped model (Shi et al. 2020 family) runs the same demo; its
+    SRs carry the PE finding only, no RV/LV or location groups."""
+    out = tmp_path / "out"
+    r = _run_demo(out, "--no-orthanc", "--bundle", "builtin:shi2020")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "results for both studies came back" in r.stdout and "pe-demo-shi-tiny" in r.stdout
+    assert "pe_present_on_window" in r.stdout
+    for label in ("negative_exam_for_pe", "central_pe", "rv_lv_ratio_lt_1"):
+        assert label not in r.stdout
+    assert len(list((out / "results").glob("SR_*.dcm"))) == 2

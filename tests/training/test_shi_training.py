@@ -34,7 +34,7 @@ def test_fit_shi_tiny_caches_fifty_slabs_a_study_and_writes_checkpoints_and_repo
     uid = split["test"][0]
     cache = np.load(run / "cache" / f"{uid}.npy", mmap_mode="r")
     assert cache.shape == (50, 1, 5, 96, 96) and cache.dtype == np.uint8
-    assert np.load(run / "features" / f"{uid}.npy").shape == (50, 128, 5, 5)
+    assert np.load(run / "features" / f"{uid}.npy").shape == (50, 128, 10, 10)  # 8 px cells (layer3 at stride 1)
     for phase in ("phase1", "phase2"):
         ck = torch.load(run / phase / "best.pt", weights_only=False)
         assert ck["family"] == "shi2020" and ck["config"]["family"] == "shi2020" and "optimizer" in ck
@@ -86,7 +86,7 @@ def test_the_shi_run_exports_to_a_bundle_that_verifies_and_runs_a_phantom(fitted
     predictor = Predictor(out, providers=("CPUExecutionProvider",))
     series = load_series(phantom_series(tmp_path / "in", n_slices=40, rows=64))
     prediction = predictor.predict(preprocess(series, predictor.manifest.preprocessing))
-    assert 0.0 <= prediction.label_probabilities()[WINDOW_LABEL] <= 1.0 and prediction.heatmaps.shape == (50, 1, 5, 5)
+    assert 0.0 <= prediction.label_probabilities()[WINDOW_LABEL] <= 1.0 and prediction.heatmaps.shape == (50, 1, 10, 10)
 
 
 def test_family_flag_picks_the_shi_preset_and_a_contradiction_is_one_clear_line(tmp_path, capsys):
