@@ -196,8 +196,10 @@ PRESETS: dict[str, TrainConfig] = {
     "shi-tiny": TrainConfig(
         family="shi2020",
         preprocess=replace(SHI2020_PREPROCESSING, resize=96, crop=80),
+        # 40 stage-I epochs of ~2,000 slabs are ~8 min here; stage II (~40 s an epoch on 600 phantoms) is at its
+        # best validation accuracy within 25 epochs (docs/benchmarks.md, families run S4)
         shi1=ShiStage1Config(width=16, layer3_stride=1, lr=1e-3, batch_size=16, epochs=40),
-        shi2=ShiStage2Config(filters=24, lr=1e-3, batch_size=8, epochs=60),
+        shi2=ShiStage2Config(filters=24, lr=1e-3, batch_size=8, epochs=25),
         num_workers=0,
         device="cpu",
         amp=False,
