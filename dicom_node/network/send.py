@@ -160,11 +160,22 @@ def _associate(ae: AE, dest: Destination, calling_aet: str, config: Config | Non
         if getattr(p, "result", None) in (0x01, 0x02):
             seen["rj"] = (p.result_str, p.source_str, p.reason_str)
 
+    def on_connected(event: evt.Event) -> None:
+        # Nagle off, as on the SCP side: pynetdicom writes a C-STORE's command set and its data set as
+        # separate PDUs, and the data set would wait for the peer's delayed ACK of the command (~40 ms an
+        # instance: 300 slices took 14 s to send instead of about 1 s)
+        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket is not None else None
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
     try:
         # pynetdicom annotates tls_args as (context, str); the server_hostname None (no SNI) is valid for ssl
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
                              tls_args=(ctx, None) if ctx is not None else None,  # type: ignore[arg-type]
-                             evt_handlers=[(evt.EVT_ACSE_RECV, on_acse_recv)])
+                             evt_handlers=[(evt.EVT_ACSE_RECV, on_acse_recv), (evt.EVT_CONN_OPEN, on_connected)])
     except Exception as e:  # socket errors surface here on some platforms
         raise SendError(f"{dest}: association failed: {type(e).__name__}: {e}", "aborted") from None
     if assoc.is_established:
