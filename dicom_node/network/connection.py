@@ -228,7 +228,8 @@ class GuardedSocket(AssociationSocket):
 
     def enable_fast_store(self, store: StoreFn) -> None:
         """Serve C-STOREs on the node's own path (`dicom_node.network.fast_store`) once established."""
-        self._fast = FastStore(self._assoc, store, self._send_now, self._refuse, self._limits.max_instance_bytes)
+        self._fast = FastStore(self._assoc, store, self._send_now, self._refuse, self._limits.max_instance_bytes,
+                               count=self._guard.count)
 
     def _send_now(self, data: bytes) -> None:
         """Send from the DUL thread (the one thread that sends on this socket), as pynetdicom's `send`."""

@@ -135,6 +135,7 @@ class _Message:
     path: Path
     fd: int
     size: int = 0  # data set bytes received
+    write_error: OSError | None = None  # a fragment could not be written: the rest is read and dropped, answered 0xA701
 
 
 class FastStore:
@@ -153,11 +154,15 @@ class FastStore:
         past `max_bytes`.
     max_bytes
         The longest data set of one message.
+    count
+        Counts a refusal by reason (the node's metrics), for refusals made here rather than in `store`.
     """
 
     def __init__(self, assoc: Any, store: StoreFn, send: Callable[[bytes], None],
-                 refuse: Callable[[str, int], None], max_bytes: int) -> None:
+                 refuse: Callable[[str, int], None], max_bytes: int,
+                 count: Callable[[str], None] = lambda reason: None) -> None:
         self.assoc, self.store, self.send, self.refuse, self.max_bytes = assoc, store, send, refuse, max_bytes
+        self.count = count
         self.message: _Message | None = None
         self._command_open = False  # a command set handed to pynetdicom is still arriving in fragments
         self._lock = threading.Lock()
@@ -217,17 +222,25 @@ class FastStore:
         if cx is None or not cx.transfer_syntax or str(cx.abstract_syntax) == _VERIFICATION:
             return False
         ts = str(cx.transfer_syntax[0])
-        path, fd = _new_file()
+        try:
+            path, fd = _new_file()
+        except OSError:
+            return False  # pynetdicom's path tries (and answers) it
         self.message = m = _Message(context_id, _US.unpack(cs[0x0110])[0], sop_class, sop_instance,
                                     str(cx.abstract_syntax), ts, path, fd)
         self._append(m, file_meta(sop_class, sop_instance, ts))
         return True
 
     def _append(self, m: _Message, data: bytes | memoryview) -> None:
+        if m.write_error is not None:
+            return
         view = memoryview(data)
         done = 0
-        while done < len(view):
-            done += os.write(m.fd, view[done:])
+        try:
+            while done < len(view):
+                done += os.write(m.fd, view[done:])
+        except OSError as e:  # a full disk: keep the association, refuse this instance when it has arrived
+            m.write_error = e
 
     def _write(self, data: memoryview, *, last: bool) -> bool:
         """Append a data set fragment; on the last one decide and answer. False when refused."""
@@ -243,11 +256,14 @@ class FastStore:
             self.message = None
             try:
                 os.close(m.fd)
+                if m.write_error is not None:
+                    raise m.write_error
                 status = self.store(self.assoc, m.path, m.sop_class.decode(), m.sop_instance.decode(),
                                     m.abstract_syntax, m.transfer_syntax)
             except OSError as e:
                 _log.warning("store_refused", sop_instance_uid=m.sop_instance.decode(), status="0xA701",
                              reason=f"writing the received data set failed: {e}")
+                self.count("write_failed")
                 status = _WRITE_FAILED
             except Exception as e:  # noqa: BLE001  # as pynetdicom answers a failing handler: not acknowledged
                 _log.error("store_failed", sop_instance_uid=m.sop_instance.decode(), status="0xC211",

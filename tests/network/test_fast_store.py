@@ -5,7 +5,9 @@ wrong context), each checked against what is spooled and answered."""
 
 from __future__ import annotations
 
+import shutil
 import struct
+import subprocess
 import time
 
 import pydicom
@@ -20,7 +22,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicom_node.engine.node import Node
 from dicom_node.network.fast_store import file_meta, parse_command_set, store_response_pdu
-from nodekit import phantom_series, storescu
+from nodekit import NodeProcess, phantom_series, storescu
 
 pytestmark = pytest.mark.dcmtk
 
@@ -207,3 +209,25 @@ def test_a_spooled_file_left_short_is_stored_again_on_re_send(make_node, tmp_pat
     assert len(open(row.path, "rb").read()) == row.bytes
     log = (tmp_path / "node.log").read_text()
     assert log.count('"instance_restored"') == 1
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit (util-linux) not installed")
+def test_a_data_set_that_cannot_be_written_is_answered_a701_and_the_association_goes_on(tmp_path):
+    """A write that fails mid-data set (here: the node's file-size limit, as a full disk would) refuses that
+    instance with 0xA701 once it has arrived, leaves no file behind, and the next instance is stored."""
+    node = NodeProcess(tmp_path, quiet=60.0).start()
+    try:
+        subprocess.run([shutil.which("prlimit"), f"--pid={node.pid}", f"--fsize={200 * 1024}"], check=True)
+        small = phantom_series(tmp_path / "small", n_slices=8)[:2]  # 64 x 64: about 9 KB each
+        big = phantom_series(tmp_path / "big", n_slices=8, rows=512)[0]  # 512 x 512: 528 KB, past the limit
+        assoc = _scu(node)
+        try:
+            statuses = [assoc.send_c_store(pydicom.dcmread(f)).Status for f in (small[0], big, small[1])]
+        finally:
+            assoc.release()
+        assert statuses == [0x0000, 0xA701, 0x0000]
+        refused = [e for e in node.events() if e.get("event") == "store_refused"]
+        assert len(refused) == 1 and refused[0]["status"] == "0xA701" and "writing the received data set" in refused[0]["reason"]
+        assert not list((tmp_path / "data" / "incoming").iterdir())
+    finally:
+        node.stop()
