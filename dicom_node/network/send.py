@@ -39,8 +39,8 @@ from dicom_node.config import Config, Destination
 from dicom_node.imaging.files import SkippedFile, read_dicom_files
 from dicom_node.network.tls import client_ssl_context
 
-__all__ = ["DELIVERED_STATUSES", "SendError", "SendResult", "backoff_delay", "echo", "read_instances",
-           "send_datasets", "send_files", "status_text"]
+__all__ = ["DELIVERED_STATUSES", "SendError", "SendResult", "associate", "backoff_delay", "client_ae", "echo",
+           "read_instances", "send_datasets", "send_files", "status_text"]
 
 DELIVERED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 _DEFAULT_CONNECT_S = 30.0
@@ -98,7 +98,8 @@ def read_instances(paths: Iterable[Path]) -> tuple[list[tuple[Path, Dataset]], l
     return found, skipped
 
 
-def _client_ae(config: Config | None, ae_title: str) -> AE:
+def client_ae(config: Config | None, ae_title: str) -> AE:
+    """The node's SCU application entity (`ae_title`, the timeouts of `config`); add the contexts to request."""
     ae = AE(ae_title=ae_title)
     if config is not None:
         ae.acse_timeout = config.timeouts.acse_s
@@ -149,8 +150,10 @@ def _probe(dest: Destination, timeout: float, ctx: ssl.SSLContext | None) -> Non
         sock.close()
 
 
-def _associate(ae: AE, dest: Destination, calling_aet: str, config: Config | None) -> Association:
-    """Probe, then associate; an established association or a SendError naming why not."""
+def associate(ae: AE, dest: Destination, calling_aet: str, config: Config | None) -> Association:
+    """Open the node's SCU association to `dest`: a TCP (and TLS) probe first, then the association with
+    Nagle's algorithm off; returns it established, or raises a SendError naming why not (rejected and
+    by whom, no accepted context, TLS, unreachable) with the fix."""
     ctx = _tls_context(dest, config)
     _probe(dest, _connect_timeout(config), ctx)
     seen: dict[str, Any] = {}
@@ -210,7 +213,7 @@ def send_datasets(datasets: Sequence[Dataset], dest: Destination, *, calling_aet
     t0 = time.perf_counter()
     if not datasets:
         return SendResult(str(dest), 0, (), 0.0)
-    ae = _client_ae(config, calling_aet)
+    ae = client_ae(config, calling_aet)
     contexts: dict[str, set[str]] = {}
     for ds in datasets:
         meta = getattr(ds, "file_meta", None)
@@ -218,7 +221,7 @@ def send_datasets(datasets: Sequence[Dataset], dest: Destination, *, calling_aet
         contexts.setdefault(str(ds.SOPClassUID), set()).add(ts)
     for sop, syntaxes in contexts.items():
         ae.add_requested_context(sop, sorted(syntaxes | {U.ExplicitVRLittleEndian, U.ImplicitVRLittleEndian}))
-    assoc = _associate(ae, dest, calling_aet, config)
+    assoc = associate(ae, dest, calling_aet, config)
     statuses: list[int] = []
     failed: list[tuple[str, int]] = []
     try:
@@ -248,9 +251,9 @@ def send_datasets(datasets: Sequence[Dataset], dest: Destination, *, calling_aet
 
 def echo(dest: Destination, *, calling_aet: str = "PENODE", config: Config | None = None) -> int:
     """C-ECHO `dest`; return the status (raises SendError naming the cause when no association)."""
-    ae = _client_ae(config, calling_aet)
+    ae = client_ae(config, calling_aet)
     ae.add_requested_context(VerificationSOPClass)
-    assoc = _associate(ae, dest, calling_aet, config)
+    assoc = associate(ae, dest, calling_aet, config)
     try:
         st = assoc.send_c_echo()
         return int(st.Status) if st and "Status" in st else -1

@@ -242,11 +242,11 @@ def test_a_tls_destination_that_does_not_speak_tls_is_reported_as_a_failed_tls_h
 def test_the_node_as_scu_turns_nagle_off_on_its_association(storescp):
     """A C-STORE's command set and data set go out as separate PDUs; with Nagle on, the data set waits for
     the peer's delayed ACK (~40 ms an instance). The node's SCU sockets must have TCP_NODELAY set."""
-    from dicom_node.network.send import _associate, _client_ae
+    from dicom_node.network.send import associate, client_ae
 
-    ae = _client_ae(None, "PENODE")
+    ae = client_ae(None, "PENODE")
     ae.add_requested_context(SecondaryCaptureImageStorage)
-    assoc = _associate(ae, Destination(storescp.aet, "127.0.0.1", storescp.port), "PENODE", None)
+    assoc = associate(ae, Destination(storescp.aet, "127.0.0.1", storescp.port), "PENODE", None)
     try:
         assert assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
