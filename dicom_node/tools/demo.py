@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import math
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -237,11 +239,25 @@ def _serve_worklist(node: Any, password: str, seconds: float) -> None:
     print("the positive study is ranked first; open it for the heatmap previews. "
           + (f"Stopping in {seconds:g} s." if seconds > 0 else "Stop with Ctrl-C."), flush=True)
     deadline = time.monotonic() + seconds if seconds > 0 else float("inf")
+    # Ctrl-C (and a SIGTERM from systemd, `timeout` or `kill`) ends the wait and the demo cleans up. Set here
+    # because a demo started in the background of a script inherits SIGINT ignored (POSIX shells ignore it
+    # in asynchronous commands), and then Ctrl-C or `kill -INT` did nothing for --worklist-for seconds.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, _interrupt)
     try:
         while time.monotonic() < deadline:
             time.sleep(0.5)
     except KeyboardInterrupt:
         print()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 #: written into every demo output folder: only a folder holding it is ever emptied by a later demo
