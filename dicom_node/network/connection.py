@@ -53,7 +53,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from dicom_node.config import Config
 from dicom_node.log import get_logger
-from dicom_node.network.fast_store import FastStore, StoreFn
+from dicom_node.network.fast_store import PDV_HEADER, FastStore, StoreFn, data_set_too_long
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -70,7 +70,6 @@ _PDU_NAMES = {1: "A-ASSOCIATE-RQ", 2: "A-ASSOCIATE-AC", 3: "A-ASSOCIATE-RJ", 4: 
               6: "A-RELEASE-RP", 7: "A-ABORT"}
 _IDLE_WAIT_S = 0.02  # longest wait of an idle reactor loop: timers, releases and aborts are seen within it
 _HEADER = struct.Struct(">BBL")
-_PDV = struct.Struct(">LBB")
 
 
 def _abort_pdu(reason: int) -> bytes:
@@ -319,15 +318,14 @@ class GuardedSocket(AssociationSocket):
         """Add this P-DATA-TF's data set fragments to the current message; refuse past the cap."""
         pos, end = 0, len(body)
         while pos + 6 <= end:
-            item_len, _, control = _PDV.unpack_from(body, pos)
+            item_len, _, control = PDV_HEADER.unpack_from(body, pos)
             if control & 1:  # a command fragment: a new message; its data set follows the last one
                 if control & 2:
                     self._dataset_bytes = 0
             else:
                 self._dataset_bytes += max(0, item_len - 2)
                 if self._dataset_bytes > self._limits.max_instance_bytes:
-                    self._refuse(f"data set longer than {self._limits.max_instance_bytes // 2**20} MiB "
-                                 "(max_instance_mb)", 0)
+                    self._refuse(data_set_too_long(self._limits.max_instance_bytes), 0)
                     return
                 if control & 2:
                     self._dataset_bytes = 0

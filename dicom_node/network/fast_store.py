@@ -42,13 +42,15 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 
 from dicom_node.log import get_logger
 
-__all__ = ["FastStore", "StoreFn", "parse_command_set", "store_response_pdu", "file_meta"]
+__all__ = ["FastStore", "PDV_HEADER", "StoreFn", "data_set_too_long", "parse_command_set", "store_response_pdu",
+           "file_meta"]
 
 #: Receiver.store: (association, received file, SOP class, SOP instance, context's abstract syntax,
 #: context's transfer syntax) -> status
 StoreFn = Callable[[Any, Path, str, str, str, str], int]
 
-_PDV = struct.Struct(">LBB")  # item length, presentation context ID, message control header
+#: a presentation data value item's header: item length, presentation context ID, message control header
+PDV_HEADER = struct.Struct(">LBB")
 _ELEMENT = struct.Struct("<HHL")  # implicit VR little endian: group, element, value length
 _US = struct.Struct("<H")
 _UL = struct.Struct("<L")
@@ -64,6 +66,11 @@ _log = get_logger("dicom_node.network.fast_store")
 def _new_file() -> tuple[Path, int]:
     path = Path(tempfile.gettempdir()) / f"fs-{os.getpid()}-{next(_names)}-{secrets.token_hex(4)}.dcm"
     return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+
+
+def data_set_too_long(max_bytes: int) -> str:
+    """The refusal reason for a data set past `max_bytes` (`max_instance_mb`), on either receive path."""
+    return f"data set longer than {max_bytes // 2**20} MiB (max_instance_mb)"
 
 
 def parse_command_set(data: bytes | memoryview) -> dict[int, bytes] | None:
@@ -177,7 +184,7 @@ class FastStore:
         view = memoryview(body)
         pos, end = 0, len(body)
         while pos + 6 <= end:
-            item_len, context_id, control = _PDV.unpack_from(view, pos)
+            item_len, context_id, control = PDV_HEADER.unpack_from(view, pos)
             if item_len < 2 or pos + 4 + item_len > end:
                 break  # malformed: pynetdicom answers it
             data = view[pos + 6:pos + 4 + item_len]
@@ -202,7 +209,7 @@ class FastStore:
         rest = bytes(view[pos:])
         p, end = 0, len(rest)
         while p + 6 <= end:
-            item_len, _, control = _PDV.unpack_from(rest, p)
+            item_len, _, control = PDV_HEADER.unpack_from(rest, p)
             if control & 1:
                 self._command_open = not control & 2
             p += 4 + max(item_len, 2)
@@ -249,7 +256,7 @@ class FastStore:
         m.size += len(data)
         if m.size > self.max_bytes:
             self._drop()
-            self.refuse(f"data set longer than {self.max_bytes // 2**20} MiB (max_instance_mb)", 0)
+            self.refuse(data_set_too_long(self.max_bytes), 0)
             return False
         self._append(m, data)
         if last:
