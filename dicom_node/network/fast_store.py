@@ -58,7 +58,6 @@ _VERIFICATION = "1.2.840.10008.1.1"
 _PLAIN_UID = re.compile(rb"[0-9.]{1,64}")
 _C_STORE_RQ, _C_STORE_RSP, _NO_DATA_SET = 0x0001, 0x8001, 0x0101
 _HANDLER_FAILED = 0xC211  # pynetdicom's status when a C-STORE handler raises
-_WRITE_FAILED = 0xA701  # Out of Resources: the data set could not be written (as the receiver's write_failed)
 _names = itertools.count()
 _log = get_logger("dicom_node.network.fast_store")
 
@@ -268,10 +267,12 @@ class FastStore:
                 status = self.store(self.assoc, m.path, m.sop_class.decode(), m.sop_instance.decode(),
                                     m.abstract_syntax, m.transfer_syntax)
             except OSError as e:
-                _log.warning("store_refused", sop_instance_uid=m.sop_instance.decode(), status="0xA701",
+                from dicom_node.network.receive import STATUS  # the statuses' one home (it imports this module)
+
+                status = STATUS["write_failed"]
+                _log.warning("store_refused", sop_instance_uid=m.sop_instance.decode(), status=f"0x{status:04X}",
                              reason=f"writing the received data set failed: {e}")
                 self.count("write_failed")
-                status = _WRITE_FAILED
             except Exception as e:  # noqa: BLE001  # as pynetdicom answers a failing handler: not acknowledged
                 _log.error("store_failed", sop_instance_uid=m.sop_instance.decode(), status="0xC211",
                            reason=f"{type(e).__name__}: {str(e)[:200]}")
