@@ -24,18 +24,27 @@ in the same call, alternating:
   `State.add_instance` commits the row with synchronous=FULL). storescp writes only to the page cache,
   so "storescp + durability alone" is what a receiver as fast as storescp would take with the node's
   durability: the best ratio any such receiver could reach on this disk.
+
+Loopback moves data at memory speed, so the ratio above compares CPU per instance more than anything
+a sender on a hospital network would notice. `--link-mbit 1000` runs the same comparison with the
+loopback interface shaped to a 1 Gb/s wire for the duration of the call (Linux `tc`, token bucket with
+a burst of one loopback packet, no extra latency; needs root; the interface is restored afterwards,
+also on Ctrl-C or SIGTERM): what a scanner or PACS sending over gigabit Ethernet would see.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +53,31 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from peers import StoreScpPeer, free_port, wait_for_port  # noqa: E402
 
 NO_NAGLE = {**os.environ, "TCP_NODELAY": "1"}
+
+
+@contextlib.contextmanager
+def shaped_loopback(mbit: int) -> Iterator[None]:
+    """Shape the loopback interface to `mbit` Mbit/s (a token bucket whose burst is one loopback packet,
+    so a pause between instances earns no credit, as on a wire) while the block runs, then remove the
+    shaping again. Refuses with one line when not root, when `tc` is missing, or when `lo` already has a
+    root qdisc of someone else's (it is never replaced)."""
+    tc = shutil.which("tc") or "/usr/sbin/tc"
+    if os.geteuid() != 0 or not Path(tc).exists():
+        raise SystemExit("--link-mbit: shaping the loopback interface needs root and tc (Debian package iproute2); "
+                         "run as root or leave --link-mbit out")
+    shown = subprocess.run([tc, "qdisc", "show", "dev", "lo"], capture_output=True, text=True).stdout
+    if shown.split()[1:2] != ["noqueue"]:
+        raise SystemExit(f"--link-mbit: lo already has a root qdisc ({shown.strip()}); remove it "
+                         "(tc qdisc del dev lo root) or leave --link-mbit out")
+    burst = int(Path("/sys/class/net/lo/mtu").read_text()) + 1000
+    subprocess.run([tc, "qdisc", "add", "dev", "lo", "root", "tbf", "rate", f"{mbit}mbit", "burst", str(burst),
+                    "latency", "20ms"], check=True)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below on SIGTERM too
+    try:
+        yield
+    finally:
+        subprocess.run([tc, "qdisc", "del", "dev", "lo", "root"], check=False)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def phantom_files(data: Path, n_slices: int, size: int) -> list[Path]:
@@ -120,8 +154,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="alternating runs per receiver; the median is reported")
     ap.add_argument("--baseline-repo", type=Path, default=None,
                     help="also run the node of this checkout (with its .venv), alternating, e.g. the main branch")
+    ap.add_argument("--link-mbit", type=int, default=None, metavar="MBIT",
+                    help="shape loopback to this many Mbit/s for the call, e.g. 1000 for gigabit Ethernet (root, tc)")
     args = ap.parse_args(argv)
     files = phantom_files(args.data, args.slices, args.size)
+    if args.link_mbit is not None:
+        if args.link_mbit <= 0:
+            ap.error(f"--link-mbit {args.link_mbit}: give a rate in Mbit/s, e.g. 1000")
+        with shaped_loopback(args.link_mbit):
+            return compare(args, files)
+    return compare(args, files)
+
+
+def compare(args: argparse.Namespace, files: list[Path]) -> int:
+    """Run the receivers alternately on `files` and print the report (module docstring)."""
     mb = sum(f.stat().st_size for f in files) / 1e6
     node_t: list[float] = []
     scp_t: list[float] = []
@@ -169,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({slow_cpu[-1]:.2f} s CPU){base}, storescp {scp_t[-1]:.2f} s ({scp_cpu[-1]:.2f} s CPU), durability "
               f"alone {floor_t[-1]:.2f} s, load average {os.getloadavg()[0]:.1f}", flush=True)
     tn, ts = statistics.median(node_t), statistics.median(scp_t)
+    link = f"loopback shaped to {args.link_mbit} Mbit/s" if args.link_mbit else "loopback, not shaped"
     print(f"series: {len(files)} instances, {mb:.0f} MB ({args.size}x{args.size}, uncompressed); "
-          f"both dcmtk sides with TCP_NODELAY=1; load average {os.getloadavg()[0]:.1f}")
+          f"both dcmtk sides with TCP_NODELAY=1; {link}; load average {os.getloadavg()[0]:.1f}")
     print(f"node (fsync + rename + SQLite row, synchronous=FULL): {tn:.2f} s  {len(files) / tn:.0f} inst/s  {mb / tn:.0f} MB/s"
           f"  receiver CPU {statistics.median(node_cpu):.2f} s")
     print(f"dcmtk storescp (default options, no fsync):           {ts:.2f} s  {len(files) / ts:.0f} inst/s  {mb / ts:.0f} MB/s"

@@ -8,6 +8,15 @@ benchmarks/receive.py with dcmtk storescu (`TCP_NODELAY=1`), and prints the proc
 for each wrapped stage, the CPU seconds of the calling thread (`time.thread_time`), the wall seconds and
 the number of calls. Stages nest (the decision is part of handling a PDU), so they do not add up. By
 default the node's own C-STORE path (`fast_store = true`); `--pynetdicom` profiles pynetdicom's.
+
+On the node's path it also prints each instance's timeline (medians over the series): the sender's turn
+(from the node's C-STORE-RSP to the next C-STORE-RQ read), the data set arriving (to its last fragment),
+and the decision (`Receiver.store`: checks, rename, flushes, the row); then dcmtk storescp receives the
+same series in the same call, for its time per instance. storescu sends the next instance only after
+the response, so the decision is not overlapped by anything.
+
+`--no-flush` is a diagnostic, never a configuration: the node's code with its fsync calls stubbed out and
+SQLite at `synchronous=OFF`, to show what the receive path costs without any durability.
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ import argparse
 import collections
 import functools
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +44,7 @@ CPU: collections.Counter[str] = collections.Counter()
 WALL: collections.Counter[str] = collections.Counter()
 CALLS: collections.Counter[str] = collections.Counter()
 ORDER: list[str] = []
+STAMPS: collections.defaultdict[str, list[tuple[float, float]]] = collections.defaultdict(list)  # (start, end)
 
 
 def wrap(owner: Any, name: str, label: str) -> None:
@@ -46,9 +58,11 @@ def wrap(owner: Any, name: str, label: str) -> None:
         try:
             return fn(*a, **kw)
         finally:
+            w1 = time.perf_counter()
             CPU[label] += time.thread_time() - t0
-            WALL[label] += time.perf_counter() - w0
+            WALL[label] += w1 - w0
             CALLS[label] += 1
+            STAMPS[label].append((w0, w1))
 
     setattr(owner, name, timed)
 
@@ -57,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "receive_bench_series")
     ap.add_argument("--pynetdicom", action="store_true", help="profile pynetdicom's C-STORE path (fast_store = false)")
+    ap.add_argument("--no-flush", action="store_true",
+                    help="diagnostic: stub out the node's fsync calls and run SQLite with synchronous=OFF")
     args = ap.parse_args(argv)
     files = phantom_files(args.data, 300, 512)
     fast = not args.pynetdicom
@@ -76,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if fast:
         wrap(connection.GuardedSocket, "_read_fast", "node's path: one PDU read and handled (DUL thread)")
         wrap(fast_store.FastStore, "take", "  of which P-DATA values handled")
-        wrap(fast_store.FastStore, "_append", "    of which file writes + write-back started")
+        wrap(fast_store.FastStore, "_append", "    of which file writes")
         wrap(fast_store.FastStore, "_begin", "    of which C-STORE-RQ command sets read, files opened")
         wrap(receive.Receiver, "store", "    of which the node's C-STORE decision")
         wrap(connection.GuardedSocket, "_send_now", "    of which the C-STORE-RSP sent")
@@ -92,6 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     wrap(spool.Spool, "adopt", "      spool: rename, flush of file and folder, the row's commit meanwhile")
     wrap(state.State, "add_instance", "        SQLite: instance row committed")
     wrap(state.State, "instance", "      SQLite: known-instance lookup")
+
+    if args.no_flush:
+        spool._fsync_file = spool.fsync_dir = lambda path: None
+        open_conn = state.State._conn
+
+        def unsynced(self: Any) -> Any:
+            c = open_conn(self)
+            c.execute("PRAGMA synchronous=OFF")
+            return c
+
+        state.State._conn = unsynced  # type: ignore[method-assign]
 
     configure_logging(json=True, level="WARNING", stream=open(os.devnull, "w"))  # noqa: SIM115
     data = Path(tempfile.mkdtemp(prefix="recv_profile_"))
@@ -113,7 +140,52 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {os.getloadavg()[0]:.1f}")
     for label in ORDER:
         print(f"{CPU[label]:7.3f} s CPU  {WALL[label]:7.3f} s wall  {CALLS[label]:5d} calls  {label}")
+    if fast:
+        timeline(len(files))
+        scp_wall = storescp_wall(files)
+        print(f"dcmtk storescp, the same series in this call: {scp_wall:.2f} s, "
+              f"{scp_wall / len(files) * 1000:.2f} ms per instance (its start and association included); "
+              f"the node {wall:.2f} s, ratio {scp_wall / wall:.2f}")
     return 0
+
+
+def timeline(n: int) -> None:
+    """Per-instance medians from the stamps of the node's path (module docstring)."""
+    begins = STAMPS["    of which C-STORE-RQ command sets read, files opened"]
+    decisions = STAMPS["    of which the node's C-STORE decision"]
+    sends = STAMPS["    of which the C-STORE-RSP sent"]
+    if not (len(begins) == len(decisions) == len(sends) == n):
+        print(f"timeline: {len(begins)} requests, {len(decisions)} decisions, {len(sends)} responses for {n} instances; "
+              "not every C-STORE took the node's path, no timeline")
+        return
+
+    def ms(values: list[float]) -> str:
+        return f"{statistics.median(values) * 1000:.2f} ms (sum {sum(values):.2f} s)"
+
+    print("per instance, median:")
+    print(f"  sender's turn, response sent -> next request read:  {ms([b[0] - s[1] for s, b in zip(sends, begins[1:])])}")
+    print(f"  data set arriving, request -> last fragment:        {ms([d[0] - b[0] for b, d in zip(begins, decisions)])}")
+    print(f"  decision (checks, rename, flushes, row):            {ms([d[1] - d[0] for d in decisions])}")
+    print(f"  response to response:                               {ms([b[1] - a[1] for a, b in zip(sends, sends[1:])])}")
+
+
+def storescp_wall(files: list[Path]) -> float:
+    """Seconds dcmtk storescp takes for `files` (storescu and storescp with TCP_NODELAY=1)."""
+    from peers import StoreScpPeer
+
+    out = Path(tempfile.mkdtemp(prefix="recv_profile_scp_"))
+    peer = StoreScpPeer(out, env=NO_NAGLE).start()
+    try:
+        t0 = time.perf_counter()
+        r = subprocess.run(["/usr/bin/storescu", "-aec", peer.aet, "127.0.0.1", str(peer.port), *map(str, files)],
+                           capture_output=True, text=True, env=NO_NAGLE)
+        wall = time.perf_counter() - t0
+    finally:
+        peer.stop()
+        shutil.rmtree(out, ignore_errors=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"storescu to storescp failed: {r.stderr[-500:]}")
+    return wall
 
 
 if __name__ == "__main__":
