@@ -119,6 +119,8 @@ class SpoolConfig:
 class WorkerConfig:
     concurrency: int = field(default=1, metadata=_doc("Jobs run at the same time (each job may use several cores)"))
     poll_s: float = field(default=0.2, metadata=_doc("How often the completion scheduler and the queues are polled"))
+    retry_unavailable_s: float = field(default=30.0, metadata=_doc("Wait before a job whose inference backend (a Triton server) did not answer runs again; doubles with each try, at most 15 minutes"))
+    retry_unavailable_max: int = field(default=10, metadata=_doc("Tries after the first for a job whose inference backend does not answer (about 90 minutes with the default wait); then the job fails and `dicom-node resend` runs it. 0 = fail at once"))
 
 
 @dataclass(frozen=True)
@@ -414,6 +416,10 @@ def _validate(c: Config) -> None:
     need(c.spool.keep_days >= 0, "spool.keep_days", c.spool.keep_days, "a number of days >= 0 (0 = keep forever)")
     need(1 <= c.worker.concurrency <= 64, "worker.concurrency", c.worker.concurrency, "1-64")
     need(0 < c.worker.poll_s <= 10, "worker.poll_s", c.worker.poll_s, "0-10 seconds")
+    need(0 < c.worker.retry_unavailable_s <= 900, "worker.retry_unavailable_s", c.worker.retry_unavailable_s,
+         "0-900 seconds")
+    need(0 <= c.worker.retry_unavailable_max <= 1000, "worker.retry_unavailable_max", c.worker.retry_unavailable_max,
+         "0-1000 tries")
     s = c.selection
     need(0 <= s.min_slice_thickness_mm <= s.max_slice_thickness_mm, "selection.max_slice_thickness_mm", s.max_slice_thickness_mm,
          f">= selection.min_slice_thickness_mm ({s.min_slice_thickness_mm}) >= 0")

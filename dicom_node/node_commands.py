@@ -98,7 +98,9 @@ def add_node_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
                                           "the destination as configured now (matched by AE title), or to --to; a "
                                           "job that failed before building results is queued again. Dead "
                                           "notifications of JOB (webhook, hl7) become pending with fresh attempts, "
-                                          "also for a job that is done. The running node picks it up.")
+                                          "also for a job that is done. A job waiting for its inference backend "
+                                          "(job_deferred: the Triton server did not answer) runs at once instead of "
+                                          "at its next try. The running node picks it up.")
     _common(p)
     p.add_argument("job_id", type=int, metavar="JOB")
     p.add_argument("--to", metavar="AE@HOST:PORT",
@@ -359,10 +361,12 @@ def _status_rows(args: argparse.Namespace, st: State) -> list[dict[str, Any]]:
         ds = by_job.get(j.id, [])
         errors = [d.last_error.removeprefix(f"{d.destination}: ") for d in ds
                   if d.last_error and d.state is not DeliveryState.DONE]
-        last_error = errors[-1] if errors else (j.error if j.state is JobState.FAILED else None)
+        waiting = j.state is JobState.QUEUED and j.not_before > 0  # deferred: its inference backend did not answer
+        last_error = errors[-1] if errors else (j.error if j.state is JobState.FAILED or waiting else None)
         rows.append({
             "job_id": j.id, "study_uid": j.study_uid, "series_uid": j.series_uid, "revision": j.revision,
             "received_at": _when(j.times.get("received")), "state": j.state.value,
+            "next_try_at": _when(j.not_before) if waiting else None,
             "sr_uid": j.result_uids[0] if j.result_uids else None, "result_uids": list(j.result_uids),
             "error": j.error,
             "destinations": [{"destination": d.destination, "state": d.state.value, "attempts": d.attempts,
@@ -372,7 +376,7 @@ def _status_rows(args: argparse.Namespace, st: State) -> list[dict[str, Any]]:
             "notifications": [{"target": n.target, "state": n.state.value, "attempts": n.attempts,
                                "last_error": n.last_error} for n in notes.get(j.id, [])],
             "last_error": last_error,
-            "resend_command": _resend_command(args, j.id) if j.state is JobState.FAILED
+            "resend_command": _resend_command(args, j.id) if j.state is JobState.FAILED or waiting
             or any(n.state.value == "dead" for n in notes.get(j.id, [])) else None})
     return rows
 
@@ -423,7 +427,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         head = ("JOB", "STUDY", "SERIES", "RECEIVED", "STATE", "PRIORITY", "RESULT", "DESTINATIONS", "NOTIFICATIONS",
                 "LAST ERROR")
         table = [head] + [(
-            str(r["job_id"]), _suffix(r["study_uid"]), _suffix(r["series_uid"]), r["received_at"], r["state"],
+            str(r["job_id"]), _suffix(r["study_uid"]), _suffix(r["series_uid"]), r["received_at"],
+            f"queued, next try {r['next_try_at'][11:]}" if r["next_try_at"] else r["state"],
             r["priority"] or "-",
             f"SR {_suffix(r['sr_uid'])}" if r["sr_uid"] else ("error" if r["state"] == "failed" else "-"),
             ", ".join(f"{d['destination']} {d['delivery']}" for d in r["destinations"]) or "-",
@@ -437,7 +442,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
             if n["state"] == "dead":
                 print(f"job {r['job_id']} {n['target']} notification dead after {n['attempts']} attempt(s): "
                       f"{_clip(n['last_error'] or '')}")
-        if r["resend_command"]:
+        if r["resend_command"] and r["next_try_at"]:
+            print(f"job {r['job_id']} waits for its inference backend (next try {r['next_try_at']}); "
+                  f"run it now with: {r['resend_command']}")
+        elif r["resend_command"]:
             what = "failed" if r["state"] == "failed" else "has dead notifications"
             print(f"job {r['job_id']} {what}; re-send with: {r['resend_command']}")
     for s in other:

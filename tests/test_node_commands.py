@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -93,6 +94,25 @@ def test_resend_goes_to_the_destination_as_configured_now_or_to_the_override(mak
     wait_until(lambda: node.state.job(job2.id).state is JobState.DONE, 30, "delivered to --to")
     (d,) = node.state.deliveries(job2.id)
     assert d.destination == f"OTHER@127.0.0.1:{storescp.port}" and d.state is DeliveryState.DONE
+
+
+def test_resend_runs_a_job_waiting_for_its_inference_backend_at_once(tmp_path):
+    from dicom_node.durability.state import State
+
+    data = tmp_path / "data"
+    data.mkdir()
+    st = State(data / "state.sqlite")
+    job = st.create_job("1.2.3", "1.2")
+    st.claim_next_job()
+    st.defer_job(job, not_before=4102444800.0, error="BackendUnavailable: Triton server grpc://h:1: not answering")
+    rc, out, err = _cli("resend", str(job), "--data-dir", str(data))
+    assert rc == 0, err
+    at = time.strftime("%H:%M:%S", time.localtime(4102444800.0))
+    assert out.strip() == f"job {job}: was waiting for its inference backend (next try at {at}); it runs now"
+    assert st.job(job).not_before == 0 and st.claim_next_job().id == job
+    rc, out, err = _cli("resend", str(job), "--data-dir", str(data))  # running now: nothing to resend
+    assert rc == 1 and f"job {job} is running, not failed" in err
+    st.close()
 
 
 def test_echo_with_config_calls_as_the_configured_ae_title(tmp_path):

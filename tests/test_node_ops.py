@@ -54,6 +54,7 @@ def test_json_log_never_contains_patient_identity_and_metrics_count(tmp_path, or
         assert metrics["dicom_node_bytes_received_total"] > 20 * 64 * 64 * 2
         assert metrics['dicom_node_stores_refused_total{reason="dataset_mismatch"}'] == 1
         assert metrics['dicom_node_jobs{state="done"}'] == 1
+        assert metrics["dicom_node_jobs_waiting_for_backend"] == 0
         assert metrics["dicom_node_time_to_result_seconds_count"] == 1
         assert metrics["dicom_node_inference_seconds_count"] == 1
         status, health = _get(mport, "/healthz")

@@ -122,8 +122,9 @@ SERIES_TRANSITIONS: dict[SeriesState, frozenset[SeriesState]] = {
 
 #: allowed job transitions. queued -> running: claimed by the worker; running -> built/failed: the
 #: job body finished or raised; built -> sending: deliveries queued (worker, or recovery at start);
-#: sending -> done/failed: every delivery final (sender); running -> queued: recovery at start;
-#: failed -> sending/queued: `dicom-node resend`.
+#: sending -> done/failed: every delivery final (sender); running -> queued: recovery at start, or
+#: deferred because the inference backend did not answer (`defer_job`: the job waits until its
+#: `not_before`, then runs again); failed -> sending/queued: `dicom-node resend`.
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING}),
     JobState.RUNNING: frozenset({JobState.BUILT, JobState.FAILED, JobState.QUEUED}),
@@ -288,6 +289,8 @@ class JobRow:
     priority_class: str | None = None
     priority_reason: str | None = None
     priority_score: float | None = None
+    #: a queued job runs no earlier than this (unix time; 0 = at once): set by `defer_job`
+    not_before: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -405,6 +408,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               ("CREATE TABLE IF NOT EXISTS series_patient (series_uid TEXT PRIMARY KEY, patient_key TEXT NOT NULL)",)),
     Migration(4, "worklist priority of each job (class, reason, score) and the notifications outbox",
               _statements(_PRIORITY_AND_NOTIFICATIONS)),
+    Migration(5, "jobs.not_before: a queued job deferred while its inference backend did not answer waits until then",
+              ("ALTER TABLE jobs ADD COLUMN not_before REAL NOT NULL DEFAULT 0",)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 assert [m.version for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1)), "MIGRATIONS: versions 1, 2, ... in order"
@@ -492,7 +497,7 @@ def _job(r: sqlite3.Row) -> JobRow:
     return JobRow(r["id"], r["series_uid"], r["study_uid"], JobState(r["state"]), r["attempts"], r["priority"],
                   r["revision"], bool(r["rerun_requested"]), tuple(json.loads(r["predecessor_result_uids"])),
                   tuple(json.loads(r["result_uids"])), r["error"], json.loads(r["times"]),
-                  r["priority_class"], r["priority_reason"], r["priority_score"])
+                  r["priority_class"], r["priority_reason"], r["priority_score"], r["not_before"])
 
 
 def _series(r: sqlite3.Row) -> SeriesRow:
@@ -759,11 +764,11 @@ class State:
               (error, json.dumps(times), attempts, json.dumps(list(result_uids)) if result_uids is not None else None))
         return _job(c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
 
-    def claim_next_job(self) -> JobRow | None:
-        """Atomically take the highest-priority, oldest queued job and mark it running."""
+    def claim_next_job(self, now: float | None = None) -> JobRow | None:
+        """Atomically take the highest-priority, oldest queued job that is due (`not_before`) and mark it running."""
         with self._tx() as c:
-            r = c.execute("SELECT id FROM jobs WHERE state=? ORDER BY priority DESC, id ASC LIMIT 1",
-                          (JobState.QUEUED.value,)).fetchone()
+            r = c.execute("SELECT id FROM jobs WHERE state=? AND not_before<=? ORDER BY priority DESC, id ASC LIMIT 1",
+                          (JobState.QUEUED.value, time.time() if now is None else now)).fetchone()
             if r is None:
                 return None
             # the revision rule again at the start of every attempt (a job queued again by `resend` or at
@@ -773,6 +778,29 @@ class State:
             c.execute("UPDATE jobs SET revision=?, predecessor_result_uids=? WHERE id=?",
                       (revision, json.dumps(list(predecessor)), r["id"]))
             return self._job_transition(c, r["id"], JobState.RUNNING, stage="started")
+
+    def defer_job(self, job_id: int, *, not_before: float, error: str) -> JobRow:
+        """running -> queued until `not_before`: the inference backend did not answer. The job keeps its
+        attempts (the worker counts them against `[worker] retry_unavailable_max`) and `error` says why it
+        waits; its revision is decided again when it runs (`claim_next_job`)."""
+        with self._tx() as c:
+            self._job_transition(c, job_id, JobState.QUEUED, error=error, stage="deferred")
+            c.execute("UPDATE jobs SET not_before=? WHERE id=?", (not_before, job_id))
+            return _job(c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
+
+    def deferred_job_count(self) -> int:
+        """Queued jobs waiting for their inference backend (`defer_job`)."""
+        return int(self._conn().execute("SELECT COUNT(*) FROM jobs WHERE state=? AND not_before>0",
+                                        (JobState.QUEUED.value,)).fetchone()[0])
+
+    def run_deferred_now(self, job_id: int | None = None) -> int:
+        """Make deferred jobs due now (one, or all when `job_id` is None); returns how many were waiting."""
+        with self._tx() as c:
+            sql = "UPDATE jobs SET not_before=0 WHERE state=? AND not_before>0"
+            args: list[object] = [JobState.QUEUED.value]
+            if job_id is not None:
+                sql, args = sql + " AND id=?", [*args, job_id]
+            return c.execute(sql, args).rowcount
 
     def request_rerun(self, job_id: int) -> None:
         with self._tx() as c:

@@ -29,7 +29,8 @@ __all__ = ["ActionResult", "ACTIONS", "complete_series", "rerun_series", "resend
 #: action name (CLI command, web button, API path) -> what it does, for help texts and the audit log
 ACTIONS = {"complete": "declare a receiving series complete now (skip the quiet period)",
            "rerun": "analyse a finished series again (a new revision when results were delivered)",
-           "resend": "re-queue a failed job's deliveries (or the job) and its dead notifications"}
+           "resend": "re-queue a failed job's deliveries (or the job) and its dead notifications; run a job "
+                     "waiting for its inference backend now"}
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,10 @@ def resend_job(cfg: Config, st: State, job_id: int, to: str | None = None) -> Ac
     if notified:
         lines.append(f"job {job.id}: {notified} notification(s) pending again: "
                      + ", ".join(n.target for n in st.notifications(job.id) if n.state.value == "pending"))
+    if job.state is JobState.QUEUED and job.not_before > 0 and st.run_deferred_now(job.id):
+        wait = time.strftime("%H:%M:%S", time.localtime(job.not_before))
+        lines.append(f"job {job.id}: was waiting for its inference backend (next try at {wait}); it runs now")
+        return ActionResult(0, tuple(lines))
     if job.state is not JobState.FAILED:
         if notified:
             return ActionResult(0, tuple(lines))

@@ -8,7 +8,8 @@ a destination failing for longer than `[health] delivery_failure_s`, the SCP not
 `/readyz` answers 200 once the job body is prepared (the model bundle loaded) and 503 before.
 
 Metrics (own registry, prefix `dicom_node_`): instances_received_total, bytes_received_total,
-stores_refused_total{reason}, jobs{state} (read from the state database at scrape time),
+stores_refused_total{reason}, jobs{state} and jobs_waiting_for_backend (read from the state database
+at scrape time),
 time_to_result_seconds (last instance received -> results delivered), inference_seconds,
 send_failures_total{destination}, deliveries_total.
 """
@@ -33,12 +34,16 @@ class _JobsCollector:
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         g = GaugeMetricFamily("dicom_node_jobs", "Jobs by state", labels=["state"])
+        waiting = GaugeMetricFamily("dicom_node_jobs_waiting_for_backend",
+                                    "Queued jobs deferred because their inference backend did not answer")
         try:
             for state, n in self.state.job_counts().items():
                 g.add_metric([state], n)
+            waiting.add_metric([], self.state.deferred_job_count())
         finally:
             self.state.close()  # scrape threads are short-lived
         yield g
+        yield waiting
 
 
 class NodeMetrics:

@@ -16,6 +16,15 @@ Worklist priority: when the analysis ends (built, or failed) the worker decides 
 from `JobResult.findings` (`dicom_node.engine.priority.decide_priority` under `[priority]`) and
 writes it, with the notifications `[notify]` asks for (`dicom_node.notify.document`), in the same
 transaction as the state change (`JobOutcome`). `job_prioritised` logs class, reason and score.
+
+A backend that does not answer: a body that raises an exception whose `retry_later` attribute is true
+(`dicom_node.model.inference.BackendUnavailable`: the Triton server did not answer a request nor a
+liveness check) does not fail its job. The job goes back to the queue (`State.defer_job`) and runs
+again after `[worker] retry_unavailable_s`, doubled at each try up to `RETRY_UNAVAILABLE_CAP_S`, for
+`retry_unavailable_max` tries; `job_deferred` (WARNING) says why, which try it was and when the next one
+is. Only after the last try does the job fail (then `dicom-node resend`). A deferred job has no priority
+and sends no notification yet: nothing was analysed. `dicom-node resend` runs a deferred job at once, and
+so does a restart.
 """
 
 from __future__ import annotations
@@ -95,6 +104,16 @@ class JobBody:
         return body if isinstance(body, JobBody) else cls(body)
 
 
+#: the longest wait between two tries of a job whose inference backend does not answer
+RETRY_UNAVAILABLE_CAP_S = 900.0
+
+
+def retry_delay(first_s: float, attempts: int) -> float:
+    """Seconds before the next try of a job deferred after its `attempts`-th run: `first_s` doubled for each
+    earlier deferral, at most `RETRY_UNAVAILABLE_CAP_S`."""
+    return float(min(first_s * 2.0 ** max(attempts - 1, 0), RETRY_UNAVAILABLE_CAP_S))
+
+
 def destinations_for(config: Config, calling_aet: str) -> list[Destination]:
     """Configured destinations, plus the sender when `send_back_to_sender` and it is a known peer."""
     out = list(config.destinations)
@@ -170,6 +189,13 @@ class Worker(BackgroundLoop):
             uids = self._write_outbox(job.id, result)
         except Exception as e:
             err = error_text(e)  # another library's message may quote a field value: not into the log or database
+            tries = self.config.worker.retry_unavailable_max + 1
+            if getattr(e, "retry_later", False) and job.attempts < tries:
+                wait = retry_delay(self.config.worker.retry_unavailable_s, job.attempts)
+                self.state.defer_job(job.id, not_before=time.time() + wait, error=err)
+                log.warning("job_deferred", error=err, attempt=job.attempts, tries=tries, retry_in_s=round(wait, 1),
+                            note="the inference backend did not answer; the job runs again by itself")
+                return
             log.error("job_failed", error=err, stage="run", s=round(time.perf_counter() - t0, 3))
             outcome = self._outcome(job, rows[0].path if rows else None, None, err)
             finished, rerun = self.state.finish_job(job.id, JobState.FAILED, error=err, outcome=outcome)

@@ -33,7 +33,7 @@ from dicom_node.log import get_logger
 from dicom_node.model.bundle import Bundle, GraphSpec, load_bundle, onnxruntime_module
 from dicom_node.model.sequence import from_fixed_length, to_fixed_length
 
-__all__ = ["Prediction", "Predictor", "InferenceError", "available_providers"]
+__all__ = ["Prediction", "Predictor", "InferenceError", "BackendUnavailable", "available_providers"]
 
 log = get_logger("dicom_node.model.inference")
 
@@ -44,6 +44,13 @@ _OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 class InferenceError(RuntimeError):
     """The model cannot run (no usable provider, input that does not match the bundle)."""
+
+
+class BackendUnavailable(InferenceError):
+    """A remote inference backend (a Triton server) did not answer a request and does not answer a
+    liveness check either: the job waits and runs again by itself (`[worker] retry_unavailable_s`)."""
+
+    retry_later = True  # what the worker looks for (`dicom_node.engine.worker`: it imports no model code)
 
 
 @dataclass(frozen=True)

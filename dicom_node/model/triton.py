@@ -20,7 +20,10 @@ reads the manifest only (`inference.bundle` = the bundle directory or the reposi
 
 Any difference refuses the start with one line naming the model, what differs and the fix, as a bad
 bundle does (`InferenceError`). During a job a failed request (server gone, timeout, model unloaded)
-raises `InferenceError` naming the server, the model and the cause: the job fails like any other job
+names the server, the model and the cause. When the server then does not answer a liveness check either
+(stopped, restarting, unreachable) it raises `BackendUnavailable`: the worker defers the job and runs it
+again by itself (`[worker] retry_unavailable_s`, `retry_unavailable_max`). When the server is live (the
+model unloaded, a request it refused) it raises `InferenceError`: the job fails like any other job
 failure, keeps its spooled instances and is run again by `dicom-node resend` (or a re-sent instance).
 
 `tritonclient` (the `[triton]` extra) is imported only here and only when the engine is used. One
@@ -41,7 +44,7 @@ import numpy as np
 
 from dicom_node.log import get_logger
 from dicom_node.model.bundle import Bundle, BundleManifest, GraphSpec, TensorSpec, load_manifest_only
-from dicom_node.model.inference import InferenceError, Predictor
+from dicom_node.model.inference import BackendUnavailable, InferenceError, Predictor
 
 if TYPE_CHECKING:
     from dicom_node.config import InferenceConfig
@@ -222,6 +225,14 @@ class TritonPredictor(Predictor):
             except Exception:  # closing a broken connection may fail too; the new client does not need it
                 pass
 
+    def _live(self) -> bool:
+        """Whether the server answers a liveness request now (a fresh connection; any error is a no)."""
+        try:
+            return self._client().live()
+        except Exception:  # tritonclient raises its own and socket errors: all mean "not answering"
+            self._drop_client()
+            return False
+
     def _refuse(self, what: str) -> InferenceError:
         return InferenceError(f"Triton server {self.settings.where}: {what}")
 
@@ -296,9 +307,12 @@ class TritonPredictor(Predictor):
             # a fresh connection for the next request of this thread: a gRPC channel to a server that went away
             # backs off before it reconnects, and the job's re-run should find the server as soon as it is back
             self._drop_client()
-            raise InferenceError(f"Triton server {self.settings.where}: {stage} request to model {name} failed "
-                                 f"({_cause(exc)}); the job fails and runs again with `dicom-node resend` "
-                                 "once the server answers") from None
+            failed = f"Triton server {self.settings.where}: {stage} request to model {name} failed ({_cause(exc)})"
+            if not self._live():
+                raise BackendUnavailable(f"{failed}; the server does not answer: the job runs again by itself "
+                                         "([worker] retry_unavailable_s) or at once with `dicom-node resend`") from None
+            raise InferenceError(f"{failed}; the server is live: check its log, then `dicom-node resend` "
+                                 "runs the job again") from None
         batch = next(iter(feed.values())).shape[0]
         arrays = []
         for spec in graph.outputs:

@@ -44,8 +44,8 @@ __all__ = ["Identity", "IdentityCache", "WorklistEntry", "JobDetail", "SeriesDet
            "READING_ORDER_VALUES"]
 
 READING_ORDER_VALUES = tuple(p.value for p in READING_ORDER)
-DISPLAY_STATES = ("receiving", "queued", "analysing", "delivering", "delivered", "delivery failed",
-                  "analysis failed", "refused")
+DISPLAY_STATES = ("receiving", "queued", "waiting for the model server", "analysing", "delivering", "delivered",
+                  "delivery failed", "analysis failed", "refused")
 #: the first words of the ImageComments our heatmap SCs carry (dicom_node.results.sc.HEATMAP_WARNING)
 _HEATMAP_PREFIX = "AI heatmap"
 _KEY_SLICE_RE = re.compile(r"CT image (?P<image>\S+)(?: frame (?P<frame>\d+))? at (?P<pos>-?[\d.]+) mm with the AI "
@@ -117,6 +117,8 @@ def display_state(series_state: SeriesState, job: JobRow | None) -> str:
         return "receiving"
     if series_state is SeriesState.SKIPPED:
         return "refused"
+    if job is not None and job.state is JobState.QUEUED and job.not_before > 0:
+        return "waiting for the model server"  # deferred: its Triton server did not answer (`job_deferred`)
     if job is None or job.state is JobState.QUEUED:
         return "queued"
     if job.state is JobState.RUNNING:

@@ -23,6 +23,7 @@ from dicom_node.durability.state import (
     TransitionError,
 )
 from dicom_node.engine.selection import SeriesHeader, select_series
+from dicom_node.engine.worker import RETRY_UNAVAILABLE_CAP_S, retry_delay
 from dicom_node.network.send import backoff_delay
 
 
@@ -95,6 +96,26 @@ def test_claim_order_is_priority_then_age(tmp_path):
     c = st.create_job("1.3", "1")
     assert [st.claim_next_job().id for _ in range(3)] == [b, a, c]
     assert st.claim_next_job() is None
+
+
+def test_a_deferred_job_waits_until_its_time_keeps_its_attempts_and_runs_at_once_when_asked(tmp_path):
+    st = State(tmp_path / "s.sqlite")
+    a = st.create_job("1.1", "1", priority=5)
+    b = st.create_job("1.2", "1")
+    assert st.claim_next_job(now=1000.0).id == a
+    waiting = st.defer_job(a, not_before=1030.0, error="BackendUnavailable: Triton server grpc://h:1: down")
+    assert (waiting.state, waiting.attempts, waiting.not_before) == (JobState.QUEUED, 1, 1030.0)
+    assert waiting.error.startswith("BackendUnavailable") and "deferred" in waiting.times
+    assert st.claim_next_job(now=1029.0).id == b  # the higher priority of a waits for its time
+    assert st.claim_next_job(now=1029.9) is None
+    again = st.claim_next_job(now=1030.0)
+    assert (again.id, again.state, again.attempts, again.revision) == (a, JobState.RUNNING, 2, 1)
+    st.defer_job(a, not_before=2000.0, error="down again")
+    assert st.run_deferred_now(b) == 0  # running, not waiting
+    assert st.run_deferred_now(a) == 1 and st.job(a).not_before == 0
+    assert st.claim_next_job(now=1031.0).id == a
+    with pytest.raises(TransitionError, match=r"job 3: cannot go from queued to queued; allowed: \[.running.\]"):
+        st.defer_job(st.create_job("1.3", "1"), not_before=0.0, error="x")  # only a running job is deferred
 
 
 def test_completion_waits_for_quiet_and_reruns_once(tmp_path):
@@ -220,3 +241,10 @@ def test_backoff_is_exponential_jittered_and_capped():
     delays = [backoff_delay(k, 2.0, 30.0, rng) for k in range(1, 9)]
     assert 1.5 <= delays[0] <= 2.5 and 6.0 <= delays[2] <= 10.0
     assert all(d <= 30.0 for d in delays) and delays[-1] >= 22.5
+
+
+def test_a_deferred_jobs_wait_doubles_from_the_first_wait_up_to_15_minutes():
+    assert [retry_delay(30.0, attempts) for attempts in range(1, 8)] == [30, 60, 120, 240, 480, 900, 900]
+    assert RETRY_UNAVAILABLE_CAP_S == 15 * 60 and retry_delay(1.0, 0) == 1.0
+    # the default tries span about 90 minutes of waiting before the job fails
+    assert sum(retry_delay(30.0, a) for a in range(1, 11)) == 30 + 60 + 120 + 240 + 480 + 5 * 900

@@ -6,9 +6,11 @@ storescp as the PACS:
 * two nodes on different ports share one Triton: every study is delivered exactly once, its SR equal to
   the SR the same study gets from local onnxruntime (probabilities to 1e-5, the same key slices), and
   the server ran stage 2 exactly once per study;
-* the server is killed while a job's request is in flight: the job fails naming the server and the
-  cause, nothing is delivered; with the server back, `dicom-node resend` runs it and the study is
-  delivered exactly once.
+* the server is killed while a job's request is in flight: the job is deferred (`job_deferred` naming
+  the server and the cause, tried again with a doubling wait), nothing is delivered; with the server
+  back the job runs by itself and the study is delivered exactly once;
+* the same with `retry_unavailable_max = 0`: the job fails; with the server back, `dicom-node resend`
+  runs it and the study is delivered exactly once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pydicom
@@ -141,20 +144,67 @@ def test_two_nodes_share_one_triton_and_deliver_every_study_exactly_once_with_th
         server.stop()
 
 
-def test_a_server_killed_mid_job_fails_the_job_and_resend_delivers_it_once_when_the_server_is_back(
-        triton_repo, storescp, tmp_path):
-    # each request takes 1.5 s inside the server, so the kill lands while the job's request is in flight
+def _kill_mid_job(triton_repo, storescp, tmp_path, **cfg):
+    """A node whose Triton server is killed while the node's first job has a request in flight (each
+    request takes 1.5 s inside the server); returns (server, node, the study's files)."""
     server = start_triton(triton_repo, tmp_path / "triton", env={"TRITON_TEST_DELAY_S": "1.5"})
-    node = _node(tmp_path / "node", triton_repo, server, storescp).start()
+    node = _node(tmp_path / "node", triton_repo, server, storescp, **cfg).start()
+    files = phantom_series(tmp_path / "in", n_slices=60, rows=128, seed=51)
+    r = storescu(node.port, files, aet="SCANNER")
+    assert r.returncode == 0 and "E:" not in r.stderr, r.stderr
+    wait_until(lambda: any(e.get("event") == "job_started" for e in node.events()), 60, "job started")
+    time.sleep(0.5)
+    server.kill()
+    return server, node, files
+
+
+def _one_sr_of(storescp, files) -> None:
+    time.sleep(1.5)  # nothing more may follow
+    srs = _srs(storescp.outdir)
+    assert len(srs) == 1 and str(srs[0].StudyInstanceUID) == str(pydicom.dcmread(files[0]).StudyInstanceUID)
+
+
+def test_a_server_killed_mid_job_defers_the_job_which_is_delivered_once_by_itself_when_the_server_is_back(
+        triton_repo, storescp, tmp_path):
+    mport = free_port()
+    server, node, files = _kill_mid_job(triton_repo, storescp, tmp_path,
+                                        **{"worker.retry_unavailable_s": 1.0, "metrics_port": mport})
     try:
-        files = phantom_series(tmp_path / "in", n_slices=60, rows=128, seed=51)
-        r = storescu(node.port, files, aet="SCANNER")
-        assert r.returncode == 0 and "E:" not in r.stderr, r.stderr
-        wait_until(lambda: any(e.get("event") == "job_started" for e in node.events()), 60, "job started")
-        time.sleep(0.5)
-        server.kill()
+        def deferred():
+            return [e for e in node.events() if e.get("event") == "job_deferred"]
+
+        first = wait_until(deferred, 60, "job deferred")[0]
+        assert first["level"] == "warning" and (first["attempt"], first["tries"], first["retry_in_s"]) == (1, 11, 1.0)
+        assert first["error"].startswith("BackendUnavailable: Triton server grpc://")
+        assert "request to model pe-demo-tiny-0.3.0_stage" in first["error"] and "runs again by itself" in first["error"]
+        st = State(node.workdir / "data" / "state.sqlite")
+        (job,) = st.jobs()
+        second = wait_until(lambda: deferred()[1:], 60, "a second try, deferred again")[0]
+        assert (second["attempt"], second["retry_in_s"]) == (2, 2.0)  # the wait doubles
+        assert st.job(job.id).state is JobState.QUEUED and "Triton server" in (st.job(job.id).error or "")
+        assert _srs(storescp.outdir) == [] and not [e for e in node.events() if e.get("event") == "job_failed"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
+            assert "\ndicom_node_jobs_waiting_for_backend 1.0\n" in r.read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/healthz", timeout=10) as r:
+            assert r.status == 200  # the node still receives; restarting it would not bring the server back
+
+        server.start()  # back on the same ports: the job's next try finds it, no command needed
+        wait_until(lambda: st.job(job.id).state is JobState.DONE, 120, "the deferred job done by itself")
+        _one_sr_of(storescp, files)
+        assert [j.state for j in st.jobs()] == [JobState.DONE] and st.job(job.id).attempts >= 3
+        assert not [e for e in node.events() if e.get("event") == "job_failed"]
+        st.close()
+    finally:
+        node.stop()
+        server.stop()
+
+
+def test_with_no_retries_a_killed_server_fails_the_job_and_resend_delivers_it_once_when_the_server_is_back(
+        triton_repo, storescp, tmp_path):
+    server, node, files = _kill_mid_job(triton_repo, storescp, tmp_path, **{"worker.retry_unavailable_max": 0})
+    try:
         failed = wait_until(lambda: [e for e in node.events() if e.get("event") == "job_failed"], 60, "job failed")
-        assert "InferenceError: Triton server grpc://" in failed[0]["error"]
+        assert failed[0]["error"].startswith("BackendUnavailable: Triton server grpc://")
         assert "request to model pe-demo-tiny-0.3.0_stage" in failed[0]["error"] and "resend" in failed[0]["error"]
         st = State(node.workdir / "data" / "state.sqlite")
         # the worker logs job_failed, then records the state
@@ -167,9 +217,7 @@ def test_a_server_killed_mid_job_fails_the_job_and_resend_delivers_it_once_when_
                             str(node.config)], capture_output=True, text=True, timeout=60, env=node.env)
         assert r.returncode == 0, r.stderr
         wait_until(lambda: st.job(job.id).state is JobState.DONE, 120, "re-run job done")
-        time.sleep(1.5)
-        srs = _srs(storescp.outdir)
-        assert len(srs) == 1 and str(srs[0].StudyInstanceUID) == str(pydicom.dcmread(files[0]).StudyInstanceUID)
+        _one_sr_of(storescp, files)
         assert [j.state for j in st.jobs()] == [JobState.DONE]
         st.close()
     finally:
