@@ -276,6 +276,7 @@ def configure_logging(*, json: bool = False, level: str = "INFO", stream: TextIO
     logging.captureWarnings(True)
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.DEBUG if lvl <= logging.DEBUG else logging.WARNING)
+    threading.excepthook = _log_thread_exception
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -287,6 +288,22 @@ def configure_logging(*, json: bool = False, level: str = "INFO", stream: TextIO
         logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """An exception that ends a thread (pynetdicom's association threads, a server's): one `thread_crashed`
+    line at ERROR with the thread, the error (`error_text`: no field values) and where it was raised (file,
+    line and function, no locals), instead of Python's plain traceback on stderr, which bypasses the log
+    sink, its JSON form and its PHI redaction. SystemExit ends a thread quietly, as by default."""
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    tb = args.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno} in {tb.tb_frame.f_code.co_name}" if tb else "?"
+    get_logger("dicom_node.thread").error(
+        "thread_crashed", thread=args.thread.name if args.thread else "?", error=error_text(args.exc_value),
+        where=where, note="the thread has ended; /healthz names the node's own threads that stopped")
 
 
 def get_logger(name: str | None = None) -> FilteringBoundLogger:

@@ -17,6 +17,7 @@ import logging
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -207,6 +208,24 @@ def test_foreign_lines_are_json_and_never_carry_a_patient_name(restore_logging):
     assert exc["level"] == "error" and "ValueError" in exc["exception"]
     own = next(o for o in lines if o["event"] == "own_event")
     assert own["patient_name"] == "[redacted]" and own["series_uid"] == "1.2.3" and "logger" not in own
+
+
+def test_an_exception_that_ends_a_thread_is_one_json_error_line_without_values(restore_logging):
+    stream = _captured(True)
+
+    def crash() -> None:
+        raise ValueError(f"cannot convert '{PATIENT_NAME}'")
+
+    t = threading.Thread(target=crash, name="association-test")
+    t.start()
+    t.join()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    (line,) = [o for o in lines if o["event"] == "thread_crashed"]
+    assert line["level"] == "error" and line["thread"] == "association-test"
+    assert line["error"].startswith("ValueError: cannot convert") and line["where"].endswith(" in crash")
+    assert "Traceback" not in stream.getvalue()
+    for phi in PHI:
+        assert phi not in stream.getvalue()
 
 
 def test_console_mode_stays_human_readable(restore_logging):
