@@ -69,6 +69,15 @@ PHI_KEYS = frozenset({
 #: libraries that are chatty at INFO: warnings and above unless the level is DEBUG
 QUIET_LIBRARIES = ("pynetdicom", "highdicom")
 
+#: what pynetdicom logs at ERROR when an association the node requested (a delivery, `send`, `echo`) is not
+#: established. The node's own lines carry the verdict (`delivery_retry` warning, `delivery_failed` error
+#: once the attempts are used up), so these are logged as warnings: an alert on level == error must fire
+#: once per failed delivery, not at every retry.
+REQUEST_FAILURE_LINES = ("Association request failed", "TCP Initialisation Error", "Association Rejected",
+                         "Result: Rejected", "Reason: ", "No accepted presentation contexts", "Association Aborted",
+                         "ACSE timeout reached while waiting for response to association request",
+                         "Received an invalid A-ASSOCIATE response", "Aborting Association")
+
 _REDACTED = "[redacted]"
 
 #: loggers whose messages quote field values (pydicom: "Invalid value for VR DA: '19O10203'"; highdicom's
@@ -150,6 +159,14 @@ def redact_phi(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> E
         elif isinstance(value, str) and key != "timestamp":
             event_dict[key] = scrub_text(value)
     return event_dict
+
+
+def _demote_request_failures(record: logging.LogRecord) -> bool:
+    """ERROR -> WARNING for pynetdicom's lines about an association request that failed (`REQUEST_FAILURE_LINES`)."""
+    if (record.levelno == logging.ERROR and record.name in ("pynetdicom.transport", "pynetdicom.acse")
+            and str(record.msg).startswith(REQUEST_FAILURE_LINES)):
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
 
 
 class _SinkHandler(logging.StreamHandler):
@@ -263,6 +280,7 @@ def configure_logging(*, json: bool = False, level: str = "INFO", stream: TextIO
     renderer: Processor = (structlog.processors.JSONRenderer() if json
                            else structlog.dev.ConsoleRenderer(colors=False))
     handler = _SinkHandler(stream)
+    handler.addFilter(_demote_request_failures)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         # records of other libraries: level and time as for ours, plus the logger's name
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared, redact_phi],

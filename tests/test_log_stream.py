@@ -228,13 +228,30 @@ def test_an_exception_that_ends_a_thread_is_one_json_error_line_without_values(r
         assert phi not in stream.getvalue()
 
 
+def test_a_refused_association_request_is_a_warning_so_that_error_alerts_fire_once_per_failed_delivery(
+        restore_logging):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    stream = _captured(True)
+    ae = AE(ae_title="PENODE")
+    ae.add_requested_context(Verification)
+    assert not ae.associate("127.0.0.1", free_port(), ae_title="NOBODY").is_established  # nothing listens
+    logging.getLogger("pynetdicom.assoc").error("Connection closed while waiting for DIMSE message")  # stays
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    failed = [o for o in lines if o.get("logger") == "pynetdicom.transport"]
+    assert [o["event"].split(":")[0] for o in failed] == ["Association request failed", "TCP Initialisation Error"]
+    assert {o["level"] for o in failed} == {"warning"}
+    assert [o["level"] for o in lines if o.get("logger") == "pynetdicom.assoc"] == ["error"]
+
+
 def test_console_mode_stays_human_readable(restore_logging):
     stream = _captured(False)
     from dicom_node.log import get_logger
 
     get_logger("dicom_node.test").info("own_event", series_uid="1.2.3")
-    logging.getLogger("pynetdicom.transport").error("TCP Initialisation Error: [Errno 111] Connection refused")
+    logging.getLogger("pynetdicom.assoc").error("DIMSE timeout reached while waiting for message response")
     out = stream.getvalue().splitlines()
     assert len(out) == 2
     assert "own_event" in out[0] and "series_uid=1.2.3" in out[0] and not out[0].startswith("{")
-    assert "TCP Initialisation Error" in out[1] and "pynetdicom.transport" in out[1] and "error" in out[1]
+    assert "DIMSE timeout reached" in out[1] and "pynetdicom.assoc" in out[1] and "error" in out[1]
