@@ -25,6 +25,7 @@ only `web_login`/`web_action` events with user names and UIDs, never patient ide
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 import time
@@ -44,7 +45,7 @@ from starlette.routing import Route
 from dicom_node import RESEARCH_USE_STATEMENT, __version__
 from dicom_node.engine.actions import ACTIONS, ActionResult, complete_series, rerun_series, resend_job
 from dicom_node.log import get_logger
-from dicom_node.web.auth import AuditLog, Credentials, Principal, Sessions
+from dicom_node.web.auth import AuditLog, Credentials, LoginThrottle, Principal, Sessions
 from dicom_node.web.views import (
     DISPLAY_STATES,
     READING_ORDER_VALUES,
@@ -145,6 +146,7 @@ def _add_worklist(app: FastAPI, ctx: WebContext) -> None:  # noqa: C901 - one cl
     cfg, web = ctx.config, ctx.config.web
     creds = Credentials(web.users, web.api_tokens, web.admins)
     sessions = Sessions(web.session_minutes * 60)
+    throttle = LoginThrottle(web.login_failures, web.login_lockout_s)
     audit = AuditLog(Path(web.audit_log) if web.audit_log else cfg.data_path / "audit.log")
     identities = IdentityCache()
     templates = Jinja2Templates(directory=str(_HERE / "templates"))
@@ -224,12 +226,24 @@ def _add_worklist(app: FastAPI, ctx: WebContext) -> None:  # noqa: C901 - one cl
         if not (cookie and login_csrf and secrets.compare_digest(cookie, login_csrf)):
             audit.write(user=username, client=client(request), action="login", outcome="refused", detail="login CSRF")
             return login_page(request, 403, "The login form expired; log in again.", _safe_next(next))
+        address = client(request)
+        wait = throttle.wait_s(username, address)
+        if wait > 0:  # the password is not checked: a guess made during the wait is never tested
+            audit.write(user=username, client=address, action="login", outcome="refused",
+                        detail=f"too many wrong logins; {wait:.0f} s to wait")
+            log.warning("web_login", user=username, client=address, outcome="throttled", wait_s=round(wait))
+            page = login_page(request, 429, f"Too many wrong logins for this user name or from this computer: try "
+                              f"again in {math.ceil(wait)} seconds.", _safe_next(next))
+            page.headers["Retry-After"] = str(math.ceil(wait))
+            return page
         p = creds.check_password(username, password)
         if p is None:
-            audit.write(user=username, client=client(request), action="login", outcome="refused",
-                        detail="wrong user name or password")
-            log.warning("web_login", user=username, outcome="refused")
+            locked = throttle.failed(username, address)
+            audit.write(user=username, client=address, action="login", outcome="refused",
+                        detail="wrong user name or password" + (f"; locked for {locked:.0f} s" if locked else ""))
+            log.warning("web_login", user=username, client=address, outcome="refused", locked_s=round(locked))
             return login_page(request, 401, "Wrong user name or password.", _safe_next(next))
+        throttle.succeeded(username)
         s = sessions.create(p)
         audit.write(user=p.name, client=client(request), action="login", outcome="done")
         log.info("web_login", user=p.name, outcome="done")

@@ -11,6 +11,12 @@
   round); a session has a random id (the cookie) and its own CSRF token, which every state-changing
   request must echo (form field `csrf_token` or header `X-CSRF-Token`). Bearer-token requests carry
   no ambient credential a third-party page could ride on, so they need no CSRF token.
+* `LoginThrottle` slows password guessing: after `failures` wrong logins in a row for one user name
+  (known or not: the answer must not tell which names exist), or four times as many from one client
+  address, that name (or address) may not try again for `lockout_s`, doubled for each further lockout
+  up to 30 minutes; a correct login resets its name. While it waits, a login is refused without checking
+  the password (429, `Retry-After`), so a guess made then is never tested. Kept in memory (a restart
+  forgets it) and bounded (the oldest entries are dropped past 10,000 names or addresses).
 * `AuditLog` appends one JSON line per access (time, user, client, action, study and series UID,
   outcome) to its own file, not to the operational log. UIDs are not patient identity; names,
   IDs and birth dates never go there either.
@@ -31,8 +37,8 @@ from pathlib import Path
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-__all__ = ["Principal", "Session", "Sessions", "AuditLog", "Credentials", "hash_password", "new_token",
-           "token_digest"]
+__all__ = ["Principal", "Session", "Sessions", "AuditLog", "Credentials", "LoginThrottle", "hash_password",
+           "new_token", "token_digest"]
 
 _HASHER = PasswordHasher()
 #: verified when the user name is unknown, so that a wrong name costs the same time as a wrong password
@@ -90,6 +96,60 @@ class Credentials:
             if hmac.compare_digest(known, digest):
                 return self._principal(name, "token")
         return None
+
+
+class LoginThrottle:
+    """Failed logins per user name and per client address, and how long each must wait (module docstring).
+
+    Parameters
+    ----------
+    failures
+        Wrong logins in a row for one user name before it waits; one address waits after four times as many.
+    lockout_s
+        The first wait; each further lockout of the same name or address doubles it, up to `MAX_LOCKOUT_S`.
+    """
+
+    MAX_LOCKOUT_S = 1800.0
+    MAX_ENTRIES = 10_000
+    ADDRESS_FACTOR = 4
+
+    def __init__(self, failures: int, lockout_s: float) -> None:
+        self.failures, self.lockout_s = failures, lockout_s
+        self._lock = threading.Lock()
+        # key -> [failures since the last lockout, lockouts so far, locked until (monotonic seconds)]
+        self._by_key: dict[str, list[float]] = {}
+
+    def wait_s(self, name: str, address: str, now: float | None = None) -> float:
+        """Seconds before `name` from `address` may try again (0: now)."""
+        t = time.monotonic() if now is None else now
+        with self._lock:
+            until = max((self._by_key.get(k, [0, 0, 0.0])[2] for k in self._keys(name, address)), default=0.0)
+        return max(0.0, until - t)
+
+    def failed(self, name: str, address: str, now: float | None = None) -> float:
+        """Record a wrong login; returns the wait it starts (0 when none)."""
+        t = time.monotonic() if now is None else now
+        wait = 0.0
+        with self._lock:
+            for key, limit in zip(self._keys(name, address), (self.failures, self.failures * self.ADDRESS_FACTOR)):
+                entry = self._by_key.pop(key, [0, 0, 0.0])
+                self._by_key[key] = entry  # most recently used last: the oldest are dropped first
+                entry[0] += 1
+                if entry[0] >= limit:
+                    lock = min(self.lockout_s * 2.0 ** entry[1], self.MAX_LOCKOUT_S)
+                    entry[0], entry[1], entry[2] = 0, entry[1] + 1, t + lock
+                    wait = max(wait, lock)
+            while len(self._by_key) > self.MAX_ENTRIES:
+                del self._by_key[next(iter(self._by_key))]
+        return wait
+
+    def succeeded(self, name: str) -> None:
+        with self._lock:
+            self._by_key.pop(self._keys(name, "")[0], None)
+
+    @staticmethod
+    def _keys(name: str, address: str) -> tuple[str, str]:
+        return f"user:{name}", f"address:{address}"
 
 
 @dataclass(frozen=True)

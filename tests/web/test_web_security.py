@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from dicom_node.config import ConfigError, load_config
-from dicom_node.web.auth import new_token
+from dicom_node.web.auth import LoginThrottle, new_token
 from nodekit import PATIENT_BIRTH, PATIENT_ID, phantom_series, storescu, wait_until
 from peers import free_port, needs_dcmtk
 from pki import self_signed
@@ -68,6 +68,38 @@ def test_a_wrong_password_or_an_unknown_user_is_refused_and_both_are_audited(ana
     refused = [(a["user"], a["outcome"]) for a in audit if a["action"] == "login"]
     assert refused == [("alice", "refused"), ("mallory", "refused"), ("alice", "done")]
     assert any(a["action"] == "view_worklist" and a["user"] == "alice" for a in audit)
+
+
+def test_password_guessing_is_locked_out_per_name_and_per_address_without_testing_guesses(make_node, tmp_path):
+    http = free_port()
+    make_node([], **web_config(http, users=("alice", "bob"), **{"web.login_failures": 3, "web.login_lockout_s": 2.0}))
+    c = WebClient(http)
+    assert [c.login("alice", f"guess {i}").status for i in range(3)] == [401, 401, 401]
+    locked = c.login("alice")  # the right password, during the wait: not even checked
+    assert locked.status == 429 and locked.headers["retry-after"] in ("1", "2") and "pe_session" not in c.cookies
+    assert "Too many wrong logins" in locked.text
+    assert c.login("bob").status == 303  # another name from the same address is not locked
+    assert [WebClient(http).login("mallory", "x").status for _ in range(4)] == [401, 401, 401, 429]  # unknown names too
+    wait_until(lambda: WebClient(http).login("alice").status == 303, 10, "alice may log in after the wait")
+    # one address: 4 x login_failures = 12 wrong logins in a row over any names (6 so far), then it waits too
+    statuses = [WebClient(http).login(f"user{i}", "x").status for i in range(7)]
+    assert statuses == [401] * 6 + [429]
+    assert WebClient(http).login("bob").status == 429  # a right password from that address waits as well
+    audit = [json.loads(line) for line in (tmp_path / "data" / "audit.log").read_text().splitlines()]
+    throttled = {a["user"] for a in audit if a["action"] == "login" and "too many wrong logins" in (a.get("detail") or "")}
+    assert {"alice", "mallory", "user6", "bob"} <= throttled and "user5" not in throttled
+
+
+def test_each_further_lockout_of_a_name_doubles_its_wait_up_to_30_minutes_and_a_login_resets_it():
+    throttle, now, waits = LoginThrottle(2, 60.0), 0.0, []
+    for i in range(7):  # a new address each round: only the name's count is at work
+        assert throttle.failed("alice", f"10.0.0.{i}", now) == 0.0
+        waits.append(throttle.failed("alice", f"10.0.0.{i}", now))
+        assert throttle.wait_s("alice", "10.0.1.1", now + waits[-1] - 1) == pytest.approx(1.0)
+        now += waits[-1]
+    assert waits == [60, 120, 240, 480, 960, 1800, 1800]
+    throttle.succeeded("alice")
+    assert throttle.failed("alice", "10.0.2.1", now) == 0.0 and throttle.failed("alice", "10.0.2.1", now) == 60
 
 
 def test_a_login_form_posted_without_its_own_csrf_cookie_is_refused(analysed):
