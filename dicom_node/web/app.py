@@ -31,15 +31,19 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Form, HTTPException, Query, Request
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from prometheus_client import make_asgi_app
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
 from dicom_node import RESEARCH_USE_STATEMENT, __version__
@@ -155,6 +159,27 @@ def _add_worklist(app: FastAPI, ctx: WebContext) -> None:  # noqa: C901 - one cl
     log = get_logger("dicom_node.web")
     app.mount("/static", StaticFiles(directory=str(_HERE / "static")), name="static")
     app.state.audit = audit
+
+    def wants_page(request: Request) -> bool:
+        """A browser asking for a page (not the API, not a script): errors come back as an HTML page."""
+        return not request.url.path.startswith("/api/") and "text/html" in request.headers.get("accept", "")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if not wants_page(request):
+            return await http_exception_handler(request, exc)
+        return templates.TemplateResponse(request, "error.html", {
+            "status": exc.status_code, "reason": HTTPStatus(exc.status_code).phrase, "detail": str(exc.detail)},
+            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_input(request: Request, exc: RequestValidationError) -> Response:
+        if not wants_page(request):
+            return await request_validation_exception_handler(request, exc)
+        detail = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'input'}: {e.get('msg', '')}"
+                           for e in exc.errors())[:500]
+        return templates.TemplateResponse(request, "error.html", {"status": 422, "reason": "Unprocessable Content",
+                                                                  "detail": detail}, status_code=422)
 
     def client(request: Request) -> str:
         return request.client.host if request.client else "-"

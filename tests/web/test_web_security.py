@@ -142,6 +142,26 @@ def test_a_user_who_is_not_an_admin_sees_the_worklist_but_cannot_run_actions(ana
     assert len(node.state.jobs()) == 1
 
 
+def test_a_browser_gets_errors_as_a_page_with_the_reason_and_the_api_keeps_json(analysed):
+    node, http, token, study, series = analysed
+    c = WebClient(http)
+    c.login("bob")
+    browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    page = c.get(f"/studies/{study}")
+    refused = c.post(f"/studies/{study}/actions/rerun", {"series_uid": series, "csrf_token": csrf_of(page)}, browser)
+    assert refused.status == 403 and refused.headers["content-type"].startswith("text/html")
+    assert 'id="error-detail">user bob may not run admin actions; ask for web.admins</p>' in refused.text
+    assert 'href="/worklist"' in refused.text and "default-src 'self'" in refused.headers["content-security-policy"]
+    unknown = c.get("/studies/1.2.3.999", browser)
+    assert unknown.status == 404 and "study 1.2.3.999 is unknown to this node" in unknown.text and "<html" in unknown.text
+    bad = c.get("/studies/1.2.x", browser)
+    assert bad.status == 422 and "is not a DICOM UID" in bad.text and "<html" in bad.text
+    assert c.get("/worklist?limit=abc", browser).status == 422
+    api = c.get("/api/v1/studies/1.2.3.999", {"Authorization": f"Bearer {token}", **browser})
+    assert api.status == 404 and api.json() == {"detail": "study 1.2.3.999 is unknown to this node"}
+    assert c.get("/studies/1.2.3.999").json() == {"detail": "study 1.2.3.999 is unknown to this node"}  # no Accept
+
+
 def test_the_api_takes_a_bearer_token_lists_studies_with_priority_and_serves_the_openapi_schema(analysed):
     node, http, token, study, series = analysed
     c = WebClient(http)
