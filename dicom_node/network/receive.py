@@ -36,12 +36,17 @@ duplicate of a series whose newest job failed sends the series back to receiving
 logged once per series and association, not per instance: `instance_duplicate` for the first one
 of a series, then one `instances_duplicate` with `count` (all of that series' duplicates in the
 association, the first included) when the association is released, aborted or its connection
-closes.
+closes. Instances of a storage class the node does not analyse and refused instances are logged the
+same way: `instance_ignored` for the first of its class, `store_refused` for the first of its kind
+(status and reason with the UIDs left out), then, if more followed, one `instances_ignored` or
+`stores_refused` with `count` (the first included) when the association ends. A sender that sends a
+whole series the node refuses or ignores costs the log two lines, not one per slice.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -85,6 +90,7 @@ STATUS = {
     "dataset_mismatch": 0xA900,
     "cannot_understand": 0xC000,
 }
+_UIDS = re.compile(r"\d+(?:\.\d+)+")  # UIDs in a refusal's reason: left out when refusals are grouped
 
 def _intact(row: InstanceRow) -> bool:
     """The spooled file of an instance row is there with the size received (a crash between the row's
@@ -127,8 +133,9 @@ class Receiver:
         self.log = get_logger("dicom_node.network.receive")
         self.server: GuardedServer | None = None
         # duplicates per association (the pynetdicom Association object) and series: counted, logged at its end
-        self._duplicates: dict[object, dict[str, int]] = {}
-        self._duplicates_lock = threading.Lock()
+        # per association: (kind, key) -> [count, first detail]; reported when the association ends
+        self._counted: dict[object, dict[tuple[str, str], list]] = {}
+        self._counted_lock = threading.Lock()
 
     # --- AE ---------------------------------------------------------------------------------------
     def build_ae(self) -> AE:
@@ -215,38 +222,51 @@ class Receiver:
                          called_aet=rq.primitive.called_ae_title if rq.primitive else None)
 
     def _on_released(self, event: Event) -> None:
-        self._report_duplicates(event, "released")
+        self._report_counts(event, "released")
         self.log.info("association_released", calling_aet=event.assoc.requestor.ae_title)
 
     def _on_aborted(self, event: Event) -> None:
-        self._report_duplicates(event, "aborted")
+        self._report_counts(event, "aborted")
         self.log.warning("association_aborted", calling_aet=event.assoc.requestor.ae_title)
 
     def _on_closed(self, event: Event) -> None:
-        self._report_duplicates(event, "closed")  # nothing left when released or aborted before
+        self._report_counts(event, "closed")  # nothing left when released or aborted before
 
-    # --- duplicates: counted per association and series -------------------------------------------
+    # --- duplicates, ignored instances and refusals: counted per association ----------------------
+    def _count(self, assoc: object, kind: str, key: str, detail: str = "") -> int:
+        """Count one `kind` event (duplicate, ignored, refused) of `key` in this association; returns the count so far."""
+        with self._counted_lock:
+            entry = self._counted.setdefault(assoc, {}).setdefault((kind, key), [0, detail])
+            entry[0] += 1
+            return int(entry[0])
+
     def _count_duplicate(self, assoc: object, series_uid: str) -> int:
-        """Count one duplicate of `series_uid` in this association; returns the count so far."""
-        with self._duplicates_lock:
-            per_series = self._duplicates.setdefault(assoc, {})
-            per_series[series_uid] = per_series.get(series_uid, 0) + 1
-            return per_series[series_uid]
+        return self._count(assoc, "duplicate", series_uid)
 
-    def _report_duplicates(self, event: Event, ended: str) -> None:
-        with self._duplicates_lock:
-            per_series = self._duplicates.pop(event.assoc, {})
-        for series_uid, count in per_series.items():
-            self.log.info("instances_duplicate", series_uid=series_uid, count=count,
-                          calling_aet=event.assoc.requestor.ae_title, ended=ended)
+    def _report_counts(self, event: Event, ended: str) -> None:
+        with self._counted_lock:
+            counted = self._counted.pop(event.assoc, {})
+        calling = event.assoc.requestor.ae_title
+        for (kind, key), (count, detail) in counted.items():
+            if kind == "duplicate":
+                self.log.info("instances_duplicate", series_uid=key, count=count, calling_aet=calling, ended=ended)
+            elif kind == "ignored" and count > 1:
+                self.log.info("instances_ignored", sop_class_uid=key, count=count, calling_aet=calling, ended=ended)
+            elif kind == "refused" and count > 1:
+                self.log.warning("stores_refused", status=key.split("\x1f")[0], reason=detail, count=count,
+                                 calling_aet=calling, ended=ended)
 
     def _on_echo(self, event: Event) -> int:
         self.log.info("echo", calling_aet=event.assoc.requestor.ae_title)
         return 0x0000
 
     # --- C-STORE ----------------------------------------------------------------------------------
-    def _refuse(self, status_name: str, reason: str, **kw: object) -> int:
-        self.log.warning("store_refused", status=f"0x{STATUS[status_name]:04X}", reason=reason, **kw)
+    def _refuse(self, assoc: object, status_name: str, reason: str, **kw: object) -> int:
+        """Answer `status_name`; log `store_refused` for the first refusal of its kind (status and reason, UIDs
+        aside) in this association; the rest are counted into one `stores_refused` when it ends."""
+        status = f"0x{STATUS[status_name]:04X}"
+        if self._count(assoc, "refused", f"{status}\x1f{_UIDS.sub('…', reason)}", reason) == 1:
+            self.log.warning("store_refused", status=status, reason=reason, **kw)
         if self.counters.on_refused:
             self.counters.on_refused(status_name)
         return STATUS[status_name]
@@ -269,21 +289,23 @@ class Receiver:
         t0 = time.perf_counter()
         calling = assoc.requestor.ae_title  # type: ignore[attr-defined]
         if context_class != sop_class:
-            return self._refuse("dataset_mismatch", f"the C-STORE's Affected SOP Class {sop_class[:64]} differs from its "
+            return self._refuse(assoc, "dataset_mismatch", f"the C-STORE's Affected SOP Class {sop_class[:64]} differs from its "
                                 f"presentation context's {context_class}; send each class on its own context",
                                 sop_instance_uid=sop_uid_rq[:64], calling_aet=calling)
         try:
             facts = check_received(received, transfer_syntax, max_bytes=self.config.max_instance_mb * 2**20)
         except DatasetRefused as e:
-            return self._refuse(e.status, e.reason, sop_instance_uid=sop_uid_rq[:64], calling_aet=calling)
+            return self._refuse(assoc, e.status, e.reason, sop_instance_uid=sop_uid_rq[:64], calling_aet=calling)
         except OSError as e:
-            return self._refuse("write_failed", f"received data set unreadable: {e}", sop_instance_uid=sop_uid_rq[:64],
+            return self._refuse(assoc, "write_failed", f"received data set unreadable: {e}", sop_instance_uid=sop_uid_rq[:64],
                                 calling_aet=calling)
         if facts.sop_class_uid != sop_class or facts.sop_instance_uid != sop_uid_rq:
-            return self._refuse("dataset_mismatch", f"SOP Class/Instance UID in the data set ({facts.sop_class_uid[:64]}) "
+            return self._refuse(assoc, "dataset_mismatch", f"SOP Class/Instance UID in the data set ({facts.sop_class_uid[:64]}) "
                                 f"differ from the C-STORE request ({sop_class[:64]})",
                                 sop_instance_uid=sop_uid_rq[:64], calling_aet=calling)
         if sop_class not in CT_STORAGE_CLASSES:
+            if self._count(assoc, "ignored", sop_class) > 1:  # the rest of this class: one instances_ignored at the end
+                return STATUS["success"]
             self.log.info("instance_ignored", sop_class_uid=sop_class, sop_instance_uid=sop_uid_rq[:64], calling_aet=calling,
                           reason="storage class not analysed (accept_other_storage=ignore)")
             return STATUS["success"]
@@ -292,13 +314,13 @@ class Receiver:
             series = validate_uid(facts.series_uid or None, "SeriesInstanceUID")
             sop_uid = validate_uid(facts.sop_instance_uid or None, "SOPInstanceUID")
         except InvalidUid as e:
-            return self._refuse("cannot_understand", str(e), sop_instance_uid=sop_uid_rq[:64], calling_aet=calling)
+            return self._refuse(assoc, "cannot_understand", str(e), sop_instance_uid=sop_uid_rq[:64], calling_aet=calling)
         problem = facts.pixel_problem()
         if problem:
-            return self._refuse(problem[0], problem[1], sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
+            return self._refuse(assoc, problem[0], problem[1], sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
         known = self.state.instance(sop_uid)
         if known is not None and known.series_uid != series:
-            return self._refuse("dataset_mismatch", f"SOP Instance {sop_uid} is already stored in series "
+            return self._refuse(assoc, "dataset_mismatch", f"SOP Instance {sop_uid} is already stored in series "
                                 f"{known.series_uid}, not {series}; give each instance its own SOPInstanceUID",
                                 sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
         if known is not None and _intact(known):
@@ -312,12 +334,12 @@ class Receiver:
         key = patient_key(facts.patient_id, facts.issuer_of_patient_id)
         conflict = self.state.series_conflict(series, study, key)
         if conflict:
-            return self._refuse("dataset_mismatch", conflict, sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
+            return self._refuse(assoc, "dataset_mismatch", conflict, sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
         try:
             size = received.stat().st_size
             path = self.spool.instance_path(study, series, sop_uid)
         except OSError as e:
-            return self._refuse("write_failed", f"received data set unreadable: {e}", sop_instance_uid=sop_uid,
+            return self._refuse(assoc, "write_failed", f"received data set unreadable: {e}", sop_instance_uid=sop_uid,
                                 calling_aet=calling)
         row = InstanceRow(sop_uid, series, study, str(path), sop_class, transfer_syntax, time.time(), size, calling)
         added: list[bool] = []
@@ -331,12 +353,12 @@ class Receiver:
         try:
             self.spool.adopt(study, series, sop_uid, received, during=record)
         except DiskFull as e:
-            return self._refuse("out_of_resources", str(e), sop_instance_uid=sop_uid, calling_aet=calling)
+            return self._refuse(assoc, "out_of_resources", str(e), sop_instance_uid=sop_uid, calling_aet=calling)
         except SeriesConflict as e:  # another association bound the series meanwhile
             path.unlink(missing_ok=True)
-            return self._refuse("dataset_mismatch", str(e), sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
+            return self._refuse(assoc, "dataset_mismatch", str(e), sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
         except OSError as e:
-            return self._refuse("write_failed", f"spool write failed: {e}", sop_instance_uid=sop_uid, calling_aet=calling)
+            return self._refuse(assoc, "write_failed", f"spool write failed: {e}", sop_instance_uid=sop_uid, calling_aet=calling)
         if known is not None:  # acknowledged before, but its spooled file had gone: stored again
             self.log.warning("instance_restored", sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling,
                              missing=known.path, note="the spooled file was missing or damaged; the series is "

@@ -3,6 +3,7 @@ association policy (called AE, allow-list, TLS), disk minimum and malformed inpu
 
 from __future__ import annotations
 
+import json
 import ssl
 import sys
 
@@ -16,7 +17,7 @@ from dicom_node.config import load_config
 from dicom_node.durability.state import State
 from dicom_node.engine.node import Node
 from dicom_node.log import configure_logging
-from nodekit import phantom_series, sc_job, storescu
+from nodekit import phantom_series, sc_job, storescu, wait_until
 from pki import self_signed
 
 pytestmark = pytest.mark.dcmtk
@@ -111,6 +112,39 @@ def test_disk_minimum_answers_out_of_resources(make_node, tmp_path):
     assert status.Status == 0xA700
     assert not list((tmp_path / "data0" / "spool").rglob("*.dcm"))
     assert node.state.instances(pydicom.dcmread(files[0]).SeriesInstanceUID) == []
+
+
+def test_a_series_refused_or_ignored_slice_by_slice_costs_the_log_two_lines_each_not_one_per_slice(make_node, tmp_path):
+    files = phantom_series(tmp_path / "in", n_slices=12)
+    node = make_node()
+    assoc = _scu(node, contexts=(CTImageStorage, MRImageStorage))
+    statuses = []
+    for f in files[:5]:  # an MR series: accepted and not analysed
+        mr = pydicom.dcmread(f)
+        mr.SOPClassUID = mr.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        statuses.append(assoc.send_c_store(mr).Status)
+    for f in files[5:9]:  # CT without pixel data: refused, every one for the same reason
+        ds = pydicom.dcmread(f)
+        del ds.PixelData
+        statuses.append(assoc.send_c_store(ds).Status)
+    bad_uid = pydicom.dcmread(files[9])
+    bad_uid.SeriesInstanceUID = "1.2.3/../etc"
+    statuses.append(assoc.send_c_store(bad_uid).Status)  # another reason: a line of its own
+    assoc.release()
+    assert statuses == [0x0000] * 5 + [0xA900] * 4 + [0xC000]
+
+    def named(name):
+        return [e for e in map(json.loads, (tmp_path / "node.log").read_text().splitlines()) if e.get("event") == name]
+
+    wait_until(lambda: named("stores_refused"), 10, "the association's summary lines")  # logged as it ends
+
+    assert len(named("instance_ignored")) == 1
+    (ignored,) = named("instances_ignored")
+    assert (ignored["sop_class_uid"], ignored["count"], ignored["ended"]) == (str(MRImageStorage), 5, "released")
+    refused = named("store_refused")
+    assert [e["status"] for e in refused] == ["0xA900", "0xC000"] and "no pixel data" in refused[0]["reason"]
+    (grouped,) = named("stores_refused")
+    assert (grouped["status"], grouped["count"]) == ("0xA900", 4) and grouped["reason"] == refused[0]["reason"]
 
 
 def test_malformed_input_gets_clear_status_and_node_keeps_serving(make_node, tmp_path):
