@@ -151,11 +151,11 @@ def _probe(dest: Destination, timeout: float, ctx: ssl.SSLContext | None) -> Non
 
 
 def associate(ae: AE, dest: Destination, calling_aet: str, config: Config | None) -> Association:
-    """Open the node's SCU association to `dest`: a TCP (and TLS) probe first, then the association with
-    Nagle's algorithm off; returns it established, or raises a SendError naming why not (rejected and
-    by whom, no accepted context, TLS, unreachable) with the fix."""
+    """Open the node's SCU association to `dest` with Nagle's algorithm off; returns it established, or
+    raises a SendError naming why not (rejected and by whom, no accepted context, TLS, unreachable) with
+    the fix. When the association fails without an answer that says why, a TCP (and TLS) probe finds the
+    cause; it runs only then, so a peer that works sees one connection per delivery, never an empty one."""
     ctx = _tls_context(dest, config)
-    _probe(dest, _connect_timeout(config), ctx)
     seen: dict[str, Any] = {}
 
     def on_acse_recv(event: evt.Event) -> None:
@@ -180,6 +180,7 @@ def associate(ae: AE, dest: Destination, calling_aet: str, config: Config | None
                              tls_args=(ctx, None) if ctx is not None else None,  # type: ignore[arg-type]
                              evt_handlers=[(evt.EVT_ACSE_RECV, on_acse_recv), (evt.EVT_CONN_OPEN, on_connected)])
     except Exception as e:  # socket errors surface here on some platforms
+        _probe(dest, _connect_timeout(config), ctx)
         raise SendError(f"{dest}: association failed: {type(e).__name__}: {e}", "aborted") from None
     if assoc.is_established:
         return assoc
@@ -195,6 +196,7 @@ def associate(ae: AE, dest: Destination, calling_aet: str, config: Config | None
         sops = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
         raise SendError(f"{dest}: the peer accepted none of the proposed SOP classes ({', '.join(sops)}); "
                         "configure it to accept them", "no_contexts")
+    _probe(dest, _connect_timeout(config), ctx)  # unreachable, refused, TLS: raises naming the cause
     raise SendError(f"{dest}: association aborted after the TCP connection opened (the peer sent "
                     f"A-ABORT, or no A-ASSOCIATE answer came within timeouts.acse_s); check that {dest.host}:{dest.port} is a DICOM port and the peer "
                     f"knows AE {calling_aet}", "aborted")

@@ -206,6 +206,23 @@ def test_every_instance_the_peer_refuses_is_named_with_its_c_store_status(tmp_pa
         assert f"{uid}: 0xA700 (Refused: Out of Resources)" in str(e.value)
 
 
+def test_a_delivery_to_a_working_peer_opens_one_connection_and_no_empty_probe(tmp_path):
+    """The cause probe (a bare TCP connect, or a TLS handshake, then close) runs only after an association
+    failed: a PACS that works must not log an empty connection for every delivery."""
+    opened = []
+    files = _sc_files(tmp_path)
+    ae = AE(ae_title="COUNTPACS")
+    ae.add_supported_context(pydicom.dcmread(files[0], stop_before_pixels=True).SOPClassUID)
+    server = ae.start_server(("127.0.0.1", 0), block=False,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: opened.append(event.address)),
+                                           (evt.EVT_C_STORE, lambda event: 0x0000)])
+    try:
+        assert send_files(files, Destination("COUNTPACS", "127.0.0.1", server.server_address[1])).sent == len(files)
+    finally:
+        server.shutdown()
+    assert len(opened) == 1, opened
+
+
 def test_a_tls_destination_that_does_not_speak_tls_is_reported_as_a_failed_tls_handshake(tmp_path):
     pytest.importorskip("cryptography")
     import datetime
