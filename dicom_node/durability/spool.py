@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -183,14 +183,23 @@ class Spool:
             dir_synced.result()
         return path
 
-    def delete_series(self, study_uid: str, series_uid: str) -> int:
+    def delete_instances(self, study_uid: str, series_uid: str, paths: Iterable[str | os.PathLike]) -> int:
+        """Delete these spooled files of a series (the ones its rows listed), then its folders if empty;
+        returns how many were deleted. Only the listed files: an instance that arrived meanwhile (a late
+        slice of the series, acknowledged after the list was taken) stays, with its folder."""
+        n = 0
+        for p in paths:
+            try:
+                os.unlink(p)
+                n += 1
+            except FileNotFoundError:
+                pass
         d = self.spool_dir / validate_uid(study_uid) / validate_uid(series_uid)
-        n = len(list(d.glob("*.dcm"))) if d.is_dir() else 0
-        shutil.rmtree(d, ignore_errors=True)
-        try:
-            d.parent.rmdir()
-        except OSError:
-            pass
+        for folder in (d, d.parent):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (a late instance), or gone: either way nothing to do
+                break
         return n
 
     # --- results ----------------------------------------------------------------------------------

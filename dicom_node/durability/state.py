@@ -59,7 +59,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -1043,7 +1043,11 @@ class State:
                                     (SeriesState.DONE.value, t))
         return [_series(r) for r in rows]
 
-    def mark_series_purged(self, series_uid: str) -> None:
+    def mark_series_purged(self, series_uid: str, sop_uids: Iterable[str]) -> int:
+        """Forget these instances of a series (their files were deleted by retention); returns how many
+        instances the series still has: those that arrived after the purge listed them stay, rows and all."""
         with self._tx() as c:
-            c.execute("DELETE FROM instances WHERE series_uid=?", (series_uid,))
-            c.execute("UPDATE series SET n_instances=0 WHERE series_uid=?", (series_uid,))
+            c.executemany("DELETE FROM instances WHERE series_uid=? AND sop_uid=?", ((series_uid, u) for u in sop_uids))
+            left = int(c.execute("SELECT COUNT(*) FROM instances WHERE series_uid=?", (series_uid,)).fetchone()[0])
+            c.execute("UPDATE series SET n_instances=? WHERE series_uid=?", (left, series_uid))
+            return left

@@ -47,14 +47,25 @@ class Retention(BackgroundLoop):
             return 0
         n = 0
         for s in self.state.done_series_older_than(now - days * 86400):
-            n += self.spool.delete_series(s.study_uid, s.series_uid)
+            n += self._purge(s.study_uid, s.series_uid)
             # delivered results too: they are in the PACS, and a re-run rebuilds them with the same UIDs
             outboxes = [self.spool.job_outbox(j.id) for j in self.state.jobs(JobState.DONE, series_uid=s.series_uid)]
             for box in outboxes:
                 shutil.rmtree(box, ignore_errors=True)
-            self.state.mark_series_purged(s.series_uid)
             self.log.info("spool_purged", series_uid=s.series_uid, outboxes=len(outboxes),
                           reason=f"older than keep_days={days:g}")
+        return n
+
+    def _purge(self, study_uid: str, series_uid: str) -> int:
+        """Delete the series' instances as its rows list them now, files first, then those rows only: an
+        instance acknowledged while this runs (a late slice) keeps its file and row, and its series goes on
+        from receiving (`State.add_instance`). Returns how many were deleted."""
+        rows = self.state.instances(series_uid)
+        n = self.spool.delete_instances(study_uid, series_uid, (r.path for r in rows))
+        left = self.state.mark_series_purged(series_uid, (r.sop_uid for r in rows))
+        if left:
+            self.log.info("spool_purge_kept", series_uid=series_uid, instances=left,
+                          note="instances that arrived during the purge are kept")
         return n
 
     def after_delivery(self, job: JobRow, rerun_job_id: int | None) -> None:
@@ -62,8 +73,7 @@ class Retention(BackgroundLoop):
         and no re-run was started (the re-run needs the instances)."""
         if not self.config.spool.delete_after_delivery or job.state is not JobState.DONE or rerun_job_id is not None:
             return
-        n = self.spool.delete_series(job.study_uid, job.series_uid)
-        self.state.mark_series_purged(job.series_uid)
+        n = self._purge(job.study_uid, job.series_uid)
         self.log.info("spool_purged", series_uid=job.series_uid, instances=n, reason="delete_after_delivery")
 
     # --- thread -----------------------------------------------------------------------------------
