@@ -63,6 +63,13 @@ class Destination:
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
+    @property
+    def address(self) -> str:
+        """How the node stores and shows the peer (a delivery row, `dicom-node status`): AE@HOST:PORT, with
+        `+tls` for a TLS peer, so that a delivery stays on TLS whatever the configuration says later
+        (`parse_destination` reads it back)."""
+        return f"{self}+tls" if self.tls else str(self)
+
 
 def parse_destination(text: str, key: str = "destination") -> Destination:
     """Parse `AE@HOST:PORT` (append `+tls` for TLS) into a `Destination`."""

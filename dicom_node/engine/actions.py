@@ -21,10 +21,10 @@ from dicom_node.durability.spool import InvalidUid, validate_uid
 from dicom_node.durability.state import DeliveryState, JobState, SeriesRow, SeriesState
 
 if TYPE_CHECKING:
-    from dicom_node.config import Config, Destination
+    from dicom_node.config import Config
     from dicom_node.durability.state import State
 
-__all__ = ["ActionResult", "ACTIONS", "complete_series", "rerun_series", "resend_job", "destination_address"]
+__all__ = ["ActionResult", "ACTIONS", "complete_series", "rerun_series", "resend_job"]
 
 #: action name (CLI command, web button, API path) -> what it does, for help texts and the audit log
 ACTIONS = {"complete": "declare a receiving series complete now (skip the quiet period)",
@@ -42,11 +42,6 @@ class ActionResult:
     @property
     def ok(self) -> bool:
         return self.code == 0
-
-
-def destination_address(d: Destination) -> str:
-    """How a delivery row stores a destination: AE@HOST:PORT, +tls for TLS."""
-    return str(d) + ("+tls" if d.tls else "")
 
 
 def _known_series(st: State, series_uid: str) -> SeriesRow | ActionResult:
@@ -126,15 +121,15 @@ def resend_job(cfg: Config, st: State, job_id: int, to: str | None = None) -> Ac
                 f"--to {to}: job {job.id} has {len(failed)} failed deliveries "
                 f"({', '.join(d.destination for d in failed) or 'none'}) and none with AE title {override.ae_title}; "
                 "give the AE title of the one to replace"))
-        targets = {d.id: destination_address(override) for d in chosen}
+        targets = {d.id: override.address for d in chosen}
     else:
         for d in failed:
             now = configured.get(parse_destination(d.destination).ae_title)
             if now is None:
                 lines.append(f"job {job.id}: {d.destination} is no longer configured; re-sending to the stored address "
                              "(pass --to AE@HOST:PORT to change it)")
-            elif destination_address(now) != d.destination:
-                targets[d.id] = destination_address(now)
+            elif now.address != d.destination:
+                targets[d.id] = now.address
     for d in failed:
         if d.id in targets and targets[d.id] != d.destination:
             st.retarget_delivery(d.id, targets[d.id])

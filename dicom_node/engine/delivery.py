@@ -101,7 +101,8 @@ class Sender(BackgroundLoop):
                  warnings=[f"0x{s:04X}" for s in res.statuses if s != 0])
 
     def _destination(self, text: str) -> Destination:
-        """The stored AE@HOST:PORT, with TLS when it is a configured TLS destination or peer (rows store no +tls)."""
+        """The stored address (`Destination.address`: `+tls` for TLS). A row written before rows carried `+tls`
+        gets TLS when it names a configured TLS destination or peer."""
         d = parse_destination(text)
         for c in (*self.config.destinations, *self.config.peers):
             if (c.ae_title, c.host, c.port) == (d.ae_title, d.host, d.port) and c.tls and not d.tls:

@@ -103,7 +103,7 @@ def recover(config: Config, state: State, spool: Spool) -> dict[str, int]:
         log.info("job_resumed", job_id=j.id, series_uid=j.series_uid, was="running", now="queued")
     for j in state.jobs(JobState.BUILT):
         rows = state.instances(j.series_uid)
-        state.add_deliveries(j.id, [str(d) for d in destinations_for(config, rows[0].calling_aet if rows else "")])
+        state.add_deliveries(j.id, [d.address for d in destinations_for(config, rows[0].calling_aet if rows else "")])
         state.transition(j.id, JobState.SENDING, stage="sending")
         counts["resent"] += 1
         log.info("job_resumed", job_id=j.id, series_uid=j.series_uid, was="built", now="sending")
@@ -239,7 +239,7 @@ class Node:
         if self.on_reloaded:
             self.on_reloaded(self.config)
         self.log.info("config_reloaded", changed=res["changed"], restart_needed=res["restart_needed"],
-                      destinations=[str(d) for d in self.config.destinations])
+                      destinations=[d.address for d in self.config.destinations])
 
     def start(self, block: bool = False) -> Node:
         c = self.config
@@ -272,7 +272,7 @@ class Node:
         self.started_at = time.time()
         self.log.info("node_started", ae_title=self.config.ae_title, port=self.port, metrics_port=self.metrics_port,
                       worklist=bool(c.web.enabled and self.metrics_server), https=bool(c.web.tls and self.metrics_server),
-                      destinations=[str(d) for d in self.config.destinations], quiet_period_s=self.config.quiet_period_s)
+                      destinations=[d.address for d in self.config.destinations], quiet_period_s=self.config.quiet_period_s)
         if block:
             try:
                 while not self._stopped.wait(0.5):

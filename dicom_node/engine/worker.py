@@ -209,7 +209,7 @@ class Worker(BackgroundLoop):
         outcome = self._outcome(job, rows[0].path if rows else None, result.findings, None)
         built = self.state.transition(job.id, JobState.BUILT, stage="built", result_uids=uids, extra_times=marks,
                                       outcome=outcome)
-        dests = [str(d) for d in destinations_for(self.config, calling)]
+        dests = [d.address for d in destinations_for(self.config, calling)]
         self.state.add_deliveries(job.id, dests)
         self.state.transition(job.id, JobState.SENDING, stage="sending")
         log.info("job_built", results=len(uids), destinations=dests, inference_s=result.inference_s,

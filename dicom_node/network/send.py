@@ -141,11 +141,26 @@ def _probe(dest: Destination, timeout: float, ctx: ssl.SSLContext | None) -> Non
     try:
         if ctx is not None:
             try:
-                ctx.wrap_socket(sock, server_hostname=None).close()
+                tls = ctx.wrap_socket(sock, server_hostname=None)
             except (ssl.SSLError, OSError) as e:
                 reason = getattr(e, "reason", None) or str(e) or type(e).__name__
                 raise SendError(f"{dest}: TLS handshake failed ({reason}); check that the peer speaks TLS on port "
                                 f"{dest.port} and that [tls] cert/key/ca match it", "tls_failed") from None
+            try:
+                # TLS 1.3: the client's handshake ends before the server has checked the client's certificate;
+                # a server that refuses it says so in an alert on the first read. A server that accepted it waits
+                # for the A-ASSOCIATE-RQ: the read times out, and the cause lies elsewhere.
+                tls.settimeout(min(timeout, 2.0))
+                tls.recv(1)
+            except ssl.SSLError as e:
+                reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+                raise SendError(f"{dest}: the peer refused this node's TLS certificate ({reason}); make the peer "
+                                "trust the CA of [tls] cert (or set [tls] cert/key to a certificate it trusts)",
+                                "tls_failed") from None
+            except OSError:
+                pass
+            finally:
+                tls.close()
     finally:
         sock.close()
 

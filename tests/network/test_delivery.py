@@ -268,3 +268,59 @@ def test_the_node_as_scu_turns_nagle_off_on_its_association(storescp):
         assert assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         assoc.release()
+
+
+def _dicom_files(folder: Path) -> list[pydicom.Dataset]:
+    out = []
+    for f in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        if f.is_file():
+            try:
+                out.append(pydicom.dcmread(f, stop_before_pixels=True))
+            except Exception:  # storescp is still writing it: the next poll reads it whole
+                pass
+    return out
+
+
+def test_results_are_delivered_over_tls_to_a_pacs_that_requires_the_nodes_certificate(make_node, tmp_path):
+    from peers import StoreScpPeer
+    from pki import self_signed
+
+    certs, ca = self_signed(tmp_path / "pki")
+    # dcmtk storescp as a TLS-only PACS that requires (and verifies against the CA) a client certificate
+    pacs = StoreScpPeer(tmp_path / "pacs", aet="TLSPACS",
+                        extra_args=("+tls", certs["server"][1], certs["server"][0], "+cf", ca, "-rc")).start()
+    try:
+        node = make_node([f"TLSPACS@127.0.0.1:{pacs.port}+tls"], **{
+            "tls.cert": certs["client"][0], "tls.key": certs["client"][1], "tls.ca": ca})
+        files = phantom_series(tmp_path / "in", n_slices=12)
+        assert storescu(node.port, files).returncode == 0
+        (job,) = wait_until(lambda: node.state.jobs(JobState.DONE), 60, "delivered over TLS")
+        (d,) = node.state.deliveries(job.id)
+        assert d.destination.endswith("+tls") and d.state is DeliveryState.DONE
+        got = wait_until(lambda: _dicom_files(pacs.outdir), 30, "the result in the TLS PACS")
+        assert {str(ds.SOPInstanceUID) for ds in got} == set(job.result_uids)
+        # the same PACS refuses a node whose certificate it does not trust: the failure names TLS
+        other, _ = self_signed(tmp_path / "other-pki")
+        cfg = load_config(None, environ={}, overrides={"tls.cert": other["client"][0], "tls.key": other["client"][1],
+                                                      "tls.ca": ca, "destinations": [f"TLSPACS@127.0.0.1:{pacs.port}+tls"]})
+        with pytest.raises(SendError) as e:
+            send_files(files[:1], cfg.destinations[0], config=cfg)
+        assert e.value.cause == "tls_failed" and "the peer refused this node's TLS certificate" in str(e.value)
+    finally:
+        pacs.stop()
+
+
+def test_send_back_to_sender_returns_results_to_a_listed_peer_and_to_no_one_else(make_node, storescp, tmp_path):
+    node = make_node([], send_back_to_sender=True, peers=[f"SCANNER@127.0.0.1:{storescp.port}"])
+    listed = phantom_series(tmp_path / "a", n_slices=12, seed=11)
+    assert storescu(node.port, listed, aet="SCANNER").returncode == 0
+    (job,) = wait_until(lambda: node.state.jobs(JobState.DONE), 60, "the peer's study delivered")
+    (d,) = node.state.deliveries(job.id)
+    assert d.destination == f"SCANNER@127.0.0.1:{storescp.port}" and d.state is DeliveryState.DONE
+    wait_until(lambda: {str(ds.SOPInstanceUID) for ds in _dicom_files(storescp.outdir)} >= set(job.result_uids), 30,
+               "the results at the sending peer")
+    unlisted = phantom_series(tmp_path / "b", n_slices=12, seed=12)
+    assert storescu(node.port, unlisted, aet="UNKNOWN").returncode == 0
+    wait_until(lambda: len(node.state.jobs(JobState.DONE)) == 2, 60, "the unlisted sender's study analysed")
+    other = next(j for j in node.state.jobs(JobState.DONE) if j.id != job.id)
+    assert node.state.deliveries(other.id) == []  # not a peer: its results go nowhere
