@@ -253,6 +253,7 @@ class Config:
     max_connections_per_address: int = field(default=32, metadata=_doc("Connections open at once from one IP address, negotiated or not; more are closed at once (keep above the parallel associations one sender opens)"))
     fast_store: bool = field(default=True, metadata=_doc("Receive C-STOREs on the node's own DIMSE path (data set fragments straight to a file, the response encoded directly; the same checks and durability); false = pynetdicom's path for every message, about half as fast"))
     max_instance_mb: int = field(default=512, metadata=_doc("Largest data set of one instance in MiB, as sent and as inflated from Deflated Explicit VR; larger ones are refused"))
+    max_image_size: int = field(default=2048, metadata=_doc("Largest Rows or Columns of a received CT image; larger ones are refused with 0xC000 (a CTPA slice is 512 or 1024 pixels a side, and the worker decodes every slice of a series in memory: a compressed 4096 x 4096 slice is small on the wire and 32 MiB decoded)"))
     min_free_disk_mb: int = field(default=1024, metadata=_doc("Answer Out of Resources (0xA700) when the spool disk has less free space"))
     send_back_to_sender: bool = field(default=False, metadata=_doc("Also send results to the calling AE when it is listed in [[peers]]"))
     destinations: tuple[Destination, ...] = field(default=(), metadata=_doc("[[destinations]] results are sent to: ae_title, host, port, tls"))
@@ -410,6 +411,7 @@ def _validate(c: Config) -> None:
         need(bool(_AE_RE.match(ae)) and ("@" not in a or bool(a.split("@", 1)[1])), f"allowed_calling_aets[{i}]", a, "AET or AET@host")
     need(1 <= c.max_connections_per_address <= 10000, "max_connections_per_address", c.max_connections_per_address, "1-10000")
     need(1 <= c.max_instance_mb <= 65536, "max_instance_mb", c.max_instance_mb, "1-65536 MiB")
+    need(64 <= c.max_image_size <= 65535, "max_image_size", c.max_image_size, "64-65535 pixels")
     for k in ("acse_s", "dimse_s", "network_s", "associate_s"):
         v = getattr(c.timeouts, k)
         need(v > 0, f"timeouts.{k}", v, "a number of seconds > 0")

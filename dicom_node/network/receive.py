@@ -316,6 +316,10 @@ class Receiver:
         except InvalidUid as e:
             return self._refuse(assoc, "cannot_understand", str(e), sop_instance_uid=sop_uid_rq[:64], calling_aet=calling)
         problem = facts.pixel_problem()
+        limit = self.config.max_image_size
+        if problem is None and max(facts.rows or 0, facts.columns or 0) > limit:
+            problem = ("cannot_understand", f"image of {facts.rows} x {facts.columns} pixels is larger than "
+                       f"max_image_size {limit} a side; a CT slice is 512 or 1024 (raise max_image_size for larger ones)")
         if problem:
             return self._refuse(assoc, problem[0], problem[1], sop_instance_uid=sop_uid, series_uid=series, calling_aet=calling)
         known = self.state.instance(sop_uid)

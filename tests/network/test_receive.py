@@ -147,6 +147,19 @@ def test_a_series_refused_or_ignored_slice_by_slice_costs_the_log_two_lines_each
     assert (grouped["status"], grouped["count"]) == ("0xA900", 4) and grouped["reason"] == refused[0]["reason"]
 
 
+def test_an_image_larger_than_max_image_size_is_refused_before_the_worker_would_decode_it(make_node, tmp_path):
+    node = make_node(max_image_size=256)
+    small = phantom_series(tmp_path / "small", n_slices=8, rows=256)[:2]
+    big = phantom_series(tmp_path / "big", n_slices=8, rows=512, seed=5)
+    assoc = _scu(node)
+    statuses = [assoc.send_c_store(pydicom.dcmread(f)).Status for f in (*small, big[0])]
+    assoc.release()
+    assert statuses == [0x0000, 0x0000, 0xC000]
+    assert not node.state.has_instance(pydicom.dcmread(big[0], stop_before_pixels=True).SOPInstanceUID)
+    log = (tmp_path / "node.log").read_text()
+    assert "image of 512 x 512 pixels is larger than max_image_size 256 a side" in log
+
+
 def test_malformed_input_gets_clear_status_and_node_keeps_serving(make_node, tmp_path):
     files = phantom_series(tmp_path / "in", n_slices=8)
     node = make_node()
