@@ -167,6 +167,7 @@ class InferenceConfig:
     triton_url: str = field(default="127.0.0.1:8001", metadata=_doc("engine = triton: HOST:PORT of the Triton server (gRPC 8001 or HTTP 8000 by default)"))
     triton_protocol: str = field(default="grpc", metadata=_doc("engine = triton: grpc or http (KServe v2 protocol)"))
     triton_model: str = field(default="", metadata=_doc("engine = triton: model name prefix on the server (<prefix>_stage1, <prefix>_stage2); empty = <bundle name>-<bundle version>, as dicom-node-export triton names them"))
+    triton_wait_at_start: bool = field(default=True, metadata=_doc("engine = triton: when the server does not answer at start, start anyway (triton_unavailable_at_start): the node receives and spools, jobs wait for the server (job_deferred) and the server is checked against the manifest when it first answers; false = refuse to start (exit status 2). A server that answers with other models than the manifest's always refuses the start"))
     triton_timeout_s: float = field(default=30.0, metadata=_doc("engine = triton: seconds one request (start checks, one stage-1 batch, stage 2) may take before the job fails"))
     triton_tls: bool = field(default=False, metadata=_doc("engine = triton: talk TLS to the server (gRPC; HTTP behind a TLS proxy)"))
     triton_ca: str = field(default="", metadata=_doc("engine = triton, triton_tls: PEM CA bundle that verifies the server (empty = the system's)"))

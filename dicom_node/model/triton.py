@@ -19,7 +19,12 @@ reads the manifest only (`inference.bundle` = the bundle directory or the reposi
 - their input/output names, datatypes and dims equal the manifest's graph specs (`triton_dims`).
 
 Any difference refuses the start with one line naming the model, what differs and the fix, as a bad
-bundle does (`InferenceError`). During a job a failed request (server gone, timeout, model unloaded)
+bundle does (`InferenceError`). A server that does not answer at all (its port refuses or drops the
+connection: stopped, restarting, unreachable) does not stop the node (`wait_at_start`, the default of
+`[inference] triton_wait_at_start`): it starts and receives, logs `triton_unavailable_at_start`, and runs
+the start checks when a job first needs the server (until then jobs are deferred). When the port accepts
+connections but the client cannot talk to the server (protocol, TLS settings), that is a setting, not an
+outage, and the start is refused. During a job a failed request (server gone, timeout, model unloaded)
 names the server, the model and the cause. When the server then does not answer a liveness check either
 (stopped, restarting, unreachable) it raises `BackendUnavailable`: the worker defers the job and runs it
 again by itself (`[worker] retry_unavailable_s`, `retry_unavailable_max`). When the server is live (the
@@ -34,6 +39,7 @@ worker runs `worker.concurrency` jobs on their own threads.
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -44,10 +50,11 @@ import numpy as np
 
 from dicom_node.log import get_logger
 from dicom_node.model.bundle import Bundle, BundleManifest, GraphSpec, TensorSpec, load_manifest_only
-from dicom_node.model.inference import BackendUnavailable, InferenceError, Predictor
+from dicom_node.model.inference import BackendUnavailable, InferenceError, Prediction, Predictor
 
 if TYPE_CHECKING:
     from dicom_node.config import InferenceConfig
+    from dicom_node.imaging.preprocess import Windows
 
 __all__ = ["TritonSettings", "TritonPredictor", "triton_model_name", "triton_dims", "triton_datatype",
            "PARAM_BUNDLE_NAME", "PARAM_BUNDLE_VERSION", "PARAM_MODEL_UID", "PARAM_ONNX_SHA256", "PARAM_STAGE",
@@ -100,12 +107,14 @@ class TritonSettings:
     ca: str = ""
     cert: str = ""
     key: str = ""
+    #: a server that does not answer at start: True starts without it (module docstring); False refuses the start
+    wait_at_start: bool = True
 
     @classmethod
     def from_config(cls, inf: InferenceConfig) -> TritonSettings:
         return cls(url=inf.triton_url, protocol=inf.triton_protocol, model=inf.triton_model,
                    timeout_s=inf.triton_timeout_s, tls=inf.triton_tls, ca=inf.triton_ca, cert=inf.triton_cert,
-                   key=inf.triton_key)
+                   key=inf.triton_key, wait_at_start=inf.triton_wait_at_start)
 
     @property
     def where(self) -> str:
@@ -193,18 +202,48 @@ class TritonPredictor(Predictor):
         prefix = settings.model or triton_model_name(m)
         self.models = {stage: f"{prefix}_{stage}" for stage in STAGES}
         self._local = threading.local()
+        self.batch_size, self._warmup = batch_size, warmup
+        self._connected = False
+        self._connect_lock = threading.Lock()
+        try:
+            self._connect()
+        except BackendUnavailable as e:
+            if not settings.wait_at_start:
+                raise
+            if _port_open(settings.url, settings.timeout_s):  # something answers there: a setting, not an outage
+                raise InferenceError(f"{e}; its port accepts connections, so the server is up and the client "
+                                     "settings do not match it: check inference.triton_protocol and the "
+                                     "triton_tls/ca/cert/key settings") from None
+            log.warning("triton_unavailable_at_start", server=settings.where, error=str(e),
+                        note="the node starts and receives; jobs wait for the server (job_deferred), and the "
+                             "server is checked against the manifest when it first answers")
+
+    def predict(self, windows: Windows) -> Prediction:
+        """As `Predictor.predict`; the first call after a start without the server runs the start checks first."""
+        if not self._connected:
+            with self._connect_lock:
+                if not self._connected:
+                    self._connect()
+        return super().predict(windows)
+
+    def _connect(self) -> None:
+        """The start checks (`_check_server`), the batch cap and the warm-up; `BackendUnavailable` when the
+        server does not answer, `InferenceError` when it answers with other models than the manifest's."""
+        m = self.manifest
+        requested = self.batch_size
         max_batch = self._check_server()
-        self.batch_size = min(batch_size, max_batch)
-        if self.batch_size < batch_size:
-            log.info("triton_batch_capped", requested=batch_size, max_batch_size=max_batch, model=self.models["stage1"])
+        self.batch_size = min(requested, max_batch)
+        if self.batch_size < requested:
+            log.info("triton_batch_capped", requested=requested, max_batch_size=max_batch, model=self.models["stage1"])
         warm_s = 0.0
-        if warmup:
+        if self._warmup:
             t0 = time.perf_counter()
             window_shape = tuple(int(d) for d in m.stage1.inputs[0].shape[1:])
             self._stage1(np.zeros((1, *window_shape), dtype=np.float32))
             self._stage2(np.zeros((m.sequence_length, m.feature_dim), np.float32), np.ones(m.sequence_length, np.float32))
             warm_s = time.perf_counter() - t0
-        log.info("model_loaded", engine="triton", server=settings.where, models=list(self.models.values()),
+        self._connected = True
+        log.info("model_loaded", engine="triton", server=self.settings.where, models=list(self.models.values()),
                  model_name=m.name, model_version=m.version, model_uid=m.model_uid, batch_size=self.batch_size,
                  warmup_s=round(warm_s, 3))
 
@@ -242,10 +281,11 @@ class TritonPredictor(Predictor):
         try:
             live = c.live()
         except Exception as exc:  # tritonclient raises its own and socket errors
-            raise self._refuse(f"not reachable ({_cause(exc)}); start the server or fix inference.triton_url "
-                               "and inference.triton_protocol") from None
+            self._drop_client()
+            raise BackendUnavailable(f"Triton server {self.settings.where}: not reachable ({_cause(exc)}); start the "
+                                     "server or fix inference.triton_url and inference.triton_protocol") from None
         if not live:
-            raise self._refuse("is not live; check the server's log")
+            raise BackendUnavailable(f"Triton server {self.settings.where}: is not live; check the server's log")
         max_batch = 0
         for stage, graph in (("stage1", m.stage1), ("stage2", m.stage2)):
             name = self.models[stage]
@@ -332,6 +372,16 @@ class TritonPredictor(Predictor):
                 "mask": np.ascontiguousarray(mask[None], dtype=np.float32)}
         wl, sl, att = self._run("stage2", feed, g)
         return wl[0], sl[0], att[0]
+
+
+def _port_open(url: str, timeout_s: float) -> bool:
+    """Whether a TCP connection to `url` (HOST:PORT) is accepted within `timeout_s` (at most 5 s)."""
+    host, _, port = url.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=min(timeout_s, 5.0)).close()
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def _cause(exc: BaseException) -> str:

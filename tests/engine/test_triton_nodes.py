@@ -2,7 +2,8 @@
 nvidia-pytriton on loopback, `dicom_node.tools.triton_server`), dcmtk storescu as the scanners and dcmtk
 storescp as the PACS:
 
-* a node whose Triton server is down refuses to start, in one line;
+* a node whose Triton server is down at start starts, receives, and delivers once the server answers
+  (the start checks run then); with `triton_wait_at_start = false` it refuses to start, in one line;
 * two nodes on different ports share one Triton: every study is delivered exactly once, its SR equal to
   the SR the same study gets from local onnxruntime (probabilities to 1e-5, the same key slices), and
   the server ran stage 2 exactly once per study;
@@ -93,17 +94,45 @@ def _assert_same_sr(remote: pydicom.Dataset, local: pydicom.Dataset) -> None:
     assert images, "the SR references its key slices"
 
 
-def test_a_node_whose_triton_server_is_down_refuses_to_start_in_one_line(triton_repo, tmp_path):
+def test_with_triton_wait_at_start_off_a_node_whose_triton_server_is_down_refuses_to_start_in_one_line(
+        triton_repo, tmp_path):
     port = free_port()
     cfg = write_config(tmp_path / "node.toml", ae_title="PENODE", port=free_port(), data_dir=str(tmp_path / "data"),
                        **{"inference.engine": "triton", "inference.bundle": str(triton_repo.manifest),
-                          "inference.triton_url": f"127.0.0.1:{port}", "inference.triton_timeout_s": 2.0})
+                          "inference.triton_url": f"127.0.0.1:{port}", "inference.triton_timeout_s": 2.0,
+                          "inference.triton_wait_at_start": False})
     r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)], capture_output=True,
                        text=True, timeout=120, cwd=REPO)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0, r.stderr
     assert r.stderr.startswith(f"dicom-node serve: cannot start: Triton server grpc://127.0.0.1:{port}: not reachable")
     assert "fix inference.triton_url" in r.stderr
+
+
+def test_a_node_started_while_its_triton_server_is_down_receives_and_delivers_once_the_server_is_up(
+        triton_repo, storescp, tmp_path):
+    server = start_triton(triton_repo, tmp_path / "triton")
+    server.stop()  # its ports are kept: start() brings it back there
+    node = _node(tmp_path / "node", triton_repo, server, storescp, **{"worker.retry_unavailable_s": 1.0}).start()
+    try:
+        (warning,) = [e for e in node.events() if e.get("event") == "triton_unavailable_at_start"]
+        assert warning["level"] == "warning" and "not reachable" in warning["error"]
+        files = phantom_series(tmp_path / "in", n_slices=60, rows=128, seed=52)
+        r = storescu(node.port, files, aet="SCANNER")  # the node receives while the server is away
+        assert r.returncode == 0 and "E:" not in r.stderr, r.stderr
+        deferred = wait_until(lambda: [e for e in node.events() if e.get("event") == "job_deferred"], 60, "deferred")
+        assert "not reachable" in deferred[0]["error"] and _srs(storescp.outdir) == []
+        server.start()
+        st = State(node.workdir / "data" / "state.sqlite")
+        (job,) = wait_until(lambda: st.jobs(JobState.DONE), 120, "delivered once the server answers")
+        _one_sr_of(storescp, files)
+        loaded = [e for e in node.events() if e.get("event") == "model_loaded"]
+        assert len(loaded) == 1 and loaded[0]["engine"] == "triton"  # the start checks ran when it first answered
+        assert not [e for e in node.events() if e.get("event") == "job_failed"]
+        st.close()
+    finally:
+        node.stop()
+        server.stop()
 
 
 def test_two_nodes_share_one_triton_and_deliver_every_study_exactly_once_with_the_local_sr(triton_repo, storescp,

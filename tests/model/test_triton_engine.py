@@ -60,7 +60,22 @@ def test_a_server_that_is_down_refuses_the_start_naming_the_address_and_the_fix(
     port = free_port()
     with pytest.raises(InferenceError, match=rf"Triton server grpc://127.0.0.1:{port}: not reachable \(.*\); start "
                                              r"the server or fix inference.triton_url"):
-        TritonPredictor(triton_repo.manifest, TritonSettings(url=f"127.0.0.1:{port}", timeout_s=2))
+        TritonPredictor(triton_repo.manifest, TritonSettings(url=f"127.0.0.1:{port}", timeout_s=2, wait_at_start=False))
+
+
+def test_a_server_that_is_down_at_start_is_checked_when_a_prediction_first_needs_it(triton_repo, windows, tmp_path):
+    from dicom_node.model.inference import BackendUnavailable
+
+    server = start_triton(triton_repo, tmp_path / "triton")
+    server.stop()
+    p = TritonPredictor(triton_repo.manifest, TritonSettings(url=server.grpc_url, timeout_s=2))  # starts without it
+    with pytest.raises(BackendUnavailable, match=r"not reachable"):
+        p.predict(windows)  # the worker defers the job
+    server.start()
+    try:
+        assert p.predict(windows).window_probs.shape == (len(windows.array),)  # checked, warmed up, run
+    finally:
+        server.stop()
 
 
 def test_a_model_the_server_does_not_have_refuses_the_start(triton_server, triton_repo):
@@ -153,8 +168,9 @@ def test_grpc_over_mutual_tls_needs_the_ca_and_a_client_certificate(triton_repo,
         np.testing.assert_allclose(pred.predict(windows).window_probs, local.window_probs, atol=1e-5, rtol=0)
         with pytest.raises(InferenceError, match=r"grpcs://127.0.0.1:\d+: not reachable"):
             TritonPredictor(triton_repo.manifest, TritonSettings(url=server.grpc_url, tls=True, ca=ca, timeout_s=5))
-        with pytest.raises(InferenceError, match=r"grpc://127.0.0.1:\d+: not reachable"):
-            TritonPredictor(triton_repo.manifest, TritonSettings(url=server.grpc_url, timeout_s=5))
+        with pytest.raises(InferenceError, match=r"grpc://127.0.0.1:\d+: not reachable .*its port accepts connections, "
+                                                 r"so the server is up and the client settings do not match it"):
+            TritonPredictor(triton_repo.manifest, TritonSettings(url=server.grpc_url, timeout_s=5))  # no TLS
     finally:
         server.stop()
 
