@@ -226,7 +226,8 @@ class WebConfig:
     api_tokens: tuple[str, ...] = field(default=(), metadata=_doc("Bearer tokens of the REST API, each `name:sha256-hex` of the token, from `dicom-node hash-password --token`"))
     tls: bool = field(default=False, metadata=_doc("Serve the HTTP port as HTTPS with the node's [tls] cert and key (needs them set)"))
     session_minutes: float = field(default=480.0, metadata=_doc("A login session ends after this many minutes without a request"))
-    login_failures: int = field(default=5, metadata=_doc("Wrong logins in a row for one user name before it must wait login_lockout_s (four times as many from one client address); the password of a login made during the wait is not checked"))
+    login_failures: int = field(default=5, metadata=_doc("Wrong logins in a row for one user name before it must wait login_lockout_s; the password of a login made during the wait is not checked"))
+    login_address_failures: int = field(default=20, metadata=_doc("Wrong logins in a row from one client address (any user names) before that address must wait login_lockout_s; 0 = addresses are not counted (set it behind a reverse proxy, where every login comes from the proxy's address and one user's typos would lock everyone out)"))
     login_lockout_s: float = field(default=60.0, metadata=_doc("The first wait after login_failures wrong logins; each further lockout of the same name or address doubles it, up to 30 minutes"))
     audit_log: str = field(default="", metadata=_doc("File the access audit log is appended to, one JSON line per page, API read or action: time, user, action, study and series UID, outcome (empty = data_dir/audit.log)"))
     refresh_s: int = field(default=30, metadata=_doc("The worklist page reloads itself after this many seconds (0 = never)"))
@@ -551,6 +552,8 @@ def _validate_web(c: Config) -> None:
         raise ConfigError(f"web.session_minutes: {w.session_minutes!r} is not allowed; 1-10080 minutes")
     if not 1 <= w.login_failures <= 100:
         raise ConfigError(f"web.login_failures: {w.login_failures!r} is not allowed; 1-100 wrong logins")
+    if not 0 <= w.login_address_failures <= 10000:
+        raise ConfigError(f"web.login_address_failures: {w.login_address_failures!r} is not allowed; 0 (off) to 10000")
     if not 1 <= w.login_lockout_s <= 1800:
         raise ConfigError(f"web.login_lockout_s: {w.login_lockout_s!r} is not allowed; 1-1800 seconds")
     if not 0 <= w.refresh_s <= 3600:

@@ -150,7 +150,7 @@ def _add_worklist(app: FastAPI, ctx: WebContext) -> None:  # noqa: C901 - one cl
     cfg, web = ctx.config, ctx.config.web
     creds = Credentials(web.users, web.api_tokens, web.admins)
     sessions = Sessions(web.session_minutes * 60)
-    throttle = LoginThrottle(web.login_failures, web.login_lockout_s)
+    throttle = LoginThrottle(web.login_failures, web.login_lockout_s, web.login_address_failures)
     audit = AuditLog(Path(web.audit_log) if web.audit_log else cfg.data_path / "audit.log")
     identities = IdentityCache()
     templates = Jinja2Templates(directory=str(_HERE / "templates"))

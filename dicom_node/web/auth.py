@@ -12,9 +12,9 @@
   request must echo (form field `csrf_token` or header `X-CSRF-Token`). Bearer-token requests carry
   no ambient credential a third-party page could ride on, so they need no CSRF token.
 * `LoginThrottle` slows password guessing: after `failures` wrong logins in a row for one user name
-  (known or not: the answer must not tell which names exist), or four times as many from one client
-  address, that name (or address) may not try again for `lockout_s`, doubled for each further lockout
-  up to 30 minutes; a correct login resets its name. While it waits, a login is refused without checking
+  (known or not: the answer must not tell which names exist), or `address_failures` from one client
+  address (0 = not counted: behind a reverse proxy every login comes from the proxy), that name (or
+  address) may not try again for `lockout_s`, doubled for each further lockout up to 30 minutes; a correct login resets its name. While it waits, a login is refused without checking
   the password (429, `Retry-After`), so a guess made then is never tested. Kept in memory (a restart
   forgets it) and bounded (the oldest entries are dropped past 10,000 names or addresses).
 * `AuditLog` appends one JSON line per access (time, user, client, action, study and series UID,
@@ -104,17 +104,18 @@ class LoginThrottle:
     Parameters
     ----------
     failures
-        Wrong logins in a row for one user name before it waits; one address waits after four times as many.
+        Wrong logins in a row for one user name before it waits.
     lockout_s
         The first wait; each further lockout of the same name or address doubles it, up to `MAX_LOCKOUT_S`.
+    address_failures
+        Wrong logins in a row from one client address before it waits (0 = addresses are not counted).
     """
 
     MAX_LOCKOUT_S = 1800.0
     MAX_ENTRIES = 10_000
-    ADDRESS_FACTOR = 4
 
-    def __init__(self, failures: int, lockout_s: float) -> None:
-        self.failures, self.lockout_s = failures, lockout_s
+    def __init__(self, failures: int, lockout_s: float, address_failures: int = 0) -> None:
+        self.failures, self.lockout_s, self.address_failures = failures, lockout_s, address_failures
         self._lock = threading.Lock()
         # key -> [failures since the last lockout, lockouts so far, locked until (monotonic seconds)]
         self._by_key: dict[str, list[float]] = {}
@@ -131,7 +132,9 @@ class LoginThrottle:
         t = time.monotonic() if now is None else now
         wait = 0.0
         with self._lock:
-            for key, limit in zip(self._keys(name, address), (self.failures, self.failures * self.ADDRESS_FACTOR)):
+            for key, limit in zip(self._keys(name, address), (self.failures, self.address_failures)):
+                if limit <= 0:
+                    continue
                 entry = self._by_key.pop(key, [0, 0, 0.0])
                 self._by_key[key] = entry  # most recently used last: the oldest are dropped first
                 entry[0] += 1
