@@ -5,11 +5,13 @@ A checkpoint is a dict saved with `torch.save` (atomically: temp file, then rena
     {"phase": 1 | 2, "epoch": last finished epoch (0-based), "step": optimiser steps so far,
      "model": state_dict (never DDP-wrapped), "optimizer": ..., "scaler": ..., "scheduler": ...,
      "config": TrainConfig as a dict, "metrics": {...this epoch...}, "history": [...per epoch...],
-     "best": {"epoch": ..., "value": ..., "criterion": ...}, "git_revision": "<sha>" or "unknown"}
+     "best": {"epoch": ..., "value": ..., "criterion": ...},
+     "git_revision": "<sha>", "<sha>-dirty" or "unknown (source sha256 <16 hex digits>)"}
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from pathlib import Path
@@ -17,17 +19,40 @@ from typing import Any
 
 import torch
 
-__all__ = ["git_revision", "save_checkpoint", "load_checkpoint", "resume_state"]
+__all__ = ["git_revision", "source_digest", "save_checkpoint", "load_checkpoint", "resume_state"]
+
+
+#: the packages whose code decides what a trained model is: the training loop, the shared preprocessing and
+#: model code the node runs, the export
+_SOURCE_PACKAGES = ("dicom_node_training", "dicom_node_export", "dicom_node/imaging", "dicom_node/model")
+
+
+def source_digest() -> str:
+    """sha256 (first 16 hex digits) of the Python sources of `_SOURCE_PACKAGES`, path and bytes, in path order:
+    names the code a run was trained with when git cannot (a copy of the tree, an installed package)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for package in _SOURCE_PACKAGES:
+        for f in sorted((root / package).rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def git_revision() -> str:
-    """`git rev-parse HEAD` of the source tree, or "unknown" outside a git checkout."""
+    """The code a run is trained with, for its checkpoints and the bundle's model card: `git rev-parse HEAD`,
+    with `-dirty` when tracked files differ from it (the commit alone would not reproduce the run); outside a
+    git checkout `unknown (source sha256 <source_digest>)`."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10, check=True)
-        return out.stdout.strip() or "unknown"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        head, changed = "", ""
+    if head:
+        return f"{head}-dirty" if changed else head
+    return f"unknown (source sha256 {source_digest()})"
 
 
 def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:

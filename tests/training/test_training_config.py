@@ -202,3 +202,20 @@ def test_learning_rate_schedules():
     with pytest.raises(ConfigError, match=r"phase1\.lr_schedule: 'step' is not one of 'constant', 'cosine'"):
         load_config("tiny", overrides={"phase1": {"lr_schedule": "step"}})
 
+
+
+def test_the_revision_a_run_records_names_its_code_in_git_and_outside_it(monkeypatch):
+    import re
+
+    from dicom_node_training.checkpoint import git_revision, source_digest
+
+    import shutil
+    from pathlib import Path
+
+    # in a git checkout: the commit, marked -dirty when tracked files differ from it
+    if shutil.which("git") and (Path(__file__).resolve().parents[2] / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", git_revision())
+    # no git (a copied tree, an installed package): a digest of the sources instead of a bare "unknown"
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert git_revision() == f"unknown (source sha256 {source_digest()})"
+    assert re.fullmatch(r"[0-9a-f]{16}", source_digest()) and source_digest() == source_digest()
