@@ -131,6 +131,7 @@ def run_job(ctx: JobContext) -> JobResult:
     """The worker's job body (see module docstring)."""
     t0 = time.perf_counter()
     predictor = predictor_for(ctx.config, ctx.bundle)
+    predictor.check_available()  # a Triton server that is away: deferred before the series is loaded
     timings: dict[str, float] = {}
 
     def mark(stage: str) -> None:

@@ -242,6 +242,10 @@ class Predictor:
             raise InferenceError(f"series {windows.series_instance_uid}: windows array has shape {tuple(arr.shape)}; "
                                  f"bundle {m.name} expects (N >= 1, {', '.join(map(str, expect))})")
 
+    def check_available(self) -> None:
+        """Raise `BackendUnavailable` when the engine cannot run now (a remote server that does not answer), so a
+        job is deferred before its series is loaded and preprocessed; the local engine always can."""
+
     def predict(self, windows: Windows) -> Prediction:
         self.check_windows(windows)
         if self.manifest.family == "shi2020":

@@ -218,12 +218,22 @@ class TritonPredictor(Predictor):
                         note="the node starts and receives; jobs wait for the server (job_deferred), and the "
                              "server is checked against the manifest when it first answers")
 
-    def predict(self, windows: Windows) -> Prediction:
-        """As `Predictor.predict`; the first call after a start without the server runs the start checks first."""
+    def check_available(self) -> None:
+        """The start checks when they have not run yet (a start without the server), else one liveness request:
+        `BackendUnavailable` when the server does not answer, before the job loads its series."""
         if not self._connected:
             with self._connect_lock:
                 if not self._connected:
                     self._connect()
+        elif not self._live():
+            raise BackendUnavailable(f"Triton server {self.settings.where}: does not answer a liveness request; "
+                                     "the job runs again by itself ([worker] retry_unavailable_s) or at once with "
+                                     "`dicom-node resend`")
+
+    def predict(self, windows: Windows) -> Prediction:
+        """As `Predictor.predict`; the first call after a start without the server runs the start checks first."""
+        if not self._connected:
+            self.check_available()
         return super().predict(windows)
 
     def _connect(self) -> None:

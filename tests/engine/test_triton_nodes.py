@@ -210,6 +210,7 @@ def test_a_server_killed_mid_job_defers_the_job_which_is_delivered_once_by_itsel
         (job,) = st.jobs()
         second = wait_until(lambda: deferred()[1:], 60, "a second try, deferred again")[0]
         assert (second["attempt"], second["retry_in_s"]) == (2, 2.0)  # the wait doubles
+        assert "does not answer a liveness request" in second["error"]  # checked before loading the series
         assert st.job(job.id).state is JobState.QUEUED and "Triton server" in (st.job(job.id).error or "")
         assert _srs(storescp.outdir) == [] and not [e for e in node.events() if e.get("event") == "job_failed"]
         with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:

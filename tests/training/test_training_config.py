@@ -206,11 +206,10 @@ def test_learning_rate_schedules():
 
 def test_the_revision_a_run_records_names_its_code_in_git_and_outside_it(monkeypatch):
     import re
-
-    from dicom_node_training.checkpoint import git_revision, source_digest
-
     import shutil
     from pathlib import Path
+
+    from dicom_node_training.checkpoint import git_revision, source_digest
 
     # in a git checkout: the commit, marked -dirty when tracked files differ from it
     if shutil.which("git") and (Path(__file__).resolve().parents[2] / ".git").exists():
