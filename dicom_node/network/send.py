@@ -165,6 +165,27 @@ def _probe(dest: Destination, timeout: float, ctx: ssl.SSLContext | None) -> Non
         sock.close()
 
 
+def _keep_responses_for_the_caller(assoc: Association) -> None:
+    """Let only the thread that sent a request take its response off the association's DIMSE queue.
+
+    pynetdicom's requestor runs a reactor thread that polls that queue (`get_msg(block=False)`) for requests
+    from the peer, and `send_c_store` pauses it around each request with an Event. The pause has a gap: the
+    `set()` ending one C-STORE wakes the reactor, and when the next C-STORE's `clear()` follows at once, the
+    woken reactor still runs one poll while the sender already waits. A response that arrives within that
+    poll (a peer answering in well under a millisecond on a Nagle-free socket) is taken by the reactor, logged
+    as "Received unexpected C-STORE service message" and dropped; the sender then waits out the DIMSE
+    timeout and every following instance of the association fails ("no response"). A CI run of the demo hit
+    it on the second study. The node's SCU serves no requests from its peers, so the reactor's poll gets
+    nothing; the senders' blocking waits get every message."""
+    dimse = assoc.dimse
+    take = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        return take(block=True) if block else (None, None)
+
+    dimse.get_msg = get_msg  # type: ignore[method-assign]
+
+
 def associate(ae: AE, dest: Destination, calling_aet: str, config: Config | None) -> Association:
     """Open the node's SCU association to `dest` with Nagle's algorithm off; returns it established, or
     raises a SendError naming why not (rejected and by whom, no accepted context, TLS, unreachable) with
@@ -198,6 +219,7 @@ def associate(ae: AE, dest: Destination, calling_aet: str, config: Config | None
         _probe(dest, _connect_timeout(config), ctx)
         raise SendError(f"{dest}: association failed: {type(e).__name__}: {e}", "aborted") from None
     if assoc.is_established:
+        _keep_responses_for_the_caller(assoc)
         return assoc
     if assoc.is_rejected:
         result, source, reason = seen.get("rj", ("rejected", "unknown source", "no reason given"))

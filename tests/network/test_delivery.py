@@ -324,3 +324,29 @@ def test_send_back_to_sender_returns_results_to_a_listed_peer_and_to_no_one_else
     wait_until(lambda: len(node.state.jobs(JobState.DONE)) == 2, 60, "the unlisted sender's study analysed")
     other = next(j for j in node.state.jobs(JobState.DONE) if j.id != job.id)
     assert node.state.deliveries(other.id) == []  # not a peer: its results go nowhere
+
+
+def test_the_scu_reactor_never_takes_a_response_meant_for_the_sending_thread(storescp):
+    """pynetdicom's requestor reactor polls the DIMSE queue; a response it takes there is dropped ("Received
+    unexpected C-STORE service message") and the sender waits out the DIMSE timeout. On the node's SCU
+    association a queued response stays for the thread that waits for it."""
+    import time
+
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.sop_class import Verification
+
+    from dicom_node.network.send import associate, client_ae
+
+    ae = client_ae(None, "PENODE")
+    ae.add_requested_context(Verification)
+    assoc = associate(ae, Destination(storescp.aet, "127.0.0.1", storescp.port), "PENODE", None)
+    try:
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo, rsp.Status = 1, 0x0000
+        assoc.dimse.msg_queue.put((1, rsp))  # as if the peer had answered a C-STORE this instant
+        time.sleep(0.2)  # the reactor polls every millisecond
+        assert assoc.dimse.msg_queue.qsize() == 1
+        assert assoc.dimse.get_msg(block=True) == (1, rsp)
+        assert assoc.send_c_echo().Status == 0x0000  # requests and their answers still flow
+    finally:
+        assoc.release()
