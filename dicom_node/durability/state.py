@@ -802,15 +802,6 @@ class State:
                 sql, args = sql + " AND id=?", [*args, job_id]
             return c.execute(sql, args).rowcount
 
-    def requeue_failed_job(self, job_id: int) -> JobRow:
-        """failed -> queued by an operator (`dicom-node resend` of a job that failed before its results were
-        built): its attempts start again from 0, so the tries of `[worker] retry_unavailable_max` are fresh,
-        as a resent delivery's attempts are."""
-        with self._tx() as c:
-            self._job_transition(c, job_id, JobState.QUEUED, stage="requeued")
-            c.execute("UPDATE jobs SET attempts=0, not_before=0 WHERE id=?", (job_id,))
-            return _job(c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
-
     def request_rerun(self, job_id: int) -> None:
         with self._tx() as c:
             c.execute("UPDATE jobs SET rerun_requested=1 WHERE id=?", (job_id,))

@@ -140,6 +140,6 @@ def resend_job(cfg: Config, st: State, job_id: int, to: str | None = None) -> Ac
         lines.append(f"job {job.id}: {n} delivery(ies) pending again: "
                      + ", ".join(d.destination for d in st.deliveries(job.id, DeliveryState.PENDING)))
     else:
-        st.requeue_failed_job(job.id)
+        st.transition(job.id, JobState.QUEUED, stage="requeued")
         lines.append(f"job {job.id}: queued to run again")
     return ActionResult(0, tuple(lines))

@@ -118,20 +118,6 @@ def test_a_deferred_job_waits_until_its_time_keeps_its_attempts_and_runs_at_once
         st.defer_job(st.create_job("1.3", "1"), not_before=0.0, error="x")  # only a running job is deferred
 
 
-def test_a_failed_job_resent_by_an_operator_gets_fresh_attempts(tmp_path):
-    st = State(tmp_path / "s.sqlite")
-    job = st.create_job("1.1", "1")
-    for t in (1000.0, 1100.0, 1200.0):  # three tries while the backend was away, the last one fails the job
-        assert st.claim_next_job(now=t).id == job
-        if t < 1200.0:
-            st.defer_job(job, not_before=t + 50.0, error="BackendUnavailable: down")
-    st.transition(job, JobState.FAILED, error="BackendUnavailable: down")
-    assert st.job(job).attempts == 3
-    again = st.requeue_failed_job(job)
-    assert (again.state, again.attempts, again.not_before) == (JobState.QUEUED, 0, 0.0) and "requeued" in again.times
-    assert st.claim_next_job(now=1300.0).attempts == 1  # the worker's retry_unavailable_max counts from here
-
-
 def test_completion_waits_for_quiet_and_reruns_once(tmp_path):
     st = State(tmp_path / "s.sqlite")
     st.add_instance(_row("1.2.3.1", t=100.0))
