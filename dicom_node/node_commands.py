@@ -361,7 +361,7 @@ def _status_rows(args: argparse.Namespace, st: State) -> list[dict[str, Any]]:
         ds = by_job.get(j.id, [])
         errors = [d.last_error.removeprefix(f"{d.destination}: ") for d in ds
                   if d.last_error and d.state is not DeliveryState.DONE]
-        waiting = j.state is JobState.QUEUED and j.not_before > 0  # deferred: its inference backend did not answer
+        waiting = j.deferred  # its inference backend did not answer
         last_error = errors[-1] if errors else (j.error if j.state is JobState.FAILED or waiting else None)
         rows.append({
             "job_id": j.id, "study_uid": j.study_uid, "series_uid": j.series_uid, "revision": j.revision,

@@ -292,6 +292,11 @@ class JobRow:
     #: a queued job runs no earlier than this (unix time; 0 = at once): set by `defer_job`
     not_before: float = 0.0
 
+    @property
+    def deferred(self) -> bool:
+        """Queued and waiting for its inference backend (`defer_job`) rather than for a worker."""
+        return self.state is JobState.QUEUED and self.not_before > 0
+
 
 @dataclass(frozen=True)
 class JobOutcome:

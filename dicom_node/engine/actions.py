@@ -97,7 +97,7 @@ def resend_job(cfg: Config, st: State, job_id: int, to: str | None = None) -> Ac
     if notified:
         lines.append(f"job {job.id}: {notified} notification(s) pending again: "
                      + ", ".join(n.target for n in st.notifications(job.id) if n.state.value == "pending"))
-    if job.state is JobState.QUEUED and job.not_before > 0 and st.run_deferred_now(job.id):
+    if job.deferred and st.run_deferred_now(job.id):
         wait = time.strftime("%H:%M:%S", time.localtime(job.not_before))
         lines.append(f"job {job.id}: was waiting for its inference backend (next try at {wait}); it runs now")
         return ActionResult(0, tuple(lines))

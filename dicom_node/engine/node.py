@@ -94,8 +94,8 @@ def recover(config: Config, state: State, spool: Spool) -> dict[str, int]:
     """Resume every unfinished job after a restart; return counts of what was resumed."""
     log = get_logger("dicom_node.engine.node")
     counts = {"temp_files_removed": spool.sweep_temp_files(), "requeued": 0, "resent": 0, "reruns": 0,
-              # jobs deferred while the inference backend did not answer run at once: a node with a Triton
-              # engine starts only when its server answers (`TritonEngine._check_server`)
+              # jobs deferred while the inference backend did not answer are tried at once: a restart is what an
+              # admin does after fixing the server (a try that still finds it away is deferred again)
               "deferred_run_now": state.run_deferred_now()}
     for j in state.jobs(JobState.RUNNING):
         state.transition(j.id, JobState.QUEUED, stage="requeued")

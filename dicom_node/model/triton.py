@@ -226,9 +226,7 @@ class TritonPredictor(Predictor):
                 if not self._connected:
                     self._connect()
         elif not self._live():
-            raise BackendUnavailable(f"Triton server {self.settings.where}: does not answer a liveness request; "
-                                     "the job runs again by itself ([worker] retry_unavailable_s) or at once with "
-                                     "`dicom-node resend`")
+            raise self._refuse(f"does not answer a liveness request; {_RUNS_AGAIN}", unavailable=True)
 
     def predict(self, windows: Windows) -> Prediction:
         """As `Predictor.predict`; the first call after a start without the server runs the start checks first."""
@@ -282,8 +280,10 @@ class TritonPredictor(Predictor):
             self._drop_client()
             return False
 
-    def _refuse(self, what: str) -> InferenceError:
-        return InferenceError(f"Triton server {self.settings.where}: {what}")
+    def _refuse(self, what: str, *, unavailable: bool = False) -> InferenceError:
+        """`InferenceError` naming the server and `what`; `BackendUnavailable` (the job is deferred) when the
+        server does not answer (`unavailable`)."""
+        return (BackendUnavailable if unavailable else InferenceError)(f"Triton server {self.settings.where}: {what}")
 
     def _check_server(self) -> int:
         """Live, both models ready, parameters and signatures equal to the manifest; returns stage 1's max batch."""
@@ -292,10 +292,10 @@ class TritonPredictor(Predictor):
             live = c.live()
         except Exception as exc:  # tritonclient raises its own and socket errors
             self._drop_client()
-            raise BackendUnavailable(f"Triton server {self.settings.where}: not reachable ({_cause(exc)}); start the "
-                                     "server or fix inference.triton_url and inference.triton_protocol") from None
+            raise self._refuse(f"not reachable ({_cause(exc)}); start the server or fix inference.triton_url and "
+                               "inference.triton_protocol", unavailable=True) from None
         if not live:
-            raise BackendUnavailable(f"Triton server {self.settings.where}: is not live; check the server's log")
+            raise self._refuse("is not live; check the server's log", unavailable=True)
         max_batch = 0
         for stage, graph in (("stage1", m.stage1), ("stage2", m.stage2)):
             name = self.models[stage]
@@ -357,12 +357,11 @@ class TritonPredictor(Predictor):
             # a fresh connection for the next request of this thread: a gRPC channel to a server that went away
             # backs off before it reconnects, and the job's re-run should find the server as soon as it is back
             self._drop_client()
-            failed = f"Triton server {self.settings.where}: {stage} request to model {name} failed ({_cause(exc)})"
+            failed = f"{stage} request to model {name} failed ({_cause(exc)})"
             if not self._live():
-                raise BackendUnavailable(f"{failed}; the server does not answer: the job runs again by itself "
-                                         "([worker] retry_unavailable_s) or at once with `dicom-node resend`") from None
-            raise InferenceError(f"{failed}; the server is live: check its log, then `dicom-node resend` "
-                                 "runs the job again") from None
+                raise self._refuse(f"{failed}; the server does not answer: {_RUNS_AGAIN}", unavailable=True) from None
+            raise self._refuse(f"{failed}; the server is live: check its log, then `dicom-node resend` runs the job "
+                               "again") from None
         batch = next(iter(feed.values())).shape[0]
         arrays = []
         for spec in graph.outputs:
@@ -382,6 +381,10 @@ class TritonPredictor(Predictor):
                 "mask": np.ascontiguousarray(mask[None], dtype=np.float32)}
         wl, sl, att = self._run("stage2", feed, g)
         return wl[0], sl[0], att[0]
+
+
+#: what a deferred job does (`BackendUnavailable`), in the messages that defer it
+_RUNS_AGAIN = "the job runs again by itself ([worker] retry_unavailable_s) or at once with `dicom-node resend`"
 
 
 def _port_open(url: str, timeout_s: float) -> bool:

@@ -132,8 +132,8 @@ class Receiver:
         self.counters = _Counters(on_stored, on_refused)
         self.log = get_logger("dicom_node.network.receive")
         self.server: GuardedServer | None = None
-        # duplicates per association (the pynetdicom Association object) and series: counted, logged at its end
-        # per association: (kind, key) -> [count, first detail]; reported when the association ends
+        # per association (the pynetdicom Association object): (kind, key) -> [count, first detail] of its
+        # duplicates, ignored instances and refusals; reported when the association ends (`_report_counts`)
         self._counted: dict[object, dict[tuple[str, str], list]] = {}
         self._counted_lock = threading.Lock()
 

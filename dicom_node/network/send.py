@@ -121,6 +121,11 @@ def _tls_context(dest: Destination, config: Config | None) -> ssl.SSLContext | N
     return client_ssl_context(config)
 
 
+def _tls_reason(e: OSError) -> str:
+    """An SSL error's short reason (`CERTIFICATE_VERIFY_FAILED`, `TLSV13_ALERT_CERTIFICATE_REQUIRED`), else its text."""
+    return getattr(e, "reason", None) or str(e) or type(e).__name__
+
+
 def _probe(dest: Destination, timeout: float, ctx: ssl.SSLContext | None) -> None:
     """Open (and close) a TCP connection, and the TLS handshake when `ctx`; SendError naming the cause."""
     try:
@@ -143,8 +148,7 @@ def _probe(dest: Destination, timeout: float, ctx: ssl.SSLContext | None) -> Non
             try:
                 tls = ctx.wrap_socket(sock, server_hostname=None)
             except (ssl.SSLError, OSError) as e:
-                reason = getattr(e, "reason", None) or str(e) or type(e).__name__
-                raise SendError(f"{dest}: TLS handshake failed ({reason}); check that the peer speaks TLS on port "
+                raise SendError(f"{dest}: TLS handshake failed ({_tls_reason(e)}); check that the peer speaks TLS on port "
                                 f"{dest.port} and that [tls] cert/key/ca match it", "tls_failed") from None
             try:
                 # TLS 1.3: the client's handshake ends before the server has checked the client's certificate;
@@ -153,8 +157,7 @@ def _probe(dest: Destination, timeout: float, ctx: ssl.SSLContext | None) -> Non
                 tls.settimeout(min(timeout, 2.0))
                 tls.recv(1)
             except ssl.SSLError as e:
-                reason = getattr(e, "reason", None) or str(e) or type(e).__name__
-                raise SendError(f"{dest}: the peer refused this node's TLS certificate ({reason}); make the peer "
+                raise SendError(f"{dest}: the peer refused this node's TLS certificate ({_tls_reason(e)}); make the peer "
                                 "trust the CA of [tls] cert (or set [tls] cert/key to a certificate it trusts)",
                                 "tls_failed") from None
             except OSError:

@@ -14,8 +14,9 @@
 * `LoginThrottle` slows password guessing: after `failures` wrong logins in a row for one user name
   (known or not: the answer must not tell which names exist), or `address_failures` from one client
   address (0 = not counted: behind a reverse proxy every login comes from the proxy), that name (or
-  address) may not try again for `lockout_s`, doubled for each further lockout up to 30 minutes; a correct login resets its name. While it waits, a login is refused without checking
-  the password (429, `Retry-After`), so a guess made then is never tested. Kept in memory (a restart
+  address) may not try again for `lockout_s`, doubled for each further lockout up to 30 minutes; a
+  correct login resets its name. While it waits, a login is refused without checking the password
+  (429, `Retry-After`), so a guess made then is never tested. Kept in memory (a restart
   forgets it) and bounded (the oldest entries are dropped past 10,000 names or addresses).
 * `AuditLog` appends one JSON line per access (time, user, client, action, study and series UID,
   outcome) to its own file, not to the operational log. UIDs are not patient identity; names,

@@ -117,7 +117,7 @@ def display_state(series_state: SeriesState, job: JobRow | None) -> str:
         return "receiving"
     if series_state is SeriesState.SKIPPED:
         return "refused"
-    if job is not None and job.state is JobState.QUEUED and job.not_before > 0:
+    if job is not None and job.deferred:
         return "waiting for the model server"  # deferred: its Triton server did not answer (`job_deferred`)
     if job is None or job.state is JobState.QUEUED:
         return "queued"
