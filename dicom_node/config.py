@@ -127,7 +127,7 @@ class WorkerConfig:
     concurrency: int = field(default=1, metadata=_doc("Jobs run at the same time (each job may use several cores)"))
     poll_s: float = field(default=0.2, metadata=_doc("How often the completion scheduler and the queues are polled"))
     retry_unavailable_s: float = field(default=30.0, metadata=_doc("Wait before a job whose inference backend (a Triton server) did not answer runs again; doubles with each try, at most 15 minutes"))
-    retry_unavailable_max: int = field(default=10, metadata=_doc("Tries after the first for a job whose inference backend does not answer (about 90 minutes with the default wait); then the job fails and `dicom-node resend` runs it. 0 = fail at once"))
+    retry_unavailable_max: int = field(default=10, metadata=_doc("Tries after the first for a job whose inference backend does not answer (about 90 minutes with the default wait); then the job fails and `dicom-node resend` runs it with fresh tries (a restart keeps the count). 0 = fail at once"))
 
 
 @dataclass(frozen=True)

@@ -291,6 +291,9 @@ class JobRow:
     priority_score: float | None = None
     #: a queued job runs no earlier than this (unix time; 0 = at once): set by `defer_job`
     not_before: float = 0.0
+    #: runs deferred since the job was last queued by hand (`resend`): what `[worker] retry_unavailable_max`
+    #: counts; `attempts` keeps counting every run of the job's life
+    deferrals: int = 0
 
     @property
     def deferred(self) -> bool:
@@ -415,6 +418,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               _statements(_PRIORITY_AND_NOTIFICATIONS)),
     Migration(5, "jobs.not_before: a queued job deferred while its inference backend did not answer waits until then",
               ("ALTER TABLE jobs ADD COLUMN not_before REAL NOT NULL DEFAULT 0",)),
+    Migration(6, "jobs.deferrals: runs deferred since the job was last queued by hand; `resend` gives fresh tries",
+              ("ALTER TABLE jobs ADD COLUMN deferrals INTEGER NOT NULL DEFAULT 0",)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 assert [m.version for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1)), "MIGRATIONS: versions 1, 2, ... in order"
@@ -502,7 +507,7 @@ def _job(r: sqlite3.Row) -> JobRow:
     return JobRow(r["id"], r["series_uid"], r["study_uid"], JobState(r["state"]), r["attempts"], r["priority"],
                   r["revision"], bool(r["rerun_requested"]), tuple(json.loads(r["predecessor_result_uids"])),
                   tuple(json.loads(r["result_uids"])), r["error"], json.loads(r["times"]),
-                  r["priority_class"], r["priority_reason"], r["priority_score"], r["not_before"])
+                  r["priority_class"], r["priority_reason"], r["priority_score"], r["not_before"], r["deferrals"])
 
 
 def _series(r: sqlite3.Row) -> SeriesRow:
@@ -765,8 +770,12 @@ class State:
         if stage:
             times[stage] = at or time.time()
         attempts = r["attempts"] + (1 if to is JobState.RUNNING else 0)
-        _move(c, JOB_MACHINE, job_id, to, "error=?, times=?, attempts=?, result_uids=COALESCE(?, result_uids)",
-              (error, json.dumps(times), attempts, json.dumps(list(result_uids)) if result_uids is not None else None))
+        # failed -> queued is `resend`: the job's tries while its inference backend is away count afresh
+        deferrals = 0 if r["state"] == JobState.FAILED.value and to is JobState.QUEUED else r["deferrals"]
+        _move(c, JOB_MACHINE, job_id, to,
+              "error=?, times=?, attempts=?, deferrals=?, result_uids=COALESCE(?, result_uids)",
+              (error, json.dumps(times), attempts, deferrals,
+               json.dumps(list(result_uids)) if result_uids is not None else None))
         return _job(c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
 
     def claim_next_job(self, now: float | None = None) -> JobRow | None:
@@ -785,12 +794,12 @@ class State:
             return self._job_transition(c, r["id"], JobState.RUNNING, stage="started")
 
     def defer_job(self, job_id: int, *, not_before: float, error: str) -> JobRow:
-        """running -> queued until `not_before`: the inference backend did not answer. The job keeps its
-        attempts (the worker counts them against `[worker] retry_unavailable_max`) and `error` says why it
+        """running -> queued until `not_before`: the inference backend did not answer. `deferrals` counts
+        one more (the worker holds it against `[worker] retry_unavailable_max`) and `error` says why the job
         waits; its revision is decided again when it runs (`claim_next_job`)."""
         with self._tx() as c:
             self._job_transition(c, job_id, JobState.QUEUED, error=error, stage="deferred")
-            c.execute("UPDATE jobs SET not_before=? WHERE id=?", (not_before, job_id))
+            c.execute("UPDATE jobs SET not_before=?, deferrals=deferrals+1 WHERE id=?", (not_before, job_id))
             return _job(c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
 
     def deferred_job_count(self) -> int:
@@ -799,12 +808,17 @@ class State:
                                         (JobState.QUEUED.value,)).fetchone()[0])
 
     def run_deferred_now(self, job_id: int | None = None) -> int:
-        """Make deferred jobs due now (one, or all when `job_id` is None); returns how many were waiting."""
+        """Make deferred jobs due now (one, or all when `job_id` is None); returns how many were waiting.
+
+        One job is what `resend` asks for: it gets fresh tries (`deferrals` 0). All is what a restart
+        does: the jobs keep their count, so a node restarting in a loop while the server is away still
+        fails them in the end."""
         with self._tx() as c:
             sql = "UPDATE jobs SET not_before=0 WHERE state=? AND not_before>0"
             args: list[object] = [JobState.QUEUED.value]
             if job_id is not None:
-                sql, args = sql + " AND id=?", [*args, job_id]
+                sql, args = "UPDATE jobs SET not_before=0, deferrals=0 WHERE state=? AND not_before>0 AND id=?", \
+                    [*args, job_id]
             return c.execute(sql, args).rowcount
 
     def request_rerun(self, job_id: int) -> None:

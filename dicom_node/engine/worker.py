@@ -108,10 +108,10 @@ class JobBody:
 RETRY_UNAVAILABLE_CAP_S = 900.0
 
 
-def retry_delay(first_s: float, attempts: int) -> float:
-    """Seconds before the next try of a job deferred after its `attempts`-th run: `first_s` doubled for each
-    earlier deferral, at most `RETRY_UNAVAILABLE_CAP_S`."""
-    return float(min(first_s * 2.0 ** max(attempts - 1, 0), RETRY_UNAVAILABLE_CAP_S))
+def retry_delay(first_s: float, tries: int) -> float:
+    """Seconds before the next try of a job deferred after its `tries`-th try while the backend was away:
+    `first_s` doubled for each earlier deferral, at most `RETRY_UNAVAILABLE_CAP_S`."""
+    return float(min(first_s * 2.0 ** max(tries - 1, 0), RETRY_UNAVAILABLE_CAP_S))
 
 
 def destinations_for(config: Config, calling_aet: str) -> list[Destination]:
@@ -190,10 +190,10 @@ class Worker(BackgroundLoop):
         except Exception as e:
             err = error_text(e)  # another library's message may quote a field value: not into the log or database
             tries = self.config.worker.retry_unavailable_max + 1
-            if getattr(e, "retry_later", False) and job.attempts < tries:
-                wait = retry_delay(self.config.worker.retry_unavailable_s, job.attempts)
+            if getattr(e, "retry_later", False) and job.deferrals + 1 < tries:
+                wait = retry_delay(self.config.worker.retry_unavailable_s, job.deferrals + 1)
                 self.state.defer_job(job.id, not_before=time.time() + wait, error=err)
-                log.warning("job_deferred", error=err, attempt=job.attempts, tries=tries, retry_in_s=round(wait, 1),
+                log.warning("job_deferred", error=err, attempt=job.deferrals + 1, tries=tries, retry_in_s=round(wait, 1),
                             note="the inference backend did not answer; the job runs again by itself")
                 return
             log.error("job_failed", error=err, stage="run", s=round(time.perf_counter() - t0, 3))

@@ -118,6 +118,24 @@ def test_a_deferred_job_waits_until_its_time_keeps_its_attempts_and_runs_at_once
         st.defer_job(st.create_job("1.3", "1"), not_before=0.0, error="x")  # only a running job is deferred
 
 
+def test_tries_while_the_backend_is_away_count_afresh_after_resend_while_attempts_count_the_jobs_whole_life(tmp_path):
+    st = State(tmp_path / "s.sqlite")
+    a = st.create_job("1.1", "1")
+    for t in (1000.0, 2000.0, 3000.0):
+        st.claim_next_job(now=t)
+        st.defer_job(a, not_before=t + 1, error="BackendUnavailable: down")
+    assert (st.job(a).deferrals, st.job(a).attempts) == (3, 3)
+    assert st.run_deferred_now() == 1 and st.job(a).deferrals == 3  # a restart runs it now but keeps the count
+    st.claim_next_job(now=4000.0)
+    st.finish_job(a, JobState.FAILED, error="BackendUnavailable: down")
+    resent = st.transition(a, JobState.QUEUED, stage="requeued")  # what `dicom-node resend` does
+    assert (resent.deferrals, resent.attempts) == (0, 4)
+    st.claim_next_job(now=5000.0)
+    st.defer_job(a, not_before=6000.0, error="BackendUnavailable: down")
+    assert st.job(a).deferrals == 1
+    assert st.run_deferred_now(a) == 1 and st.job(a).deferrals == 0  # `resend` of a waiting job: fresh tries too
+
+
 def test_completion_waits_for_quiet_and_reruns_once(tmp_path):
     st = State(tmp_path / "s.sqlite")
     st.add_instance(_row("1.2.3.1", t=100.0))
