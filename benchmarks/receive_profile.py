@@ -6,7 +6,8 @@ Runs an in-process node (stand-in job, quiet period of an hour so nothing is ana
 folder's `incoming/` as the temporary folder (as `dicom-node serve` does), sends the series of
 benchmarks/receive.py with dcmtk storescu (`TCP_NODELAY=1`), and prints the process's CPU seconds and,
 for each wrapped stage, the CPU seconds of the calling thread (`time.thread_time`), the wall seconds and
-the number of calls. Stages nest (the decision is part of handling a PDU), so they do not add up. By
+the number of calls, and the CPU seconds of each of the node's threads (the association's DUL thread,
+"run_reactor", does the whole receive path). Stages nest (the decision is part of handling a PDU), so they do not add up. By
 default the node's own C-STORE path (`fast_store = true`); `--pynetdicom` profiles pynetdicom's.
 
 On the node's path it also prints each instance's timeline (medians over the series): the sender's turn
@@ -25,11 +26,13 @@ import argparse
 import collections
 import functools
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -128,16 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     node = Node(cfg, run_job=sc_job).start()
     tempfile.tempdir = str(node.spool.incoming_dir)
     try:
+        threads = ThreadCpu().__enter__()
         c0, t0 = time.process_time(), time.perf_counter()
         r = subprocess.run(["/usr/bin/storescu", "-aec", "PENODE", "127.0.0.1", str(node.port), *map(str, files)],
                            capture_output=True, text=True, env=NO_NAGLE)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        threads.__exit__()
     finally:
         node.stop()
     if r.returncode != 0 or "E:" in r.stderr:
         raise RuntimeError(f"storescu failed: {r.stderr[-500:]}")
     print(f"{len(files)} instances: wall {wall:.2f} s, node process CPU {cpu:.2f} s, "
           f"load average {os.getloadavg()[0]:.1f}")
+    print("CPU by thread (from /proc; the association's threads summed by kind):")
+    for name, secs in threads.by_name():
+        if secs >= 0.005:
+            print(f"{secs:7.3f} s CPU  {name}")
     for label in ORDER:
         print(f"{CPU[label]:7.3f} s CPU  {WALL[label]:7.3f} s wall  {CALLS[label]:5d} calls  {label}")
     if fast:
@@ -147,6 +156,49 @@ def main(argv: list[str] | None = None) -> int:
               f"{scp_wall / len(files) * 1000:.2f} ms per instance (its start and association included); "
               f"the node {wall:.2f} s, ratio {scp_wall / wall:.2f}")
     return 0
+
+
+class ThreadCpu:
+    """CPU seconds (user + system, from /proc) of this process's threads while it runs, by Python thread
+    name with numbers dropped (the threads of each association add up under one name). Sampled every
+    20 ms, so that threads which end during the run (an association's) are counted too."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[str, float, float]] = {}  # tid -> (name, first CPU, last CPU)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="profile-sampler", daemon=True)
+
+    def __enter__(self) -> ThreadCpu:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self._sample()
+
+    def _sample(self) -> None:
+        names = {t.native_id: re.sub(r"[-_ ]?\d+", "", t.name) or t.name for t in threading.enumerate()}
+        tick = os.sysconf("SC_CLK_TCK")
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            tid, cpu = int(task.name), (int(fields[11]) + int(fields[12])) / tick
+            name, first, _ = self._seen.get(tid, (names.get(tid, "(not a Python thread)"), cpu, cpu))
+            self._seen[tid] = (names.get(tid, name), first, cpu)
+
+    def by_name(self) -> list[tuple[str, float]]:
+        out: collections.defaultdict[str, float] = collections.defaultdict(float)
+        for name, first, last in self._seen.values():
+            out[name] += last - first
+        return sorted(out.items(), key=lambda x: -x[1])
 
 
 def timeline(n: int) -> None:
