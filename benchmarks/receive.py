@@ -25,6 +25,12 @@ in the same call, alternating:
   so "storescp + durability alone" is what a receiver as fast as storescp would take with the node's
   durability: the best ratio any such receiver could reach on this disk.
 
+`--native` also builds `benchmarks/durable_scp.c` (a minimal native storage SCP with the node's
+durability: fragments to a file as they arrive, fsync of file, rename, fsync of folder, SQLite row in WAL
+mode with synchronous=FULL, then the response; needs `cc` and libsqlite3-dev) and runs it alternating with
+the others, twice: as it is, and with the kernel's write-back started for each fragment as it is written.
+It is what a receiver with no Python at all reaches with that durability on this machine.
+
 Loopback moves data at memory speed, so the ratio above compares CPU per instance more than anything
 a sender on a hospital network would notice. `--link-mbit 1000` runs the same comparison with the
 loopback interface shaped to a 1 Gb/s wire for the duration of the call (Linux `tc`, token bucket with
@@ -131,6 +137,36 @@ def durability_alone(files: list[Path]) -> float:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def build_native() -> Path:
+    """Compile benchmarks/durable_scp.c into a temporary folder; the executable's path."""
+    exe = Path(tempfile.mkdtemp(prefix="durable_scp_")) / "durable_scp"
+    r = subprocess.run(["cc", "-O2", "-o", str(exe), str(REPO / "benchmarks" / "durable_scp.c"), "-lsqlite3"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"--native: compiling benchmarks/durable_scp.c failed (needs cc and libsqlite3-dev):\n{r.stderr}")
+    return exe
+
+
+def native_run(exe: Path, files: list[Path], writeback: bool) -> tuple[float, float]:
+    """storescu -> the native durable SCP on `files`: (seconds, receiver CPU seconds)."""
+    work = Path(tempfile.mkdtemp(prefix="durable_scp_run_"))
+    port = free_port()
+    proc = subprocess.Popen([str(exe), str(port), str(work), *(["--writeback"] if writeback else [])])
+    try:
+        wait_for_port(port, proc=proc, timeout=10)
+        c0 = cpu_s(proc.pid)
+        t = storescu(port, "NATIVE", files)
+        cpu = cpu_s(proc.pid) - c0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    n = len(list(work.glob("*.dcm")))
+    shutil.rmtree(work, ignore_errors=True)
+    if n != len(files):
+        raise RuntimeError(f"native durable SCP kept {n} of {len(files)} instances")
+    return t, cpu
+
+
 def start_node(workdir: Path, repo: Path = REPO, python: str = sys.executable,
                fast_store: bool = True) -> tuple[subprocess.Popen, int]:
     port = free_port()
@@ -154,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="alternating runs per receiver; the median is reported")
     ap.add_argument("--baseline-repo", type=Path, default=None,
                     help="also run the node of this checkout (with its .venv), alternating, e.g. the main branch")
+    ap.add_argument("--native", action="store_true",
+                    help="also run benchmarks/durable_scp.c, a native receiver with the node's durability (needs cc)")
     ap.add_argument("--link-mbit", type=int, default=None, metavar="MBIT",
                     help="shape loopback to this many Mbit/s for the call, e.g. 1000 for gigabit Ethernet (root, tc)")
     args = ap.parse_args(argv)
@@ -178,6 +216,8 @@ def compare(args: argparse.Namespace, files: list[Path]) -> int:
     slow_t: list[float] = []
     slow_cpu: list[float] = []
     floor_t: list[float] = []
+    native: dict[bool, list[tuple[float, float]]] = {False: [], True: []}  # writeback -> (s, CPU s) per run
+    exe = build_native() if args.native else None
 
     def run_node(repo: Path, python: str, times: list[float], cpus: list[float], fast_store: bool = True) -> None:
         work = Path(tempfile.mkdtemp(prefix="recv_bench_"))
@@ -198,6 +238,9 @@ def compare(args: argparse.Namespace, files: list[Path]) -> int:
         run_node(REPO, sys.executable, node_t, node_cpu)
         run_node(REPO, sys.executable, slow_t, slow_cpu, fast_store=False)
         floor_t.append(durability_alone(files))
+        if exe is not None:
+            for writeback in (False, True):
+                native[writeback].append(native_run(exe, files, writeback))
         if args.baseline_repo:
             run_node(args.baseline_repo, str(args.baseline_repo / ".venv" / "bin" / "python"), base_t, base_cpu)
         scp_dir = Path(tempfile.mkdtemp(prefix="scp_bench_"))
@@ -213,7 +256,9 @@ def compare(args: argparse.Namespace, files: list[Path]) -> int:
         base = f", baseline node {base_t[-1]:.2f} s ({base_cpu[-1]:.2f} s CPU)" if base_t else ""
         print(f"run {rep + 1}: node {node_t[-1]:.2f} s ({node_cpu[-1]:.2f} s CPU), pynetdicom path {slow_t[-1]:.2f} s "
               f"({slow_cpu[-1]:.2f} s CPU){base}, storescp {scp_t[-1]:.2f} s ({scp_cpu[-1]:.2f} s CPU), durability "
-              f"alone {floor_t[-1]:.2f} s, load average {os.getloadavg()[0]:.1f}", flush=True)
+              f"alone {floor_t[-1]:.2f} s, load average {os.getloadavg()[0]:.1f}"
+              + (f", native durable SCP {native[False][-1][0]:.2f} s, with write-back {native[True][-1][0]:.2f} s"
+                 if exe is not None else ""), flush=True)
     tn, ts = statistics.median(node_t), statistics.median(scp_t)
     link = f"loopback shaped to {args.link_mbit} Mbit/s" if args.link_mbit else "loopback, not shaped"
     print(f"series: {len(files)} instances, {mb:.0f} MB ({args.size}x{args.size}, uncompressed); "
@@ -228,6 +273,11 @@ def compare(args: argparse.Namespace, files: list[Path]) -> int:
     print(f"durability alone (write, rename, fsync file + folder, SQLite row FULL; no network): {tf:.2f} s; storescp + "
           f"that = {ts + tf:.2f} s: the best ratio a receiver as fast as storescp could reach with this durability "
           f"is {ts / (ts + tf):.2f}; the node takes {tn - ts - tf:+.2f} s more than that")
+    if exe is not None:
+        for writeback, label in ((False, "native durable SCP (durable_scp.c):"), (True, "  the same, write-back per fragment:")):
+            tw, cw = (statistics.median(x) for x in zip(*native[writeback]))
+            print(f"{label:52s} {tw:.2f} s  {len(files) / tw:.0f} inst/s  {mb / tw:.0f} MB/s  receiver CPU {cw:.2f} s;"
+                  f" ratio to storescp {ts / tw:.2f}")
     if base_t:
         tb = statistics.median(base_t)
         print(f"baseline node ({args.baseline_repo}):  {tb:.2f} s  {len(files) / tb:.0f} inst/s  {mb / tb:.0f} MB/s"
