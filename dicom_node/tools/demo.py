@@ -299,7 +299,7 @@ def run_demo(out_dir: Path | None = None, *, bundle: str = "", prefer_orthanc: b
     from dicom_node.engine.node import Node
     from dicom_node.network.send import send_files
     from dicom_node.tools.pacs import free_port
-    from dicom_node.tools.render import render_files
+    from dicom_node.tools.render import render_file, result_kind
 
     t0 = time.perf_counter()
     configure_logging(json=False, level="INFO" if verbose else "WARNING")
@@ -350,13 +350,19 @@ def run_demo(out_dir: Path | None = None, *, bundle: str = "", prefer_orthanc: b
         by_study = _print_findings(studies, results)
         res_dir = out / "results"
         res_dir.mkdir()
+        study_name = {s.study_uid: s.name for s in studies}
+        rendered: list[Path] = []
         for d in results:
-            d.save_as(res_dir / f"{d.Modality}_{d.SOPInstanceUID}.dcm", enforce_file_format=True)
-        rendered = render_files(sorted(res_dir.glob("*.dcm")), out / "rendered")
-        pngs = [p for p in rendered if p.suffix == ".png"]
+            path = res_dir / f"{d.Modality}_{d.SOPInstanceUID}.dcm"
+            d.save_as(path, enforce_file_format=True)
+            # named for a person opening the folder: positive_report.txt, positive_heatmap_1.png, ...
+            stem = f"{study_name.get(str(d.StudyInstanceUID), 'other')}_{result_kind(d)}"
+            if any(p.stem == stem for p in rendered):  # a second object of that kind (a revision): keep both
+                stem = f"{stem}_{d.SOPInstanceUID}"
+            rendered.append(render_file(path, out / "rendered", stem))
         print(f"\nresults received by the PACS: {len(results)} objects, saved under {res_dir}")
-        print(f"heatmap and summary images as PNG: {len(pngs)} files under {out / 'rendered'}")
-        for p in pngs:
+        print(f"heatmap and summary images as PNG, each SR and key-image list as text, under {out / 'rendered'}:")
+        for p in sorted(rendered):
             print(f"  {p}")
         ok = (by_study["positive"]["pe_present_on_window"].present
               and not by_study["negative"]["pe_present_on_window"].present)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-__all__ = ["render_sr_text", "render_image", "render_file", "render_files"]
+__all__ = ["render_sr_text", "render_image", "render_file", "render_files", "result_kind"]
 
 
 def _code(item: Dataset | None) -> str:
@@ -101,14 +101,30 @@ def render_image(ds: Dataset) -> np.ndarray:
     return 255 - out if ds.get("PhotometricInterpretation") == "MONOCHROME1" else out
 
 
-def render_file(path: Path, out_dir: Path) -> Path:
-    """Render one DICOM file into `out_dir`; returns the written file."""
+def result_kind(ds: Dataset) -> str:
+    """What a result object is, as a word for a file name: "report" (the SR), "key_images" (the KOS),
+    "summary" (the summary chart SC), "heatmap_<InstanceNumber>" (a heatmap SC), else its modality."""
+    modality = str(ds.get("Modality", "")).upper()
+    if modality == "SR":
+        return "report"
+    if modality == "KO":
+        return "key_images"
+    if str(ds.get("ImageComments", "")).startswith("AI summary chart"):
+        return "summary"
+    if "PixelData" in ds or "ImageComments" in ds:
+        return f"heatmap_{ds.get('InstanceNumber', 0)}"
+    return modality.lower() or "object"
+
+
+def render_file(path: Path, out_dir: Path, stem: str | None = None) -> Path:
+    """Render one DICOM file into `out_dir` as `<stem>.png` or `<stem>.txt` (default stem: its
+    SOPInstanceUID); returns the written file."""
     import pydicom
     from PIL import Image
 
     ds = pydicom.dcmread(path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = str(ds.get("SOPInstanceUID", Path(path).stem))
+    stem = stem or str(ds.get("SOPInstanceUID", Path(path).stem))
     if "ContentSequence" in ds:
         target = out_dir / f"{stem}.txt"
         target.write_text(render_sr_text(ds))

@@ -36,6 +36,11 @@ def _check_end_to_end(r: subprocess.CompletedProcess, out: Path, pacs: str) -> N
     srs = list((out / "results").glob("SR_*.dcm"))
     pngs = list((out / "rendered").glob("*.png"))
     assert len(srs) == 2 and len(pngs) >= 4, (srs, pngs)
+    # named for the person opening the folder, and listed in the output
+    for name in ("positive_report.txt", "positive_heatmap_1.png", "positive_summary.png", "positive_key_images.txt",
+                 "negative_report.txt", "negative_summary.png"):
+        assert (out / "rendered" / name).is_file() and f"rendered/{name}" in r.stdout, name
+    assert "Pulmonary embolism (59282003, SCT) = " in (out / "rendered" / "positive_report.txt").read_text()
     assert (out / ".dicom-node-demo").is_file()  # marks the folder as the demo's own for a later run
 
 
