@@ -95,7 +95,8 @@ def test_a_radiologist_logs_in_sees_the_positive_study_first_with_its_heatmap_an
             "const i = document.querySelector('figure.heatmap img'); return i && i.complete && i.naturalWidth > 0;"))
         caption = browser.find_element(By.CSS_SELECTOR, "figure.heatmap figcaption").text
         assert "NOT FOR DIAGNOSTIC USE" in caption.upper() and "window" in caption
-        assert "central_pe" in browser.find_element(By.CSS_SELECTOR, "table.findings").text
+        findings = browser.find_element(By.CSS_SELECTOR, "table.findings").text
+        assert "Central PE central_pe" in findings and "PE (any window)" in findings  # the clinical name, then the id
         browser.set_window_size(1360, max(900, browser.execute_script("return document.body.scrollHeight") + 40))
         browser.save_screenshot(str(tmp_path / "worklist_study.png"))
 
