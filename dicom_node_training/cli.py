@@ -22,7 +22,8 @@ __all__ = ["main"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicom-node-train",
-        description="Train and evaluate the two-phase PE model (Ma et al. 2022) on RSNA-layout data; generate synthetic CTPA phantoms.",
+        description="Train and evaluate the two-phase PE models (Ma et al. 2022; Shi et al. 2020 with --family shi2020) "
+                    "on RSNA-layout data; generate synthetic CTPA phantoms.",
     )
     parser.add_argument("--version", action="version", version=tool_versions("dicom-node-train", ("torch",)),
                         help="print the package version and the torch it would train with, then exit")
@@ -111,9 +112,10 @@ def _run_phantom(args: argparse.Namespace) -> int:
 
 
 _FLOW = (
-    "The flow: cache (DICOM -> preprocessed uint8 windows, once) -> phase1 (3D ResNet-18 on 10-slice "
-    "windows, best validation AUROC kept) -> features (best phase-1 model -> per-window features) -> "
-    "phase2 (TCN/GRU + attention on sequences of 40, best validation loss kept) -> evaluate "
+    "The flow: cache (DICOM -> preprocessed uint8 windows, once) -> phase1 (Ma: 3D ResNet-18 on 10-slice "
+    "windows, best validation AUROC kept; Shi: attention-guided 2D ResNet-18 on 5-slice slabs) -> features "
+    "(best phase-1 model -> per-window features) -> phase2 (Ma: TCN/GRU + attention on sequences of 40, best "
+    "validation loss kept; Shi: bidirectional Conv-LSTM over the slabs) -> evaluate "
     "(RUN/report.json, report.md, ROC plots). `fit` runs them all and skips finished steps; each step "
     "is also its own subcommand on the same --out. Multi-GPU / multi-node: "
     "torchrun --nproc_per_node=G -m dicom_node_training.cli fit|phase1|... (DDP; rank 0 writes)."
@@ -178,7 +180,7 @@ def _add_fit(subparsers: _Subparsers) -> None:
 
 _STEP_HELP = {
     "cache": "split the studies (RUN/split.json) and preprocess every study once into RUN/cache",
-    "phase1": "train the 3D ResNet-18 window classifier (resumes from RUN/phase1/last.pt)",
+    "phase1": "train the window classifier, 3D ResNet-18 or Shi's 2D ResNet-18 (resumes from RUN/phase1/last.pt)",
     "features": "best phase-1 model -> RUN/features/<study>.npy (N, F) + <study>.probs.npy",
     "phase2": "train the sequence model on the features (resumes from RUN/phase2/last.pt)",
     "evaluate": "best phase-2 model on validation + test -> RUN/report.json, report.md, ROC plots",
