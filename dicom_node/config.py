@@ -20,6 +20,7 @@ raises `ConfigError` naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import typing
@@ -227,13 +228,14 @@ class WebConfig:
     tls: bool = field(default=False, metadata=_doc("Serve the HTTP port as HTTPS with the node's [tls] cert and key (needs them set)"))
     session_minutes: float = field(default=480.0, metadata=_doc("A login session ends after this many minutes without a request"))
     login_failures: int = field(default=5, metadata=_doc("Wrong logins in a row for one user name before it must wait login_lockout_s; the password of a login made during the wait is not checked"))
-    login_address_failures: int = field(default=20, metadata=_doc("Wrong logins in a row from one client address (any user names) before that address must wait login_lockout_s; 0 = addresses are not counted (set it behind a reverse proxy, where every login comes from the proxy's address and one user's typos would lock everyone out)"))
+    login_address_failures: int = field(default=20, metadata=_doc("Wrong logins in a row from one client address (any user names) before that address must wait login_lockout_s; 0 = addresses are not counted. Behind a reverse proxy list it in trusted_proxies (else every login comes from the proxy's address, and one user's typos would lock everyone out)"))
     login_lockout_s: float = field(default=60.0, metadata=_doc("The first wait after login_failures wrong logins; each further lockout of the same name or address doubles it, up to 30 minutes"))
     audit_log: str = field(default="", metadata=_doc("File the access audit log is appended to, one JSON line per page, API read or action: time, user, action, study and series UID, outcome (empty = data_dir/audit.log)"))
     refresh_s: int = field(default=30, metadata=_doc("The worklist page reloads itself after this many seconds (0 = never)"))
     max_connections: int = field(default=200, metadata=_doc("Most open connections on the HTTP port; one more evicts the oldest connection still sending its request head, so slow or half-sent requests cannot use up the node's file descriptors"))
     read_timeout_s: float = field(default=10.0, metadata=_doc("Seconds a client has to send a whole request (request line, headers and body) from its first byte or the connection; then the connection is closed"))
     keepalive_s: float = field(default=5.0, metadata=_doc("Seconds an idle keep-alive connection is kept open"))
+    trusted_proxies: tuple[str, ...] = field(default=(), metadata=_doc("Addresses or networks (CIDR) of reverse proxies in front of the HTTP port: from them, the client named in X-Forwarded-For (and the scheme in X-Forwarded-Proto) is believed, so the audit log and the login limits see each client rather than the proxy (empty = the header is believed from nobody, not even a local process)"))
 
 
 @dataclass(frozen=True)
@@ -561,6 +563,12 @@ def _validate_web(c: Config) -> None:
     if not 8 <= w.max_connections <= 10000:
         raise ConfigError(f"web.max_connections: {w.max_connections!r} is not allowed; 8-10000 (keep it well below the "
                           "process's open-file limit, `ulimit -n`)")
+    for i, proxy in enumerate(w.trusted_proxies):
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(f"web.trusted_proxies[{i}]: {proxy!r} is not an IP address or network; give the proxy's "
+                              "address (e.g. 10.0.0.5) or its network in CIDR (e.g. 10.0.0.0/24)") from None
     for key in ("read_timeout_s", "keepalive_s"):
         v = getattr(w, key)
         if not 0 < v <= 300:

@@ -58,6 +58,7 @@ class WebClient:
     port: int
     tls: ssl.SSLContext | None = None
     cookies: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every request (e.g. X-Forwarded-For)
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
                 timeout: float = 30) -> Answer:
@@ -65,7 +66,7 @@ class WebClient:
                                                                         timeout=timeout)
                                             if self.tls else http.client.HTTPConnection("127.0.0.1", self.port,
                                                                                         timeout=timeout))
-        h = dict(headers or {})
+        h = {**self.headers, **(headers or {})}
         if self.cookies:
             h["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
         try:

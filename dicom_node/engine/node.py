@@ -293,7 +293,8 @@ class Node:
         app = create_app(WebContext(c, self.state, self.spool, self.metrics, self.health, self.ready))
         return HttpServer(app, c.metrics_host, c.metrics_port, max_connections=c.web.max_connections,
                           read_timeout_s=c.web.read_timeout_s, keepalive_s=c.web.keepalive_s,
-                          certfile=c.tls.cert if c.web.tls else "", keyfile=c.tls.key if c.web.tls else "")
+                          certfile=c.tls.cert if c.web.tls else "", keyfile=c.tls.key if c.web.tls else "",
+                          trusted_proxies=c.web.trusted_proxies)
 
     def _abort_start(self) -> None:
         if self.metrics_server:

@@ -160,7 +160,8 @@ class HttpServer:
     """uvicorn serving `app` on `host:port` in a daemon thread (see the module docstring)."""
 
     def __init__(self, app: Any, host: str, port: int, *, max_connections: int = 200, read_timeout_s: float = 10.0,
-                 keepalive_s: float = 5.0, certfile: str = "", keyfile: str = "") -> None:
+                 keepalive_s: float = 5.0, certfile: str = "", keyfile: str = "",
+                 trusted_proxies: tuple[str, ...] = ()) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = _CappedListener(family, max_connections)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -181,7 +182,11 @@ class HttpServer:
                                 # above keeps them fewer, so it is only the backstop
                                 limit_concurrency=max_connections + 2 * batch + 1, ws="none", backlog=batch,
                                 ssl_certfile=certfile or None, ssl_keyfile=keyfile or None,
-                                server_header=False, date_header=True)
+                                server_header=False, date_header=True,
+                                # X-Forwarded-For only from the configured proxies: uvicorn's default believes
+                                # it from 127.0.0.1, where any local process could name any client
+                                proxy_headers=bool(trusted_proxies),
+                                forwarded_allow_ips=list(trusted_proxies) if trusted_proxies else None)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._serve, name="http", daemon=True)
         self._error: BaseException | None = None

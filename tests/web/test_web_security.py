@@ -91,6 +91,33 @@ def test_password_guessing_is_locked_out_per_name_and_per_address_without_testin
     assert {"alice", "mallory", "user6", "bob"} <= throttled and "user5" not in throttled
 
 
+def test_x_forwarded_for_names_the_client_only_when_it_comes_from_a_trusted_proxy(make_node, tmp_path):
+    forged = {"X-Forwarded-For": "203.0.113.9"}
+    http = free_port()
+    make_node([], **web_config(http, users=("alice",)))  # no trusted_proxies: a local process is not a proxy
+    assert WebClient(http, headers=forged).login("alice").status == 303
+    audit = [json.loads(line) for line in (tmp_path / "data" / "audit.log").read_text().splitlines()]
+    assert [a["client"] for a in audit if a["action"] == "login"] == ["127.0.0.1"]
+
+    http = free_port()
+    make_node([], data_dir=str(tmp_path / "behind-proxy"),
+              **web_config(http, users=("alice",), **{"web.trusted_proxies": ["127.0.0.0/8"],
+                                                     "web.login_address_failures": 2}))
+    # the proxy appends the address it saw; the nearest address that is not a trusted proxy is the client
+    first = {"X-Forwarded-For": "198.51.100.7, 203.0.113.9"}
+    assert [WebClient(http, headers=first).login(f"u{i}", "x").status for i in range(3)] == [401, 401, 429]
+    assert WebClient(http, headers={"X-Forwarded-For": "203.0.113.10"}).login("alice").status == 303  # not locked
+    assert WebClient(http, headers=first).login("alice").status == 429  # that client waits, whatever name it uses
+    audit = [json.loads(line) for line in (tmp_path / "behind-proxy" / "audit.log").read_text().splitlines()]
+    assert [a["client"] for a in audit if a["action"] == "login"] == ["203.0.113.9"] * 3 + ["203.0.113.10", "203.0.113.9"]
+
+
+def test_a_trusted_proxy_that_is_not_an_address_stops_the_start_with_one_line():
+    with pytest.raises(ConfigError, match=r"web.trusted_proxies\[1\]: '\*' is not an IP address or network; give the "
+                                          r"proxy's address \(e.g. 10.0.0.5\)"):
+        load_config(None, environ={}, overrides={"web.trusted_proxies": ["10.0.0.0/24", "*"]})
+
+
 def test_each_further_lockout_of_a_name_doubles_its_wait_up_to_30_minutes_and_a_login_resets_it():
     throttle, now, waits = LoginThrottle(2, 60.0, address_failures=0), 0.0, []
     for _ in range(7):  # 14 wrong logins from one address: with address_failures=0 only the name counts
