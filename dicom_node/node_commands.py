@@ -367,6 +367,7 @@ def _status_rows(args: argparse.Namespace, st: State) -> list[dict[str, Any]]:
             "job_id": j.id, "study_uid": j.study_uid, "series_uid": j.series_uid, "revision": j.revision,
             "received_at": _when(j.times.get("received")), "state": j.state.value,
             "next_try_at": _when(j.not_before) if waiting else None,
+            "backend_tries_failed": j.deferrals,  # tries while the inference backend was away, since the last resend
             "sr_uid": j.result_uids[0] if j.result_uids else None, "result_uids": list(j.result_uids),
             "error": j.error,
             "destinations": [{"destination": d.destination, "state": d.state.value, "attempts": d.attempts,
@@ -408,7 +409,7 @@ def _cmd_worklist(st: State, as_json: bool) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    _cfg, st = _state(args)
+    cfg, st = _state(args)
     if args.worklist:
         return _cmd_worklist(st, args.json)
     counts = st.job_counts()
@@ -443,8 +444,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 print(f"job {r['job_id']} {n['target']} notification dead after {n['attempts']} attempt(s): "
                       f"{_clip(n['last_error'] or '')}")
         if r["resend_command"] and r["next_try_at"]:
-            print(f"job {r['job_id']} waits for its inference backend (next try {r['next_try_at']}); "
-                  f"run it now with: {r['resend_command']}")
+            tries = cfg.worker.retry_unavailable_max + 1
+            print(f"job {r['job_id']} waits for its inference backend ({r['backend_tries_failed']} of {tries} tries "
+                  f"failed, next try {r['next_try_at']}); run it now with: {r['resend_command']}")
         elif r["resend_command"]:
             what = "failed" if r["state"] == "failed" else "has dead notifications"
             print(f"job {r['job_id']} {what}; re-send with: {r['resend_command']}")

@@ -115,6 +115,29 @@ def test_resend_runs_a_job_waiting_for_its_inference_backend_at_once(tmp_path):
     st.close()
 
 
+def test_status_says_a_waiting_job_has_used_how_many_of_its_tries_when_it_runs_next_and_how_to_run_it_now(tmp_path):
+    from dicom_node.durability.state import State
+
+    data = tmp_path / "data"
+    data.mkdir()
+    st = State(data / "state.sqlite")
+    job = st.create_job("1.2.3", "1.2")
+    for _ in range(2):
+        st.run_deferred_now()  # as a restart does: the count stays
+        st.claim_next_job()
+        st.defer_job(job, not_before=4102444800.0, error="BackendUnavailable: Triton server grpc://h:1: not answering")
+    rc, out, err = _cli("status", "--data-dir", str(data))
+    assert rc == 0, err
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(4102444800.0))
+    assert f"queued, next try {at[11:]}" in out and "BackendUnavailable: Triton server grpc://h:1" in out
+    assert (f"job {job} waits for its inference backend (2 of 11 tries failed, next try {at}); run it now with: "
+            f"dicom-node resend {job}") in out
+    rc, out, err = _cli("status", "--data-dir", str(data), "--json")
+    (row,) = json.loads(out)["jobs"]
+    assert (row["backend_tries_failed"], row["state"]) == (2, "queued")
+    st.close()
+
+
 def test_echo_with_config_calls_as_the_configured_ae_title(tmp_path):
     seen = []
     ae = AE(ae_title="ECHOPEER")
