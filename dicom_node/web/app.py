@@ -105,6 +105,13 @@ _CSP = ("default-src 'self'; img-src 'self'; script-src 'self'; style-src 'self'
         "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
 
+def over_https(request: Request) -> bool:
+    """The browser talks HTTPS: the node's own TLS (`[web] tls`: uvicorn serves https), or a reverse proxy's
+    X-Forwarded-Proto, which uvicorn turns into the scheme only for `[web] trusted_proxies`. Session
+    cookies are Secure and HSTS is sent then."""
+    return request.url.scheme == "https"
+
+
 def create_app(ctx: WebContext) -> FastAPI:
     cfg = ctx.config
     web = cfg.web
@@ -112,7 +119,6 @@ def create_app(ctx: WebContext) -> FastAPI:
                   openapi_url="/api/v1/openapi.json" if web.enabled else None,
                   description="Ranked PE worklist of the node: studies, jobs, findings, heatmap previews and the "
                               f"admin actions. {RESEARCH_USE_STATEMENT}")
-    tls = web.tls
 
     @app.middleware("http")
     async def secure_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -126,7 +132,7 @@ def create_app(ctx: WebContext) -> FastAPI:
         h["Permissions-Policy"] = "camera=(), microphone=(), geolocation=()"
         if not request.url.path.startswith("/static/"):
             h.setdefault("Cache-Control", "no-store")
-        if tls:
+        if over_https(request):
             h["Strict-Transport-Security"] = "max-age=31536000"
         return response
 
@@ -197,7 +203,8 @@ def _add_worklist(app: FastAPI, ctx: WebContext) -> None:  # noqa: C901 - one cl
         token = secrets.token_urlsafe(24)
         r = templates.TemplateResponse(request, "login.html", {"error": error, "next": next_url, "login_csrf": token},
                                        status_code=status)
-        r.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=web.tls, path="/login")
+        r.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=over_https(request),
+                     path="/login")
         if status == 401:
             r.headers["WWW-Authenticate"] = 'Bearer realm="dicom-node"'
         return r
@@ -274,7 +281,7 @@ def _add_worklist(app: FastAPI, ctx: WebContext) -> None:  # noqa: C901 - one cl
         audit.write(user=p.name, client=client(request), action="login", outcome="done")
         log.info("web_login", user=p.name, outcome="done")
         r = RedirectResponse(_safe_next(next), status_code=303)
-        r.set_cookie(SESSION_COOKIE, s.id, httponly=True, samesite="strict", secure=web.tls, path="/",
+        r.set_cookie(SESSION_COOKIE, s.id, httponly=True, samesite="strict", secure=over_https(request), path="/",
                      max_age=int(web.session_minutes * 60))
         r.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
         return r

@@ -111,6 +111,21 @@ def test_x_forwarded_for_names_the_client_only_when_it_comes_from_a_trusted_prox
     audit = [json.loads(line) for line in (tmp_path / "behind-proxy" / "audit.log").read_text().splitlines()]
     assert [a["client"] for a in audit if a["action"] == "login"] == ["203.0.113.9"] * 3 + ["203.0.113.10", "203.0.113.9"]
 
+    # a TLS-terminating proxy says https: the session cookie is Secure and HSTS is sent; from a client that
+    # is not a trusted proxy the same header changes nothing
+    proxied = WebClient(http, headers={"X-Forwarded-For": "203.0.113.11", "X-Forwarded-Proto": "https"})
+    login = proxied.login("alice")
+    assert login.status == 303 and "secure" in [p.strip().lower() for p in login.cookie("pe_session").split(";")]
+    assert login.headers["strict-transport-security"].startswith("max-age=")
+
+
+def test_x_forwarded_proto_from_a_client_that_is_not_a_trusted_proxy_changes_nothing(make_node):
+    http = free_port()
+    make_node([], **web_config(http, users=("alice",)))
+    login = WebClient(http, headers={"X-Forwarded-Proto": "https"}).login("alice")
+    assert login.status == 303 and "secure" not in [p.strip().lower() for p in login.cookie("pe_session").split(";")]
+    assert "strict-transport-security" not in login.headers
+
 
 def test_a_trusted_proxy_that_is_not_an_address_stops_the_start_with_one_line():
     with pytest.raises(ConfigError, match=r"web.trusted_proxies\[1\]: '\*' is not an IP address or network; give the "
