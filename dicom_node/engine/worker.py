@@ -212,7 +212,8 @@ class Worker(BackgroundLoop):
         dests = [d.address for d in destinations_for(self.config, calling)]
         self.state.add_deliveries(job.id, dests)
         self.state.transition(job.id, JobState.SENDING, stage="sending")
-        log.info("job_built", results=len(uids), destinations=dests, inference_s=result.inference_s,
+        inference_s = round(result.inference_s, 3) if result.inference_s is not None else None
+        log.info("job_built", results=len(uids), destinations=dests, inference_s=inference_s,
                  **{k: v for k, v in result.summary.items() if isinstance(v, (int, float, str, bool))},
                  **stage_durations(built.times))
         if self.on_built:

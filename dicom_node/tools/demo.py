@@ -336,8 +336,8 @@ def run_demo(out_dir: Path | None = None, *, bundle: str = "", prefer_orthanc: b
         })
         config = replace(config, destinations=(Destination(pacs.aet, "127.0.0.1", pacs.port),))
         node = Node(config).start()
-        from dicom_node.pipeline import get_predictor
-        predictor = get_predictor(config.inference.bundle, config.inference.providers, config.inference.require_gpu)
+        from dicom_node.pipeline import predictor_for
+        predictor = predictor_for(config)  # the node's own (cached): the model is loaded once
         m = predictor.manifest
         print(f"[3/5] node PENODE@127.0.0.1:{node.port} running model '{m.name}' {m.version} "
               f"on {predictor.execution_provider}")
