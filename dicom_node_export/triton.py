@@ -169,9 +169,6 @@ def write_triton_repository(bundle_path: str | Path, out: str | Path, options: T
     options.check()
     bundle = load_bundle(bundle_path)
     m = bundle.manifest
-    if m.family != "ma2022":
-        raise TritonExportError(f"bundle {bundle_path} is a {m.family} model; Triton model repositories are made for "
-                                "ma2022 bundles only so far: serve it with [inference] engine = onnxruntime")
     model = options.model_name or triton_model_name(m)
     out = Path(out)
     if out.exists() and not out.is_dir():

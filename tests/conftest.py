@@ -64,6 +64,17 @@ def triton_repo(tmp_path_factory):
                                    TritonRepoOptions(max_batch=8))
 
 
+@pytest.fixture(scope="session")
+def triton_shi_repo(tmp_path_factory):
+    """The Shi et al. 2020 demo bundle (`builtin:shi2020`) exported by `dicom-node-export triton` (max batch 8)."""
+    from dicom_node.model import BUILTIN_BUNDLES
+    from dicom_node.model.bundle import default_bundle_path
+    from dicom_node_export.triton import TritonRepoOptions, write_triton_repository
+
+    return write_triton_repository(default_bundle_path().parent / BUILTIN_BUNDLES["shi2020"],
+                                   tmp_path_factory.mktemp("triton-shi") / "repo", TritonRepoOptions(max_batch=8))
+
+
 @pytest.fixture(scope="module")
 def triton_server(triton_repo, tmp_path_factory):
     """One Triton server per test module; tests that stop or kill a server start their own (`start_triton`)."""

@@ -207,8 +207,7 @@ class Predictor:
             window_shape = tuple(int(d) for d in m.stage1.inputs[0].shape[1:])
             self._stage1(np.zeros((1, *window_shape), dtype=np.float32))
             if m.family == "shi2020":
-                self._s2.run(None, {"features": np.zeros((1, *(int(d) for d in m.stage2.inputs[0].shape[1:])),
-                                                         dtype=self._in2)})
+                self._stage2_shi(np.zeros(tuple(int(d) for d in m.stage2.inputs[0].shape[1:]), np.float32))
             else:
                 self._stage2(np.zeros((m.sequence_length, m.feature_dim), np.float32),
                              np.ones(m.sequence_length, np.float32))
@@ -227,6 +226,11 @@ class Predictor:
         wl, sl, att = self._s2.run(None, {"features": x[None].astype(self._in2, copy=False),
                                           "mask": mask[None].astype(np.float32)})
         return wl[0].astype(np.float32), sl[0].astype(np.float32), att[0].astype(np.float32)
+
+    def _stage2_shi(self, features: np.ndarray) -> np.ndarray:
+        """Shi stage 2 on one study's slab features (n_slabs, C, H, W): its study logit, shape (1,)."""
+        (logit,) = self._s2.run(None, {"features": features[None].astype(self._in2, copy=False)})
+        return np.asarray(logit, dtype=np.float32).reshape(-1)
 
     def check_windows(self, windows: Windows) -> None:
         """Raise `InferenceError` when the windows were not made the way the bundle expects."""
@@ -313,8 +317,8 @@ class Predictor:
         slab_probs = sigmoid(np.concatenate([p[1] for p in parts])).astype(np.float32)
         heatmaps = np.maximum(np.concatenate([p[2] for p in parts]), 0.0)
         t1 = time.perf_counter()
-        (logit,) = self._s2.run(None, {"features": features[None].astype(self._in2, copy=False)})
-        pe = float(sigmoid(np.asarray(logit, dtype=np.float64).reshape(-1))[0])
+        logit = self._stage2_shi(features)
+        pe = float(sigmoid(np.asarray(logit, dtype=np.float64))[0])
         t2 = time.perf_counter()
         peaks = heatmaps.reshape(n, -1).max(axis=1).astype(np.float64)
         evidence = peaks / peaks.sum() if peaks.sum() > 0 else np.full(n, 1.0 / n)

@@ -2,8 +2,9 @@
 
 `TritonPredictor` is a `Predictor` (same `predict`, same `Prediction`; everything downstream is
 unchanged) whose two stages are requests to a Triton server instead of local onnxruntime sessions:
-stage 1 in batches of `batch_size` windows (at most the server's `max_batch_size`), stage 2 once per
-study. Triton batches the requests of several nodes dynamically on its GPUs.
+stage 1 in batches of `batch_size` windows (Ma) or slabs (Shi) (at most the server's `max_batch_size`),
+stage 2 once per study (Ma: the fixed-length feature sequence and its mask; Shi: the feature maps of all
+slabs). Triton batches the requests of several nodes dynamically on its GPUs.
 
 The repository the server serves is written by `dicom-node-export triton` (`dicom_node_export.triton`):
 models `<model>_stage1` and `<model>_stage2` (`<model>` = `triton_model_name(manifest)`, the bundle's
@@ -193,9 +194,6 @@ class TritonPredictor(Predictor):
             raise InferenceError(f"batch_size must be >= 1, got {batch_size}")
         self.bundle = bundle if isinstance(bundle, Bundle) else load_manifest_only(bundle)
         self.manifest = m = self.bundle.manifest
-        if m.family != "ma2022":  # its stage 2 has other inputs and outputs (dicom_node.model.bundle)
-            raise InferenceError(f"bundle {self.bundle.path} is a {m.family} model; the Triton engine runs ma2022 "
-                                 "bundles only so far: set [inference] engine = onnxruntime for it")
         self.settings = settings
         self.precision = "fp32"
         self.execution_provider = f"triton {settings.where}"
@@ -248,7 +246,11 @@ class TritonPredictor(Predictor):
             t0 = time.perf_counter()
             window_shape = tuple(int(d) for d in m.stage1.inputs[0].shape[1:])
             self._stage1(np.zeros((1, *window_shape), dtype=np.float32))
-            self._stage2(np.zeros((m.sequence_length, m.feature_dim), np.float32), np.ones(m.sequence_length, np.float32))
+            if m.family == "shi2020":
+                self._stage2_shi(np.zeros(tuple(int(d) for d in m.stage2.inputs[0].shape[1:]), np.float32))
+            else:
+                self._stage2(np.zeros((m.sequence_length, m.feature_dim), np.float32),
+                             np.ones(m.sequence_length, np.float32))
             warm_s = time.perf_counter() - t0
         self._connected = True
         log.info("model_loaded", engine="triton", server=self.settings.where, models=list(self.models.values()),
@@ -381,6 +383,12 @@ class TritonPredictor(Predictor):
                 "mask": np.ascontiguousarray(mask[None], dtype=np.float32)}
         wl, sl, att = self._run("stage2", feed, g)
         return wl[0], sl[0], att[0]
+
+    def _stage2_shi(self, features: np.ndarray) -> np.ndarray:
+        # one request per study: the whole study's slab features (Shi's Conv-LSTM reads them all at once)
+        (logit,) = self._run("stage2", {"features": np.ascontiguousarray(features[None], dtype=np.float32)},
+                             self.manifest.stage2)
+        return logit.reshape(-1)
 
 
 #: what a deferred job does (`BackendUnavailable`), in the messages that defer it

@@ -11,7 +11,8 @@ storescp as the PACS:
   the server and the cause, tried again with a doubling wait), nothing is delivered; with the server
   back the job runs by itself and the study is delivered exactly once;
 * the same with `retry_unavailable_max = 0`: the job fails; with the server back, `dicom-node resend`
-  runs it and the study is delivered exactly once.
+  runs it and the study is delivered exactly once;
+* a node with the Shi et al. 2020 demo bundle on Triton delivers the SR local onnxruntime makes.
 """
 
 from __future__ import annotations
@@ -250,6 +251,31 @@ def test_with_no_retries_a_killed_server_fails_the_job_and_resend_delivers_it_on
         _one_sr_of(storescp, files)
         assert [j.state for j in st.jobs()] == [JobState.DONE]
         st.close()
+    finally:
+        node.stop()
+        server.stop()
+
+
+def test_a_node_with_a_shi_bundle_on_triton_delivers_the_sr_local_onnxruntime_makes(triton_shi_repo, storescp, tmp_path):
+    from dicom_node.model import BUILTIN_BUNDLES
+
+    server = start_triton(triton_shi_repo, tmp_path / "triton")
+    node = _node(tmp_path / "node", triton_shi_repo, server, storescp).start()
+    try:
+        files = phantom_series(tmp_path / "in", n_slices=60, rows=128, seed=41)
+        r = storescu(node.port, files, aet="SCANNER")
+        assert r.returncode == 0 and "E:" not in r.stderr, r.stderr
+        wait_until(lambda: _srs(storescp.outdir), 180, "the SR delivered")
+        _one_sr_of(storescp, files)
+        shi = default_bundle_path().parent / BUILTIN_BUNDLES["shi2020"]
+        local = Predictor(load_bundle(shi), providers=("CPUExecutionProvider",))
+        ref = analyse_series(files, local, ResultOptions(key_slices=1)).sr
+        (remote,) = _srs(storescp.outdir)
+        assert remote.SOPInstanceUID == ref.SOPInstanceUID
+        _assert_same_sr(remote, ref)
+        finished = [e for e in node.events() if e.get("event") == "inference_finished"]
+        assert finished and finished[0]["family"] == "shi2020"
+        assert finished[0]["provider"] == f"triton grpc://{server.grpc_url}"
     finally:
         node.stop()
         server.stop()

@@ -183,3 +183,34 @@ def test_version_names_the_bundle_of_the_manifest_copy_and_the_triton_server(tri
                                                   str(triton_repo.manifest), "inference.triton_url": "gpu1:8001"})
     assert version_text(str(cfg)).splitlines()[1] == (f"model bundle: pe-demo-tiny 0.3.0 (inference.bundle "
                                                       f"{triton_repo.manifest}, run on Triton grpc://gpu1:8001)")
+
+
+def test_a_shi_bundle_runs_through_triton_with_the_predictions_of_local_onnxruntime(triton_shi_repo,
+                                                                                      tmp_path_factory):
+    """The Shi et al. 2020 demo bundle: `dicom-node-export triton` writes its repository (stage 2 takes the whole
+    study's slab feature maps, its scalar study logit reshaped like stage 1's window logit), the node's start
+    checks pass, and a phantom study's PE probability, slab probabilities and heatmaps equal local onnxruntime."""
+    from dicom_node.model import BUILTIN_BUNDLES
+    from dicom_node.tools.demo import DEMO_PHANTOM
+    from dicom_node_phantoms import PhantomConfig, generate_study, study_seed, write_study
+
+    shi, repo = DEMO.parent / BUILTIN_BUNDLES["shi2020"], triton_shi_repo
+    stage2 = (repo.path / f"{repo.model}_stage2" / "config.pbtxt").read_text()
+    assert 'name: "features" data_type: TYPE_FP32 dims: [ 50, 128, 10, 10 ]' in stage2
+    assert 'name: "study_logit" data_type: TYPE_FP32 dims: [ 1 ] reshape: { shape: [ ] }' in stage2
+    root = tmp_path_factory.mktemp("shi-ct")
+    write_study(generate_study(study_seed(424242, 0), PhantomConfig(**DEMO_PHANTOM), kind="positive"), root)
+    slabs = preprocess(load_series(root), load_bundle(shi).manifest.preprocessing)
+    server = start_triton(repo, tmp_path_factory.mktemp("shi-tritonserver"))
+    try:
+        local = Predictor(load_bundle(shi), providers=("CPUExecutionProvider",), batch_size=4).predict(slabs)
+        remote = TritonPredictor(repo.manifest, TritonSettings(url=server.grpc_url), batch_size=4)
+        got = remote.predict(slabs)
+    finally:
+        server.stop()
+    assert got.family == "shi2020" and slabs.array.shape[0] > remote.batch_size, "stage 1 must take several requests"
+    assert got.pe_probability == pytest.approx(local.pe_probability, abs=1e-5)
+    np.testing.assert_allclose(got.window_probs, local.window_probs, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got.heatmaps, local.heatmaps, atol=1e-5, rtol=0)
+    assert got.labels == local.labels and np.array_equal(got.window_positive, local.window_positive)
+    assert got.execution_provider == f"triton grpc://{server.grpc_url}"
