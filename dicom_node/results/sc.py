@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PE_WINDOW",
+    "SUMMARY_CHART_COMMENT",
     "burn_caption",
     "BurnedCaption",
     "CAPTION_MAX_FRACTION",
@@ -73,6 +74,8 @@ __all__ = [
 
 PE_WINDOW = (100.0, 700.0)
 HEATMAP_WARNING = "AI heatmap - not for diagnostic use"
+#: how the summary chart SC's ImageComments begins (readers tell it from the heatmap SCs by it)
+SUMMARY_CHART_COMMENT = "AI summary chart"
 NOT_A_FINDING = "below threshold: not a finding"
 NOT_VALIDATED = "low confidence, not validated"
 #: the caption band covers at most this fraction of the image rows
@@ -515,5 +518,5 @@ def build_summary_sc(series: CtSeries, prediction: Prediction, *, series_instanc
     weak = ("label validation unknown (no validation AUROC in the bundle)" if not validation.known else
             f"{NOT_VALIDATED} (validation AUROC < {validation.floor:.2f}): "
             f"{', '.join(display_name(k) for k in validation.weak or ()) or 'none'}")
-    sc.ImageComments = f"AI summary chart. {verdict}. {rows}. {weak}. {RESEARCH_USE_STATEMENT}"[:10240]
+    sc.ImageComments = f"{SUMMARY_CHART_COMMENT}. {verdict}. {rows}. {weak}. {RESEARCH_USE_STATEMENT}"[:10240]
     return sc

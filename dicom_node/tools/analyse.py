@@ -286,28 +286,15 @@ def _predictor(config: Config) -> Predictor:
         raise AnalyseError(f"model bundle {bundle_dir(inf.bundle)}: {e}") from None
 
 
-def _name(results: ResultSet, ds: Dataset) -> str:
-    if ds is results.sr:
-        return "SR"
-    if ds is results.summary_sc:
-        return "SC_summary"
-    if ds is results.kos:
-        return "KO"
-    return f"SC_heatmap_{int(ds.InstanceNumber)}"
-
-
 def _write_series(results: ResultSet, series_dir: Path, writer: _Writer) -> list[str]:
-    from dicom_node.tools.render import render_file
+    from dicom_node.tools.render import render_file, result_kind
 
     outputs = []
     for ds in results.datasets():
-        name = _name(results, ds)
+        name = result_kind(ds)
         dcm = series_dir / f"{name}.dcm"
         outputs.append(writer.dicom(ds, dcm))
-        rendered = render_file(dcm, series_dir)  # <SOPInstanceUID>.png / .txt
-        target = rendered.with_name(f"{name}{rendered.suffix}")
-        rendered.replace(target)
-        outputs.append(writer.record(target))
+        outputs.append(writer.record(render_file(dcm, series_dir, name)))
     return outputs
 
 

@@ -355,7 +355,7 @@ def run_demo(out_dir: Path | None = None, *, bundle: str = "", prefer_orthanc: b
         for d in results:
             path = res_dir / f"{d.Modality}_{d.SOPInstanceUID}.dcm"
             d.save_as(path, enforce_file_format=True)
-            # named for a person opening the folder: positive_report.txt, positive_heatmap_1.png, ...
+            # named for a person opening the folder, as `analyse` names them: positive_SR.txt, positive_SC_heatmap_1.png
             stem = f"{study_name.get(str(d.StudyInstanceUID), 'other')}_{result_kind(d)}"
             if any(p.stem == stem for p in rendered):  # a second object of that kind (a revision): keep both
                 stem = f"{stem}_{d.SOPInstanceUID}"

@@ -102,18 +102,18 @@ def render_image(ds: Dataset) -> np.ndarray:
 
 
 def result_kind(ds: Dataset) -> str:
-    """What a result object is, as a word for a file name: "report" (the SR), "key_images" (the KOS),
-    "summary" (the summary chart SC), "heatmap_<InstanceNumber>" (a heatmap SC), else its modality."""
+    """A result object's file name without suffix, as `dicom-node analyse` writes it: "SR", "KO",
+    "SC_summary" (the summary chart) or "SC_heatmap_<InstanceNumber>"; another object: its modality."""
+    from dicom_node.results.sc import SUMMARY_CHART_COMMENT
+
     modality = str(ds.get("Modality", "")).upper()
-    if modality == "SR":
-        return "report"
-    if modality == "KO":
-        return "key_images"
-    if str(ds.get("ImageComments", "")).startswith("AI summary chart"):
-        return "summary"
-    if "PixelData" in ds or "ImageComments" in ds:
-        return f"heatmap_{ds.get('InstanceNumber', 0)}"
-    return modality.lower() or "object"
+    if modality in ("SR", "KO"):
+        return modality
+    if str(ds.get("ImageComments", "")).startswith(SUMMARY_CHART_COMMENT):
+        return "SC_summary"
+    if "PixelData" in ds:
+        return f"SC_heatmap_{int(ds.get('InstanceNumber') or 0)}"
+    return modality or "object"
 
 
 def render_file(path: Path, out_dir: Path, stem: str | None = None) -> Path:

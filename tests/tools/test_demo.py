@@ -37,10 +37,10 @@ def _check_end_to_end(r: subprocess.CompletedProcess, out: Path, pacs: str) -> N
     pngs = list((out / "rendered").glob("*.png"))
     assert len(srs) == 2 and len(pngs) >= 4, (srs, pngs)
     # named for the person opening the folder, and listed in the output
-    for name in ("positive_report.txt", "positive_heatmap_1.png", "positive_summary.png", "positive_key_images.txt",
-                 "negative_report.txt", "negative_summary.png"):
+    for name in ("positive_SR.txt", "positive_SC_heatmap_1.png", "positive_SC_summary.png", "positive_KO.txt",
+                 "negative_SR.txt", "negative_SC_summary.png"):
         assert (out / "rendered" / name).is_file() and f"rendered/{name}" in r.stdout, name
-    assert "Pulmonary embolism (59282003, SCT) = " in (out / "rendered" / "positive_report.txt").read_text()
+    assert "Pulmonary embolism (59282003, SCT) = " in (out / "rendered" / "positive_SR.txt").read_text()
     assert (out / ".dicom-node-demo").is_file()  # marks the folder as the demo's own for a later run
 
 
