@@ -30,7 +30,7 @@ def storescp(tmp_path_factory):
 
 @pytest.fixture
 def make_node(tmp_path):
-    """Start in-process nodes running the `nodekit.sc_job` stand-in job; JSON log to tmp_path/node.log."""
+    """Start in-process nodes running the `nodekit.sc_job` stand-in job (or `run_job=`); JSON log to tmp_path/node.log."""
     from dicom_node.config import load_config
     from dicom_node.engine.node import Node
     from dicom_node.log import configure_logging
@@ -40,10 +40,10 @@ def make_node(tmp_path):
     log_file = open(tmp_path / "node.log", "w")
     configure_logging(json=True, level="INFO", stream=log_file)
 
-    def make(destinations, **overrides) -> Node:
+    def make(destinations, *, run_job=sc_job, **overrides) -> Node:
         base = {"port": 0, "host": "127.0.0.1", "data_dir": str(tmp_path / "data"), "quiet_period_s": 0.5,
                 "min_free_disk_mb": 0, "destinations": destinations, "retry.base_delay_s": 0.2, "retry.max_delay_s": 0.5}
-        node = Node(load_config(None, overrides={**base, **overrides}, environ={}), run_job=sc_job).start()
+        node = Node(load_config(None, overrides={**base, **overrides}, environ={}), run_job=run_job).start()
         nodes.append(node)
         return node
 

@@ -1,20 +1,24 @@
 """The commands around the worklist: `dicom-node hash-password` makes entries the node accepts, and
 `dicom-node rerun` (the same code as the worklist's Re-run button) re-analyses a finished series on
-a running node; both answer bad input with one line."""
+a running node; both answer bad input with one line. A study whose model server is away says so in the
+worklist and on its page."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom
 
 from dicom_node.config import load_config
+from dicom_node.model.inference import BackendUnavailable
 from dicom_node.web.auth import Credentials
 from nodekit import phantom_series, storescu, wait_until
-from peers import needs_dcmtk
+from peers import free_port, needs_dcmtk
+from webkit import WebClient, web_config
 
 EXE = str(Path(sys.executable).parent / "dicom-node")
 
@@ -99,3 +103,23 @@ def test_status_worklist_prints_the_web_worklists_order_and_states_without_patie
     assert doc["reading_order"] == ["critical", "urgent", "check", "routine"]
     assert [w["state"] for w in doc["worklist"]] == ["delivered"]
     assert PATIENT_ID not in r.stdout
+
+
+@needs_dcmtk
+def test_a_study_waiting_for_its_model_server_says_so_in_the_worklist_and_when_the_next_try_is(make_node, tmp_path):
+    def server_away(ctx):
+        raise BackendUnavailable("Triton server grpc://127.0.0.1:9: not reachable; the job runs again by itself")
+
+    http = free_port()
+    node = make_node([], run_job=server_away, **web_config(http, users=("alice",),
+                                                          **{"worker.retry_unavailable_s": 600.0}))
+    files = phantom_series(tmp_path / "in", n_slices=12, rows=32)
+    r = storescu(node.port, files)
+    assert r.returncode == 0 and "E:" not in r.stderr, r.stderr
+    (job,) = wait_until(lambda: [j for j in node.state.jobs() if j.deferred], 30, "the job deferred")
+    c = WebClient(http)
+    assert c.login("alice").status == 303
+    assert "waiting for the model server" in c.get("/worklist").text
+    page = c.get(f"/studies/{pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID}").text
+    assert "The model server did not answer (1 try so far); the next try is at " in page
+    assert time.strftime("%H:%M:%S", time.localtime(job.not_before)) in page and "BackendUnavailable" in page
