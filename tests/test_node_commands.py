@@ -108,8 +108,9 @@ def test_resend_runs_a_job_waiting_for_its_inference_backend_at_once(tmp_path):
     rc, out, err = _cli("resend", str(job), "--data-dir", str(data))
     assert rc == 0, err
     at = time.strftime("%H:%M:%S", time.localtime(4102444800.0))
-    assert out.strip() == f"job {job}: was waiting for its inference backend (next try at {at}); it runs now"
-    assert st.job(job).not_before == 0 and st.claim_next_job().id == job
+    assert out.strip() == (f"job {job}: was waiting for its inference backend (next try at {at}); it runs now, "
+                           "with fresh tries")
+    assert (st.job(job).not_before, st.job(job).deferrals) == (0, 0) and st.claim_next_job().id == job
     rc, out, err = _cli("resend", str(job), "--data-dir", str(data))  # running now: nothing to resend
     assert rc == 1 and f"job {job} is running, not failed" in err
     st.close()

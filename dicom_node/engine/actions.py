@@ -99,7 +99,8 @@ def resend_job(cfg: Config, st: State, job_id: int, to: str | None = None) -> Ac
                      + ", ".join(n.target for n in st.notifications(job.id) if n.state.value == "pending"))
     if job.deferred and st.run_deferred_now(job.id):
         wait = time.strftime("%H:%M:%S", time.localtime(job.not_before))
-        lines.append(f"job {job.id}: was waiting for its inference backend (next try at {wait}); it runs now")
+        lines.append(f"job {job.id}: was waiting for its inference backend (next try at {wait}); it runs now, "
+                     f"with fresh tries")
         return ActionResult(0, tuple(lines))
     if job.state is not JobState.FAILED:
         if notified:
