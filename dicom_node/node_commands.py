@@ -133,6 +133,19 @@ def add_node_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("--token", action="store_true", help="make an API token instead of hashing a password")
     p.set_defaults(func=_cmd_hash_password)
 
+    p = subparsers.add_parser("check", help="is this installation ready? permissions, data folder, state, TLS, model, "
+                                            "ports, destinations, notification targets",
+                              description="Check, without changing anything, what the node needs with this "
+                                          "configuration: file permissions, the data folder (writable, free space), "
+                                          "the state database (read-only quick_check, schema version), the TLS files, "
+                                          "the model (loaded and warmed up as at start; the Triton server when "
+                                          "engine = triton), the DICOM and HTTP ports, a C-ECHO to each destination "
+                                          "as the node's AE title, and a connection to the webhook and HL7 "
+                                          "receiver. One line per check with what was found or the fix. Exit 0 when "
+                                          "every check passed, 1 when any failed, 2 for a configuration error.")
+    _common(p)
+    p.set_defaults(func=_cmd_check)
+
     p = subparsers.add_parser("config", help="print the effective configuration (secrets masked) or every key with "
                                              "its default")
     _common(p)
@@ -526,6 +539,22 @@ def _cmd_hash_password(args: argparse.Namespace) -> int:
         return 2
     print(f'"{args.name}:{hash_password(password)}"')
     return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    import os
+
+    from dicom_node.log import configure_logging
+    from dicom_node.tools.check import format_checks, run_checks
+
+    cfg = _load(args)
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # as serve: before onnxruntime is imported
+    configure_logging(json=False, level="ERROR", stream=sys.stderr)  # the report is the output, not the events
+    where = args.config or "the defaults and DICOM_NODE_* environment variables (no --config)"
+    print(f"dicom-node check: {where}", flush=True)
+    checks = run_checks(cfg, args.config)
+    print(format_checks(checks))
+    return 0 if all(c.ok for c in checks) else 1
 
 
 def _cmd_config(args: argparse.Namespace) -> int:

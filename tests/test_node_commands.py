@@ -236,3 +236,48 @@ def test_sighup_reloads_the_live_keys_logs_what_changed_and_keeps_running(tmp_pa
     finally:
         node.stop()
     assert any(e["event"] == "node_stopped" for e in node.events())
+
+
+def test_check_passes_what_is_ready_and_names_each_failure_with_its_fix_without_changing_anything(storescp, tmp_path):
+    dead, hl7 = free_port(), free_port()
+    cfg = write_config(tmp_path / "node.toml", ae_title="PENODE", port=free_port(), data_dir=str(tmp_path / "data"),
+                       destinations=[f"STORESCP@127.0.0.1:{storescp.port}", f"PACS@127.0.0.1:{dead}"],
+                       **{"notify.hl7_host": "127.0.0.1", "notify.hl7_port": hl7})
+    cfg.chmod(0o600)
+    r = _run("check", "--config", str(cfg))
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"dicom-node check: {cfg}"
+    ok = {line.split(None, 2)[1] for line in lines[1:-1] if line.startswith("  ok")}
+    assert {"file", "data", "state", "model", "DICOM", "destination"} <= ok, r.stdout
+    assert any(f"STORESCP@127.0.0.1:{storescp.port}: C-ECHO as PENODE answered 0x0000" in x for x in lines)
+    (pacs,) = [x for x in lines if f"PACS@127.0.0.1:{dead}" in x]
+    assert pacs.startswith("  FAIL  destination") and "connection refused" in pacs and "check that the peer" in pacs
+    (ris,) = [x for x in lines if "HL7 receiver" in x]
+    assert ris.startswith("  FAIL") and f"127.0.0.1:{hl7} does not accept a connection" in ris
+    assert "pe-demo-tiny 0.3.0 (ma2022) on CPUExecutionProvider" in r.stdout
+    assert "state.sqlite: none yet (made at first start)" in r.stdout
+    assert lines[-1] == f"2 of {len(lines) - 2} checks failed"
+    assert not (tmp_path / "data").exists(), "check created the data folder"
+
+
+def test_check_sees_a_running_node_its_database_and_refuses_a_world_writable_config_and_a_missing_bundle(
+        make_node, storescp, tmp_path):
+    node = make_node([f"STORESCP@127.0.0.1:{storescp.port}"])
+    files = phantom_series(tmp_path / "in", n_slices=12, rows=32)
+    assert storescu(node.port, files).returncode == 0
+    wait_until(lambda: node.state.jobs(JobState.DONE), 30, "job done")
+    (tmp_path / "not-a-bundle").mkdir()  # a folder without a manifest (a missing one is a configuration error)
+    cfg = write_config(tmp_path / "node.toml", ae_title="PENODE", port=node.port, data_dir=str(tmp_path / "data"),
+                       destinations=[f"STORESCP@127.0.0.1:{storescp.port}"],
+                       **{"inference.bundle": str(tmp_path / "not-a-bundle")})
+    cfg.chmod(0o666)
+    r = _run("check", "--config", str(cfg))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "answers C-ECHO as PENODE: the node is running already" in r.stdout
+    assert "quick_check ok, 1 job(s)" in r.stdout and "schema version 6" in r.stdout
+    (perm,) = [x for x in r.stdout.splitlines() if "file permissions" in x]
+    assert perm.startswith("  FAIL") and f"chmod o-w {cfg}" in perm
+    (model,) = [x for x in r.stdout.splitlines() if " model " in x]
+    assert model.startswith("  FAIL") and str(tmp_path / "not-a-bundle") in model
+    assert r.stdout.splitlines()[-1].startswith("2 of ")
