@@ -144,6 +144,8 @@ def add_node_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
                                           "receiver. One line per check with what was found or the fix. Exit 0 when "
                                           "every check passed, 1 when any failed, 2 for a configuration error.")
     _common(p)
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable output: {\"ok\", \"checks\": [{\"name\", \"ok\", \"detail\"}]}")
     p.set_defaults(func=_cmd_check)
 
     p = subparsers.add_parser("config", help="print the effective configuration (secrets masked) or every key with "
@@ -551,10 +553,16 @@ def _cmd_check(args: argparse.Namespace) -> int:
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # as serve: before onnxruntime is imported
     configure_logging(json=False, level="ERROR", stream=sys.stderr)  # the report is the output, not the events
     where = args.config or "the defaults and DICOM_NODE_* environment variables (no --config)"
-    print(f"dicom-node check: {where}", flush=True)
+    if not args.json:
+        print(f"dicom-node check: {where}", flush=True)
     checks = run_checks(cfg, args.config)
-    print(format_checks(checks))
-    return 0 if all(c.ok for c in checks) else 1
+    ok = all(c.ok for c in checks)
+    if args.json:
+        print(json.dumps({"config": args.config, "ok": ok,
+                          "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks]}, indent=2))
+    else:
+        print(format_checks(checks))
+    return 0 if ok else 1
 
 
 def _cmd_config(args: argparse.Namespace) -> int:

@@ -259,6 +259,10 @@ def test_check_passes_what_is_ready_and_names_each_failure_with_its_fix_without_
     assert "state.sqlite: none yet (made at first start)" in r.stdout
     assert lines[-1] == f"2 of {len(lines) - 2} checks failed"
     assert not (tmp_path / "data").exists(), "check created the data folder"
+    r = _run("check", "--config", str(cfg), "--json")
+    report = json.loads(r.stdout)
+    assert r.returncode == 1 and report["ok"] is False and report["config"] == str(cfg)
+    assert [c["name"] for c in report["checks"] if not c["ok"]] == ["destination", "HL7 receiver"]
 
 
 def test_check_sees_a_running_node_its_database_and_refuses_a_world_writable_config_and_a_missing_bundle(
