@@ -68,17 +68,18 @@ def _models(name: str):
 
 
 def random_windows(cfg, n: int = 0):
-    """`n` windows (default N_WINDOWS) of random values with `cfg`'s window size and crop, and a geometry that
-    covers them: timing does not depend on the values (also used by triton_inference.py)."""
+    """`n` windows (default N_WINDOWS; a Shi bundle's slab count when `cfg.slabs`) of random values with `cfg`'s
+    window size, channels (one per HU window) and crop, and a geometry that covers them: timing does not depend on
+    the values (also used by triton_inference.py)."""
     from dicom_node.imaging.preprocess import Geometry, Windows
 
     ws, size, crop = cfg.window_slices, cfg.resize, cfg.crop
-    n = n or N_WINDOWS
+    n = cfg.slabs or n or N_WINDOWS
     off = (size - crop) // 2
     g = Geometry(original_shape=(n * ws, size, size), original_spacing_mm=(1.0, 1.0, 1.0),
                  resampled_shape=(n * ws, size, size), lung_box=(0, n * ws, 0, size, 0, size), resize=size,
                  crop=crop, crop_offset=(off, off), window_slices=ws, n_windows=n)
-    arr = np.random.default_rng(0).random((n, 3, ws, crop, crop), dtype=np.float32)
+    arr = np.random.default_rng(0).random((n, len(cfg.hu_windows), ws, crop, crop), dtype=np.float32)
     idx = g.window_slice_indices()
     return Windows(array=arr, series_instance_uid="1.2.3", slice_uids=tuple(tuple(str(i) for i in w) for w in idx),
                    geometry=g, config=cfg, slice_indices=idx)

@@ -1,4 +1,5 @@
-"""One 32-window study through local onnxruntime and through a Triton server on the same machine.
+"""One 32-window study (a Shi bundle: its 50 slabs) through local onnxruntime and through a Triton server on the
+same machine.
 
     .venv/bin/python benchmarks/triton_inference.py                        # demo bundle, 4 studies per node process
     .venv/bin/python benchmarks/triton_inference.py --studies 8 --protocols grpc http
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(json.loads(args.worker))
         return 0
 
-    from dicom_node.model.bundle import default_bundle_path
+    from dicom_node.model.bundle import default_bundle_path, load_manifest_only
     from dicom_node.tools.triton_server import TritonServerPeer
     from dicom_node_export.triton import TritonRepoOptions, write_triton_repository
 
@@ -148,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                     "urls": {"grpc": server.grpc_url, "http": server.http_url}}
             engines = ["onnxruntime", *(f"triton-{p}" for p in args.protocols)]
             rows = []
-            print(f"{N_WINDOWS}-window study, stage 1 in batches of {BATCH}; {os.cpu_count()} CPUs "
+            m = load_manifest_only(bundle).manifest
+            study = f"{m.preprocessing.slabs}-slab" if m.preprocessing.slabs else f"{N_WINDOWS}-window"
+            print(f"{m.name} {m.version} ({m.family}): {study} study, stage 1 in batches of {BATCH}; {os.cpu_count()} CPUs "
                   f"({platform.processor() or platform.machine()}), load average {os.getloadavg()[0]:.1f}")
             print(f"{'engine':<14} {'procs':>5} {'mode':<11} {'studies':>7} {'median s':>9} {'max s':>7} {'studies/min':>12}")
             for engine in engines:
