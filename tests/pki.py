@@ -12,20 +12,24 @@ import ipaddress
 from pathlib import Path
 
 
-def self_signed(folder: Path) -> tuple[dict[str, tuple[str, str]], str]:
+def self_signed(folder: Path, *, days: float = 1.0) -> tuple[dict[str, tuple[str, str]], str]:
+    """`days`: how long the server and client certificates stay valid from now (negative: they ended that
+    long ago, having been valid for a day before)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    def make(cn, issuer_key=None, issuer_name=None, ca=False):
+    def make(cn, issuer_key=None, issuer_name=None, ca=False, days=1.0):
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
         now = datetime.datetime.now(datetime.timezone.utc)
+        end = now + datetime.timedelta(days=days)
+        start = min(now - datetime.timedelta(minutes=5), end - datetime.timedelta(days=1))
         names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
         cert = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name or name)
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                .not_valid_before(start).not_valid_after(end)
                 .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
                 .add_extension(x509.SubjectAlternativeName(names), critical=False)
                 .sign(issuer_key or key, hashes.SHA256()))
@@ -35,7 +39,7 @@ def self_signed(folder: Path) -> tuple[dict[str, tuple[str, str]], str]:
     ca_key, ca_cert = make("test-ca", ca=True)
     paths = {}
     for who in ("server", "client"):
-        key, cert = make(who, ca_key, ca_cert.subject)
+        key, cert = make(who, ca_key, ca_cert.subject, days=days)
         (folder / f"{who}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                               serialization.NoEncryption()))
         (folder / f"{who}.key").chmod(0o600)  # `dicom-node serve` refuses a world-readable key

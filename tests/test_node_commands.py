@@ -285,3 +285,19 @@ def test_check_sees_a_running_node_its_database_and_refuses_a_world_writable_con
     (model,) = [x for x in r.stdout.splitlines() if " model " in x]
     assert model.startswith("  FAIL") and str(tmp_path / "not-a-bundle") in model
     assert r.stdout.splitlines()[-1].startswith("2 of ")
+
+
+def test_check_fails_a_certificate_that_has_ended_and_counts_the_days_of_one_that_has_not(tmp_path):
+    from pki import self_signed
+
+    for days, says in ((-2.0, "  FAIL  TLS"), (10.0, "  ok    TLS")):
+        paths, ca = self_signed(tmp_path / f"pki{days}", days=days)
+        cfg = write_config(tmp_path / f"node{days}.toml", ae_title="PENODE", port=free_port(),
+                           data_dir=str(tmp_path / "data"),
+                           **{"tls.enabled": True, "tls.cert": paths["server"][0], "tls.key": paths["server"][1]})
+        r = _run("check", "--config", str(cfg))
+        (line,) = [x for x in r.stdout.splitlines() if x.startswith(says)]
+        if days < 0:
+            assert "not now: TLS peers would refuse the node; install a valid certificate" in line
+        else:
+            assert "valid until" in line and "renew it within 10 days" in line

@@ -11,7 +11,8 @@ Metrics (own registry, prefix `dicom_node_`): instances_received_total, bytes_re
 stores_refused_total{reason}, jobs{state} and jobs_waiting_for_backend (read from the state database
 at scrape time),
 time_to_result_seconds (last instance received -> results delivered), inference_seconds,
-send_failures_total{destination}, deliveries_total.
+send_failures_total{destination}, deliveries_total, tls_certificate_expiry_timestamp_seconds{file} (when the
+node presents a certificate).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 if TYPE_CHECKING:
@@ -60,6 +61,10 @@ class NodeMetrics:
                                            buckets=(0.5, 1, 2, 5, 10, 20, 45, 90, 180), registry=r)
         self.send_failures = Counter("dicom_node_send_failures", "Failed delivery attempts", ["destination"], registry=r)
         self.deliveries = Counter("dicom_node_jobs_finished", "Jobs finished", ["state"], registry=r)
+        self.tls_certificate_expiry = Gauge(
+            "dicom_node_tls_certificate_expiry_timestamp_seconds",
+            "notAfter of the node's own TLS certificate as loaded at start (unix time): alert well before it", ["file"],
+            registry=r)
         if state is not None:
             r.register(_JobsCollector(state))
 

@@ -56,6 +56,7 @@ from dicom_node.engine.retention import Retention
 from dicom_node.engine.worker import JobBody, Worker, destinations_for
 from dicom_node.log import get_logger, log_sink_status
 from dicom_node.network.receive import Receiver
+from dicom_node.network.tls import CERTIFICATE_WARN_DAYS, certificate_validity, uses_own_certificate
 from dicom_node.notify.outbox import NotificationSender
 from dicom_node.web.server import HttpServer
 
@@ -264,6 +265,7 @@ class Node:
         except OSError as e:
             self._abort_start()
             raise NodeError(_port_error("port", c.host, c.port, e, "--port")) from None
+        self._report_certificate()
         self.sender.start()
         self.notifier.start()
         self.worker.start()
@@ -295,6 +297,31 @@ class Node:
                           read_timeout_s=c.web.read_timeout_s, keepalive_s=c.web.keepalive_s,
                           certfile=c.tls.cert if c.web.tls else "", keyfile=c.tls.key if c.web.tls else "",
                           trusted_proxies=c.web.trusted_proxies)
+
+    def _report_certificate(self) -> None:
+        """`tls_certificate`: the validity of the certificate the node presents (info; a warning within
+        `CERTIFICATE_WARN_DAYS` of its end, an error once it has ended or before it begins: peers refuse it
+        then, the node's own TLS stack does not); and the expiry metric."""
+        c = self.config
+        if not uses_own_certificate(c):
+            return
+        try:
+            not_before, not_after = certificate_validity(c.tls.cert)
+        except (OSError, ValueError) as e:
+            self.log.warning("tls_certificate", file=c.tls.cert, error=str(e))
+            return
+        self.metrics.tls_certificate_expiry.labels(file=c.tls.cert).set(not_after.timestamp())
+        now = time.time()
+        days_left = (not_after.timestamp() - now) / 86400
+        fields = dict(file=c.tls.cert, not_before=not_before.isoformat(), not_after=not_after.isoformat(),
+                      days_left=round(days_left, 1))
+        if days_left < 0 or not_before.timestamp() > now:
+            self.log.error("tls_certificate", **fields, note="not valid now: TLS peers refuse the node; install a "
+                                                             "valid certificate and restart")
+        elif days_left < CERTIFICATE_WARN_DAYS:
+            self.log.warning("tls_certificate", **fields, note="renew it, then restart the node")
+        else:
+            self.log.info("tls_certificate", **fields)
 
     def _abort_start(self) -> None:
         if self.metrics_server:

@@ -5,15 +5,30 @@
 - `client_ssl_context`: the SCU's context for destinations marked `tls`; the peer is authenticated
   by the CA, not by host name (DICOM peers are addressed by IP), and our own certificate is
   presented when `[tls] cert` and `key` are set.
+- `certificate_validity`: when the node's own certificate (the first in `[tls] cert`) starts and stops
+  being valid, read from its DER encoding (the `ssl` module shows it only for CA certificates). An
+  expired certificate is not refused by the node's own TLS stack: its peers refuse it, so the node
+  says it at start (`tls_certificate`), in `dicom-node check` and as a metric.
 """
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
+import re
 import ssl
+from pathlib import Path
 
 from dicom_node.config import Config
 
-__all__ = ["client_ssl_context", "server_ssl_context"]
+__all__ = ["client_ssl_context", "server_ssl_context", "certificate_validity", "uses_own_certificate",
+           "CERTIFICATE_WARN_DAYS"]
+
+#: a certificate ending within this many days is reported as a warning (at start, by `dicom-node check`)
+CERTIFICATE_WARN_DAYS = 30
+
+_PEM = re.compile(r"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.S)
+_UTC_TIME, _GENERALIZED_TIME = 0x17, 0x18
 
 
 def server_ssl_context(config: Config) -> ssl.SSLContext | None:
@@ -37,3 +52,55 @@ def client_ssl_context(config: Config) -> ssl.SSLContext:
     if config.tls.cert and config.tls.key:
         ctx.load_cert_chain(config.tls.cert, config.tls.key)
     return ctx
+
+
+def uses_own_certificate(config: Config) -> bool:
+    """Whether the node presents `[tls] cert` to anyone: its SCP, its HTTPS port, or TLS destinations."""
+    return bool(config.tls.cert) and (config.tls.enabled or config.web.tls
+                                      or any(d.tls for d in (*config.destinations, *config.peers)))
+
+
+def _der(data: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, start, end) of the DER item at `pos`: its content is data[start:end]."""
+    tag, length = data[pos], data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        n = length & 0x7F
+        length, pos = int.from_bytes(data[pos:pos + n], "big"), pos + n
+    if pos + length > len(data):
+        raise ValueError("truncated")
+    return tag, pos, pos + length
+
+
+def _time(tag: int, raw: bytes) -> dt.datetime:
+    text = raw.decode("ascii")
+    if tag == _UTC_TIME:  # YYMMDDHHMMSSZ; RFC 5280: YY >= 50 is 19YY
+        yy = int(text[:2])
+        text = f"{1900 + yy if yy >= 50 else 2000 + yy}{text[2:]}"
+    elif tag != _GENERALIZED_TIME:
+        raise ValueError(f"validity time of ASN.1 tag 0x{tag:02X}")
+    return dt.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+
+
+def certificate_validity(pem_path: str | Path) -> tuple[dt.datetime, dt.datetime]:
+    """(notBefore, notAfter) of the first certificate in the PEM file `pem_path`, in UTC; ValueError naming
+    the file when it holds no readable X.509 certificate."""
+    m = _PEM.search(Path(pem_path).read_text(errors="replace"))
+    try:
+        if m is None:
+            raise ValueError("no BEGIN CERTIFICATE block")
+        der = base64.b64decode("".join(m.group(1).split()), validate=True)
+        _, start, _ = _der(der, 0)  # Certificate
+        _, pos, _ = _der(der, start)  # tbsCertificate
+        tag, _, end = _der(der, pos)
+        if tag == 0xA0:  # [0] version
+            pos = end
+        for _ in range(3):  # serialNumber, signature, issuer
+            pos = _der(der, pos)[2]
+        _, start, _ = _der(der, pos)  # validity
+        tag_before, a, b = _der(der, start)
+        tag_after, c, d = _der(der, b)
+        return _time(tag_before, der[a:b]), _time(tag_after, der[c:d])
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise ValueError(f"{pem_path}: not a readable PEM X.509 certificate ({e}); give the node's certificate "
+                         "in PEM") from None

@@ -115,10 +115,16 @@ def _state_database(cfg: Config) -> Iterator[Check]:
 def _tls(cfg: Config) -> Iterator[Check]:
     import ssl
 
-    from dicom_node.network.tls import client_ssl_context, server_ssl_context
+    from dicom_node.network.tls import (
+        CERTIFICATE_WARN_DAYS,
+        certificate_validity,
+        client_ssl_context,
+        server_ssl_context,
+        uses_own_certificate,
+    )
 
     needs_client = any(d.tls for d in (*cfg.destinations, *cfg.peers))
-    if not cfg.tls.enabled and not needs_client:
+    if not cfg.tls.enabled and not needs_client and not cfg.web.tls:
         return
     try:
         if cfg.tls.enabled:
@@ -129,7 +135,23 @@ def _tls(cfg: Config) -> Iterator[Check]:
         yield Check("TLS", False, f"tls.cert {cfg.tls.cert!r} / tls.key {cfg.tls.key!r} / tls.ca {cfg.tls.ca!r}: "
                                   f"{e}; give PEM files that belong together and that this user can read")
         return
-    yield Check("TLS", True, f"certificate {cfg.tls.cert or '-'} and key load"
+    validity = ""
+    if uses_own_certificate(cfg):
+        try:
+            not_before, not_after = certificate_validity(cfg.tls.cert)
+        except (OSError, ValueError) as e:
+            yield Check("TLS", False, str(e))
+            return
+        now = time.time()
+        days = (not_after.timestamp() - now) / 86400
+        if days < 0 or not_before.timestamp() > now:
+            yield Check("TLS", False, f"certificate {cfg.tls.cert} is valid from {not_before:%Y-%m-%d %H:%M} to "
+                                      f"{not_after:%Y-%m-%d %H:%M} UTC, not now: TLS peers would refuse the node; "
+                                      "install a valid certificate")
+            return
+        soon = f"; renew it within {days:.0f} days" if days < CERTIFICATE_WARN_DAYS else ""
+        validity = f", valid until {not_after:%Y-%m-%d} ({days:.0f} days){soon}"
+    yield Check("TLS", True, f"certificate {cfg.tls.cert or '-'} and key load{validity}"
                              + (f", client certificates checked against {cfg.tls.ca}" if cfg.tls.verify_client else ""))
 
 

@@ -237,3 +237,36 @@ def test_storescu_without_tls_cannot_store_on_tls_port(make_node, tmp_path):
     r = storescu(node.port, files[:1], timeout=60)
     assert r.returncode != 0 or "E:" in r.stderr
     assert State(tmp_path / "data0" / "state.sqlite").instances(pydicom.dcmread(files[0]).SeriesInstanceUID) == []
+
+
+def test_certificate_validity_is_read_from_the_pem_as_cryptography_reads_it(tmp_path):
+    from cryptography import x509
+
+    from dicom_node.network.tls import certificate_validity
+
+    for days in (1.0, -3.0, 365.25 * 40):  # beyond 2049 the certificate says it in GeneralizedTime
+        paths, _ = self_signed(tmp_path / f"d{days}", days=days)
+        cert = x509.load_pem_x509_certificate(open(paths["server"][0], "rb").read())
+        assert certificate_validity(paths["server"][0]) == (cert.not_valid_before_utc, cert.not_valid_after_utc)
+    (tmp_path / "junk.pem").write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with pytest.raises(ValueError, match=r"junk.pem: not a readable PEM X.509 certificate"):
+        certificate_validity(tmp_path / "junk.pem")
+
+
+def test_a_node_whose_certificate_has_ended_says_so_at_start_and_publishes_its_expiry(make_node, tmp_path):
+    from cryptography import x509
+
+    paths, _ = self_signed(tmp_path / "old", days=-2.0)
+    node = make_node(**{"tls.enabled": True, "tls.cert": paths["server"][0], "tls.key": paths["server"][1]})
+    (event,) = [e for e in map(json.loads, (tmp_path / "node.log").read_text().splitlines())
+                if e["event"] == "tls_certificate"]
+    assert event["level"] == "error" and event["days_left"] < -1.9 and "TLS peers refuse the node" in event["note"]
+    expiry = node.metrics.registry.get_sample_value("dicom_node_tls_certificate_expiry_timestamp_seconds",
+                                                    {"file": paths["server"][0]})
+    cert = x509.load_pem_x509_certificate(open(paths["server"][0], "rb").read())
+    assert expiry == cert.not_valid_after_utc.timestamp()
+    fresh, _ = self_signed(tmp_path / "new", days=10.0)
+    make_node(**{"tls.enabled": True, "tls.cert": fresh["server"][0], "tls.key": fresh["server"][1]})
+    events = [e for e in map(json.loads, (tmp_path / "node.log").read_text().splitlines())
+              if e["event"] == "tls_certificate"]
+    assert events[-1]["level"] == "warning" and 9.9 < events[-1]["days_left"] <= 10.0  # within 30 days: renew
