@@ -93,6 +93,7 @@ from dicom_node.results.codes import (
     THRESHOLD,
     private_scheme_item,
 )
+from dicom_node.results.sc import NOT_VALIDATED
 from dicom_node.results.uids import result_uid
 
 if TYPE_CHECKING:
@@ -115,6 +116,8 @@ __all__ = [
     "device_observer_context",
     "image_library",
     "impression",
+    "labels_not_validated",
+    "not_validated_comment",
     "predecessor_reference",
     "region_point",
     "research_sr",
@@ -306,8 +309,7 @@ def build_sr(
         marked = [label for label in members if label in weak]
         if marked:
             group[0].ContentSequence.append(hd.sr.TextContentItem(
-                name=COMMENT, relationship_type="CONTAINS",
-                value=f"low confidence, not validated (validation AUROC below {floor:.2f}): " + ", ".join(marked)))
+                name=COMMENT, relationship_type="CONTAINS", value=not_validated_comment(floor, marked)))
         groups.append(group)
         if finding == PE_FINDING and labels[WINDOW_LABEL]:
             positive = np.asarray(prediction.window_positive, bool)
@@ -376,6 +378,19 @@ def _missing_slices(series: CtSeries) -> list[str]:
 
     note = missing_slices_statement(series)
     return [note] if note else []
+
+
+def not_validated_comment(floor: float, labels: Sequence[str]) -> str:
+    """The Comment of a finding group whose `labels` are weak (validation AUROC below `floor`); read back by
+    `labels_not_validated`."""
+    return f"{NOT_VALIDATED} (validation AUROC below {floor:.2f}): " + ", ".join(labels)
+
+
+def labels_not_validated(comment: str) -> list[str]:
+    """The labels a `not_validated_comment` names; [] for any other comment."""
+    if not comment.startswith(NOT_VALIDATED) or "): " not in comment:
+        return []
+    return [label.strip() for label in comment.split("): ", 1)[1].split(",") if label.strip()]
 
 
 def weak_label_statements(validation: LabelValidation | None, omit_weak_labels: bool) -> list[str]:

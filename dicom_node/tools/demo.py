@@ -37,6 +37,7 @@ from dicom_node import RESEARCH_USE_STATEMENT
 from dicom_node.labels import ALL_LABELS
 from dicom_node.log import configure_logging, get_logger
 from dicom_node.results.codes import (
+    COMMENT,
     FINDING,
     FINDING_GROUPS,
     LABEL_CODING,
@@ -45,6 +46,7 @@ from dicom_node.results.codes import (
     TRACKING_IDENTIFIER,
     same_code,
 )
+from dicom_node.results.sr import labels_not_validated
 
 if TYPE_CHECKING:
     from dicom_node.tools.pacs import LocalStorageScp, OrthancPeer
@@ -71,12 +73,14 @@ class DemoStudy:
 
 @dataclass(frozen=True)
 class Finding:
-    """One label of a received SR: probability, threshold and the present/absent call."""
+    """One label of a received SR: probability, threshold, the present/absent call, and whether the SR marks
+    the label "low confidence, not validated" (the bundle's validation AUROC below its floor)."""
 
     label: str
     probability: float
     threshold: float
     present: bool
+    validated: bool = True
 
 
 def read_findings(sr: Dataset) -> dict[str, Finding]:
@@ -104,6 +108,8 @@ def read_findings(sr: Dataset) -> dict[str, Finding]:
         if finding is None:
             return
         codes_here = [codes_of(c) for c in group]
+        weak = {label for c in group if c.get("ValueType") == "TEXT" and same_code(c.ConceptNameCodeSequence[0], COMMENT)
+                for label in labels_not_validated(str(c.TextValue))}
         for label, coding in LABEL_CODING.items():
             if not same_code(finding, coding.finding):
                 continue
@@ -119,7 +125,8 @@ def read_findings(sr: Dataset) -> dict[str, Finding]:
             if PROBABILITY.value not in nums:  # labels sharing this finding code that the SR does not report
                 continue
             present = any(is_pair(p, *coding.present) for p in codes_here)
-            found[label] = Finding(label, nums[PROBABILITY.value], nums.get(THRESHOLD.value, float("nan")), present)
+            found[label] = Finding(label, nums[PROBABILITY.value], nums.get(THRESHOLD.value, float("nan")), present,
+                                   validated=label not in weak)
 
     def walk(items: Sequence) -> None:
         for item in items:

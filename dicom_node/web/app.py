@@ -50,6 +50,7 @@ from dicom_node import RESEARCH_USE_STATEMENT, __version__
 from dicom_node.engine.actions import ACTIONS, ActionResult, complete_series, rerun_series, resend_job
 from dicom_node.labels import display_name
 from dicom_node.log import get_logger
+from dicom_node.results.sc import NOT_VALIDATED
 from dicom_node.web.auth import AuditLog, Credentials, LoginThrottle, Principal, Sessions
 from dicom_node.web.views import (
     DISPLAY_STATES,
@@ -161,7 +162,7 @@ def _add_worklist(app: FastAPI, ctx: WebContext) -> None:  # noqa: C901 - one cl
     audit = AuditLog(Path(web.audit_log) if web.audit_log else cfg.data_path / "audit.log")
     identities = IdentityCache()
     templates = Jinja2Templates(directory=str(_HERE / "templates"))
-    templates.env.globals.update(age_text=age_text, clock=clock, caption=PREVIEW_CAPTION, display_name=display_name,
+    templates.env.globals.update(age_text=age_text, clock=clock, caption=PREVIEW_CAPTION, display_name=display_name, not_validated=NOT_VALIDATED,
                                  research=RESEARCH_USE_STATEMENT, version=__version__, actions=ACTIONS)
     log = get_logger("dicom_node.web")
     app.mount("/static", StaticFiles(directory=str(_HERE / "static")), name="static")

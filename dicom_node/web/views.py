@@ -187,6 +187,7 @@ class FindingRow:
     probability: float
     threshold: float
     present: bool
+    validated: bool = True  # False: the SR marks it "low confidence, not validated"
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,7 @@ def _job_detail(st: State, spool: Spool, series_state: SeriesState, job: JobRow)
             from dicom_node.tools.demo import read_findings
 
             found = read_findings(ds)
-            findings = [FindingRow(k, found[k].probability, found[k].threshold, found[k].present)
+            findings = [FindingRow(k, found[k].probability, found[k].threshold, found[k].present, found[k].validated)
                         for k in ALL_LABELS if k in found]
         elif ds.SOPClassUID == SecondaryCaptureImageStorage:
             comments, derivation = str(ds.get("ImageComments", "")), str(ds.get("DerivationDescription", ""))

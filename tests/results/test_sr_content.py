@@ -190,6 +190,7 @@ def test_weak_labels_are_marked_in_their_group_and_named_after_the_research_stat
     assert notes[rv_lt] == ["low confidence, not validated (validation AUROC below 0.70): rv_lv_ratio_lt_1"]
     assert sum(len(v) for v in notes.values()) == 2  # no other group claims low confidence
     assert set(read_findings(sr)) == set(LABEL_CODING)  # marked, not hidden: every label still reported
+    assert {k for k, f in read_findings(sr).items() if not f.validated} == {"chronic_pe", "rv_lv_ratio_lt_1"}
 
 
 def test_omit_weak_labels_leaves_them_out_and_says_so_but_never_the_pe_label(pe_case):
