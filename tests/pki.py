@@ -12,9 +12,9 @@ import ipaddress
 from pathlib import Path
 
 
-def self_signed(folder: Path, *, days: float = 1.0) -> tuple[dict[str, tuple[str, str]], str]:
-    """`days`: how long the server and client certificates stay valid from now (negative: they ended that
-    long ago, having been valid for a day before)."""
+def self_signed(folder: Path, *, days: float = 1.0, ca_days: float = 1.0) -> tuple[dict[str, tuple[str, str]], str]:
+    """`days`, `ca_days`: how long the server and client certificates, and the CA's, stay valid from now
+    (negative: they ended that long ago, having been valid for a day before)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -36,7 +36,7 @@ def self_signed(folder: Path, *, days: float = 1.0) -> tuple[dict[str, tuple[str
         return key, cert
 
     folder.mkdir(parents=True, exist_ok=True)
-    ca_key, ca_cert = make("test-ca", ca=True)
+    ca_key, ca_cert = make("test-ca", ca=True, days=ca_days)
     paths = {}
     for who in ("server", "client"):
         key, cert = make(who, ca_key, ca_cert.subject, days=days)

@@ -301,3 +301,9 @@ def test_check_fails_a_certificate_that_has_ended_and_counts_the_days_of_one_tha
             assert "not now: TLS peers would refuse the node; install a valid certificate" in line
         else:
             assert "valid until" in line and "renew it within 10 days" in line
+    paths, ca = self_signed(tmp_path / "old-ca", days=10.0, ca_days=-1.0)
+    cfg = write_config(tmp_path / "node-ca.toml", ae_title="PENODE", port=free_port(), data_dir=str(tmp_path / "data"),
+                       **{"tls.enabled": True, "tls.cert": paths["server"][0], "tls.key": paths["server"][1],
+                          "tls.ca": ca, "tls.verify_client": True})
+    (line,) = [x for x in _run("check", "--config", str(cfg)).stdout.splitlines() if "TLS CA" in x]
+    assert line.startswith("  FAIL") and "the certificates it signed no longer verify" in line

@@ -11,7 +11,8 @@ Contract:
   prove the node may write there.
 * The checks, in order: file permissions (what `serve` refuses: `config.insecure_files`); the data
   folder (exists or can be made, writable, free space against `min_free_disk_mb`); the state database
-  (readable, `quick_check`, schema version); the TLS certificate and key when TLS is on; the model
+  (readable, `quick_check`, schema version); the TLS certificate and key when TLS is on (they load, and
+  the node's certificate and the CA's are valid now); the model
   (the same load and warm-up as at start, and for `engine = triton` the server's start checks and a
   liveness request); the DICOM port (free, or answered by a node with this AE title: already running);
   the HTTP port when set; each destination (a C-ECHO with the node's AE title, over TLS for `+tls`);
@@ -153,6 +154,19 @@ def _tls(cfg: Config) -> Iterator[Check]:
         validity = f", valid until {not_after:%Y-%m-%d} ({days:.0f} days){soon}"
     yield Check("TLS", True, f"certificate {cfg.tls.cert or '-'} and key load{validity}"
                              + (f", client certificates checked against {cfg.tls.ca}" if cfg.tls.verify_client else ""))
+    if cfg.tls.ca:
+        try:
+            ca_from, ca_until = certificate_validity(cfg.tls.ca)  # the first certificate of the file
+        except (OSError, ValueError) as e:
+            yield Check("TLS CA", False, str(e))
+            return
+        now = time.time()
+        if ca_until.timestamp() < now or ca_from.timestamp() > now:
+            yield Check("TLS CA", False, f"CA certificate {cfg.tls.ca} is valid from {ca_from:%Y-%m-%d %H:%M} to "
+                                         f"{ca_until:%Y-%m-%d %H:%M} UTC, not now: the certificates it signed no longer "
+                                         "verify; install the renewed CA certificate")
+        else:
+            yield Check("TLS CA", True, f"CA certificate {cfg.tls.ca} valid until {ca_until:%Y-%m-%d}")
 
 
 def _model(cfg: Config) -> Iterator[Check]:
