@@ -814,12 +814,11 @@ class State:
         does: the jobs keep their count, so a node restarting in a loop while the server is away still
         fails them in the end."""
         with self._tx() as c:
-            sql = "UPDATE jobs SET not_before=0 WHERE state=? AND not_before>0"
-            args: list[object] = [JobState.QUEUED.value]
-            if job_id is not None:
-                sql, args = "UPDATE jobs SET not_before=0, deferrals=0 WHERE state=? AND not_before>0 AND id=?", \
-                    [*args, job_id]
-            return c.execute(sql, args).rowcount
+            if job_id is None:
+                return c.execute("UPDATE jobs SET not_before=0 WHERE state=? AND not_before>0",
+                                 (JobState.QUEUED.value,)).rowcount
+            return c.execute("UPDATE jobs SET not_before=0, deferrals=0 WHERE state=? AND not_before>0 AND id=?",
+                             (JobState.QUEUED.value, job_id)).rowcount
 
     def request_rerun(self, job_id: int) -> None:
         with self._tx() as c:

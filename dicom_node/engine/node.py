@@ -56,7 +56,7 @@ from dicom_node.engine.retention import Retention
 from dicom_node.engine.worker import JobBody, Worker, destinations_for
 from dicom_node.log import get_logger, log_sink_status
 from dicom_node.network.receive import Receiver
-from dicom_node.network.tls import CERTIFICATE_WARN_DAYS, certificate_validity, uses_own_certificate
+from dicom_node.network.tls import CERTIFICATE_WARN_DAYS, certificate_dates, uses_own_certificate
 from dicom_node.notify.outbox import NotificationSender
 from dicom_node.web.server import HttpServer
 
@@ -306,19 +306,17 @@ class Node:
         if not uses_own_certificate(c):
             return
         try:
-            not_before, not_after = certificate_validity(c.tls.cert)
+            dates = certificate_dates(c.tls.cert)
         except (OSError, ValueError) as e:
             self.log.warning("tls_certificate", file=c.tls.cert, error=str(e))
             return
-        self.metrics.tls_certificate_expiry.labels(file=c.tls.cert).set(not_after.timestamp())
-        now = time.time()
-        days_left = (not_after.timestamp() - now) / 86400
-        fields = dict(file=c.tls.cert, not_before=not_before.isoformat(), not_after=not_after.isoformat(),
-                      days_left=round(days_left, 1))
-        if days_left < 0 or not_before.timestamp() > now:
+        self.metrics.tls_certificate_expiry.labels(file=c.tls.cert).set(dates.not_after.timestamp())
+        fields = dict(file=c.tls.cert, not_before=dates.not_before.isoformat(), not_after=dates.not_after.isoformat(),
+                      days_left=round(dates.days_left, 1))
+        if not dates.valid_now:
             self.log.error("tls_certificate", **fields, note="not valid now: TLS peers refuse the node; install a "
                                                              "valid certificate and restart")
-        elif days_left < CERTIFICATE_WARN_DAYS:
+        elif dates.days_left < CERTIFICATE_WARN_DAYS:
             self.log.warning("tls_certificate", **fields, note="renew it, then restart the node")
         else:
             self.log.info("tls_certificate", **fields)

@@ -200,23 +200,26 @@ class Predictor:
                                  "(CUDA libraries missing or incompatible?); fix the CUDA install or set require_gpu = false")
         self._in1 = g1.inputs[0].dtype
         self._in2 = g2.inputs[0].dtype
-        warm_s = 0.0
-        if warmup:
-            t1 = time.perf_counter()
-            # all int: _parse_manifest checks them against (3, window_slices, crop, crop)
-            window_shape = tuple(int(d) for d in m.stage1.inputs[0].shape[1:])
-            self._stage1(np.zeros((1, *window_shape), dtype=np.float32))
-            if m.family == "shi2020":
-                self._stage2_shi(np.zeros(tuple(int(d) for d in m.stage2.inputs[0].shape[1:]), np.float32))
-            else:
-                self._stage2(np.zeros((m.sequence_length, m.feature_dim), np.float32),
-                             np.ones(m.sequence_length, np.float32))
-            warm_s = time.perf_counter() - t1
+        warm_s = self._warm_up() if warmup else 0.0
         log.info("model_loaded", bundle=str(self.bundle.path), model_name=m.name, model_version=m.version,
                  model_uid=m.model_uid, provider=self.execution_provider, providers=self._s1.get_providers(),
                  precision=self.precision, load_s=round(time.perf_counter() - t0, 3), warmup_s=round(warm_s, 3))
 
     # ------------------------------------------------------------------------------------------
+
+    def _warm_up(self) -> float:
+        """Run both stages once on zeros (one window; one study's stage-2 input of the bundle's family), so a
+        graph that loads but cannot run fails now; returns the seconds it took."""
+        m = self.manifest
+        t0 = time.perf_counter()
+        # all int: _parse_manifest checks them against (channels, window_slices, crop, crop)
+        window_shape = tuple(int(d) for d in m.stage1.inputs[0].shape[1:])
+        self._stage1(np.zeros((1, *window_shape), dtype=np.float32))
+        if m.family == "shi2020":
+            self._stage2_shi(np.zeros(tuple(int(d) for d in m.stage2.inputs[0].shape[1:]), np.float32))
+        else:
+            self._stage2(np.zeros((m.sequence_length, m.feature_dim), np.float32), np.ones(m.sequence_length, np.float32))
+        return time.perf_counter() - t0
 
     def _stage1(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         feats, logit, heat = self._s1.run(None, {"windows": batch.astype(self._in1, copy=False)})

@@ -42,7 +42,6 @@ from __future__ import annotations
 import re
 import socket
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -241,17 +240,7 @@ class TritonPredictor(Predictor):
         self.batch_size = min(requested, max_batch)
         if self.batch_size < requested:
             log.info("triton_batch_capped", requested=requested, max_batch_size=max_batch, model=self.models["stage1"])
-        warm_s = 0.0
-        if self._warmup:
-            t0 = time.perf_counter()
-            window_shape = tuple(int(d) for d in m.stage1.inputs[0].shape[1:])
-            self._stage1(np.zeros((1, *window_shape), dtype=np.float32))
-            if m.family == "shi2020":
-                self._stage2_shi(np.zeros(tuple(int(d) for d in m.stage2.inputs[0].shape[1:]), np.float32))
-            else:
-                self._stage2(np.zeros((m.sequence_length, m.feature_dim), np.float32),
-                             np.ones(m.sequence_length, np.float32))
-            warm_s = time.perf_counter() - t0
+        warm_s = self._warm_up() if self._warmup else 0.0
         self._connected = True
         log.info("model_loaded", engine="triton", server=self.settings.where, models=list(self.models.values()),
                  model_name=m.name, model_version=m.version, model_uid=m.model_uid, batch_size=self.batch_size,

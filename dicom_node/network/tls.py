@@ -17,12 +17,14 @@ import base64
 import datetime as dt
 import re
 import ssl
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from dicom_node.config import Config
 
-__all__ = ["client_ssl_context", "server_ssl_context", "certificate_validity", "uses_own_certificate",
-           "CERTIFICATE_WARN_DAYS"]
+__all__ = ["client_ssl_context", "server_ssl_context", "certificate_validity", "certificate_dates",
+           "CertificateDates", "uses_own_certificate", "CERTIFICATE_WARN_DAYS"]
 
 #: a certificate ending within this many days is reported as a warning (at start, by `dicom-node check`)
 CERTIFICATE_WARN_DAYS = 30
@@ -104,3 +106,29 @@ def certificate_validity(pem_path: str | Path) -> tuple[dt.datetime, dt.datetime
     except (ValueError, IndexError, UnicodeDecodeError) as e:
         raise ValueError(f"{pem_path}: not a readable PEM X.509 certificate ({e}); give the node's certificate "
                          "in PEM") from None
+
+
+@dataclass(frozen=True)
+class CertificateDates:
+    """A certificate's validity and what it means now: the one reading of the start event and `dicom-node check`."""
+
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+    @property
+    def days_left(self) -> float:
+        """Days until notAfter (negative once it has passed)."""
+        return (self.not_after.timestamp() - time.time()) / 86400
+
+    @property
+    def valid_now(self) -> bool:
+        return self.not_before.timestamp() <= time.time() <= self.not_after.timestamp()
+
+    @property
+    def span(self) -> str:
+        return f"valid from {self.not_before:%Y-%m-%d %H:%M} to {self.not_after:%Y-%m-%d %H:%M} UTC"
+
+
+def certificate_dates(pem_path: str | Path) -> CertificateDates:
+    """`certificate_validity` of `pem_path` as `CertificateDates`."""
+    return CertificateDates(*certificate_validity(pem_path))

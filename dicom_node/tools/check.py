@@ -118,7 +118,7 @@ def _tls(cfg: Config) -> Iterator[Check]:
 
     from dicom_node.network.tls import (
         CERTIFICATE_WARN_DAYS,
-        certificate_validity,
+        certificate_dates,
         client_ssl_context,
         server_ssl_context,
         uses_own_certificate,
@@ -139,34 +139,29 @@ def _tls(cfg: Config) -> Iterator[Check]:
     validity = ""
     if uses_own_certificate(cfg):
         try:
-            not_before, not_after = certificate_validity(cfg.tls.cert)
+            own = certificate_dates(cfg.tls.cert)
         except (OSError, ValueError) as e:
             yield Check("TLS", False, str(e))
             return
-        now = time.time()
-        days = (not_after.timestamp() - now) / 86400
-        if days < 0 or not_before.timestamp() > now:
-            yield Check("TLS", False, f"certificate {cfg.tls.cert} is valid from {not_before:%Y-%m-%d %H:%M} to "
-                                      f"{not_after:%Y-%m-%d %H:%M} UTC, not now: TLS peers would refuse the node; "
-                                      "install a valid certificate")
+        if not own.valid_now:
+            yield Check("TLS", False, f"certificate {cfg.tls.cert} is {own.span}, not now: TLS peers would refuse the "
+                                      "node; install a valid certificate")
             return
-        soon = f"; renew it within {days:.0f} days" if days < CERTIFICATE_WARN_DAYS else ""
-        validity = f", valid until {not_after:%Y-%m-%d} ({days:.0f} days){soon}"
+        soon = f"; renew it within {own.days_left:.0f} days" if own.days_left < CERTIFICATE_WARN_DAYS else ""
+        validity = f", valid until {own.not_after:%Y-%m-%d} ({own.days_left:.0f} days){soon}"
     yield Check("TLS", True, f"certificate {cfg.tls.cert or '-'} and key load{validity}"
                              + (f", client certificates checked against {cfg.tls.ca}" if cfg.tls.verify_client else ""))
     if cfg.tls.ca:
         try:
-            ca_from, ca_until = certificate_validity(cfg.tls.ca)  # the first certificate of the file
+            ca = certificate_dates(cfg.tls.ca)  # the first certificate of the file
         except (OSError, ValueError) as e:
             yield Check("TLS CA", False, str(e))
             return
-        now = time.time()
-        if ca_until.timestamp() < now or ca_from.timestamp() > now:
-            yield Check("TLS CA", False, f"CA certificate {cfg.tls.ca} is valid from {ca_from:%Y-%m-%d %H:%M} to "
-                                         f"{ca_until:%Y-%m-%d %H:%M} UTC, not now: the certificates it signed no longer "
-                                         "verify; install the renewed CA certificate")
+        if not ca.valid_now:
+            yield Check("TLS CA", False, f"CA certificate {cfg.tls.ca} is {ca.span}, not now: the certificates it "
+                                         "signed no longer verify; install the renewed CA certificate")
         else:
-            yield Check("TLS CA", True, f"CA certificate {cfg.tls.ca} valid until {ca_until:%Y-%m-%d}")
+            yield Check("TLS CA", True, f"CA certificate {cfg.tls.ca} valid until {ca.not_after:%Y-%m-%d}")
 
 
 def _model(cfg: Config) -> Iterator[Check]:

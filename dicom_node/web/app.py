@@ -162,8 +162,9 @@ def _add_worklist(app: FastAPI, ctx: WebContext) -> None:  # noqa: C901 - one cl
     audit = AuditLog(Path(web.audit_log) if web.audit_log else cfg.data_path / "audit.log")
     identities = IdentityCache()
     templates = Jinja2Templates(directory=str(_HERE / "templates"))
-    templates.env.globals.update(age_text=age_text, clock=clock, caption=PREVIEW_CAPTION, display_name=display_name, not_validated=NOT_VALIDATED,
-                                 research=RESEARCH_USE_STATEMENT, version=__version__, actions=ACTIONS)
+    templates.env.globals.update(age_text=age_text, clock=clock, caption=PREVIEW_CAPTION, display_name=display_name,
+                                 not_validated=NOT_VALIDATED, research=RESEARCH_USE_STATEMENT, version=__version__,
+                                 actions=ACTIONS)
     log = get_logger("dicom_node.web")
     app.mount("/static", StaticFiles(directory=str(_HERE / "static")), name="static")
     app.state.audit = audit
