@@ -307,3 +307,28 @@ def test_check_fails_a_certificate_that_has_ended_and_counts_the_days_of_one_tha
                           "tls.ca": ca, "tls.verify_client": True})
     (line,) = [x for x in _run("check", "--config", str(cfg)).stdout.splitlines() if "TLS CA" in x]
     assert line.startswith("  FAIL") and "the certificates it signed no longer verify" in line
+
+
+def test_check_reads_every_certificate_of_a_ca_bundle_and_fails_the_one_that_has_ended(tmp_path):
+    from cryptography import x509
+    from pki import self_signed
+
+    paths, good_ca = self_signed(tmp_path / "good", days=10.0, ca_days=400.0)
+    _, ended_ca = self_signed(tmp_path / "ended", ca_days=-1.0)
+    _, other_ca = self_signed(tmp_path / "other", ca_days=100.0)
+
+    def ca_line(*cas: str) -> str:
+        bundle = tmp_path / f"bundle{len(cas)}-{cas[-1] == ended_ca}.pem"
+        bundle.write_text("".join(Path(c).read_text() for c in cas))
+        cfg = write_config(tmp_path / "node.toml", ae_title="PENODE", port=free_port(), data_dir=str(tmp_path / "data"),
+                           **{"tls.enabled": True, "tls.cert": paths["server"][0], "tls.key": paths["server"][1],
+                              "tls.ca": str(bundle), "tls.verify_client": True})
+        (line,) = [x for x in _run("check", "--config", str(cfg)).stdout.splitlines() if "TLS CA" in x]
+        return line
+
+    line = ca_line(good_ca, other_ca, ended_ca)  # the ended one last: reading only the first missed it
+    assert line.startswith("  FAIL") and "certificate 3 of 3 in" in line and "remove it from the bundle" in line
+    line = ca_line(good_ca, other_ca)
+    assert line.startswith("  ok") and "2 CA certificates in" in line
+    ends = x509.load_pem_x509_certificate(Path(other_ca).read_bytes()).not_valid_after_utc  # the sooner of the two
+    assert f"the first to end valid until {ends:%Y-%m-%d}" in line

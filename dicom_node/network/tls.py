@@ -23,8 +23,8 @@ from pathlib import Path
 
 from dicom_node.config import Config
 
-__all__ = ["client_ssl_context", "server_ssl_context", "certificate_validity", "certificate_dates",
-           "CertificateDates", "uses_own_certificate", "CERTIFICATE_WARN_DAYS"]
+__all__ = ["client_ssl_context", "server_ssl_context", "certificate_validity", "certificate_validities",
+           "certificate_dates", "bundle_dates", "CertificateDates", "uses_own_certificate", "CERTIFICATE_WARN_DAYS"]
 
 #: a certificate ending within this many days is reported as a warning (at start, by `dicom-node check`)
 CERTIFICATE_WARN_DAYS = 30
@@ -84,28 +84,45 @@ def _time(tag: int, raw: bytes) -> dt.datetime:
     return dt.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=dt.timezone.utc)
 
 
+def _block_validity(block: str) -> tuple[dt.datetime, dt.datetime]:
+    """(notBefore, notAfter) of one PEM certificate block's base64 text."""
+    der = base64.b64decode("".join(block.split()), validate=True)
+    _, start, _ = _der(der, 0)  # Certificate
+    _, pos, _ = _der(der, start)  # tbsCertificate
+    tag, _, end = _der(der, pos)
+    if tag == 0xA0:  # [0] version
+        pos = end
+    for _ in range(3):  # serialNumber, signature, issuer
+        pos = _der(der, pos)[2]
+    _, start, _ = _der(der, pos)  # validity
+    tag_before, a, b = _der(der, start)
+    tag_after, c, d = _der(der, b)
+    return _time(tag_before, der[a:b]), _time(tag_after, der[c:d])
+
+
+def certificate_validities(pem_path: str | Path) -> list[tuple[dt.datetime, dt.datetime]]:
+    """(notBefore, notAfter) in UTC of every certificate in the PEM file `pem_path`, in file order (a CA
+    bundle holds several); ValueError naming the file and the certificate's place when one is not readable
+    X.509, or when the file holds none."""
+    blocks = _PEM.findall(Path(pem_path).read_text(errors="replace"))
+    out = []
+    for n, block in enumerate(blocks or [""], 1):
+        try:
+            if not blocks:
+                raise ValueError("no BEGIN CERTIFICATE block")
+            out.append(_block_validity(block))
+        except (ValueError, IndexError, UnicodeDecodeError) as e:
+            which = f"certificate {n} of {len(blocks)}" if len(blocks) > 1 else "not a readable PEM X.509 certificate"
+            raise ValueError(f"{pem_path}: {which} ({e}); give the certificate"
+                             f"{'s' if len(blocks) > 1 else ''} in PEM") from None
+    return out
+
+
 def certificate_validity(pem_path: str | Path) -> tuple[dt.datetime, dt.datetime]:
-    """(notBefore, notAfter) of the first certificate in the PEM file `pem_path`, in UTC; ValueError naming
-    the file when it holds no readable X.509 certificate."""
-    m = _PEM.search(Path(pem_path).read_text(errors="replace"))
-    try:
-        if m is None:
-            raise ValueError("no BEGIN CERTIFICATE block")
-        der = base64.b64decode("".join(m.group(1).split()), validate=True)
-        _, start, _ = _der(der, 0)  # Certificate
-        _, pos, _ = _der(der, start)  # tbsCertificate
-        tag, _, end = _der(der, pos)
-        if tag == 0xA0:  # [0] version
-            pos = end
-        for _ in range(3):  # serialNumber, signature, issuer
-            pos = _der(der, pos)[2]
-        _, start, _ = _der(der, pos)  # validity
-        tag_before, a, b = _der(der, start)
-        tag_after, c, d = _der(der, b)
-        return _time(tag_before, der[a:b]), _time(tag_after, der[c:d])
-    except (ValueError, IndexError, UnicodeDecodeError) as e:
-        raise ValueError(f"{pem_path}: not a readable PEM X.509 certificate ({e}); give the node's certificate "
-                         "in PEM") from None
+    """(notBefore, notAfter) of the first certificate in the PEM file `pem_path` (the node's own: the
+    first block of `[tls] cert`), in UTC; ValueError naming the file when it holds no readable X.509
+    certificate."""
+    return certificate_validities(pem_path)[0]
 
 
 @dataclass(frozen=True)
@@ -132,3 +149,8 @@ class CertificateDates:
 def certificate_dates(pem_path: str | Path) -> CertificateDates:
     """`certificate_validity` of `pem_path` as `CertificateDates`."""
     return CertificateDates(*certificate_validity(pem_path))
+
+
+def bundle_dates(pem_path: str | Path) -> list[CertificateDates]:
+    """`certificate_validities` of `pem_path` (a CA bundle) as `CertificateDates`, in file order."""
+    return [CertificateDates(*v) for v in certificate_validities(pem_path)]

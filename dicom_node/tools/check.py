@@ -152,16 +152,30 @@ def _tls(cfg: Config) -> Iterator[Check]:
     yield Check("TLS", True, f"certificate {cfg.tls.cert or '-'} and key load{validity}"
                              + (f", client certificates checked against {cfg.tls.ca}" if cfg.tls.verify_client else ""))
     if cfg.tls.ca:
-        try:
-            ca = certificate_dates(cfg.tls.ca)  # the first certificate of the file
-        except (OSError, ValueError) as e:
-            yield Check("TLS CA", False, str(e))
-            return
-        if not ca.valid_now:
-            yield Check("TLS CA", False, f"CA certificate {cfg.tls.ca} is {ca.span}, not now: the certificates it "
-                                         "signed no longer verify; install the renewed CA certificate")
-        else:
-            yield Check("TLS CA", True, f"CA certificate {cfg.tls.ca} valid until {ca.not_after:%Y-%m-%d}")
+        yield from _ca_bundle(cfg.tls.ca)
+
+
+def _ca_bundle(path: str) -> Iterator[Check]:
+    """Every certificate of `[tls] ca` (a bundle may hold several): one ended or not yet valid fails,
+    since what it signed no longer verifies."""
+    from dicom_node.network.tls import bundle_dates
+
+    try:
+        dates = bundle_dates(path)
+    except (OSError, ValueError) as e:
+        yield Check("TLS CA", False, str(e))
+        return
+    n = len(dates)
+    bad = [(i, d) for i, d in enumerate(dates, 1) if not d.valid_now]
+    for i, d in bad:
+        which = f"certificate {i} of {n} in {path}" if n > 1 else f"CA certificate {path}"
+        yield Check("TLS CA", False, f"{which} is {d.span}, not now: the certificates it signed no longer verify; "
+                                     "install the renewed CA certificate" + (" or remove it from the bundle" if n > 1 else ""))
+    if bad:
+        return
+    first = min(dates, key=lambda d: d.not_after)
+    what = f"CA certificate {path}" if n == 1 else f"{n} CA certificates in {path}, the first to end"
+    yield Check("TLS CA", True, f"{what} valid until {first.not_after:%Y-%m-%d}")
 
 
 def _model(cfg: Config) -> Iterator[Check]:
