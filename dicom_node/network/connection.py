@@ -207,23 +207,41 @@ class GuardedSocket(AssociationSocket):
         """Read the next PDU here; a P-DATA-TF goes to the node's C-STORE path (`fast_store`), and what
         that hands on, or any other PDU, is queued for pynetdicom's `recv` (then True: ready)."""
         assert self._fast is not None
-        deadline = time.monotonic() + self._limits.pdu_s
-        head = self._read(6, deadline)
-        if len(head) < 6:
-            return True  # as a short body below
-        pdu_type, _, length = _HEADER.unpack(head)
-        if pdu_type != 4 or (self._limits.max_pdu and length > self._limits.max_pdu):
-            self._prefix += head  # pynetdicom reads (or recv refuses) the rest as before
-            return True
-        body = self._read(length, deadline)
-        if len(body) < length or self._refused:
-            return True  # refused past the deadline, or the peer closed: pynetdicom's recv sees the end
-        rest = self._fast.take(body)
-        if rest is None:
+        while True:
+            deadline = time.monotonic() + self._limits.pdu_s
+            head = self._read(6, deadline)
+            if len(head) < 6:
+                return True  # as a short body below
+            pdu_type, _, length = _HEADER.unpack(head)
+            if pdu_type != 4 or (self._limits.max_pdu and length > self._limits.max_pdu):
+                self._prefix += head  # pynetdicom reads (or recv refuses) the rest as before
+                return True
+            body = self._read(length, deadline)
+            if len(body) < length or self._refused:
+                return True  # refused past the deadline, or the peer closed: pynetdicom's recv sees the end
+            rest = self._fast.take(body)
+            if rest is not None:
+                self._prefix += _HEADER.pack(4, 0, len(rest)) + rest
+                return True
             self._assoc.dul._idle_timer.restart()  # as pynetdicom does for a PDU it read
-            return bool(self._refused)  # refused: let pynetdicom's recv see the connection end
-        self._prefix += _HEADER.pack(4, 0, len(rest)) + rest
-        return True
+            if self._refused:
+                return True  # refused: let pynetdicom's recv see the connection end
+            if self._fast.message is None or not self._waiting_now():
+                return False
+            # The next PDU of this data set is already here: read it now rather than going round the
+            # reactor's loop (its queue checks, a sleep(0) and a select per PDU: ~8 % of the receive CPU)
+
+    def _waiting_now(self) -> bool:
+        """Whether bytes can be read without waiting."""
+        sock = self.socket
+        if sock is None:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        try:
+            return bool(select.select([sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
 
     def enable_fast_store(self, store: StoreFn) -> None:
         """Serve C-STOREs on the node's own path (`dicom_node.network.fast_store`) once established."""
