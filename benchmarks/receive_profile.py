@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.no_flush:
         spool._fsync_file = spool.fsync_dir = lambda path: None
+        spool._fsync_and_close = os.close  # the flush started before the checks (Spool.start_flush)
         open_conn = state.State._conn
 
         def unsynced(self: Any) -> Any:

@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -54,6 +54,13 @@ def validate_uid(uid: object, what: str = "UID") -> str:
 
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_and_close(fd: int) -> None:
     try:
         os.fsync(fd)
     finally:
@@ -148,8 +155,14 @@ class Spool:
         durable_write(path, data)
         return path
 
+    def start_flush(self, fd: int) -> Future[None]:
+        """Start flushing the received file open as `fd` now, while the SCP still checks it; give the
+        result to `adopt` as `flushed`. The flush works on its own duplicate of `fd` (the caller may close
+        `fd` at once; a rename meanwhile does not matter: the data belongs to the inode)."""
+        return self._fsync_pool.submit(_fsync_and_close, os.dup(fd))
+
     def adopt(self, study_uid: str, series_uid: str, sop_uid: str, received: Path,
-              during: Callable[[], None] | None = None) -> Path:
+              during: Callable[[], None] | None = None, flushed: Future[None] | None = None) -> Path:
         """Durably move the received Part 10 file `received` into the spool; return its path.
 
         On the spool's filesystem (the SCP streams into `incoming/` under `dicom-node serve`): rename,
@@ -159,7 +172,8 @@ class Spool:
         raises what `during` raised, only when all of them are done. So a crash before the caller
         acknowledges can leave an unlisted file, or a row whose file is missing or short; both are
         repaired by the sender's re-send (nothing was acknowledged), which the SCP detects by the
-        size recorded in the row. Elsewhere: a durable copy, then `during`. `received` is gone afterwards."""
+        size recorded in the row. Elsewhere: a durable copy, then `during`. `received` is gone afterwards.
+        `flushed` (`start_flush` of `received`, begun before the checks) stands for the file's fsync."""
         path = self.instance_path(study_uid, series_uid, sop_uid)
         self.check_space(received.stat().st_size)
         make_dirs(path.parent)
@@ -173,7 +187,7 @@ class Spool:
             if during is not None:
                 during()
             return path
-        file_synced = self._fsync_pool.submit(_fsync_file, path)
+        file_synced = flushed if flushed is not None else self._fsync_pool.submit(_fsync_file, path)
         dir_synced = self._fsync_pool.submit(fsync_dir, path.parent)
         try:
             if during is not None:

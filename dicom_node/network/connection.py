@@ -53,7 +53,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from dicom_node.config import Config
 from dicom_node.log import get_logger
-from dicom_node.network.fast_store import PDV_HEADER, FastStore, StoreFn, data_set_too_long
+from dicom_node.network.fast_store import PDV_HEADER, FastStore, FlushFn, StoreFn, data_set_too_long
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -243,10 +243,10 @@ class GuardedSocket(AssociationSocket):
         except (OSError, ValueError):
             return False
 
-    def enable_fast_store(self, store: StoreFn) -> None:
+    def enable_fast_store(self, store: StoreFn, flush: FlushFn | None = None) -> None:
         """Serve C-STOREs on the node's own path (`dicom_node.network.fast_store`) once established."""
         self._fast = FastStore(self._assoc, store, self._send_now, self._refuse, self._limits.max_instance_bytes,
-                               count=self._guard.count)
+                               count=self._guard.count, flush=flush)
 
     def _send_now(self, data: bytes) -> None:
         """Send from the DUL thread (the one thread that sends on this socket), as pynetdicom's `send`."""
@@ -440,7 +440,7 @@ class _Handler(RequestHandler):
             assoc.dul.socket = guarded
             _quicken(assoc, guarded)
             if g.store is not None:
-                guarded.enable_fast_store(g.store)
+                guarded.enable_fast_store(g.store, g.flush)
 
             def ended() -> None:
                 guarded.close_wake()
@@ -576,9 +576,10 @@ class GuardedServer(ThreadedAssociationServer):
 
     def __init__(self, *args: Any, limits: ConnectionLimits, tls: ssl.SSLContext | None,
                  on_refused: Callable[[str], None] | None = None, store: StoreFn | None = None,
-                 **kwargs: Any) -> None:
+                 flush: FlushFn | None = None, **kwargs: Any) -> None:
         self.limits = limits
         self.store = store  # the C-STORE decision for the node's own path; None = pynetdicom's path only
+        self.flush = flush  # starts a received file's fsync before the decision (`Spool.start_flush`)
         self.tls = tls
         self.on_refused = on_refused
         self.log = get_logger("dicom_node.network.connection")

@@ -34,6 +34,7 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,12 +43,14 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 
 from dicom_node.log import get_logger
 
-__all__ = ["FastStore", "PDV_HEADER", "StoreFn", "data_set_too_long", "parse_command_set", "store_response_pdu",
+__all__ = ["FastStore", "FlushFn", "PDV_HEADER", "StoreFn", "data_set_too_long", "parse_command_set", "store_response_pdu",
            "file_meta"]
 
 #: Receiver.store: (association, received file, SOP class, SOP instance, context's abstract syntax,
-#: context's transfer syntax) -> status
-StoreFn = Callable[[Any, Path, str, str, str, str], int]
+#: context's transfer syntax[, flushed]) -> status
+StoreFn = Callable[..., int]
+#: Spool.start_flush: the open received file's descriptor -> its fsync, under way
+FlushFn = Callable[[int], "Future[None]"]
 
 #: a presentation data value item's header: item length, presentation context ID, message control header
 PDV_HEADER = struct.Struct(">LBB")
@@ -162,13 +165,16 @@ class FastStore:
         The longest data set of one message.
     count
         Counts a refusal by reason (the node's metrics), for refusals made here rather than in `store`.
+    flush
+        Starts the received file's fsync when its last fragment is written (`Spool.start_flush`), so that
+        the flush runs while `store` checks the data set; its future goes to `store` as `flushed`.
     """
 
     def __init__(self, assoc: Any, store: StoreFn, send: Callable[[bytes], None],
                  refuse: Callable[[str, int], None], max_bytes: int,
-                 count: Callable[[str], None] = lambda reason: None) -> None:
+                 count: Callable[[str], None] = lambda reason: None, flush: FlushFn | None = None) -> None:
         self.assoc, self.store, self.send, self.refuse, self.max_bytes = assoc, store, send, refuse, max_bytes
-        self.count = count
+        self.count, self.flush = count, flush
         self.message: _Message | None = None
         self._command_open = False  # a command set handed to pynetdicom is still arriving in fragments
         self._lock = threading.Lock()
@@ -261,11 +267,14 @@ class FastStore:
         if last:
             self.message = None
             try:
-                os.close(m.fd)
+                try:
+                    flushed = self.flush(m.fd) if self.flush is not None and m.write_error is None else None
+                finally:
+                    os.close(m.fd)
                 if m.write_error is not None:
                     raise m.write_error
                 status = self.store(self.assoc, m.path, m.sop_class.decode(), m.sop_instance.decode(),
-                                    m.abstract_syntax, m.transfer_syntax)
+                                    m.abstract_syntax, m.transfer_syntax, flushed=flushed)
             except OSError as e:
                 from dicom_node.network.receive import STATUS  # the statuses' one home (it imports this module)
 

@@ -50,6 +50,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -181,7 +182,7 @@ class Receiver:
         server = ae.make_server((self.config.host, self.config.port), evt_handlers=self.handlers(),
                                 server_class=GuardedServer, limits=ConnectionLimits.from_config(self.config),
                                 tls=server_ssl_context(self.config), on_refused=self.counters.on_refused,
-                                store=self.store if self.config.fast_store else None)
+                                store=self.store if self.config.fast_store else None, flush=self.spool.start_flush)
         assert isinstance(server, GuardedServer)
         threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
         ae._servers.append(server)  # as AE.start_server does: the server's shutdown() removes itself there
@@ -280,12 +281,13 @@ class Receiver:
                           str(event.context.transfer_syntax))
 
     def store(self, assoc: object, received: Path, sop_class: str, sop_uid_rq: str, context_class: str,
-              transfer_syntax: str) -> int:
+              transfer_syntax: str, flushed: Future[None] | None = None) -> int:
         """Decide one received C-STORE data set (the Part 10 file `received`); returns the status to answer.
 
         The one C-STORE handler of both receive paths (pynetdicom's and `dicom_node.network.fast_store`).
         `assoc` is the pynetdicom Association (its requestor's AE title is the calling AE; duplicates are
-        counted per association); the caller deletes `received` when it was not adopted."""
+        counted per association); the caller deletes `received` when it was not adopted. `flushed`: the
+        file's fsync, started by the caller before this decision (`Spool.start_flush`)."""
         t0 = time.perf_counter()
         calling = assoc.requestor.ae_title  # type: ignore[attr-defined]
         if context_class != sop_class:
@@ -355,7 +357,7 @@ class Receiver:
                 added.append(self.state.add_instance(row, patient_key=key))
 
         try:
-            self.spool.adopt(study, series, sop_uid, received, during=record)
+            self.spool.adopt(study, series, sop_uid, received, during=record, flushed=flushed)
         except DiskFull as e:
             return self._refuse(assoc, "out_of_resources", str(e), sop_instance_uid=sop_uid, calling_aet=calling)
         except SeriesConflict as e:  # another association bound the series meanwhile
