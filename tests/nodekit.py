@@ -226,6 +226,13 @@ class NodeProcess:
         return out
 
 
+def incoming_empties(folder: Path, timeout: float = 10.0) -> None:
+    """The node's `incoming/` holds nothing once the associations have ended: no partial or refused data
+    set, and no spare file (the fast C-STORE path keeps one ready while an association is open and removes
+    it when the association's thread ends, a moment after the peer has seen the release)."""
+    wait_until(lambda: not list(folder.iterdir()), timeout, f"{folder} empty (left: {sorted(p.name for p in folder.iterdir())})")
+
+
 def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

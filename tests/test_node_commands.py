@@ -311,6 +311,7 @@ def test_check_fails_a_certificate_that_has_ended_and_counts_the_days_of_one_tha
 
 def test_check_reads_every_certificate_of_a_ca_bundle_and_fails_the_one_that_has_ended(tmp_path):
     from cryptography import x509
+
     from pki import self_signed
 
     paths, good_ca = self_signed(tmp_path / "good", days=10.0, ca_days=400.0)

@@ -68,6 +68,7 @@ MAX_ASSOCIATE_RQ = 256 * 1024
 _MAX_OTHER_PDU = 64 * 1024
 _PDU_NAMES = {1: "A-ASSOCIATE-RQ", 2: "A-ASSOCIATE-AC", 3: "A-ASSOCIATE-RJ", 4: "P-DATA-TF", 5: "A-RELEASE-RQ",
               6: "A-RELEASE-RP", 7: "A-ABORT"}
+_REUSED_BODY = 256 * 1024  # the node's default max_pdu; dcmtk sends up to 128 KiB
 _IDLE_WAIT_S = 0.02  # longest wait of an idle reactor loop: timers, releases and aborts are seen within it
 _HEADER = struct.Struct(">BBL")
 
@@ -159,6 +160,7 @@ class GuardedSocket(AssociationSocket):
     _dataset_bytes: int
     _pdu_deadline: float  # monotonic time by which the PDU being read must be complete
     _fast: FastStore | None  # the node's C-STORE path, when `fast_store` is on
+    _body_view: memoryview | None  # on that path, P-DATA-TF bodies up to _REUSED_BODY bytes are read into it
 
     @classmethod
     def adopt(cls, plain: AssociationSocket, *, prefix: bytes, guard: GuardedServer, peer: str) -> GuardedSocket:
@@ -168,6 +170,7 @@ class GuardedSocket(AssociationSocket):
         s._prefix, s._limits, s._guard, s._peer = bytearray(prefix), guard.limits, guard, peer
         s._body, s._refused, s._dataset_bytes, s._wake, s._pdu_deadline = None, None, 0, None, 0.0
         s._fast = None
+        s._body_view = None
         return s
 
     _wake: tuple[socket.socket, socket.socket] | None  # (read end, write end), see _quicken
@@ -216,8 +219,15 @@ class GuardedSocket(AssociationSocket):
             if pdu_type != 4 or (self._limits.max_pdu and length > self._limits.max_pdu):
                 self._prefix += head  # pynetdicom reads (or recv refuses) the rest as before
                 return True
-            body = self._read(length, deadline)
-            if len(body) < length or self._refused:
+            if length > _REUSED_BODY:
+                body: bytearray | memoryview = self._read(length, deadline)
+                got = len(body)
+            else:  # read into the association's buffer: no new 128 KiB zeroed per PDU
+                if self._body_view is None:
+                    self._body_view = memoryview(bytearray(_REUSED_BODY))
+                body = self._body_view[:length]
+                got = self._read_into(body, length, deadline)
+            if got < length or self._refused:
                 return True  # refused past the deadline, or the peer closed: pynetdicom's recv sees the end
             rest = self._fast.take(body)
             if rest is not None:
@@ -272,11 +282,18 @@ class GuardedSocket(AssociationSocket):
     def _read(self, n: int, deadline: float) -> bytearray:
         """Up to `n` bytes (fewer only when the peer closes or the PDU deadline passes)."""
         buf = bytearray(n)
+        with memoryview(buf) as view:
+            got = self._read_into(view, n, deadline)
+        if got < n:
+            del buf[got:]
+        return buf
+
+    def _read_into(self, view: memoryview, n: int, deadline: float) -> int:
+        """`_read` into `view`; returns how many bytes came."""
         got = min(n, len(self._prefix))
         if got:
-            buf[:got] = self._prefix[:got]
+            view[:got] = self._prefix[:got]
             del self._prefix[:got]
-        view = memoryview(buf)
         sock = self.socket
         while got < n and sock is not None:
             left = deadline - time.monotonic()
@@ -293,10 +310,7 @@ class GuardedSocket(AssociationSocket):
             if k == 0:
                 break
             got += k
-        view.release()
-        if got < n:
-            del buf[got:]
-        return buf
+        return got
 
     def recv(self, nr_bytes: int) -> bytearray:
         if self._refused:

@@ -22,7 +22,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicom_node.engine.node import Node
 from dicom_node.network.fast_store import file_meta, parse_command_set, store_response_pdu
-from nodekit import NodeProcess, phantom_series, storescu
+from nodekit import NodeProcess, incoming_empties, phantom_series, storescu
 
 pytestmark = pytest.mark.dcmtk
 
@@ -120,7 +120,7 @@ def test_storescu_series_spools_the_same_bytes_on_both_paths(make_node, tmp_path
         assert r.returncode == 0 and "E:" not in r.stderr, r.stderr
     a, b = _spooled(fast, files), _spooled(slow, files)
     assert len(a) == 8 and a == b  # file meta and data set byte for byte as pynetdicom writes them
-    assert not list(fast.spool.incoming_dir.iterdir())  # nothing left behind
+    incoming_empties(fast.spool.incoming_dir)  # nothing left behind
 
 
 def test_small_pdus_and_echoes_between_stores_on_one_association(make_node, tmp_path):
@@ -188,7 +188,7 @@ def test_a_fragment_on_another_context_drops_the_message_and_the_node_keeps_serv
     _send_raw(assoc, _pdu((cx, 0x03, _command(ds, 7)), (cx, 0x00, data[:1000])), _pdu((echo_cx, 0x02, data[1000:])))
     assoc.abort()
     assert not node.state.has_instance(ds.SOPInstanceUID)
-    assert not list(node.spool.incoming_dir.iterdir())  # the partial file is gone
+    incoming_empties(node.spool.incoming_dir)  # the partial file is gone
     r = storescu(node.port, [f2])  # the node still receives
     assert r.returncode == 0 and "E:" not in r.stderr, r.stderr
     assert node.state.has_instance(pydicom.dcmread(f2, stop_before_pixels=True).SOPInstanceUID)
@@ -228,6 +228,6 @@ def test_a_data_set_that_cannot_be_written_is_answered_a701_and_the_association_
         assert statuses == [0x0000, 0xA701, 0x0000]
         refused = [e for e in node.events() if e.get("event") == "store_refused"]
         assert len(refused) == 1 and refused[0]["status"] == "0xA701" and "writing the received data set" in refused[0]["reason"]
-        assert not list((tmp_path / "data" / "incoming").iterdir())
+        incoming_empties(tmp_path / "data" / "incoming")
     finally:
         node.stop()

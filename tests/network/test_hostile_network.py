@@ -35,7 +35,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
-from nodekit import NodeProcess, phantom_series, storescu, wait_until
+from nodekit import NodeProcess, incoming_empties, phantom_series, storescu, wait_until
 from peers import ORTHANC_BIN, OrthancPeer
 from pki import self_signed
 
@@ -196,7 +196,7 @@ class Hostile:
         assert peak - self.rss_start < MEMORY_MARGIN, f"peak RSS {peak >> 20} MiB, {self.rss_start >> 20} MiB at start"
         written = [p for p in self.outside.rglob("*") if p.is_file()]
         assert not written, f"the node wrote outside its data folder: {written}"
-        assert not list((self.node.workdir / "data" / "incoming").iterdir())
+        incoming_empties(self.node.workdir / "data" / "incoming")
         assert self.spooled() == spooled_before, "a refused instance reached the spool"
 
 
