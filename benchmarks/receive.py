@@ -13,7 +13,8 @@ on the sockets it accepts (dicom_node/network/connection.py).
 
 Prints each run, then the medians as instances/s and MB/s, the receiving process's CPU seconds
 (user + system, from /proc: steadier than wall time on a shared machine) and the ratio node/storescp
-throughput (goal >= 0.5). The node runs as a real `dicom-node serve` process with a quiet period long enough
+throughput (goal >= 0.5): the ratio of the medians, and each run's pair (the node, then storescp right
+after it) with their median. The node runs as a real `dicom-node serve` process with a quiet period long enough
 that no job starts while measuring; storescp runs with its default options (`-od DIR`). Also measured
 in the same call, alternating:
 
@@ -234,15 +235,7 @@ def compare(args: argparse.Namespace, files: list[Path]) -> int:
         if n_spooled != len(files):
             raise RuntimeError(f"node of {repo} spooled {n_spooled} of {len(files)} instances")
 
-    for rep in range(args.repeats):
-        run_node(REPO, sys.executable, node_t, node_cpu)
-        run_node(REPO, sys.executable, slow_t, slow_cpu, fast_store=False)
-        floor_t.append(durability_alone(files))
-        if exe is not None:
-            for writeback in (False, True):
-                native[writeback].append(native_run(exe, files, writeback))
-        if args.baseline_repo:
-            run_node(args.baseline_repo, str(args.baseline_repo / ".venv" / "bin" / "python"), base_t, base_cpu)
+    def run_storescp() -> None:
         scp_dir = Path(tempfile.mkdtemp(prefix="scp_bench_"))
         peer = StoreScpPeer(scp_dir, env=NO_NAGLE).start()
         try:
@@ -253,6 +246,19 @@ def compare(args: argparse.Namespace, files: list[Path]) -> int:
         finally:
             peer.stop()
             shutil.rmtree(scp_dir, ignore_errors=True)
+
+    for rep in range(args.repeats):
+        # The node and storescp back to back, so that each run's pair meets the machine in the same state (a
+        # shared VM's speed drifts within a minute; the per-run ratios below show by how much)
+        run_node(REPO, sys.executable, node_t, node_cpu)
+        run_storescp()
+        run_node(REPO, sys.executable, slow_t, slow_cpu, fast_store=False)
+        floor_t.append(durability_alone(files))
+        if exe is not None:
+            for writeback in (False, True):
+                native[writeback].append(native_run(exe, files, writeback))
+        if args.baseline_repo:
+            run_node(args.baseline_repo, str(args.baseline_repo / ".venv" / "bin" / "python"), base_t, base_cpu)
         base = f", baseline node {base_t[-1]:.2f} s ({base_cpu[-1]:.2f} s CPU)" if base_t else ""
         print(f"run {rep + 1}: node {node_t[-1]:.2f} s ({node_cpu[-1]:.2f} s CPU), pynetdicom path {slow_t[-1]:.2f} s "
               f"({slow_cpu[-1]:.2f} s CPU){base}, storescp {scp_t[-1]:.2f} s ({scp_cpu[-1]:.2f} s CPU), durability "
@@ -282,7 +288,9 @@ def compare(args: argparse.Namespace, files: list[Path]) -> int:
         tb = statistics.median(base_t)
         print(f"baseline node ({args.baseline_repo}):  {tb:.2f} s  {len(files) / tb:.0f} inst/s  {mb / tb:.0f} MB/s"
               f"  receiver CPU {statistics.median(base_cpu):.2f} s; ratio baseline/storescp {ts / tb:.2f}")
-    print(f"ratio node/storescp throughput: {ts / tn:.2f} (goal >= 0.5)")
+    per_run = sorted(s / n for s, n in zip(scp_t, node_t))
+    print(f"ratio node/storescp throughput: {ts / tn:.2f} (goal >= 0.5); each run's pair: median "
+          f"{statistics.median(per_run):.2f}, {' '.join(f'{r:.2f}' for r in per_run)}")
     return 0
 
 
