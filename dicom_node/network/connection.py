@@ -239,7 +239,8 @@ class GuardedSocket(AssociationSocket):
             if self._fast.message is None or not self._waiting_now():
                 return False
             # The next PDU of this data set is already here: read it now rather than going round the
-            # reactor's loop (its queue checks, a sleep(0) and a select per PDU: ~8 % of the receive CPU)
+            # reactor's loop (its queue checks, a sleep(0) that hands the GIL round, a select per PDU;
+            # docs/benchmarks.md, fifth session)
 
     def _waiting_now(self) -> bool:
         """Whether bytes can be read without waiting."""

@@ -14,8 +14,11 @@ P-DATA-TF body once the association is established) and does the same work direc
   left out: writing in a writer thread while the DUL thread reads on, and starting the kernel's
   write-back per fragment with `sync_file_range`: on 2 cores both cost more CPU than they saved
   flush time, docs/benchmarks.md);
-* on the last fragment the receiver's `store` (the one C-STORE decision, `Receiver.store`) decides it,
-  and the C-STORE-RSP (status, message ID, the SOP class and instance) is encoded here and sent.
+* on the last fragment the file's fsync is started (`flush`, `Spool.start_flush`) so that it runs while
+  the receiver's `store` (the one C-STORE decision, `Receiver.store`) decides, and the C-STORE-RSP
+  (status, message ID, the SOP class and instance) is encoded here and sent;
+* then, in the sender's turn, the file is removed when it was not adopted, and the next message's file
+  is made (the association's spare, removed when the association ends).
 
 Everything else goes to pynetdicom exactly as it came: a C-ECHO, a command set split over fragments or
 PDUs (and that message's data set), any other message, and a fragment that does not belong to the message
