@@ -5,9 +5,9 @@
 - `client_ssl_context`: the SCU's context for destinations marked `tls`; the peer is authenticated
   by the CA, not by host name (DICOM peers are addressed by IP), and our own certificate is
   presented when `[tls] cert` and `key` are set.
-- `certificate_validity`: when the node's own certificate (the first in `[tls] cert`) starts and stops
-  being valid, read from its DER encoding (the `ssl` module shows it only for CA certificates). An
-  expired certificate is not refused by the node's own TLS stack: its peers refuse it, so the node
+- `certificate_dates`: when the node's own certificate (the first in `[tls] cert`) starts and stops
+  being valid (`bundle_dates`: every certificate of a CA bundle), read from its DER encoding (the `ssl`
+  module shows it only for CA certificates). An expired certificate is not refused by the node's own TLS stack: its peers refuse it, so the node
   says it at start (`tls_certificate`), in `dicom-node check` and as a metric.
 """
 
@@ -23,8 +23,8 @@ from pathlib import Path
 
 from dicom_node.config import Config
 
-__all__ = ["client_ssl_context", "server_ssl_context", "certificate_validity", "certificate_validities",
-           "certificate_dates", "bundle_dates", "CertificateDates", "uses_own_certificate", "CERTIFICATE_WARN_DAYS"]
+__all__ = ["client_ssl_context", "server_ssl_context", "certificate_dates", "bundle_dates", "CertificateDates",
+           "uses_own_certificate", "CERTIFICATE_WARN_DAYS"]
 
 #: a certificate ending within this many days is reported as a warning (at start, by `dicom-node check`)
 CERTIFICATE_WARN_DAYS = 30
@@ -100,31 +100,6 @@ def _block_validity(block: str) -> tuple[dt.datetime, dt.datetime]:
     return _time(tag_before, der[a:b]), _time(tag_after, der[c:d])
 
 
-def certificate_validities(pem_path: str | Path) -> list[tuple[dt.datetime, dt.datetime]]:
-    """(notBefore, notAfter) in UTC of every certificate in the PEM file `pem_path`, in file order (a CA
-    bundle holds several); ValueError naming the file and the certificate's place when one is not readable
-    X.509, or when the file holds none."""
-    blocks = _PEM.findall(Path(pem_path).read_text(errors="replace"))
-    out = []
-    for n, block in enumerate(blocks or [""], 1):
-        try:
-            if not blocks:
-                raise ValueError("no BEGIN CERTIFICATE block")
-            out.append(_block_validity(block))
-        except (ValueError, IndexError, UnicodeDecodeError) as e:
-            which = f"certificate {n} of {len(blocks)}" if len(blocks) > 1 else "not a readable PEM X.509 certificate"
-            raise ValueError(f"{pem_path}: {which} ({e}); give the certificate"
-                             f"{'s' if len(blocks) > 1 else ''} in PEM") from None
-    return out
-
-
-def certificate_validity(pem_path: str | Path) -> tuple[dt.datetime, dt.datetime]:
-    """(notBefore, notAfter) of the first certificate in the PEM file `pem_path` (the node's own: the
-    first block of `[tls] cert`), in UTC; ValueError naming the file when it holds no readable X.509
-    certificate."""
-    return certificate_validities(pem_path)[0]
-
-
 @dataclass(frozen=True)
 class CertificateDates:
     """A certificate's validity and what it means now: the one reading of the start event and `dicom-node check`."""
@@ -146,11 +121,32 @@ class CertificateDates:
         return f"valid from {self.not_before:%Y-%m-%d %H:%M} to {self.not_after:%Y-%m-%d %H:%M} UTC"
 
 
+def _read_dates(pem_path: str | Path, *, first_only: bool) -> list[CertificateDates]:
+    """The dates of the certificates in the PEM file `pem_path` (the first, or all in file order); ValueError
+    naming the file, and the certificate's place when it holds several, when one is not readable X.509."""
+    blocks = _PEM.findall(Path(pem_path).read_text(errors="replace"))
+
+    def unreadable(n: int, why: object) -> ValueError:
+        which = f"certificate {n} of {len(blocks)}" if len(blocks) > 1 else "not a readable PEM X.509 certificate"
+        return ValueError(f"{pem_path}: {which} ({why}); give the certificate{'s' if len(blocks) > 1 else ''} in PEM")
+
+    if not blocks:
+        raise unreadable(1, "no BEGIN CERTIFICATE block")
+    out = []
+    for n, block in enumerate(blocks[:1] if first_only else blocks, 1):
+        try:
+            out.append(CertificateDates(*_block_validity(block)))
+        except (ValueError, IndexError, UnicodeDecodeError) as e:
+            raise unreadable(n, e) from None
+    return out
+
+
 def certificate_dates(pem_path: str | Path) -> CertificateDates:
-    """`certificate_validity` of `pem_path` as `CertificateDates`."""
-    return CertificateDates(*certificate_validity(pem_path))
+    """The validity of the first certificate in the PEM file `pem_path`: the node's own (the first block of
+    `[tls] cert`; the chain after it is not read)."""
+    return _read_dates(pem_path, first_only=True)[0]
 
 
 def bundle_dates(pem_path: str | Path) -> list[CertificateDates]:
-    """`certificate_validities` of `pem_path` (a CA bundle) as `CertificateDates`, in file order."""
-    return [CertificateDates(*v) for v in certificate_validities(pem_path)]
+    """The validity of every certificate in the PEM file `pem_path` (a CA bundle holds several), in file order."""
+    return _read_dates(pem_path, first_only=False)

@@ -239,18 +239,24 @@ def test_storescu_without_tls_cannot_store_on_tls_port(make_node, tmp_path):
     assert State(tmp_path / "data0" / "state.sqlite").instances(pydicom.dcmread(files[0]).SeriesInstanceUID) == []
 
 
-def test_certificate_validity_is_read_from_the_pem_as_cryptography_reads_it(tmp_path):
+def test_certificate_dates_are_read_from_the_pem_as_cryptography_reads_them(tmp_path):
     from cryptography import x509
 
-    from dicom_node.network.tls import certificate_validity
+    from dicom_node.network.tls import bundle_dates, certificate_dates
 
     for days in (1.0, -3.0, 365.25 * 40):  # beyond 2049 the certificate says it in GeneralizedTime
         paths, _ = self_signed(tmp_path / f"d{days}", days=days)
         cert = x509.load_pem_x509_certificate(open(paths["server"][0], "rb").read())
-        assert certificate_validity(paths["server"][0]) == (cert.not_valid_before_utc, cert.not_valid_after_utc)
+        dates = certificate_dates(paths["server"][0])
+        assert (dates.not_before, dates.not_after) == (cert.not_valid_before_utc, cert.not_valid_after_utc)
     (tmp_path / "junk.pem").write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
     with pytest.raises(ValueError, match=r"junk.pem: not a readable PEM X.509 certificate"):
-        certificate_validity(tmp_path / "junk.pem")
+        certificate_dates(tmp_path / "junk.pem")
+    chain = tmp_path / "chain.pem"  # the node's certificate, then a block it cannot read: only the first counts
+    chain.write_text(open(paths["server"][0]).read() + (tmp_path / "junk.pem").read_text())
+    assert certificate_dates(chain).not_after == cert.not_valid_after_utc
+    with pytest.raises(ValueError, match=r"chain.pem: certificate 2 of 2"):
+        bundle_dates(chain)
 
 
 def test_a_node_whose_certificate_has_ended_says_so_at_start_and_publishes_its_expiry(make_node, tmp_path):
