@@ -68,7 +68,7 @@ MAX_ASSOCIATE_RQ = 256 * 1024
 _MAX_OTHER_PDU = 64 * 1024
 _PDU_NAMES = {1: "A-ASSOCIATE-RQ", 2: "A-ASSOCIATE-AC", 3: "A-ASSOCIATE-RJ", 4: "P-DATA-TF", 5: "A-RELEASE-RQ",
               6: "A-RELEASE-RP", 7: "A-ABORT"}
-_REUSED_BODY = 256 * 1024  # the node's default max_pdu; dcmtk sends up to 128 KiB
+_REUSED_BODY = 256 * 1024  # P-DATA-TF bodies up to this are read into one buffer per association (dcmtk sends 128 KiB)
 _IDLE_WAIT_S = 0.02  # longest wait of an idle reactor loop: timers, releases and aborts are seen within it
 _HEADER = struct.Struct(">BBL")
 

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
@@ -49,9 +49,14 @@ from dicom_node.log import get_logger
 __all__ = ["FastStore", "FlushFn", "PDV_HEADER", "StoreFn", "data_set_too_long", "parse_command_set", "store_response_pdu",
            "file_meta"]
 
-#: Receiver.store: (association, received file, SOP class, SOP instance, context's abstract syntax,
-#: context's transfer syntax[, flushed]) -> status
-StoreFn = Callable[..., int]
+class StoreFn(Protocol):
+    """Receiver.store: (association, received file, SOP class, SOP instance, context's abstract syntax,
+    context's transfer syntax, the file's fsync under way) -> status."""
+
+    def __call__(self, assoc: Any, received: Path, sop_class: str, sop_uid_rq: str, context_class: str,
+                 transfer_syntax: str, flushed: Future[None] | None = None) -> int: ...
+
+
 #: Spool.start_flush: the open received file's descriptor -> its fsync, under way
 FlushFn = Callable[[int], "Future[None]"]
 
