@@ -12,9 +12,11 @@ default the node's own C-STORE path (`fast_store = true`); `--pynetdicom` profil
 
 On the node's path it also prints each instance's timeline (medians over the series): the sender's turn
 (from the node's C-STORE-RSP to the next C-STORE-RQ read), the data set arriving (to its last fragment),
-and the decision (`Receiver.store`: checks, rename, flushes, the row); then dcmtk storescp receives the
-same series in the same call, for its time per instance. storescu sends the next instance only after
-the response, so the decision is not overlapped by anything.
+and the decision (`Receiver.store`: checks, rename, flushes, the row), and inside the decision when each
+step ran, from the decision's start: the element walk, the file's fsync (started before the decision,
+`Spool.start_flush`, in a pool thread that must first get the GIL), the folder's fsync and the row's
+commit; then dcmtk storescp receives the same series in the same call, for its time per instance.
+storescu sends the next instance only after the response, so the decision is not overlapped by anything.
 
 `--no-flush` is a diagnostic, never a configuration: the node's code with its fsync calls stubbed out and
 SQLite at `synchronous=OFF`, to show what the receive path costs without any durability.
@@ -48,6 +50,10 @@ WALL: collections.Counter[str] = collections.Counter()
 CALLS: collections.Counter[str] = collections.Counter()
 ORDER: list[str] = []
 STAMPS: collections.defaultdict[str, list[tuple[float, float]]] = collections.defaultdict(list)  # (start, end)
+
+
+FILE_FLUSH = "      the file's fsync (a spool-fsync thread, started before the decision)"
+FOLDER_FLUSH = "      the folder's fsync (a spool-fsync thread)"
 
 
 def wrap(owner: Any, name: str, label: str) -> None:
@@ -123,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             return c
 
         state.State._conn = unsynced  # type: ignore[method-assign]
+    if fast:  # the flushes run in the spool's pool threads; their stamps place them inside the decision
+        wrap(spool, "_fsync_and_close", FILE_FLUSH)
+        wrap(spool, "fsync_dir", FOLDER_FLUSH)
 
     configure_logging(json=True, level="WARNING", stream=open(os.devnull, "w"))  # noqa: SIM115
     data = Path(tempfile.mkdtemp(prefix="recv_profile_"))
@@ -222,6 +231,18 @@ def timeline(n: int) -> None:
     print(f"  data set arriving, request -> last fragment:        {ms([d[0] - b[0] for b, d in zip(begins, decisions)])}")
     print(f"  decision (checks, rename, flushes, row):            {ms([d[1] - d[0] for d in decisions])}")
     print(f"  response to response:                               {ms([b[1] - a[1] for a, b in zip(sends, sends[1:])])}")
+    # The last n of each: make_dirs flushes the new series' folders (and the pool's threads start) first
+    stages = {"the element walk": STAMPS["      element-header walk"][-n:],
+              "the file's fsync": STAMPS[FILE_FLUSH][-n:], "the folder's fsync": STAMPS[FOLDER_FLUSH][-n:],
+              "the row's commit (its WAL fsync)": STAMPS["        SQLite: instance row committed"][-n:]}
+    if any(len(v) != n for v in stages.values()):
+        return
+    print("inside the decision, ms from its start (medians; each flush waits for the device as the others do):")
+    for name, spans in stages.items():
+        begin = statistics.median(a - d[0] for (a, _), d in zip(spans, decisions)) * 1000
+        end = statistics.median(b - d[0] for (_, b), d in zip(spans, decisions)) * 1000
+        print(f"  {name:34s} {begin:+6.2f} to {end:+6.2f}")
+    print(f"  {'the response':34s}        at {statistics.median(s[0] - d[0] for s, d in zip(sends, decisions)) * 1000:+6.2f}")
 
 
 def storescp_wall(files: list[Path]) -> float:
