@@ -13,12 +13,14 @@ default the node's own C-STORE path (`fast_store = true`); `--pynetdicom` profil
 On the node's path it also prints each instance's timeline (medians over the series): the sender's turn
 (from the node's C-STORE-RSP to the next C-STORE-RQ read), the data set arriving (to its last fragment),
 and the decision (`Receiver.store`: checks, rename, flushes, the row), and inside the decision when each
-step ran, from the decision's start: the element walk, the file's fsync (started before the decision,
-`Spool.start_flush`, in a pool thread that must first get the GIL), the folder's fsync and the row's
-commit; then dcmtk storescp receives the same series in the same call, for its time per instance.
+step ran, from the decision's start: the file's flush started (`Spool.start_flush`, at the last
+fragment), the element walk, the folder's flush started, the row's commit, the waits for the two flushes
+and the response; then dcmtk storescp receives the same series in the same call, for its time per
+instance. The flushes run in the C library's POSIX AIO where it has it (`dicom_node.durability.flush`);
+`--pool-flush` runs them in Python pool threads instead, as the node did before, for comparison.
 storescu sends the next instance only after the response, so the decision is not overlapped by anything.
 
-`--no-flush` is a diagnostic, never a configuration: the node's code with its fsync calls stubbed out and
+`--no-flush` is a diagnostic, never a configuration: the node's code with its flushes stubbed out and
 SQLite at `synchronous=OFF`, to show what the receive path costs without any durability.
 """
 
@@ -52,14 +54,15 @@ ORDER: list[str] = []
 STAMPS: collections.defaultdict[str, list[tuple[float, float]]] = collections.defaultdict(list)  # (start, end)
 
 
-FILE_FLUSH = "      the file's fsync (a spool-fsync thread, started before the decision)"
-FOLDER_FLUSH = "      the folder's fsync (a spool-fsync thread)"
+FLUSH_START = "      a flush started (the file's before the decision, the folder's in adopt)"
+FLUSH_WAIT = "      waiting for a flush (the file's, then the folder's, after the row)"
 
 
 def wrap(owner: Any, name: str, label: str) -> None:
     """Replace owner.name by a wrapper adding the calling thread's CPU time to CPU[label]."""
     fn: Callable[..., Any] = getattr(owner, name)
-    ORDER.append(label)
+    if label not in ORDER:
+        ORDER.append(label)
 
     @functools.wraps(fn)
     def timed(*a: Any, **kw: Any) -> Any:
@@ -82,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pynetdicom", action="store_true", help="profile pynetdicom's C-STORE path (fast_store = false)")
     ap.add_argument("--no-flush", action="store_true",
                     help="diagnostic: stub out the node's fsync calls and run SQLite with synchronous=OFF")
+    ap.add_argument("--pool-flush", action="store_true",
+                    help="comparison: run the flushes in Python pool threads even where POSIX AIO is available")
     args = ap.parse_args(argv)
     files = phantom_files(args.data, 300, 512)
     fast = not args.pynetdicom
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     import pynetdicom.service_class as service_class
 
     from dicom_node.config import load_config
-    from dicom_node.durability import spool, state
+    from dicom_node.durability import flush, spool, state
     from dicom_node.engine.node import Node
     from dicom_node.log import configure_logging
     from dicom_node.network import connection, dataset_check, fast_store, receive
@@ -118,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     wrap(state.State, "add_instance", "        SQLite: instance row committed")
     wrap(state.State, "instance", "      SQLite: known-instance lookup")
 
+    if args.pool_flush:
+        spool.start_fsync = flush.PoolFlush  # type: ignore[assignment]
     if args.no_flush:
-        spool._fsync_file = spool.fsync_dir = lambda path: None
-        spool._fsync_and_close = os.close  # the flush started before the checks (Spool.start_flush)
+        spool.fsync_dir = lambda path: None  # a new series' folders (make_dirs)
+        spool.start_fsync = lambda fd: NO_FLUSH  # type: ignore[assignment]  # the file's and the folder's flush
         open_conn = state.State._conn
 
         def unsynced(self: Any) -> Any:
@@ -129,9 +136,13 @@ def main(argv: list[str] | None = None) -> int:
             return c
 
         state.State._conn = unsynced  # type: ignore[method-assign]
-    if fast:  # the flushes run in the spool's pool threads; their stamps place them inside the decision
-        wrap(spool, "_fsync_and_close", FILE_FLUSH)
-        wrap(spool, "fsync_dir", FOLDER_FLUSH)
+    if fast:  # when each flush starts and how long the decision then waits for it
+        wrap(spool, "start_fsync", FLUSH_START)
+        wrap(flush.NativeFlush, "result", FLUSH_WAIT)
+        wrap(flush.PoolFlush, "result", FLUSH_WAIT)
+    print("flushes:", "stubbed out (--no-flush)" if args.no_flush else
+          "in Python pool threads" if args.pool_flush or not flush.native_available() else
+          "in the C library's POSIX AIO (dicom_node.durability.flush)")
 
     configure_logging(json=True, level="WARNING", stream=open(os.devnull, "w"))  # noqa: SIM115
     data = Path(tempfile.mkdtemp(prefix="recv_profile_"))
@@ -231,18 +242,31 @@ def timeline(n: int) -> None:
     print(f"  data set arriving, request -> last fragment:        {ms([d[0] - b[0] for b, d in zip(begins, decisions)])}")
     print(f"  decision (checks, rename, flushes, row):            {ms([d[1] - d[0] for d in decisions])}")
     print(f"  response to response:                               {ms([b[1] - a[1] for a, b in zip(sends, sends[1:])])}")
-    # The last n of each: make_dirs flushes the new series' folders (and the pool's threads start) first
-    stages = {"the element walk": STAMPS["      element-header walk"][-n:],
-              "the file's fsync": STAMPS[FILE_FLUSH][-n:], "the folder's fsync": STAMPS[FOLDER_FLUSH][-n:],
-              "the row's commit (its WAL fsync)": STAMPS["        SQLite: instance row committed"][-n:]}
-    if any(len(v) != n for v in stages.values()):
+    # Two flushes an instance, in this order: the file's (before the decision) and the folder's (in adopt)
+    started, waits = STAMPS[FLUSH_START][-2 * n:], STAMPS[FLUSH_WAIT][-2 * n:]
+    walks, rows = STAMPS["      element-header walk"][-n:], STAMPS["        SQLite: instance row committed"][-n:]
+    if len(started) != 2 * n or len(waits) != 2 * n or len(walks) != n or len(rows) != n:
         return
-    print("inside the decision, ms from its start (medians; each flush waits for the device as the others do):")
-    for name, spans in stages.items():
-        begin = statistics.median(a - d[0] for (a, _), d in zip(spans, decisions)) * 1000
-        end = statistics.median(b - d[0] for (_, b), d in zip(spans, decisions)) * 1000
-        print(f"  {name:34s} {begin:+6.2f} to {end:+6.2f}")
-    print(f"  {'the response':34s}        at {statistics.median(s[0] - d[0] for s, d in zip(sends, decisions)) * 1000:+6.2f}")
+
+    def at(stamps: list[float]) -> str:
+        return f"{statistics.median(t - d[0] for t, d in zip(stamps, decisions)) * 1000:+6.2f}"
+
+    print("inside the decision, ms from its start (medians):")
+    print(f"  the file's flush started                 at {at([a for a, _ in started[0::2]])}")
+    print(f"  the element walk                         {at([a for a, _ in walks])} to {at([b for _, b in walks])}")
+    print(f"  the folder's flush started               at {at([a for a, _ in started[1::2]])}")
+    print(f"  the row's commit (its WAL fsync)         {at([a for a, _ in rows])} to {at([b for _, b in rows])}")
+    print(f"  the file's flush awaited until           at {at([b for _, b in waits[0::2]])}")
+    print(f"  the folder's flush awaited until         at {at([b for _, b in waits[1::2]])}")
+    print(f"  the response sent                        at {at([a for a, _ in sends])}")
+
+
+class _NoFlush:
+    def result(self) -> None:
+        return None
+
+
+NO_FLUSH = _NoFlush()
 
 
 def storescp_wall(files: list[Path]) -> float:

@@ -37,13 +37,13 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
+from dicom_node.durability.flush import Flushing
 from dicom_node.log import get_logger
 
 __all__ = ["FastStore", "FlushFn", "PDV_HEADER", "StoreFn", "data_set_too_long", "parse_command_set", "store_response_pdu",
@@ -54,11 +54,11 @@ class StoreFn(Protocol):
     context's transfer syntax, the file's fsync under way) -> status."""
 
     def __call__(self, assoc: Any, received: Path, sop_class: str, sop_uid_rq: str, context_class: str,
-                 transfer_syntax: str, flushed: Future[None] | None = None) -> int: ...
+                 transfer_syntax: str, flushed: Flushing | None = None) -> int: ...
 
 
 #: Spool.start_flush: the open received file's descriptor -> its fsync, under way
-FlushFn = Callable[[int], "Future[None]"]
+FlushFn = Callable[[int], Flushing]
 
 #: a presentation data value item's header: item length, presentation context ID, message control header
 PDV_HEADER = struct.Struct(">LBB")

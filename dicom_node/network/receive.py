@@ -50,7 +50,6 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -62,6 +61,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification as VerificationSOPClass  # type: ignore[attr-defined]  # made at import
 
 from dicom_node.config import Config
+from dicom_node.durability.flush import Flushing
 from dicom_node.durability.spool import DiskFull, InvalidUid, Spool, validate_uid
 from dicom_node.durability.state import InstanceRow, SeriesConflict, State, patient_key
 from dicom_node.log import get_logger
@@ -281,7 +281,7 @@ class Receiver:
                           str(event.context.transfer_syntax))
 
     def store(self, assoc: object, received: Path, sop_class: str, sop_uid_rq: str, context_class: str,
-              transfer_syntax: str, flushed: Future[None] | None = None) -> int:
+              transfer_syntax: str, flushed: Flushing | None = None) -> int:
         """Decide one received C-STORE data set (the Part 10 file `received`); returns the status to answer.
 
         The one C-STORE handler of both receive paths (pynetdicom's and `dicom_node.network.fast_store`).
