@@ -162,13 +162,18 @@ class Spool:
         size recorded in the row. Elsewhere: a durable copy, then `during`. `received` is gone afterwards.
         `flushed` (`start_flush` of `received`, begun before the checks) stands for the file's fsync."""
         path = self.instance_path(study_uid, series_uid, sop_uid)
-        self.check_space(received.stat().st_size)
-        make_dirs(path.parent)
+        if self.min_free_disk_mb > 0:
+            self.check_space(received.stat().st_size)
         try:
-            os.replace(received, path)
+            try:
+                os.replace(received, path)
+            except FileNotFoundError:  # the series' first instance: its folders are made (durably) first
+                make_dirs(path.parent)
+                os.replace(received, path)
         except OSError as e:
             if e.errno != errno.EXDEV:
                 raise
+            make_dirs(path.parent)
             _durable_copy(received, path)
             received.unlink(missing_ok=True)
             if during is not None:

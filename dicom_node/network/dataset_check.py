@@ -28,6 +28,7 @@ Lengths may be odd (some writers do that and readers cope); everything else foll
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -61,6 +62,8 @@ _DEFLATE_TRAILER = 8
 _U16 = struct.Struct("<HH")
 _U16_1 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
+_EXPLICIT_HEADER = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length (a long VR's is read after it)
+_IMPLICIT_HEADER = struct.Struct("<HHI")  # group, element, 32-bit length
 
 
 class DatasetRefused(ValueError):
@@ -136,7 +139,12 @@ class _Walker:
         while pos < end:
             if pos + 8 > end:
                 raise self.refuse(f"{end - pos} stray bytes at byte {pos}, too short for an element")
-            g, e = _U16.unpack_from(buf, pos)
+            # one unpack per element header: group, element and VR + 16-bit length (explicit VR) or 32-bit length
+            if explicit:
+                g, e, vr, length = _EXPLICIT_HEADER.unpack_from(buf, pos)
+            else:
+                g, e, length = _IMPLICIT_HEADER.unpack_from(buf, pos)
+                vr = b""
             tag = (g << 16) | e
             if g == 0xFFFE:
                 if delimited and tag == _ITEM_END:
@@ -146,11 +154,9 @@ class _Walker:
                 raise self.refuse(f"element {_tag(tag)} at byte {pos} follows {_tag(prev)}: tags must ascend "
                                   "(bytes after the data set, or a damaged data set)")
             prev = tag
-            vr = b""
             if explicit:
-                vr = bytes(buf[pos + 4:pos + 6])
                 if vr in _SHORT_VRS:
-                    length, vpos = _U16_1.unpack_from(buf, pos + 6)[0], pos + 8
+                    vpos = pos + 8
                 elif vr in _LONG_VRS:
                     if pos + 12 > end:
                         raise self.refuse(f"element {_tag(tag)} header runs past the end at byte {pos}")
@@ -159,7 +165,7 @@ class _Walker:
                     raise self.refuse(f"element {_tag(tag)} at byte {pos} has VR {vr!r}, not a DICOM VR (an implicit "
                                       "VR data set on an explicit VR presentation context, or bytes that are not a data set)")
             else:
-                length, vpos = _U32.unpack_from(buf, pos + 4)[0], pos + 8
+                vpos = pos + 8
             if length == _UNDEFINED:
                 if tag in _PIXEL_TAGS and (not explicit or vr in (b"OB", b"OW")):
                     pos = self.fragments(vpos, end)
@@ -306,13 +312,21 @@ def _walk_file(path: Path, start: int | None, explicit: bool) -> tuple[_Walker, 
             return walker, size - begin
 
 
+@functools.lru_cache(maxsize=64)
+def _syntax(transfer_syntax: str) -> tuple[bool, bool, bool]:
+    """(deflated, little endian, implicit VR) of a transfer syntax, from pydicom once per UID rather than per
+    instance (a `UID` object validates its value when made)."""
+    ts = U.UID(transfer_syntax)
+    return ts == U.DeflatedExplicitVRLittleEndian, ts.is_little_endian, ts.is_implicit_VR
+
+
 def check_received(path: Path, transfer_syntax: str, *, max_bytes: int) -> ReceivedDataset:
     """Walk the received Part 10 file at `path` (data set encoded in `transfer_syntax`); see the module docstring.
 
     Raises DatasetRefused. `max_bytes` caps a Deflated data set's inflated size (the wire size is
     capped while receiving, `dicom_node.network.connection`)."""
-    ts = U.UID(transfer_syntax)
-    if ts == U.DeflatedExplicitVRLittleEndian:
+    deflated, little_endian, implicit = _syntax(transfer_syntax)
+    if deflated:
         scratch = path.with_name(path.name + ".inflated")
         try:
             with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -320,10 +334,10 @@ def check_received(path: Path, transfer_syntax: str, *, max_bytes: int) -> Recei
             walker, size = _walk_file(scratch, 0, True)
         finally:
             scratch.unlink(missing_ok=True)
-    elif not ts.is_little_endian:
-        raise DatasetRefused("cannot_understand", f"transfer syntax {ts} is big endian; not accepted")
+    elif not little_endian:
+        raise DatasetRefused("cannot_understand", f"transfer syntax {transfer_syntax} is big endian; not accepted")
     else:
-        walker, size = _walk_file(path, None, not ts.is_implicit_VR)
+        walker, size = _walk_file(path, None, not implicit)
     v = walker.values
     encodings = None
     if "patient_id" in v or "issuer_of_patient_id" in v:
