@@ -129,9 +129,10 @@ def durability_alone(files: list[Path]) -> float:
             with open(tmp, "wb") as out:
                 out.write(data)
             sop = f"1.2.3.{i}"
-            row = InstanceRow(sop, "1.2.3", "1.2", str(spool.instance_path("1.2", "1.2.3", sop)), "1.2.840.10008.5.1.4.1.1.2",
+            path = spool.instance_path("1.2", "1.2.3", sop)
+            row = InstanceRow(sop, "1.2.3", "1.2", str(path), "1.2.840.10008.5.1.4.1.1.2",
                               "1.2.840.10008.1.2.1", time.time(), len(data), "BENCH")
-            spool.adopt("1.2", "1.2.3", sop, tmp, during=lambda row=row: state.add_instance(row))
+            spool.adopt(path, tmp, during=lambda row=row: state.add_instance(row))
         return time.perf_counter() - t0
     finally:
         state.close()

@@ -119,7 +119,7 @@ class Spool:
         study = validate_uid(study_uid, "StudyInstanceUID")
         series = validate_uid(series_uid, "SeriesInstanceUID")
         sop = validate_uid(sop_uid, "SOPInstanceUID")
-        return self.spool_dir / study / series / f"{sop}.dcm"
+        return Path(f"{self.spool_dir}/{study}/{series}/{sop}.dcm")  # one path parse, not three joins
 
     def free_mb(self) -> float:
         return shutil.disk_usage(self.spool_dir).free / 2**20
@@ -147,9 +147,10 @@ class Spool:
         where the C library can (`dicom_node.durability.flush`)."""
         return start_fsync(fd)
 
-    def adopt(self, study_uid: str, series_uid: str, sop_uid: str, received: Path,
-              during: Callable[[], None] | None = None, flushed: Flushing | None = None) -> Path:
-        """Durably move the received Part 10 file `received` into the spool; return its path.
+    def adopt(self, path: Path, received: Path, during: Callable[[], None] | None = None,
+              flushed: Flushing | None = None) -> Path:
+        """Durably move the received Part 10 file `received` into the spool as `path` (the instance's
+        `instance_path`, which validated its UIDs); return `path`.
 
         On the spool's filesystem (the SCP streams into `incoming/` under `dicom-node serve`): rename,
         then the file's fsync and the folder's fsync at the same time (each waits for the disk's cache
@@ -161,7 +162,6 @@ class Spool:
         repaired by the sender's re-send (nothing was acknowledged), which the SCP detects by the
         size recorded in the row. Elsewhere: a durable copy, then `during`. `received` is gone afterwards.
         `flushed` (`start_flush` of `received`, begun before the checks) stands for the file's fsync."""
-        path = self.instance_path(study_uid, series_uid, sop_uid)
         if self.min_free_disk_mb > 0:
             self.check_space(received.stat().st_size)
         try:

@@ -74,7 +74,7 @@ _log = get_logger("dicom_node.network.fast_store")
 
 
 def _new_file() -> tuple[Path, int]:
-    path = Path(tempfile.gettempdir()) / f"fs-{os.getpid()}-{next(_names)}-{secrets.token_hex(4)}.dcm"
+    path = Path(f"{tempfile.gettempdir()}/fs-{os.getpid()}-{next(_names)}-{secrets.token_hex(4)}.dcm")
     return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
 
 

@@ -357,7 +357,7 @@ class Receiver:
                 added.append(self.state.add_instance(row, patient_key=key))
 
         try:
-            self.spool.adopt(study, series, sop_uid, received, during=record, flushed=flushed)
+            self.spool.adopt(path, received, during=record, flushed=flushed)
         except DiskFull as e:
             return self._refuse(assoc, "out_of_resources", str(e), sop_instance_uid=sop_uid, calling_aet=calling)
         except SeriesConflict as e:  # another association bound the series meanwhile

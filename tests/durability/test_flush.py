@@ -94,5 +94,6 @@ def test_the_spool_flushes_received_files_and_its_folders_outside_python(tmp_pat
     os.close(fd)
     assert isinstance(flushed, NativeFlush)
     rows: list[str] = []
-    path = spool.adopt("1.2.3", "1.2.3.4", "1.2.3.4.5", received, during=lambda: rows.append("row"), flushed=flushed)
+    path = spool.adopt(spool.instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5"), received, during=lambda: rows.append("row"),
+                       flushed=flushed)
     assert rows == ["row"] and path.stat().st_size == 300_000 and not received.exists()

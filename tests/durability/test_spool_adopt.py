@@ -20,7 +20,7 @@ def test_a_received_file_is_renamed_into_the_spool_and_its_folders_made(tmp_path
     received = spool.incoming_dir / "tmp123.dcm"
     received.write_bytes(b"x" * 1000)
     inode = received.stat().st_ino
-    path = spool.adopt(*UIDS, received)
+    path = spool.adopt(spool.instance_path(*UIDS), received)
     assert path == tmp_path / "data" / "spool" / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
     assert path.read_bytes() == b"x" * 1000 and path.stat().st_ino == inode  # moved, not copied
     assert not received.exists()
@@ -34,7 +34,7 @@ def test_a_file_on_another_filesystem_is_copied_durably_and_removed(tmp_path):
     fd, name = tempfile.mkstemp(dir="/dev/shm", suffix=".dcm")
     os.write(fd, b"y" * 5000)
     os.close(fd)
-    path = spool.adopt(*UIDS, Path(name))
+    path = spool.adopt(spool.instance_path(*UIDS), Path(name))
     assert path.read_bytes() == b"y" * 5000
     assert not Path(name).exists()
     assert not list(path.parent.glob(".tmp-*"))
