@@ -236,6 +236,8 @@ def test_sighup_reloads_the_live_keys_logs_what_changed_and_keeps_running(tmp_pa
     finally:
         node.stop()
     assert any(e["event"] == "node_stopped" for e in node.events())
+    (started,) = [e for e in node.events() if e["event"] == "node_started"]
+    assert started["fsync"] == ("posix_aio" if sys.platform == "linux" else "thread_pool")  # durability/flush.py
 
 
 def test_check_passes_what_is_ready_and_names_each_failure_with_its_fix_without_changing_anything(storescp, tmp_path):

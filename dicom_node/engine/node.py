@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from dicom_node.durability.flush import native_available
 from dicom_node.durability.rebuild import spool_has_instances
 from dicom_node.durability.spool import Spool
 from dicom_node.durability.state import REBUILD_HINT, JobState, State
@@ -274,7 +275,8 @@ class Node:
         self.started_at = time.time()
         self.log.info("node_started", ae_title=self.config.ae_title, port=self.port, metrics_port=self.metrics_port,
                       worklist=bool(c.web.enabled and self.metrics_server), https=bool(c.web.tls and self.metrics_server),
-                      destinations=[d.address for d in self.config.destinations], quiet_period_s=self.config.quiet_period_s)
+                      destinations=[d.address for d in self.config.destinations], quiet_period_s=self.config.quiet_period_s,
+                      fsync="posix_aio" if native_available() else "thread_pool")
         if block:
             try:
                 while not self._stopped.wait(0.5):
