@@ -251,14 +251,16 @@ def timeline(n: int) -> None:
     def at(stamps: list[float]) -> str:
         return f"{statistics.median(t - d[0] for t, d in zip(stamps, decisions)) * 1000:+6.2f}"
 
+    steps = [("the file's flush started", f"at {at([a for a, _ in started[0::2]])}"),
+             ("the element walk", f"{at([a for a, _ in walks])} to {at([b for _, b in walks])}"),
+             ("the folder's flush started", f"at {at([a for a, _ in started[1::2]])}"),
+             ("the row's commit (its WAL fsync)", f"{at([a for a, _ in rows])} to {at([b for _, b in rows])}"),
+             ("the file's flush awaited until", f"at {at([b for _, b in waits[0::2]])}"),
+             ("the folder's flush awaited until", f"at {at([b for _, b in waits[1::2]])}"),
+             ("the response sent", f"at {at([a for a, _ in sends])}")]
     print("inside the decision, ms from its start (medians):")
-    print(f"  the file's flush started                 at {at([a for a, _ in started[0::2]])}")
-    print(f"  the element walk                         {at([a for a, _ in walks])} to {at([b for _, b in walks])}")
-    print(f"  the folder's flush started               at {at([a for a, _ in started[1::2]])}")
-    print(f"  the row's commit (its WAL fsync)         {at([a for a, _ in rows])} to {at([b for _, b in rows])}")
-    print(f"  the file's flush awaited until           at {at([b for _, b in waits[0::2]])}")
-    print(f"  the folder's flush awaited until         at {at([b for _, b in waits[1::2]])}")
-    print(f"  the response sent                        at {at([a for a, _ in sends])}")
+    for name, when in steps:
+        print(f"  {name:40s} {when}")
 
 
 class _NoFlush:
