@@ -63,7 +63,7 @@ _U16 = struct.Struct("<HH")
 _U16_1 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _EXPLICIT_HEADER = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length (a long VR's is read after it)
-_IMPLICIT_HEADER = struct.Struct("<HHI")  # group, element, 32-bit length
+_IMPLICIT_HEADER = struct.Struct("<HHI")  # group, element, 32-bit length: an implicit VR element's or an item's header
 
 
 class DatasetRefused(ValueError):
@@ -128,8 +128,8 @@ class _Walker:
         """(tag, length) of an item or delimiter header at `pos` (always tag + 32-bit length)."""
         if pos + 8 > limit:
             raise self.refuse(f"data set ends inside an item header at byte {pos}")
-        g, e = _U16.unpack_from(self.buf, pos)
-        return (g << 16) | e, _U32.unpack_from(self.buf, pos + 4)[0]
+        g, e, length = _IMPLICIT_HEADER.unpack_from(self.buf, pos)
+        return (g << 16) | e, length
 
     def dataset(self, pos: int, end: int, explicit: bool, depth: int, *, delimited: bool = False) -> int:
         """Walk the elements of one data set in buf[pos:end] (up to its item delimiter when `delimited`)."""
